@@ -1,0 +1,10 @@
+"""cmpq: Channel-wise Mixed-Precision Quantization for Hugging Face causal LMs."""
+
+__version__ = "0.1.0"
+
+from cmpq.config import CMPQConfig  # noqa: E402
+from cmpq.nn.linear import CMPQLinear  # noqa: E402
+from cmpq.quantize import quantize  # noqa: E402
+from cmpq.storage.io import load, save  # noqa: E402
+
+__all__ = ["CMPQConfig", "CMPQLinear", "quantize", "save", "load", "__version__"]

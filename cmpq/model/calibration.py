@@ -1,0 +1,156 @@
+"""GPTQ-style block walk: run calibration data through the model one decoder block at a time.
+
+Only the current block sits on the accelerator. Its linears are hooked to collect statistics of
+their inputs, the caller quantizes them, and the block runs again so the next block sees the
+quantized block's outputs. Every quantizer in cmpq (CMPQ and the baselines) uses this one walk.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from cmpq.model.blocks import find_blocks, find_linears, move_except
+
+CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+
+
+class InputStats(Protocol):
+    def add(self, x: torch.Tensor) -> None: ...
+
+
+class SquaredNorm:
+    """Per-input-channel sum of squares of a linear's inputs (float32): ``a_i^2 = ||X[:, i]||^2``."""
+
+    def __init__(self, in_features: int, device) -> None:
+        self.sqsum = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.sqsum += x.pow(2).sum(dim=0)
+        self.tokens += x.shape[0]
+
+
+@dataclass
+class WalkTimes:
+    """Seconds spent in each phase, for reports."""
+
+    catch: float = 0.0
+    forward: float = 0.0
+    quantize: float = 0.0
+    blocks: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class _Caught(Exception):
+    pass
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def catch_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, device, batch_size: int):
+    """Hidden states entering block 0 and the keyword arguments it gets, one entry per batch."""
+    first = blocks[0]
+    caught: list[tuple[torch.Tensor, dict]] = []
+
+    class Catcher(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = first
+            for attr in ("attention_type", "layer_idx"):  # some models read these off the block
+                if hasattr(first, attr):
+                    setattr(self, attr, getattr(first, attr))
+
+        def forward(self, *args, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            kw = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
+            if "use_cache" in kw:
+                kw["use_cache"] = False
+            caught.append((hidden, kw))
+            raise _Caught
+
+    blocks[0] = Catcher()
+    try:
+        for i in range(0, ids.shape[0], batch_size):
+            try:
+                model(input_ids=ids[i : i + batch_size].to(device), use_cache=False)
+            except _Caught:
+                pass
+    finally:
+        blocks[0] = first
+    return caught
+
+
+def _block_out(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def walk_blocks(
+    model: nn.Module,
+    ids: torch.Tensor,
+    make_stats: Callable[[str, nn.Linear], InputStats],
+    quantize_block: Callable[[int, nn.Module, dict[str, nn.Linear], dict[str, InputStats]], None],
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    log: Callable[[str], None] | None = print,
+) -> WalkTimes:
+    """Walk all decoder blocks: hook, run, quantize (``quantize_block``), rerun for the next block.
+
+    The model may live on the CPU; each block is moved to ``device`` for its turn and back after.
+    """
+    device = torch.device(device)
+    times = WalkTimes()
+    _, blocks = find_blocks(model)
+    home = next(model.parameters()).device
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
+    try:
+        t0 = time.perf_counter()
+        move_except(model, blocks, device)
+        caught = catch_block_inputs(model, blocks, ids, device, batch_size)
+        move_except(model, blocks, home)
+        times.catch = time.perf_counter() - t0
+        for i, block in enumerate(blocks):
+            block.to(device)
+            linears = find_linears(block)
+            stats = {name: make_stats(name, lin) for name, lin in linears.items()}
+            hooks = [
+                lin.register_forward_pre_hook(lambda m, args, s=stats[name]: s.add(args[0]))
+                for name, lin in linears.items()
+            ]
+            t0 = time.perf_counter()
+            try:
+                for hidden, kw in caught:
+                    block(hidden, **kw)
+            finally:
+                for h in hooks:
+                    h.remove()
+            _sync(device)
+            t1 = time.perf_counter()
+            quantize_block(i, block, linears, stats)
+            _sync(device)
+            t2 = time.perf_counter()
+            caught = [(_block_out(block(hidden, **kw)), kw) for hidden, kw in caught]
+            for m in block.modules():  # drop dense weights cached for the rerun
+                if hasattr(m, "release_cache"):
+                    m.release_cache()
+            _sync(device)
+            times.forward += (t1 - t0) + (time.perf_counter() - t2)
+            times.quantize += t2 - t1
+            times.blocks += 1
+            block.to(home)
+            del stats
+            if log:
+                log(f"block {i + 1}/{len(blocks)} done ({time.perf_counter() - t0:.1f}s)")
+    finally:
+        model.config.use_cache = use_cache
+    return times

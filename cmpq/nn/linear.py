@@ -1,0 +1,173 @@
+"""``CMPQLinear``: a linear layer held in CMPQ's packed form (see docs/format.md)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from typing import TYPE_CHECKING
+
+from cmpq.storage.packing import packed_shape, unpack_indices
+
+if TYPE_CHECKING:
+    from cmpq.algorithm.layer import QuantizedParts
+
+BIT_WIDTHS = (2, 3, 4)
+
+
+class CMPQLinear(nn.Module):
+    """Packed channel-wise mixed-precision linear layer.
+
+    Buffers follow docs/format.md one to one, so ``state_dict`` is the on-disk form. ``forward`` is
+    exactly ``x @ W_hat^T + bias``; a fused kernel is used when one is registered for the input's
+    device and shape, else the weight is dequantized (pure PyTorch, any device).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        counts: dict[int, int],
+        n_outlier_channels: int,
+        n_sparse: int,
+        bias: bool,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bit_widths = tuple(sorted(counts))
+        if sum(counts.values()) + n_outlier_channels != in_features:
+            raise ValueError(
+                f"channel counts {counts} + {n_outlier_channels} outlier channels != in_features {in_features}"
+            )
+        kw = dict(device=device)
+        for b in self.bit_widths:
+            n = counts[b]
+            self.register_buffer(f"q{b}_channels", torch.empty(n, dtype=torch.int32, **kw))
+            self.register_buffer(f"q{b}_packed", torch.empty(packed_shape(out_features, n, b), dtype=torch.int32, **kw))
+            self.register_buffer(f"q{b}_codebook", torch.empty(n, 2**b, dtype=torch.float16, **kw))
+        self.register_buffer("outlier_channels", torch.empty(n_outlier_channels, dtype=torch.int32, **kw))
+        self.register_buffer("outlier_weight", torch.empty(out_features, n_outlier_channels, dtype=torch.float16, **kw))
+        self.register_buffer("sparse_crow", torch.zeros(out_features + 1, dtype=torch.int32, **kw))
+        self.register_buffer("sparse_col", torch.empty(n_sparse, dtype=torch.int32, **kw))
+        self.register_buffer("sparse_val", torch.empty(n_sparse, dtype=torch.float16, **kw))
+        if bias:
+            self.register_buffer("bias", torch.empty(out_features, dtype=dtype, **kw))
+        else:
+            self.bias = None
+        self._dense_cache: torch.Tensor | None = None
+        self.cache_dense = False  # keep the dequantized weight after first use (fast eval, more memory)
+
+    # -- structure -------------------------------------------------------------------------------
+    def counts(self) -> dict[int, int]:
+        return {b: getattr(self, f"q{b}_channels").numel() for b in self.bit_widths}
+
+    def group(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(channels, packed indices, codebook) of the b-bit group."""
+        return getattr(self, f"q{b}_channels"), getattr(self, f"q{b}_packed"), getattr(self, f"q{b}_codebook")
+
+    def nominal_bits(self) -> float:
+        c = self.counts()
+        n = sum(c.values())
+        return sum(b * k for b, k in c.items()) / n if n else 16.0
+
+    def storage_bytes(self) -> dict[str, int]:
+        """Bytes of every stored tensor but the bias, by kind."""
+        out: dict[str, int] = {"indices": 0, "codebooks": 0, "channel_ids": 0}
+        for b in self.bit_widths:
+            ch, pk, cb = self.group(b)
+            out["indices"] += pk.numel() * pk.element_size()
+            out["codebooks"] += cb.numel() * cb.element_size()
+            out["channel_ids"] += ch.numel() * ch.element_size()
+        out["outlier_columns"] = sum(t.numel() * t.element_size() for t in (self.outlier_channels, self.outlier_weight))
+        out["sparse_outliers"] = sum(
+            t.numel() * t.element_size() for t in (self.sparse_crow, self.sparse_col, self.sparse_val)
+        )
+        return out
+
+    def effective_bits(self) -> float:
+        return 8 * sum(self.storage_bytes().values()) / (self.in_features * self.out_features)
+
+    # -- compute ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def dequantize(self, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+        """The dense ``W_hat`` ``[out, in]`` this layer stands for."""
+        dev = self.outlier_weight.device
+        w = torch.empty(self.out_features, self.in_features, dtype=dtype, device=dev)
+        for b in self.bit_widths:
+            ch, pk, cb = self.group(b)
+            n = ch.numel()
+            if n == 0:
+                continue
+            idx = unpack_indices(pk, b, n)  # [out, n]
+            flat = idx + (torch.arange(n, device=dev) * (2**b)).unsqueeze(0)
+            w[:, ch.long()] = cb.reshape(-1)[flat].to(dtype)
+        if self.outlier_channels.numel():
+            w[:, self.outlier_channels.long()] = self.outlier_weight.to(dtype)
+        if self.sparse_col.numel():
+            rows = torch.repeat_interleave(
+                torch.arange(self.out_features, device=dev), (self.sparse_crow[1:] - self.sparse_crow[:-1]).long()
+            )
+            w[rows, self.sparse_col.long()] = self.sparse_val.to(dtype)
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from cmpq.kernels import dispatch  # local: kernels are optional
+
+        fused = dispatch(self, x)
+        if fused is not None:
+            return fused
+        if self._dense_cache is not None and self._dense_cache.dtype == x.dtype:
+            w = self._dense_cache
+        else:
+            w = self.dequantize(x.dtype)
+            if self.cache_dense:
+                self._dense_cache = w
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, w, bias)
+
+    def release_cache(self) -> None:
+        self._dense_cache = None
+        self.cache_dense = False
+
+    def extra_repr(self) -> str:
+        c = ", ".join(f"{b}b:{n}" for b, n in self.counts().items())
+        return (
+            f"in={self.in_features}, out={self.out_features}, channels=[{c}], "
+            f"outlier_channels={self.outlier_channels.numel()}, sparse={self.sparse_val.numel()}, "
+            f"bits={self.nominal_bits():.2f} (effective {self.effective_bits():.2f})"
+        )
+
+
+def pack_linear(parts: "QuantizedParts", bias: torch.Tensor | None) -> CMPQLinear:
+    """Build a ``CMPQLinear`` from the algorithm's unpacked result (packs the indices)."""
+    from cmpq.storage.packing import pack_indices
+
+    counts = {b: ch.numel() for b, (ch, _, _) in parts.groups.items()}
+    dev = parts.outlier_weight.device
+    layer = CMPQLinear(
+        parts.in_features,
+        parts.out_features,
+        counts,
+        parts.outlier_channels.numel(),
+        parts.sparse_vals.numel(),
+        bias is not None,
+        dtype=torch.float16,
+        device=dev,
+    )
+    for b, (ch, idx, cb) in parts.groups.items():
+        setattr(layer, f"q{b}_channels", ch.to(torch.int32))
+        setattr(layer, f"q{b}_packed", pack_indices(idx, b))
+        setattr(layer, f"q{b}_codebook", cb.half())
+    layer.outlier_channels = parts.outlier_channels.to(torch.int32)
+    layer.outlier_weight = parts.outlier_weight.half()
+    crow = torch.zeros(parts.out_features + 1, dtype=torch.int64, device=dev)
+    crow[1:] = torch.bincount(parts.sparse_rows, minlength=parts.out_features).cumsum(0)
+    layer.sparse_crow = crow.to(torch.int32)
+    layer.sparse_col = parts.sparse_cols.to(torch.int32)
+    layer.sparse_val = parts.sparse_vals.half()
+    if bias is not None:
+        layer.bias = bias.detach().half().clone()
+    return layer

@@ -1,0 +1,252 @@
+"""Save and load quantized models (format in docs/format.md): atomic writes, checked reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cmpq.model.blocks import find_blocks, set_module
+from cmpq.nn.linear import CMPQLinear
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+MANIFEST = "cmpq_manifest.json"
+
+
+class CorruptModelError(ValueError):
+    """A saved model is incomplete, inconsistent or damaged."""
+
+
+# -- saving ---------------------------------------------------------------------------------------
+
+
+def _storage_dtype(model: nn.Module) -> torch.dtype:
+    dt = getattr(model.config, "torch_dtype", None) or getattr(model.config, "dtype", None)
+    return torch.bfloat16 if str(dt).endswith("bfloat16") else torch.float16
+
+
+def _tensors_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict with 32-bit floats cast to 16-bit and tied tensors stored once."""
+    dtype = _storage_dtype(model)
+    out, seen, tied = {}, {}, {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if t.numel() and key in seen:
+            tied[name] = seen[key]
+            continue
+        seen[key] = name
+        if t.dtype == torch.float32:
+            t = t.to(dtype)
+        out[name] = t.detach().cpu().contiguous()
+    return out, tied
+
+
+def layer_summary(layer: CMPQLinear) -> dict:
+    by_kind = layer.storage_bytes()
+    return {
+        "in_features": layer.in_features,
+        "out_features": layer.out_features,
+        "bias": layer.bias is not None,
+        "channels": {str(b): n for b, n in layer.counts().items()},
+        "outlier_channels": layer.outlier_channels.numel(),
+        "sparse_outliers": layer.sparse_val.numel(),
+        "nominal_bits": layer.nominal_bits(),
+        "effective_bits": layer.effective_bits(),
+        "bytes": by_kind,
+    }
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool = True) -> Path:
+    """Write ``model`` (quantized by cmpq) to ``out_dir`` atomically: temp folder, then rename."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir).expanduser().resolve()
+    qc = getattr(model.config, "quantization_config", None)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, CMPQLinear)}
+    if not layers or not isinstance(qc, dict) or qc.get("quant_method") != "cmpq":
+        raise ValueError("model holds no CMPQ layers; quantize it with cmpq.quantize first")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tensors, tied = _tensors_to_save(model)
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "cmpq_format_version": str(FORMAT_VERSION)})
+        model.config.save_pretrained(tmp)
+        tok = tokenizer if tokenizer is not None else getattr(model, "cmpq_tokenizer", None)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "tied": tied,
+            "layers": {n: layer_summary(m) for n, m in layers.items()},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # written last: marks completeness
+        _fsync_tree(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise CorruptModelError(f"{path.parent}: missing {path.name} ({what}); not a complete cmpq model folder")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CorruptModelError(f"{path}: not valid JSON ({e})") from None
+
+
+def _check_layer(name: str, t: dict[str, torch.Tensor], info: dict) -> None:
+    """Consistency of one packed layer; raises naming the offending tensor."""
+    out_f, in_f = info["out_features"], info["in_features"]
+    seen = torch.zeros(in_f, dtype=torch.int64)
+    groups = [(int(b), t[f"{name}.q{b}_channels"]) for b in info["channels"]]
+    groups.append((0, t[f"{name}.outlier_channels"]))
+    for b, ch in groups:
+        label = f"{name}.q{b}_channels" if b else f"{name}.outlier_channels"
+        if ch.numel() and (ch.min() < 0 or ch.max() >= in_f):
+            raise CorruptModelError(f"{label}: channel id out of range [0, {in_f})")
+        seen += torch.bincount(ch.long(), minlength=in_f)[:in_f] if ch.numel() else 0
+        if b:
+            cb = t[f"{name}.q{b}_codebook"]
+            if not torch.isfinite(cb).all():
+                raise CorruptModelError(f"{name}.q{b}_codebook: holds NaN or Inf")
+    if not torch.equal(seen, torch.ones_like(seen)):
+        raise CorruptModelError(f"{name}: channel ids do not cover 0..{in_f - 1} exactly once")
+    crow, col, val = t[f"{name}.sparse_crow"], t[f"{name}.sparse_col"], t[f"{name}.sparse_val"]
+    if crow[0] != 0 or (crow[1:] < crow[:-1]).any() or crow[-1] != col.numel():
+        raise CorruptModelError(f"{name}.sparse_crow: row pointers not monotone from 0 to nnz={col.numel()}")
+    if col.numel() and (col.min() < 0 or col.max() >= in_f):
+        raise CorruptModelError(f"{name}.sparse_col: column out of range [0, {in_f})")
+    for k in ("outlier_weight", "sparse_val"):
+        if not torch.isfinite(t[f"{name}.{k}"]).all():
+            raise CorruptModelError(f"{name}.{k}: holds NaN or Inf")
+
+
+def _empty_model(path: Path, config):
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):  # parameters on meta, real buffers (rotary tables)
+        return AutoModelForCausalLM.from_config(config)
+
+
+def load(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a folder written by :func:`save` into a model holding ``CMPQLinear`` layers.
+
+    ``dtype`` is the compute dtype of the unquantized parts (default: float16 on GPU, float32 on CPU).
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"no such model folder: {path}")
+    manifest = _read_json(path / MANIFEST, "the cmpq manifest")
+    cfg_json = _read_json(path / "config.json", "the model config")
+    qc = cfg_json.get("quantization_config") or {}
+    if qc.get("quant_method") != "cmpq":
+        raise CorruptModelError(f"{path}/config.json: quantization_config.quant_method is not 'cmpq'")
+    for where, v in (("config.json", qc.get("format_version")), (MANIFEST, manifest.get("format_version"))):
+        if v != FORMAT_VERSION:
+            raise CorruptModelError(f"{path}/{where}: format_version {v!r} unsupported (this cmpq reads {FORMAT_VERSION})")
+
+    config = AutoConfig.from_pretrained(path)
+    qcfg = config.quantization_config
+    del config.quantization_config  # keep transformers' own quantizers out of the way
+    model = _empty_model(path, config)
+    model.config.quantization_config = qcfg
+    for name, info in manifest["layers"].items():
+        counts = {int(b): n for b, n in info["channels"].items()}
+        layer = CMPQLinear(info["in_features"], info["out_features"], counts, info["outlier_channels"],
+                           info["sparse_outliers"], info["bias"])
+        set_module(model, name, layer)
+
+    expected = model.state_dict()
+    tied = manifest.get("tied", {})
+    f = path / WEIGHTS
+    if not f.is_file():
+        raise CorruptModelError(f"{path}: missing {WEIGHTS}")
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(f), framework="pt") as st:
+            meta = st.metadata() or {}
+            if meta.get("cmpq_format_version") != str(FORMAT_VERSION):
+                raise CorruptModelError(f"{f}: cmpq_format_version {meta.get('cmpq_format_version')!r} unsupported")
+            names = set(st.keys())
+            for name in names:
+                tensors[name] = st.get_tensor(name)
+    except CorruptModelError:
+        raise
+    except Exception as e:
+        raise CorruptModelError(f"{f}: unreadable or truncated safetensors file ({type(e).__name__}: {e})") from None
+    missing = [k for k in expected if k not in tensors and k not in tied]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing:
+        raise CorruptModelError(f"{f}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise CorruptModelError(f"{f}: unexpected tensor {unexpected[0]}")
+    for name, t in tensors.items():
+        ref = expected[name]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise CorruptModelError(f"{f}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+        if ref.dtype in (torch.int32, torch.float16) and t.dtype != ref.dtype and name.rsplit(".", 1)[0] in manifest["layers"]:
+            raise CorruptModelError(f"{f}: tensor {name} has dtype {t.dtype}, expected {ref.dtype}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CorruptModelError(f"{f}: tensor {name} holds NaN or Inf")
+    for name, info in manifest["layers"].items():
+        _check_layer(name, tensors, info)
+
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+        for name, src in tied.items():  # tie_weights only knows the usual pairs; make sure of all
+            mod, _, attr = name.rpartition(".")
+            smod, _, sattr = src.rpartition(".")
+            if getattr(model.get_submodule(mod), attr).is_meta:
+                setattr(model.get_submodule(mod), attr, getattr(model.get_submodule(smod), sattr))
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise CorruptModelError(f"{f}: no data for {still_meta[0]}")
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    set_compute_dtype(model, dtype)
+    model.to(device)
+    model.eval()
+    return model
+
+
+def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the unquantized parameters (embeddings, norms, lm_head); packed CMPQ buffers and
+    other buffers (e.g. rotary tables) keep their dtype."""
+    for m in model.modules():
+        for k, p in m._parameters.items():
+            if p is not None and p.is_floating_point() and p.dtype != dtype:
+                m._parameters[k] = nn.Parameter(p.data.to(dtype), p.requires_grad)
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
