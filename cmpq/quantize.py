@@ -92,6 +92,7 @@ def quantize(
     if device.type == "cuda":
         qc["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     model.config.quantization_config = qc
+    model.cmpq_tokenizer = tokenizer  # so cmpq.save(model, dir) can write it
     if log:
         log(f"quantized {sum(isinstance(m, CMPQLinear) for m in model.modules())} linears in {total:.1f}s")
     return model

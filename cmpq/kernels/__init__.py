@@ -1,10 +1,49 @@
 """Fused kernels for ``CMPQLinear``. ``dispatch`` returns the layer's output from a fused kernel
-when one applies to this input (device, dtype, batch size), or None to use the PyTorch reference."""
+when one applies to this input (device, dtype, batch size), or None to use the PyTorch reference.
+
+- CUDA, Triton importable, fp16/bf16 input, no autograd: 1..16 tokens -> ``lut_gemv.decode``
+  (fused LUT-GEMV, never builds the weight); more tokens -> ``dequant.prefill`` (Triton dequant +
+  cuBLAS). Everything else (CPU, no Triton, fp32, gradients) -> None.
+- ``CMPQ_KERNELS=0`` turns the kernels off.
+
+Triton is imported lazily, so the package works without it. Tests call ``decode``/``prefill``
+directly on CPU tensors under ``TRITON_INTERPRET=1``.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
+
+MAX_DECODE_TOKENS = 16
+_HAS_TRITON: bool | None = None
+
+
+def triton_available() -> bool:
+    global _HAS_TRITON
+    if _HAS_TRITON is None:
+        _HAS_TRITON = importlib.util.find_spec("triton") is not None
+    return _HAS_TRITON
 
 
 def dispatch(layer: "torch.nn.Module", x: torch.Tensor) -> torch.Tensor | None:
-    return None
+    if os.environ.get("CMPQ_KERNELS", "1") == "0":
+        return None
+    if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) or x.shape[-1] != layer.in_features:
+        return None
+    if layer.outlier_weight.device != x.device or (torch.is_grad_enabled() and x.requires_grad):
+        return None
+    if not triton_available():
+        return None
+    tokens = x.numel() // x.shape[-1]
+    if tokens == 0:
+        return None
+    if tokens <= MAX_DECODE_TOKENS:
+        from cmpq.kernels.lut_gemv import decode
+
+        return decode(layer, x)
+    from cmpq.kernels.dequant import prefill
+
+    return prefill(layer, x)

@@ -141,6 +141,17 @@ class CMPQLinear(nn.Module):
         )
 
 
+def cache_dense_weights(model: nn.Module, on: bool = True) -> None:
+    """Keep each layer's dequantized weight after first use: fast repeated evaluation at FP16
+    memory cost. Off by default; fused kernels make it unnecessary on GPU."""
+    for m in model.modules():
+        if isinstance(m, CMPQLinear):
+            if on:
+                m.cache_dense = True
+            else:
+                m.release_cache()
+
+
 def pack_linear(parts: "QuantizedParts", bias: torch.Tensor | None) -> CMPQLinear:
     """Build a ``CMPQLinear`` from the algorithm's unpacked result (packs the indices)."""
     from cmpq.storage.packing import pack_indices

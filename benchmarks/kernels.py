@@ -1,0 +1,144 @@
+"""Per-layer decode timing: CMPQ kernels vs FP16 ``F.linear`` (cuBLAS) on Llama-2 shapes.
+
+Each point is the median (``triton.testing.do_bench``) of a CUDA graph that runs the layer over
+several weight/input sets in turn (so nothing sits in L2), divided by the number of sets; the graph
+also removes Python launch overhead, as in a graph-captured decode loop. The device-to-device copy
+bandwidth is measured in the same run; "bw" is (packed layer + activations + output bytes) / time
+as a fraction of it. Usage: ``python benchmarks/kernels.py [--out PATH] [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from cmpq.kernels.lut_gemv import decode  # noqa: E402
+from cmpq.kernels.testing import mix_counts, random_layer  # noqa: E402
+
+SHAPES = {  # out x in
+    "7B": [(4096, 4096), (11008, 4096), (4096, 11008)],
+    "13B": [(5120, 5120), (13824, 5120), (5120, 13824)],
+    "70B": [(8192, 8192), (28672, 8192), (8192, 28672)],
+}
+BITS = [2.0, 2.5, 3.0, 3.5, 4.0]
+BATCHES = [1, 4, 16]
+ROTATE_BYTES = 192 << 20  # > 3x the H100/H200 L2
+
+
+def time_graph(fns, n: int) -> float:
+    """Median microseconds of one call, from a CUDA graph that calls all ``fns`` once each."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    ms = do_bench(g.replay, warmup=5, rep=40, return_mode="median")
+    return 1e3 * ms / n
+
+
+def copy_bandwidth() -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=10, rep=100, return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def layer_bytes(layer) -> int:
+    return sum(layer.storage_bytes().values())
+
+
+def sweep() -> None:
+    """Tile-size / split sweep (decode, 1 and 16 tokens) to pick defaults."""
+    for out, n_in in [(4096, 11008), (11008, 4096)]:
+        counts, n_act = mix_counts(n_in, 3.0)
+        gen = torch.Generator().manual_seed(1)
+        ls = [random_layer(out, n_in, counts, n_act, round(5e-4 * out * n_in), device="cuda", generator=gen, pack=False)
+              for _ in range(12)]
+        for T in (1, 16):
+            xs = [torch.randn(T, n_in, device="cuda", dtype=torch.float16) for _ in ls]
+            for bn in (32, 64, 128):
+                for sp in (None, 16):
+                    us = time_graph([lambda l=l, x=x: decode(l, x, block_n=bn, splits=sp) for l, x in zip(ls, xs)], len(ls))
+                    print(f"sweep {out}x{n_in} T={T} block_n={bn} splits={sp}: {us:.1f} us", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/kernels-h100.json")
+    ap.add_argument("--quick", action="store_true", help="7B shapes only")
+    ap.add_argument("--block-n", type=int, default=64)
+    ap.add_argument("--sweep", action="store_true", help="block_n x splits sweep on two 3-bit 7B layers")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    dev = "cuda"
+    bw = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    if args.sweep:
+        sweep()
+    rows, fp16_us = [], {}
+    shapes = [(m, s) for m, ss in SHAPES.items() for s in ss if not args.quick or m == "7B"]
+    for model, (out, n_in) in shapes:
+        nw = max(2, min(8, math.ceil(ROTATE_BYTES / (out * n_in * 2))))
+        ws = [torch.randn(out, n_in, device=dev, dtype=torch.float16) * 0.02 for _ in range(nw)]
+        for T in BATCHES:
+            xs = [torch.randn(T, n_in, device=dev, dtype=torch.float16) for _ in range(nw)]
+            fp16_us[(out, n_in, T)] = time_graph([lambda w=w, x=x: F.linear(x, w) for w, x in zip(ws, xs)], nw)
+        del ws
+        for bits in BITS:
+            counts, n_act = mix_counts(n_in, bits)
+            n_sparse = round(0.0005 * out * n_in)
+            gen = torch.Generator().manual_seed(int(bits * 10))
+            first = random_layer(out, n_in, counts, n_act, n_sparse, device=dev, generator=gen, pack=False)
+            nbytes = layer_bytes(first)
+            nl = max(2, min(32, math.ceil(ROTATE_BYTES / nbytes)))
+            layers = [first] + [random_layer(out, n_in, counts, n_act, n_sparse, device=dev, generator=gen, pack=False)
+                                for _ in range(nl - 1)]
+            for T in BATCHES:
+                xs = [torch.randn(T, n_in, device=dev, dtype=torch.float16) for _ in range(nl)]
+                # correctness on this exact layer before timing it
+                y = decode(layers[0], xs[0], block_n=args.block_n)
+                ref = F.linear(xs[0].float(), layers[0].dequantize(torch.float32))
+                err = ((y.float() - ref).norm() / ref.norm()).item()
+                us = time_graph([lambda l=l, x=x: decode(l, x, block_n=args.block_n) for l, x in zip(layers, xs)], nl)
+                moved = nbytes + 2 * T * (n_in + out)
+                r = dict(model=model, out=out, inp=n_in, bits=bits, tokens=T, cmpq_us=us,
+                         fp16_us=fp16_us[(out, n_in, T)], speedup=fp16_us[(out, n_in, T)] / us,
+                         bytes=moved, floor_us=moved / bw * 1e6, bw_frac=moved / (us * 1e-6) / bw,
+                         eff_bits=first.effective_bits(), rel_err=err)
+                rows.append(r)
+                print(f"{model} {out}x{n_in} {bits}b T={T}: {us:.1f}us fp16 {r['fp16_us']:.1f}us "
+                      f"x{r['speedup']:.2f} bw {r['bw_frac']:.0%} err {err:.1e}", flush=True)
+            del layers, first
+            torch.cuda.empty_cache()
+    meta = dict(device=torch.cuda.get_device_name(), date=datetime.datetime.now().isoformat(timespec="seconds"),
+                torch=torch.__version__, triton=triton.__version__, copy_bw_Bps=bw, block_n=args.block_n,
+                method="median of do_bench over a CUDA graph rotating weight/input sets (> 192 MiB)")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print(f"\n{meta['device']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}, "
+          f"copy {bw / 1e12:.2f} TB/s\n")
+    print("| layer (out x in) | bits | tokens | CMPQ us | FP16 us | speedup | floor us | % copy bw |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} {r['out']}x{r['inp']} | {r['bits']} | {r['tokens']} | {r['cmpq_us']:.1f} | "
+              f"{r['fp16_us']:.1f} | {r['speedup']:.2f} | {r['floor_us']:.1f} | {100 * r['bw_frac']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

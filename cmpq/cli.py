@@ -1,0 +1,190 @@
+"""``cmpq`` command line: quantize, eval, info."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _device(arg: str | None) -> torch.device:
+    if arg:
+        return torch.device(arg)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def is_cmpq_folder(path: str) -> bool:
+    from cmpq.storage.io import MANIFEST
+
+    return (Path(path).expanduser() / MANIFEST).is_file()
+
+
+def load_any(name: str, device: torch.device):
+    """(model, tokenizer, label) for a cmpq folder or anything ``load_model`` takes."""
+    from transformers import AutoTokenizer
+
+    import cmpq
+    from cmpq.model.loading import load_model
+
+    if is_cmpq_folder(name):
+        from cmpq.nn.linear import cache_dense_weights
+
+        model = cmpq.load(name, device=device)
+        cache_dense_weights(model)  # evaluation runs many windows: dequantize each layer once
+        return model, AutoTokenizer.from_pretrained(name), "cmpq"
+    model, tok = load_model(name, device=device)
+    return model, tok, "fp16" if device.type == "cuda" else "fp32"
+
+
+def cmd_quantize(a: argparse.Namespace) -> int:
+    import cmpq
+    from cmpq.model.loading import load_model
+
+    cfg = cmpq.CMPQConfig(bits=a.bits, act_outlier_frac=a.act_outlier_frac, weight_outlier_frac=a.weight_outlier_frac,
+                          quantizer=a.quantizer, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
+                          calib_batch_size=a.calib_batch_size)
+    out = Path(a.output)
+    if out.exists() and not a.overwrite:
+        print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    device = _device(a.device)
+    model, tok = load_model(a.model, device="cpu", dtype=torch.float16 if device.type == "cuda" else torch.float32)
+    cmpq.quantize(model, tok, cfg, calib=a.calib, device=device)
+    cmpq.save(model, out, tokenizer=tok)
+    print(f"saved {out}")
+    return cmd_info(argparse.Namespace(model=str(out), layers=False, json=False))
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from cmpq.data.tokens import eval_windows
+    from cmpq.eval.perplexity import perplexity
+
+    device = _device(a.device)
+    model, tok, kind = load_any(a.model, device)
+    results = {}
+    for ds in a.datasets:
+        w = eval_windows(tok, ds, a.seqlen, nsamples=a.max_windows)
+        print(f"{ds}: {w.description}")
+        results[ds] = {"ppl": perplexity(model, w.ids, a.batch_size, label=ds), "data": w.description}
+    print(f"\nmodel: {a.model} ({kind}) on {device}")
+    for ds, r in results.items():
+        print(f"{ds:>10}: {r['ppl']:.3f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"model": a.model, "kind": kind, "device": str(device), "results": results}, indent=1))
+    return 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from cmpq.storage.io import MANIFEST, WEIGHTS
+
+    path = Path(a.model).expanduser()
+    if not is_cmpq_folder(str(path)):
+        print(f"error: {path} is not a cmpq model folder (no {MANIFEST})", file=sys.stderr)
+        return 2
+    man = json.loads((path / MANIFEST).read_text())
+    qc = json.loads((path / "config.json").read_text()).get("quantization_config", {})
+    layers = man["layers"]
+    n_w = sum(l["in_features"] * l["out_features"] for l in layers.values())
+    q_ch = {b: sum(l["channels"].get(b, 0) for l in layers.values()) for b in ("2", "3", "4")}
+    nom = sum(int(b) * n * 1.0 for b, n in q_ch.items())
+    nominal = sum(
+        l["nominal_bits"] * (l["in_features"] - l["outlier_channels"]) * l["out_features"] for l in layers.values()
+    ) / sum((l["in_features"] - l["outlier_channels"]) * l["out_features"] for l in layers.values())
+    kinds: dict[str, int] = {}
+    for l in layers.values():
+        for k, v in l["bytes"].items():
+            kinds[k] = kinds.get(k, 0) + v
+    qbytes = sum(kinds.values())
+    disk = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    weights_disk = (path / WEIGHTS).stat().st_size
+    summary = {
+        "model": str(path),
+        "budget": qc.get("bits"),
+        "nominal_bits": nominal,
+        "effective_bits": 8 * qbytes / n_w,
+        "quantized_weights": n_w,
+        "channels": q_ch,
+        "outlier_channels": sum(l["outlier_channels"] for l in layers.values()),
+        "sparse_outliers": sum(l["sparse_outliers"] for l in layers.values()),
+        "bytes_by_kind": kinds,
+        "quantized_layers_bytes": qbytes,
+        "quantized_layers_fp16_bytes": 2 * n_w,
+        "weights_file_bytes": weights_disk,
+        "folder_bytes": disk,
+        "calibration": qc.get("calibration"),
+    }
+    del nom
+    if a.json:
+        print(json.dumps({"summary": summary, "layers": layers}, indent=1))
+        return 0
+    print(f"{path}  (cmpq format v{man['format_version']}, budget {qc.get('bits')} bits, quantizer {qc.get('quantizer')})")
+    print(f"calibration: {qc.get('calibration')}")
+    print(f"quantized linears: {len(layers)}, {n_w:,} weights")
+    print(f"nominal bits (paper's Avg. Bit): {nominal:.3f}")
+    print(f"effective bits per weight (every byte counted): {summary['effective_bits']:.3f}")
+    print(f"channels 2/3/4-bit: {q_ch['2']}/{q_ch['3']}/{q_ch['4']}, outlier channels {summary['outlier_channels']}, "
+          f"sparse outliers {summary['sparse_outliers']}")
+    print("bytes: " + ", ".join(f"{k} {v:,}" for k, v in kinds.items()))
+    print(f"quantized linears: {qbytes:,} B vs {2 * n_w:,} B in FP16 ({qbytes / (2 * n_w):.1%}); "
+          f"weights file {weights_disk:,} B; folder {disk:,} B")
+    if a.layers:
+        print(f"\n{'layer':<48} {'shape':>12} {'2/3/4-bit channels':>20} {'out.ch':>6} {'sparse':>7} {'nom':>5} {'eff':>5}")
+        for n, l in layers.items():
+            c = l["channels"]
+            print(f"{n:<48} {l['out_features']:>5}x{l['in_features']:<6} {c.get('2', 0):>6}/{c.get('3', 0)}/{c.get('4', 0):<6}"
+                  f" {l['outlier_channels']:>6} {l['sparse_outliers']:>7} {l['nominal_bits']:>5.2f} {l['effective_bits']:>5.2f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cmpq", description="Channel-wise Mixed-Precision Quantization for causal LMs")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and save it packed")
+    q.add_argument("model", help="hub id, local folder, .gguf file, or 'smollm2-135m'")
+    q.add_argument("--bits", type=float, required=True, help="average bits per quantized channel, in [2, 4]")
+    q.add_argument("--output", "-o", required=True)
+    q.add_argument("--calib", default="c4", help="c4 | wikitext2 | offline | path to .txt/.jsonl")
+    q.add_argument("--nsamples", type=int, default=128)
+    q.add_argument("--seqlen", type=int, default=2048)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--quantizer", choices=("kmeans", "uniform"), default="kmeans")
+    q.add_argument("--act-outlier-frac", type=float, default=0.0045)
+    q.add_argument("--weight-outlier-frac", type=float, default=0.0005)
+    q.add_argument("--calib-batch-size", type=int, default=8)
+    q.add_argument("--device", default=None)
+    q.add_argument("--overwrite", action="store_true")
+    q.set_defaults(fn=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity by the GPTQ protocol")
+    e.add_argument("model", help="cmpq folder, or any model 'quantize' takes (evaluated unquantized)")
+    e.add_argument("--datasets", nargs="+", default=["wikitext2", "c4"], help="wikitext2 c4 c4-random offline")
+    e.add_argument("--seqlen", type=int, default=2048)
+    e.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows (quick runs)")
+    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--device", default=None)
+    e.add_argument("--json", default=None, help="also write results to this file")
+    e.set_defaults(fn=cmd_eval)
+
+    i = sub.add_parser("info", help="bits per weight, per layer, storage breakdown")
+    i.add_argument("model")
+    i.add_argument("--layers", action="store_true", help="one line per layer")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""One-time "kernel layout" of a ``CMPQLinear`` (docs/format.md, section "Kernel layout").
+
+Pure PyTorch, run once per layer and cached on it (never saved): the kernels then read every
+byte with coalesced loads and never decode anything twice.
+
+- ``q{b}_packed`` ``[out, nblk*b]`` is transposed to ``[nblk*b, out]``: a program that owns a block
+  of output rows reads, for channel block ``g`` and plane ``p``, one contiguous run of words.
+- ``outlier_weight`` ``[out, n_act]`` is transposed to ``[n_act, out]`` for the same reason.
+- Sparse outliers *replace* the quantized value at their position. The decode kernel adds every
+  quantized weight unconditionally, so the layout stores ``corr[k] = sparse_val[k] - W_q[r_k, c_k]``
+  (fp32, x-independent, computed once here) and the epilogue adds ``corr[k] * x[c_k]``.
+- ``perm`` (storage order of all channels: each group, then the outlier columns) and
+  ``sparse_flat`` (positions of the sparse outliers in the permuted dense weight) serve prefill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cmpq.storage.packing import BLOCK
+
+
+@dataclass
+class Group:
+    bits: int
+    n: int
+    channels: torch.Tensor  # int32 [n]
+    packed_t: torch.Tensor  # int32 [nblk*bits, out]
+    codebook: torch.Tensor  # fp16 [n, 2**bits]
+    offset: int  # first column of this group in the permuted dense weight
+
+
+@dataclass
+class KernelLayout:
+    key: tuple
+    groups: list[Group]
+    outlier_channels: torch.Tensor  # int32 [n_act]
+    outlier_weight_t: torch.Tensor  # fp16 [n_act, out]
+    sparse_crow: torch.Tensor  # int32 [out+1]
+    sparse_col: torch.Tensor  # int32 [nnz]
+    sparse_corr: torch.Tensor  # fp32 [nnz]: sparse_val - W_q at that position
+    sparse_val: torch.Tensor  # fp16 [nnz]
+    sparse_flat: torch.Tensor  # int64 [nnz]: r * in + perm position of the column
+    perm: torch.Tensor  # int64 [in]: column order of the permuted dense weight
+
+
+def _key(layer) -> tuple:
+    return tuple((t.data_ptr(), t._version, t.device) for t in layer.buffers())
+
+
+def _quantized_values(layer, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """W_hat before sparse replacement at (rows, cols), fp32, without building the dense weight."""
+    n_in = layer.in_features
+    dev = cols.device
+    val = torch.zeros(cols.numel(), dtype=torch.float32, device=dev)
+    where = torch.full((n_in,), -1, dtype=torch.int64, device=dev)
+    for b in layer.bit_widths:
+        ch, pk, cb = layer.group(b)
+        if ch.numel() == 0:
+            continue
+        where[ch.long()] = torch.arange(ch.numel(), device=dev)
+        sel = torch.isin(cols, ch)
+        j = where[cols[sel].long()]
+        r = rows[sel]
+        idx = torch.zeros_like(j)
+        for p in range(b):
+            word = pk[r, (j // BLOCK) * b + p].long() & 0xFFFFFFFF
+            idx |= ((word >> (j % BLOCK)) & 1) << p
+        val[sel] = cb[j, idx].float()
+    if layer.outlier_channels.numel():
+        where[layer.outlier_channels.long()] = torch.arange(layer.outlier_channels.numel(), device=dev)
+        sel = torch.isin(cols, layer.outlier_channels)
+        val[sel] = layer.outlier_weight[rows[sel], where[cols[sel].long()]].float()
+    return val
+
+
+@torch.no_grad()
+def prepare(layer) -> KernelLayout:
+    """Return the layer's kernel layout, building it on first use or after its buffers changed."""
+    key = _key(layer)
+    cached = getattr(layer, "_kernel_layout", None)
+    if cached is not None and cached.key == key:
+        return cached
+    groups, offset = [], 0
+    for b in layer.bit_widths:
+        ch, pk, cb = layer.group(b)
+        groups.append(Group(b, ch.numel(), ch.contiguous(), pk.t().contiguous(), cb.contiguous(), offset))
+        offset += ch.numel()
+    perm = torch.cat([g.channels for g in groups] + [layer.outlier_channels]).long()
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    crow, col = layer.sparse_crow, layer.sparse_col
+    rows = torch.repeat_interleave(torch.arange(layer.out_features, device=col.device), (crow[1:] - crow[:-1]).long())
+    corr = layer.sparse_val.float() - _quantized_values(layer, rows, col.long())
+    layout = KernelLayout(
+        key=key,
+        groups=groups,
+        outlier_channels=layer.outlier_channels.contiguous(),
+        outlier_weight_t=layer.outlier_weight.t().contiguous(),
+        sparse_crow=crow.contiguous(),
+        sparse_col=col.contiguous(),
+        sparse_corr=corr.contiguous(),
+        sparse_val=layer.sparse_val.contiguous(),
+        sparse_flat=rows * layer.in_features + inv[col.long()],
+        perm=perm,
+    )
+    layer._kernel_layout = layout
+    return layout

