@@ -4,7 +4,9 @@ Each point is the median (``triton.testing.do_bench``) of a CUDA graph that runs
 several weight/input sets in turn (so nothing sits in L2), divided by the number of sets; the graph
 also removes Python launch overhead, as in a graph-captured decode loop. The device-to-device copy
 bandwidth is measured in the same run; "bw" is (packed layer + activations + output bytes) / time
-as a fraction of it. Usage: ``python benchmarks/kernels.py [--out PATH] [--quick]``.
+as a fraction of it. Usage: ``python benchmarks/kernels.py [--out PATH] [--quick] [--impl cuda|triton]
+[--models 7B,70B] [--bits 3] [--batches 1,4,16] [--sweep]``. ``--impl cuda`` (default) is the v3 CUDA C++
+kernel (cmpq/kernels/cuda_decode.py), ``triton`` the v2 Triton kernel (cmpq/kernels/lut_gemv.py).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from cmpq.kernels.lut_gemv import decode  # noqa: E402
+from cmpq.kernels import cuda_decode  # noqa: E402
+from cmpq.kernels.lut_gemv import decode as triton_decode  # noqa: E402
 from cmpq.kernels.testing import mix_counts, random_layer  # noqa: E402
 
 SHAPES = {  # out x in
@@ -62,6 +65,24 @@ def layer_bytes(layer) -> int:
     return sum(layer.storage_bytes().values())
 
 
+def sweep_cuda() -> None:
+    """Split sweep of the v3 CUDA kernel (default = BLOCKS_PER_SM * SMs blocks)."""
+    for out, n_in in [(4096, 11008), (11008, 4096), (28672, 8192)]:
+        counts, n_act = mix_counts(n_in, 3.0)
+        gen = torch.Generator().manual_seed(1)
+        nl = max(2, min(12, math.ceil(ROTATE_BYTES / (out * n_in * 0.4))))
+        ls = [random_layer(out, n_in, counts, n_act, round(5e-4 * out * n_in), device="cuda", generator=gen, pack=False)
+              for _ in range(nl)]
+        for T in (1, 16):
+            xs = [torch.randn(T, n_in, device="cuda", dtype=torch.float16) for _ in ls]
+            d = cuda_decode._params(ls[0], cuda_decode.repack(ls[0]), 1 if T == 1 else 16, None)[2]
+            for sp in sorted({max(1, d // 4), max(1, d // 2), d, 2 * d, 4 * d}):
+                us = time_graph([lambda l=l, x=x: cuda_decode.decode(l, x, splits=sp) for l, x in zip(ls, xs)], len(ls))
+                print(f"sweep-cuda {out}x{n_in} T={T} splits={sp}{' (default)' if sp == d else ''}: {us:.1f} us", flush=True)
+        del ls
+        torch.cuda.empty_cache()
+
+
 def sweep() -> None:
     """Tile-size / split sweep (decode, 1 and 16 tokens) to pick defaults."""
     for out, n_in in [(4096, 11008), (11008, 4096)]:
@@ -73,7 +94,7 @@ def sweep() -> None:
             xs = [torch.randn(T, n_in, device="cuda", dtype=torch.float16) for _ in ls]
             for bn in (32, 64, 128):
                 for sp in (None, 16):
-                    us = time_graph([lambda l=l, x=x: decode(l, x, block_n=bn, splits=sp) for l, x in zip(ls, xs)], len(ls))
+                    us = time_graph([lambda l=l, x=x: triton_decode(l, x, block_n=bn, splits=sp) for l, x in zip(ls, xs)], len(ls))
                     print(f"sweep {out}x{n_in} T={T} block_n={bn} splits={sp}: {us:.1f} us", flush=True)
 
 
@@ -82,24 +103,47 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/kernels-h100.json")
     ap.add_argument("--quick", action="store_true", help="7B shapes only")
     ap.add_argument("--block-n", type=int, default=64)
-    ap.add_argument("--sweep", action="store_true", help="block_n x splits sweep on two 3-bit 7B layers")
+    ap.add_argument("--sweep", action="store_true", help="split sweep (cuda) / block_n x splits sweep (triton)")
+    ap.add_argument("--impl", choices=["cuda", "triton"], default="cuda")
+    ap.add_argument("--models", default="7B,13B,70B")
+    ap.add_argument("--bits", default=",".join(str(b) for b in BITS))
+    ap.add_argument("--batches", default=",".join(str(b) for b in BATCHES))
     args = ap.parse_args()
+    bits_list = [float(b) for b in args.bits.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    models = args.models.split(",")
+    if args.impl == "cuda" and not cuda_decode.available():
+        sys.exit(f"CUDA decode kernel unavailable: {cuda_decode.library_error()}")
+
+    def decode(layer, x, block_n=64):
+        if args.impl == "cuda":
+            return cuda_decode.decode(layer, x)
+        return triton_decode(layer, x, block_n=block_n)
     torch.manual_seed(0)
     dev = "cuda"
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     if args.sweep:
-        sweep()
+        sweep_cuda() if args.impl == "cuda" else sweep()
     rows, fp16_us = [], {}
-    shapes = [(m, s) for m, ss in SHAPES.items() for s in ss if not args.quick or m == "7B"]
+    meta = dict(device=torch.cuda.get_device_name(), date=datetime.datetime.now().isoformat(timespec="seconds"),
+                torch=torch.__version__, triton=triton.__version__, copy_bw_Bps=bw, block_n=args.block_n, impl=args.impl,
+                method="median of do_bench over a CUDA graph rotating weight/input sets (> 192 MiB)")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+    def save() -> None:  # after every point: a run cut short still leaves its rows
+        with open(args.out, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+    shapes = [(m, s) for m in models for s in SHAPES[m] if not args.quick or m == "7B"]
     for model, (out, n_in) in shapes:
         nw = max(2, min(8, math.ceil(ROTATE_BYTES / (out * n_in * 2))))
         ws = [torch.randn(out, n_in, device=dev, dtype=torch.float16) * 0.02 for _ in range(nw)]
-        for T in BATCHES:
+        for T in batches:
             xs = [torch.randn(T, n_in, device=dev, dtype=torch.float16) for _ in range(nw)]
             fp16_us[(out, n_in, T)] = time_graph([lambda w=w, x=x: F.linear(x, w) for w, x in zip(ws, xs)], nw)
         del ws
-        for bits in BITS:
+        for bits in bits_list:
             counts, n_act = mix_counts(n_in, bits)
             n_sparse = round(0.0005 * out * n_in)
             gen = torch.Generator().manual_seed(int(bits * 10))
@@ -108,7 +152,7 @@ def main() -> None:
             nl = max(2, min(32, math.ceil(ROTATE_BYTES / nbytes)))
             layers = [first] + [random_layer(out, n_in, counts, n_act, n_sparse, device=dev, generator=gen, pack=False)
                                 for _ in range(nl - 1)]
-            for T in BATCHES:
+            for T in batches:
                 xs = [torch.randn(T, n_in, device=dev, dtype=torch.float16) for _ in range(nl)]
                 # correctness on this exact layer before timing it
                 y = decode(layers[0], xs[0], block_n=args.block_n)
@@ -123,14 +167,9 @@ def main() -> None:
                 rows.append(r)
                 print(f"{model} {out}x{n_in} {bits}b T={T}: {us:.1f}us fp16 {r['fp16_us']:.1f}us "
                       f"x{r['speedup']:.2f} bw {r['bw_frac']:.0%} err {err:.1e}", flush=True)
+                save()
             del layers, first
             torch.cuda.empty_cache()
-    meta = dict(device=torch.cuda.get_device_name(), date=datetime.datetime.now().isoformat(timespec="seconds"),
-                torch=torch.__version__, triton=triton.__version__, copy_bw_Bps=bw, block_n=args.block_n,
-                method="median of do_bench over a CUDA graph rotating weight/input sets (> 192 MiB)")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(f"\n{meta['device']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}, "
           f"copy {bw / 1e12:.2f} TB/s\n")
     print("| layer (out x in) | bits | tokens | CMPQ us | FP16 us | speedup | floor us | % copy bw |")

@@ -5,7 +5,7 @@ import sys
 d = json.load(open(sys.argv[1]))
 m = d["meta"]
 print(f"# CMPQ decode kernels vs FP16 cuBLAS\n\n{m['device']}, {m['date']}, torch {m['torch']}, triton {m['triton']}, "
-      f"copy bandwidth {m['copy_bw_Bps'] / 1e12:.2f} TB/s. {m['method']}.\n")
+      f"copy bandwidth {m['copy_bw_Bps'] / 1e12:.2f} TB/s. {m['method']}. Kernel: {m.get('impl', 'triton')}.\n")
 print("| layer (out x in) | bits | tokens | CMPQ us | FP16 us | speedup | floor us | % copy bw |")
 print("|---|---|---|---|---|---|---|---|")
 for r in d["rows"]:

@@ -36,20 +36,49 @@ def load_any(name: str, device: torch.device):
         cache_dense_weights(model)  # evaluation runs many windows: dequantize each layer once
         return model, AutoTokenizer.from_pretrained(name), "cmpq"
     model, tok = load_model(name, device=device)
+    base = getattr(model.config, "cmpq_baseline", None)
+    if isinstance(base, dict):  # a fake-quantized baseline folder: a plain HF model
+        return model, tok, f"{base.get('quant_method')} {base.get('bits')}-bit (fake-quantized)"
     return model, tok, "fp16" if device.type == "cuda" else "fp32"
+
+
+def _quantize_baseline(a: argparse.Namespace, out: Path, device: torch.device) -> int:
+    """Baselines leave fake-quantized weights: save a plain HF folder plus a ``cmpq_baseline`` report.
+
+    The report goes in ``config.json`` under ``cmpq_baseline``, not ``quantization_config``, so
+    transformers loads the folder as an ordinary model instead of looking for a quantizer.
+    """
+    from cmpq.baselines.runners import quantize_baseline
+    from cmpq.model.loading import load_model
+
+    model, tok = load_model(a.model, device="cpu", dtype=torch.float16 if device.type == "cuda" else torch.float32)
+    opts = {"act_order": True} if a.act_order else {}
+    gs = None if a.group_size <= 0 else a.group_size
+    report = quantize_baseline(model, tok, a.method, a.bits, group_size=gs, calib=a.calib, nsamples=a.nsamples,
+                               seqlen=a.seqlen, seed=a.seed, device=device, batch_size=a.calib_batch_size, **opts)
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    print(f"saved {out} ({a.method}, fake-quantized weights; effective bits per weight "
+          f"{report['effective_bits']:.3f} if packed)")
+    return 0
 
 
 def cmd_quantize(a: argparse.Namespace) -> int:
     import cmpq
     from cmpq.model.loading import load_model
 
-    cfg = cmpq.CMPQConfig(bits=a.bits, act_outlier_frac=a.act_outlier_frac, weight_outlier_frac=a.weight_outlier_frac,
-                          quantizer=a.quantizer, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
-                          calib_batch_size=a.calib_batch_size)
     out = Path(a.output)
     if out.exists() and not a.overwrite:
         print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
+    if a.method != "cmpq":
+        return _quantize_baseline(a, out, _device(a.device))
+    cfg = cmpq.CMPQConfig(bits=a.bits, act_outlier_frac=a.act_outlier_frac, weight_outlier_frac=a.weight_outlier_frac,
+                          quantizer=a.quantizer, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
+                          calib_batch_size=a.calib_batch_size)
     device = _device(a.device)
     model, tok = load_model(a.model, device="cpu", dtype=torch.float16 if device.type == "cuda" else torch.float32)
     cmpq.quantize(model, tok, cfg, calib=a.calib, device=device)
@@ -143,9 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cmpq", description="Channel-wise Mixed-Precision Quantization for causal LMs")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    q = sub.add_parser("quantize", help="quantize a model and save it packed")
+    q = sub.add_parser("quantize", help="quantize a model and save it (CMPQ: packed; baselines: fake-quantized)")
     q.add_argument("model", help="hub id, local folder, .gguf file, or 'smollm2-135m'")
-    q.add_argument("--bits", type=float, required=True, help="average bits per quantized channel, in [2, 4]")
+    q.add_argument("--method", choices=("cmpq", "rtn", "gptq", "awq", "llmmq", "hqq"), default="cmpq",
+                   help="cmpq (default, packed save) or a baseline (saved as a plain HF model with fake-quantized weights)")
+    q.add_argument("--bits", type=float, required=True,
+                   help="cmpq, llmmq: average bits in [2, 4]; rtn, gptq, awq, hqq: 2, 3 or 4")
+    q.add_argument("--group-size", type=int, default=128, help="baselines' group size; 0 = one group per output row")
+    q.add_argument("--act-order", action="store_true", help="gptq: process columns by decreasing Hessian diagonal")
     q.add_argument("--output", "-o", required=True)
     q.add_argument("--calib", default="c4", help="c4 | wikitext2 | offline | path to .txt/.jsonl")
     q.add_argument("--nsamples", type=int, default=128)

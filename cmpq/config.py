@@ -19,6 +19,7 @@ class CMPQConfig:
     weight_outlier_frac: float = 0.0005  # O_q: fraction of all weights kept in FP16 (sparse)
     quantizer: str = "kmeans"  # "kmeans" (non-uniform, the paper's) or "uniform" (min-max RTN, App. A.2)
     allocator: str = "algorithm1"
+    edge_frac: float = 0.01  # at exactly 3 bits: fraction of channels moved to 2 bits and to 4 bits
     kmeans_iters: int = 100
     nsamples: int = 128
     seqlen: int = 2048
@@ -28,7 +29,7 @@ class CMPQConfig:
 
     def __post_init__(self) -> None:
         self.bits = check_budget(self.bits)
-        for name in ("act_outlier_frac", "weight_outlier_frac"):
+        for name in ("act_outlier_frac", "weight_outlier_frac", "edge_frac"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v < 0.5:
                 raise ValueError(f"{name} must be a fraction in [0, 0.5), got {v!r}")

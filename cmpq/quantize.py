@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from cmpq import __version__
-from cmpq.algorithm.layer import quantize_weight
+from cmpq.algorithm.layer import quantize_weights
 from cmpq.config import CMPQConfig
 from cmpq.data.tokens import Windows, calibration_windows
 from cmpq.model.calibration import SquaredNorm, walk_blocks
@@ -56,12 +56,13 @@ def quantize(
     windows = resolve_calibration(tokenizer, calib, cfg)
     if log:
         log(f"calibration: {windows.description}")
-    t_kmeans = 0.0
 
     def quantize_block(i: int, block: nn.Module, linears: dict, stats: dict) -> None:
-        nonlocal t_kmeans
-        for name, lin in linears.items():
-            parts = quantize_weight(lin.weight.data, stats[name].sqsum, cfg, name=f"block {i} {name}")
+        names = list(linears)
+        all_parts = quantize_weights([linears[n].weight.data for n in names], [stats[n].sqsum for n in names], cfg,
+                                     [f"block {i} {n}" for n in names])
+        for name, parts in zip(names, all_parts):
+            lin = linears[name]
             q = pack_linear(parts, lin.bias.data if lin.bias is not None else None)
             q.cache_dense = True  # the rerun of this block reuses the dequantized weight
             set_module(block, name, q)

@@ -101,3 +101,81 @@ def test_dispatch_choice(monkeypatch):
         _check(layer(x), layer, x)
         xl = torch.randn(40, 300, device=DEV).half()  # prefill
         _check(layer(xl), layer, xl)
+
+
+# -- v3: CUDA C++ decode kernel (cmpq/kernels/cuda_decode.py) ------------------------------------
+from cmpq.kernels import cuda_decode  # noqa: E402
+from cmpq.storage.packing import unpack_indices  # noqa: E402
+
+
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_repack_roundtrip(mix):
+    """The contiguous-field layout holds exactly the stored indices (CPU, no kernel needed)."""
+    layer = _layer(mix, True, seed=11)
+    lay = cuda_decode.repack(layer)
+    for g in lay.groups:
+        _, pk, _ = layer.group(g.bits)
+        assert g.q.shape == (-(-g.n // (4 * (32 // g.bits))), 67, 4)
+        assert torch.equal(cuda_decode.unrepack_group(g.q, g.bits, g.n), unpack_indices(pk, g.bits, g.n))
+    # emulate the kernel's sum: sum_c cb[c, idx] * x[ch_c] + outliers + sparse corrections == ref
+    x = torch.randn(2, 300, dtype=torch.float64)
+    y = torch.zeros(2, 67, dtype=torch.float64)
+    for g in lay.groups:
+        idx = cuda_decode.unrepack_group(g.q, g.bits, g.n)
+        w = g.codebook.double().gather(1, idx.t()).t()  # [out, n]
+        y += x[:, g.channels.long()] @ w.T
+    y += x[:, lay.outlier_channels.long()] @ lay.outlier_weight_t.double()
+    rows = torch.repeat_interleave(torch.arange(67), (lay.sparse_crow[1:] - lay.sparse_crow[:-1]).long())
+    y.index_add_(1, rows, lay.sparse_corr.double() * x[:, lay.sparse_col.long()])
+    ref = x @ layer.dequantize(torch.float32).double().T
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-6
+
+
+def test_plan_fits_shared_memory():
+    layer = _layer("mixed", False, seed=2)
+    lay = cuda_decode.repack(layer)
+    for nt in cuda_decode.NT_CHOICES:
+        rb, S, smem, offs = cuda_decode.plan(lay.groups, 67, nt, sms=132)
+        assert rb == 1 and 1 <= S and smem <= 200 << 10
+        assert all(lut % 512 == 0 for lut, _ in offs)
+
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA kernel needs a GPU")
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("outliers", [False, True])
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_cuda_decode(mix, outliers, dtype):
+    assert cuda_decode.available(), cuda_decode.library_error()
+    layer = _layer(mix, outliers, seed=hash((mix, outliers, 1)) % 1000)
+    for tokens in (1, 2, 3, 5, 8, 16):
+        x = torch.randn(tokens, 300, device=DEV).to(dtype)
+        y = cuda_decode.decode(layer, x)
+        _check(y, layer, x)
+        y2 = cuda_decode.decode(layer, x)  # the counters reset: a second call is identical
+        assert torch.equal(y, y2)
+
+
+@cuda_only
+def test_cuda_decode_splits_big_and_graph():
+    from cmpq.kernels.testing import mix_counts, random_layer
+
+    counts, n_act = mix_counts(1100, 3.0)
+    gen = torch.Generator().manual_seed(4)
+    layer = random_layer(700, 1100, counts, n_act, 400, bias=True, device=DEV, generator=gen)
+    for splits in (None, 1, 3, 50):  # 50 > quads of some groups: some blocks get no channels
+        for tokens in (1, 4, 16):
+            x = torch.randn(tokens, 1100, device=DEV).half()
+            _check(cuda_decode.decode(layer, x, splits=splits), layer, x)
+    x = torch.randn(1, 1, 1100, device=DEV).half()
+    y0 = layer(x)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        yg = layer(x)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    _check(yg.reshape(1, 700), layer, x.reshape(1, 1100))
+    assert y0.shape == (1, 1, 700)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from cmpq.algorithm.allocation import get_allocator
 from cmpq.algorithm.kmeans import assign_nearest, kmeans_1d, uniform_codebook
@@ -52,8 +53,18 @@ def _codebooks(x: torch.Tensor, k: int, keep: torch.Tensor | None, cfg: CMPQConf
     return cb.half().float()  # round once so assignment uses exactly the stored values
 
 
-def quantize_weight(weight: torch.Tensor, act_sqsum: torch.Tensor, cfg: CMPQConfig, name: str = "weight") -> QuantizedParts:
-    """Quantize ``weight`` ``[out, in]`` given the per-input-channel sum of squared activations."""
+@dataclass
+class _Plan:
+    """One layer after O_act selection and allocation, before clustering."""
+
+    weight: torch.Tensor
+    act_ids: torch.Tensor
+    chans: dict[int, torch.Tensor]  # b -> channel ids
+    cols: dict[int, torch.Tensor]  # b -> [n_b, out] float32, one row per channel
+    n_sparse: int
+
+
+def _plan(weight: torch.Tensor, act_sqsum: torch.Tensor, cfg: CMPQConfig, name: str) -> _Plan:
     out_f, in_f = weight.shape
     if act_sqsum.shape != (in_f,):
         raise ValueError(f"{name}: activation statistics have shape {tuple(act_sqsum.shape)}, expected ({in_f},)")
@@ -62,53 +73,109 @@ def quantize_weight(weight: torch.Tensor, act_sqsum: torch.Tensor, cfg: CMPQConf
     if not torch.isfinite(act_sqsum).all():
         raise ValueError(f"{name}: activation statistics hold NaN or Inf (did calibration overflow in fp16?)")
     dev = weight.device
-    w = weight.float()
     norms = act_sqsum.float().sqrt()
-
     n_act = min(int(round(cfg.act_outlier_frac * in_f)), in_f - 1)
     act_ids = torch.topk(norms, n_act).indices.sort().values if n_act else torch.empty(0, dtype=torch.long, device=dev)
     rest = torch.ones(in_f, dtype=torch.bool, device=dev)
     rest[act_ids] = False
     rest_ids = rest.nonzero().squeeze(1)
-    bits = get_allocator(cfg.allocator)(norms[rest_ids], cfg.bits)
+    bits = get_allocator(cfg.allocator)(norms[rest_ids], cfg.bits, edge_frac=cfg.edge_frac)
     chans = {b: rest_ids[bits == b] for b in BIT_WIDTHS}
-    cols = {b: w[:, ch].T.contiguous() for b, ch in chans.items()}  # [n_b, out]: one row per channel
+    w = weight.float()
+    cols = {b: w[:, ch].T.contiguous() for b, ch in chans.items()}
+    return _Plan(weight, act_ids, chans, cols, int(round(cfg.weight_outlier_frac * out_f * in_f)))
 
-    # First pass: quantize everything, find the weights with the largest error (O_q).
-    n_sp = int(round(cfg.weight_outlier_frac * out_f * in_f))
-    keep = {b: None for b in BIT_WIDTHS}
-    if n_sp:
+
+def _batches(lengths: list[int], rows: list[int]) -> list[list[int]]:
+    """Which layers to cluster together. Small layers are padded to a common length and clustered
+    in one call (launch overhead dominates them); if padding would more than double the work,
+    only layers of equal length are batched."""
+    live = [i for i, r in enumerate(rows) if r]
+    if not live:
+        return []
+    longest = max(lengths[i] for i in live)
+    if sum(rows[i] * longest for i in live) <= 2 * sum(rows[i] * lengths[i] for i in live):
+        return [live]
+    by_len: dict[int, list[int]] = {}
+    for i in live:
+        by_len.setdefault(lengths[i], []).append(i)
+    return list(by_len.values())
+
+
+def _cluster(xs: list[torch.Tensor], keeps: list[torch.Tensor | None], k: int, cfg: CMPQConfig) -> list[torch.Tensor]:
+    """Codebooks for many row sets at once (rows padded with ignored values)."""
+    out: list[torch.Tensor] = [xs[i].new_zeros(0, k) for i in range(len(xs))]
+    for batch in _batches([x.shape[1] for x in xs], [x.shape[0] for x in xs]):
+        n = max(xs[i].shape[1] for i in batch)
+        x = torch.cat([F.pad(xs[i], (0, n - xs[i].shape[1])) for i in batch])
+        keep = torch.cat([
+            F.pad(keeps[i] if keeps[i] is not None else torch.ones_like(xs[i], dtype=torch.bool), (0, n - xs[i].shape[1]))
+            for i in batch
+        ])
+        cb = _codebooks(x, k, keep, cfg)
+        for i, part in zip(batch, cb.split([xs[i].shape[0] for i in batch])):
+            out[i] = part
+    return out
+
+
+def quantize_weights(
+    weights: list[torch.Tensor], act_sqsums: list[torch.Tensor], cfg: CMPQConfig, names: list[str] | None = None
+) -> list[QuantizedParts]:
+    """CMPQ on several matrices (e.g. all linears of one block), clustered in shared batches."""
+    names = names or [f"weight {i}" for i in range(len(weights))]
+    plans = [_plan(w, a, cfg, n) for w, a, n in zip(weights, act_sqsums, names)]
+    keeps: dict[int, list[torch.Tensor | None]] = {b: [None] * len(plans) for b in BIT_WIDTHS}
+    sparse: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    # First pass: quantize everything, keep the weights with the largest error (O_q) aside.
+    first = {b: _cluster([p.cols[b] for p in plans], [None] * len(plans), 2**b, cfg) for b in BIT_WIDTHS} \
+        if any(p.n_sparse for p in plans) else None
+    for li, p in enumerate(plans):
+        out_f, in_f = p.weight.shape
+        dev = p.weight.device
+        if not p.n_sparse:
+            empty = torch.empty(0, dtype=torch.long, device=dev)
+            sparse.append((empty, empty))
+            continue
         errs, pos = [], []
-        for b, x in cols.items():
+        for b in BIT_WIDTHS:
+            x, cb = p.cols[b], first[b][li]
             if x.numel():
-                cb = _codebooks(x, 2**b, None, cfg)
                 errs.append((x - cb.gather(1, assign_nearest(x, cb))).abs().reshape(-1))
-                pos.append((chans[b][:, None] * out_f + torch.arange(out_f, device=dev)).reshape(-1))
+                pos.append((p.chans[b][:, None] * out_f + torch.arange(out_f, device=dev)).reshape(-1))
         err, flat = torch.cat(errs), torch.cat(pos)  # flat = channel * out + row
-        top = flat[torch.topk(err, min(n_sp, err.numel())).indices]
+        top = flat[torch.topk(err, min(p.n_sparse, err.numel())).indices]
         is_out = torch.zeros(in_f * out_f, dtype=torch.bool, device=dev)
         is_out[top] = True
         is_out = is_out.view(in_f, out_f)
-        keep = {b: ~is_out[chans[b]] for b in BIT_WIDTHS}
-        sp_cols, sp_rows = top // out_f, top % out_f
-        order = torch.argsort(sp_rows * in_f + sp_cols)
-        sp_rows, sp_cols = sp_rows[order], sp_cols[order]
-    else:
-        sp_rows = sp_cols = torch.empty(0, dtype=torch.long, device=dev)
+        for b in BIT_WIDTHS:
+            keeps[b][li] = ~is_out[p.chans[b]]
+        cols, rows = top // out_f, top % out_f
+        order = torch.argsort(rows * in_f + cols)
+        sparse.append((rows[order], cols[order]))
 
     # Final pass: cluster each channel without its outliers.
-    groups = {}
-    for b, x in cols.items():
-        cb = _codebooks(x, 2**b, keep[b], cfg)
-        idx = assign_nearest(x, cb)  # [n_b, out]
-        groups[b] = (chans[b], idx.T.contiguous(), cb.half())
-    return QuantizedParts(
-        out_features=out_f,
-        in_features=in_f,
-        groups=groups,
-        outlier_channels=act_ids,
-        outlier_weight=weight[:, act_ids].half(),
-        sparse_rows=sp_rows,
-        sparse_cols=sp_cols,
-        sparse_vals=weight[sp_rows, sp_cols].half(),
-    )
+    final = {b: _cluster([p.cols[b] for p in plans], keeps[b], 2**b, cfg) for b in BIT_WIDTHS}
+    result = []
+    for li, p in enumerate(plans):
+        groups = {}
+        for b in BIT_WIDTHS:
+            cb = final[b][li]
+            groups[b] = (p.chans[b], assign_nearest(p.cols[b], cb).T.contiguous(), cb.half())
+        rows, cols = sparse[li]
+        result.append(QuantizedParts(
+            out_features=p.weight.shape[0],
+            in_features=p.weight.shape[1],
+            groups=groups,
+            outlier_channels=p.act_ids,
+            outlier_weight=p.weight[:, p.act_ids].half(),
+            sparse_rows=rows,
+            sparse_cols=cols,
+            sparse_vals=p.weight[rows, cols].half(),
+        ))
+    return result
+
+
+def quantize_weight(weight: torch.Tensor, act_sqsum: torch.Tensor, cfg: CMPQConfig, name: str = "weight") -> QuantizedParts:
+    """Quantize ``weight`` ``[out, in]`` given the per-input-channel sum of squared activations."""
+    return quantize_weights([weight], [act_sqsum], cfg, [name])[0]

@@ -1,10 +1,12 @@
 """Fused kernels for ``CMPQLinear``. ``dispatch`` returns the layer's output from a fused kernel
 when one applies to this input (device, dtype, batch size), or None to use the PyTorch reference.
 
-- CUDA, Triton importable, fp16/bf16 input, no autograd: 1..16 tokens -> ``lut_gemv.decode``
-  (fused LUT-GEMV, never builds the weight); more tokens -> ``dequant.prefill`` (Triton dequant +
-  cuBLAS). Everything else (CPU, no Triton, fp32, gradients) -> None.
-- ``CMPQ_KERNELS=0`` turns the kernels off.
+- CUDA, fp16/bf16 input, no autograd: 1..16 tokens -> ``cuda_decode.decode`` (v3: CUDA C++
+  shared-memory LUT kernel, compiled once with nvcc) or, where that is unavailable (no nvcc, layer
+  with widths other than 2/3/4), ``lut_gemv.decode`` (Triton, v2); more tokens ->
+  ``dequant.prefill`` (Triton dequant + cuBLAS). Everything else (CPU, no Triton, fp32,
+  gradients) -> None.
+- ``CMPQ_KERNELS=0`` turns the kernels off; ``CMPQ_KERNELS=triton`` skips the CUDA decode kernel.
 
 Triton is imported lazily, so the package works without it. Tests call ``decode``/``prefill``
 directly on CPU tensors under ``TRITON_INTERPRET=1``.
@@ -35,10 +37,16 @@ def dispatch(layer: "torch.nn.Module", x: torch.Tensor) -> torch.Tensor | None:
         return None
     if layer.outlier_weight.device != x.device or (torch.is_grad_enabled() and x.requires_grad):
         return None
-    if not triton_available():
-        return None
     tokens = x.numel() // x.shape[-1]
     if tokens == 0:
+        return None
+    if tokens <= MAX_DECODE_TOKENS and os.environ.get("CMPQ_KERNELS", "1") != "triton":
+        from cmpq.kernels import cuda_decode
+
+        y = cuda_decode.decode(layer, x)
+        if y is not None:
+            return y
+    if not triton_available():
         return None
     if tokens <= MAX_DECODE_TOKENS:
         from cmpq.kernels.lut_gemv import decode

@@ -1,0 +1,355 @@
+"""Model-level runners for the baselines: RTN, GPTQ, AWQ, LLM-MQ and HQQ on a whole causal LM.
+
+Every runner leaves *fake-quantized* weights in the model: each block linear's ``weight`` is replaced
+by its dequantized value (same dtype, same ``nn.Linear``), so the model runs and saves as a plain
+Hugging Face model. What a packed deployment would store is counted instead in the report's
+``effective_bits`` (every byte of the quantized linears: codes, scales, zeros, group indices,
+codebooks), so the figures compare with CMPQ's packed ``effective_bits``.
+
+Calibrated methods (GPTQ, AWQ, LLM-MQ) use the same block walk as CMPQ
+(:func:`cmpq.model.calibration.walk_blocks`); calibration-free ones (RTN, HQQ) visit the blocks
+directly, since running data through the model would change nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from cmpq.algorithm.layer import quantize_weight
+from cmpq.config import CMPQConfig
+from cmpq.data.tokens import Windows
+from cmpq.model.blocks import find_blocks, find_linears
+from cmpq.model.calibration import SquaredNorm, walk_blocks
+
+from .awq import awq_quantize, awq_search_clip, awq_search_scale
+from .gptq import HessianAccumulator, gptq_quantize
+from .llmmq import allocate_layer_bits, first_order_sensitivity, proxy_sensitivity
+from .rtn import rtn_bits_per_weight, rtn_quantize
+
+METHODS = ("rtn", "gptq", "awq", "llmmq", "hqq")
+CALIBRATED = ("gptq", "awq", "llmmq")
+QK_NAMES = ("q_proj", "k_proj", "query", "key", "Wqkv")  # AWQ does not clip these (softmax follows)
+
+
+class _Tally:
+    """Storage bits of the quantized linears, summed over layers, weighted by their size."""
+
+    def __init__(self) -> None:
+        self.bits, self.weights = 0.0, 0
+
+    def add(self, lin: nn.Linear, bits_per_weight: float) -> None:
+        n = lin.weight.numel()
+        self.bits += bits_per_weight * n
+        self.weights += n
+
+    @property
+    def mean(self) -> float:
+        return self.bits / max(self.weights, 1)
+
+
+def _each_block(model: nn.Module, fn: Callable[[int, nn.Module, dict], None], device: torch.device) -> None:
+    """Calibration-free walk: each block moves to ``device`` for its turn, then back."""
+    _, blocks = find_blocks(model)
+    home = next(model.parameters()).device
+    for i, block in enumerate(blocks):
+        block.to(device)
+        fn(i, block, find_linears(block))
+        block.to(home)
+
+
+def _set(lin: nn.Linear, w_hat: torch.Tensor) -> None:
+    lin.weight.data.copy_(w_hat.to(lin.weight.dtype))
+
+
+# ------------------------------------------------------------------ RTN, HQQ (calibration-free)
+
+
+def _run_rtn(model, windows, bits, group_size, device, tally, extras, log, **_) -> None:
+    def qb(i, block, linears):
+        for lin in linears.values():
+            _set(lin, rtn_quantize(lin.weight.data, int(bits), group_size))
+            tally.add(lin, rtn_bits_per_weight(lin.in_features, int(bits), group_size))
+
+    _each_block(model, qb, device)
+
+
+def hqq_available() -> str | None:
+    """None when ``hqq`` imports, else why not (recorded in reports instead of failing silently)."""
+    try:
+        import hqq.core.quantize  # noqa: F401
+    except Exception as e:  # an ImportError, or a broken dependency inside hqq
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _run_hqq(model, windows, bits, group_size, device, tally, extras, log, **_) -> None:
+    """HQQ (Badri & Shaji, 2023) from the ``hqq`` package, its defaults (axis 1, 20 proximal steps).
+
+    HQQ groups ``group_size`` consecutive weights of the *flattened* matrix; with ``in_features``
+    not a multiple of the group (576 = 4.5 x 128) some groups span two output rows. That is the
+    package's own behaviour and is kept as is. Bytes counted: the packed codes ``W_q`` and the
+    ``scale``/``zero`` tensors exactly as HQQ holds them.
+    """
+    why = hqq_available()
+    if why:
+        raise RuntimeError(f"hqq cannot run here: {why}")
+    import hqq
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    extras["hqq_version"] = hqq.__version__
+    cfg = BaseQuantizeConfig(nbits=int(bits), group_size=group_size, axis=1)
+
+    def qb(i, block, linears):
+        for lin in linears.values():
+            hq = HQQLinear(lin, cfg, compute_dtype=lin.weight.dtype, device=str(device), del_orig=False)
+            _set(lin, hq.dequantize().reshape(lin.weight.shape))
+            stored = [hq.W_q] + [hq.meta[k] for k in ("scale", "zero") if torch.is_tensor(hq.meta.get(k))]
+            nbytes = sum(t.numel() * t.element_size() for t in stored)
+            tally.add(lin, 8 * nbytes / lin.weight.numel())
+
+    _each_block(model, qb, device)
+
+
+# ------------------------------------------------------------------ GPTQ, AWQ (calibrated)
+
+
+def _run_gptq(model, windows, bits, group_size, device, tally, extras, log, *, damp: float = 0.01,
+              block_size: int = 128, act_order: bool = False, batch_size: int = 8, **_) -> None:
+    """GPTQ with all linears of a block hooked in one pass (the paper's default, not true-sequential)."""
+
+    def qb(i, block, linears, stats):
+        for lin_name, lin in linears.items():
+            H = stats[lin_name].H
+            _set(lin, gptq_quantize(lin.weight.data, H, int(bits), group_size, damp, block_size, act_order))
+            bpw = rtn_bits_per_weight(lin.in_features, int(bits), group_size)
+            if act_order and group_size is not None and group_size < lin.in_features:
+                bpw += 32 / lin.out_features  # int32 group index per input column (g_idx)
+            tally.add(lin, bpw)
+
+    extras.update(damp=damp, block_size=block_size, act_order=act_order)
+    walk_blocks(model, windows.ids, lambda n, lin: HessianAccumulator(lin.in_features, lin.weight.device),
+                qb, device=device, batch_size=batch_size, log=log)
+
+
+class TokenSample:
+    """A uniform random sample of at most ``max_tokens`` input rows of one linear (bottom-k keys).
+
+    Every token gets a random key from a generator seeded identically for every linear, so linears
+    that read the same tensor (q/k/v, gate/up) keep the very same sample. ``fingerprint`` (shape
+    and sum of the first batch) tells which linears share their input.
+    """
+
+    def __init__(self, max_tokens: int = 4096, seed: int = 0) -> None:
+        self.max_tokens = max_tokens
+        self.gen = torch.Generator().manual_seed(seed)
+        self.x: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None
+        self.fingerprint: tuple | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])
+        if self.fingerprint is None:
+            self.fingerprint = (tuple(x.shape), float(x.float().sum()))
+        keys = torch.rand(x.shape[0], generator=self.gen).to(x.device)
+        if self.x is not None:
+            x, keys = torch.cat([self.x, x]), torch.cat([self.keys, keys])
+        if x.shape[0] > self.max_tokens:
+            keep = torch.topk(keys, self.max_tokens, largest=False).indices
+            x, keys = x[keep], keys[keep]
+        self.x, self.keys = x, keys
+
+
+def _run_awq(model, windows, bits, group_size, device, tally, extras, log, *, max_tokens: int = 4096,
+             grid: int = 20, clip: bool = True, seed: int = 0, batch_size: int = 8, **_) -> None:
+    """AWQ: linears sharing an input get one scale search; clip search per linear but q/k."""
+    ratios: list[float] = []
+
+    def qb(i, block, linears, stats):
+        groups: dict[tuple, list[str]] = {}
+        for name in linears:
+            groups.setdefault(stats[name].fingerprint, []).append(name)
+        for names in groups.values():
+            x = stats[names[0]].x
+            scales, losses = awq_search_scale([linears[n].weight.data for n in names], x, int(bits), group_size, grid)
+            ratios.append(float(losses.min() / losses[0]) if losses[0] > 0 else 1.0)
+            for n in names:
+                W = linears[n].weight.data
+                qk = any(k in n for k in QK_NAMES)
+                cm = awq_search_clip(W, x, scales, int(bits), group_size, grid) if clip and not qk else None
+                _set(linears[n], awq_quantize(W, scales, int(bits), group_size, cm))
+                tally.add(linears[n], rtn_bits_per_weight(linears[n].in_features, int(bits), group_size))
+
+    walk_blocks(model, windows.ids, lambda n, lin: TokenSample(max_tokens, seed), qb,
+                device=device, batch_size=batch_size, log=log)
+    extras.update(max_tokens=max_tokens, grid=grid, clip=clip,
+                  scale_loss_ratio_mean=sum(ratios) / max(len(ratios), 1), input_groups=len(ratios))
+
+
+# ------------------------------------------------------------------ LLM-MQ (layer-wise mixed precision)
+
+
+def _layer_names(model: nn.Module) -> dict[str, nn.Linear]:
+    prefix, blocks = find_blocks(model)
+    return {f"{prefix}.{i}.{n}": lin for i, b in enumerate(blocks) for n, lin in find_linears(b).items()}
+
+
+def lm_gradients(model: nn.Module, ids: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    """Gradient of the mean LM loss on ``ids`` w.r.t. every block linear's weight (CPU, float32).
+
+    Runs on a float32 copy so small gradients of a converged model do not underflow in fp16.
+    """
+    m = copy.deepcopy(model).float().to(device)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    lins = _layer_names(m)
+    for lin in lins.values():
+        lin.weight.requires_grad_(True)
+    with torch.enable_grad():
+        for row in ids:
+            r = row[None].to(device)
+            (m(input_ids=r, labels=r, use_cache=False).loss / ids.shape[0]).backward()
+    grads = {n: lin.weight.grad.detach().cpu() for n, lin in lins.items()}
+    del m
+    return grads
+
+
+def _llmmq_candidates(model, windows, device, log, sensitivity, grad_nsamples, act_frac, weight_frac, batch_size):
+    """Each layer quantized at 2, 3 and 4 bits by CMPQ's non-uniform quantizer (one width per layer,
+    ``edge_frac=0``), from the full-precision model: dequantized weights (CPU), CMPQ storage bits per
+    weight, and the sensitivity score of each width."""
+    from cmpq.nn.linear import pack_linear
+
+    grads = lm_gradients(model, windows.ids[:grad_nsamples], device) if sensitivity == "first_order" else None
+    prefix, _ = find_blocks(model)
+    cands: dict[str, dict[int, tuple[torch.Tensor, float, float]]] = {}
+    cfgs = {b: CMPQConfig(bits=b, edge_frac=0.0, act_outlier_frac=act_frac, weight_outlier_frac=weight_frac)
+            for b in (2, 3, 4)}
+
+    def qb(i, block, linears, stats):
+        for name, lin in linears.items():
+            full = f"{prefix}.{i}.{name}"
+            W = lin.weight.data
+            cands[full] = {}
+            for b, cfg in cfgs.items():
+                parts = quantize_weight(W, stats[name].sqsum, cfg, name=full)
+                W_hat = parts.dequantize()
+                nbytes = sum(pack_linear(parts, None).storage_bytes().values())
+                if grads is not None:
+                    s = first_order_sensitivity(W, grads[full].to(W.device), W_hat)
+                else:
+                    s = proxy_sensitivity(W, stats[name].sqsum, W_hat)
+                cands[full][b] = (W_hat.to("cpu", W.dtype), 8 * nbytes / W.numel(), s)
+
+    # the walk leaves the weights untouched: all scores come from the full-precision model
+    walk_blocks(model, windows.ids, lambda n, lin: SquaredNorm(lin.in_features, lin.weight.device), qb,
+                device=device, batch_size=batch_size, log=log)
+    return cands
+
+
+def _run_llmmq(model, windows, bits, group_size, device, tally, extras, log, *, sensitivity: str = "first_order",
+               grad_nsamples: int = 8, act_outlier_frac: float = 0.0, weight_outlier_frac: float = 0.0,
+               cache: dict | None = None, batch_size: int = 8, **_) -> None:
+    """LLM-MQ's integer program over layers, solved exactly (``allocate_layer_bits``), any budget in
+    [2, 4]. ``cache`` (a dict the caller keeps) reuses the candidates across budgets of one model."""
+    if sensitivity not in ("first_order", "proxy"):
+        raise ValueError(f"llmmq sensitivity must be 'first_order' or 'proxy', got {sensitivity!r}")
+    key = (windows.description, sensitivity, grad_nsamples, act_outlier_frac, weight_outlier_frac)
+    t0 = time.perf_counter()
+    if cache is not None and key in cache:
+        cands, cand_s = cache[key]
+        extras["reused_candidates"] = True
+    else:
+        cands = _llmmq_candidates(model, windows, device, log, sensitivity, grad_nsamples,
+                                  act_outlier_frac, weight_outlier_frac, batch_size)
+        cand_s = time.perf_counter() - t0
+        if cache is not None:
+            cache[key] = (cands, cand_s)
+    lins = _layer_names(model)
+    sizes = {n: lins[n].weight.numel() for n in cands}
+    alloc = allocate_layer_bits({n: {b: c[2] for b, c in cb.items()} for n, cb in cands.items()}, sizes, float(bits))
+    for n, b in alloc.items():
+        W_hat, bpw, _ = cands[n][b]
+        _set(lins[n], W_hat)
+        tally.add(lins[n], bpw)
+    nominal = sum(b * sizes[n] for n, b in alloc.items()) / sum(sizes.values())
+    extras.update(sensitivity=sensitivity, grad_nsamples=grad_nsamples if sensitivity == "first_order" else None,
+                  act_outlier_frac=act_outlier_frac, weight_outlier_frac=weight_outlier_frac,
+                  nominal_bits=nominal, layers_by_bits={b: sum(v == b for v in alloc.values()) for b in (2, 3, 4)},
+                  allocation=alloc, candidates_seconds=round(cand_s, 2))
+
+
+RUNNERS = {"rtn": _run_rtn, "gptq": _run_gptq, "awq": _run_awq, "llmmq": _run_llmmq, "hqq": _run_hqq}
+
+
+# ------------------------------------------------------------------ entry point
+
+
+@torch.no_grad()
+def quantize_baseline(
+    model: nn.Module,
+    tokenizer=None,
+    method: str = "rtn",
+    bits: float = 4,
+    group_size: int | None = 128,
+    calib="c4",
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    log: Callable[[str], None] | None = print,
+    **opts,
+) -> dict:
+    """Quantize ``model`` in place with a baseline; returns the report (also in ``model.config.cmpq_baseline``).
+
+    ``bits``: an integer 2..4 for rtn/gptq/awq/hqq; any budget in [2, 4] for llmmq. ``group_size``:
+    128 (ragged last group kept), or None for one grid per output row (llmmq ignores it). ``calib``:
+    as :func:`cmpq.quantize.resolve_calibration` (unused by rtn/hqq). ``opts`` go to the method
+    (gptq: damp, block_size, act_order; awq: max_tokens, grid, clip; llmmq: sensitivity,
+    grad_nsamples, act_outlier_frac, weight_outlier_frac, cache).
+    """
+    from cmpq.quantize import default_device, resolve_calibration
+
+    if method not in RUNNERS:
+        raise ValueError(f"unknown baseline {method!r}; choose from {METHODS}")
+    if method != "llmmq" and (float(bits) != int(bits) or int(bits) not in (2, 3, 4)):
+        raise ValueError(f"{method} takes an integer bit width 2, 3 or 4, got {bits!r}")
+    device = torch.device(device) if device is not None else default_device()
+    windows: Windows | None = None
+    if method in CALIBRATED:
+        if tokenizer is None and not isinstance(calib, (Windows, torch.Tensor)):
+            raise ValueError("pass a tokenizer, or calibration tokens as a tensor [nsamples, seqlen]")
+        windows = resolve_calibration(tokenizer, calib, CMPQConfig(nsamples=nsamples, seqlen=seqlen, seed=seed))
+        if log:
+            log(f"calibration: {windows.description}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    tally, extras = _Tally(), {}
+    t0 = time.perf_counter()
+    RUNNERS[method](model, windows, bits, None if method == "llmmq" else group_size, device, tally, extras, log,
+                    seed=seed, **opts)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    report = {
+        "quant_method": method,
+        "fake_quantized": True,
+        "bits": float(bits),
+        "group_size": None if method == "llmmq" else group_size,
+        "effective_bits": tally.mean,
+        "quantized_weights": tally.weights,
+        "quantize_seconds": round(time.perf_counter() - t0, 2),
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "calibration": windows.description if windows else "none (calibration-free)",
+        **{k: v for k, v in extras.items()},
+    }
+    if "reused_candidates" in report:  # the per-budget cost plus the shared candidate pass
+        report["quantize_seconds"] = round(report["quantize_seconds"] + report["candidates_seconds"], 2)
+    model.config.cmpq_baseline = {k: v for k, v in report.items() if k != "allocation"}
+    if log:
+        log(f"{method} {bits}-bit: {tally.mean:.3f} effective bits per weight, {report['quantize_seconds']}s")
+    return report

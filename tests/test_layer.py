@@ -1,0 +1,121 @@
+"""CMPQ on one matrix: outliers, allocation in place, packing into CMPQLinear."""
+
+import pytest
+import torch
+
+from cmpq.algorithm.layer import quantize_weight, quantize_weights
+from cmpq.config import CMPQConfig
+from cmpq.nn.linear import CMPQLinear, pack_linear
+from cmpq.storage.packing import pack_indices, packed_shape, unpack_indices
+
+
+def weight_and_norms(out_f=150, in_f=400, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(out_f, in_f, generator=g), torch.rand(in_f, generator=g) * 10
+
+
+def test_activation_outliers_are_the_top_norm_channels_kept_exactly():
+    w, a = weight_and_norms()
+    a[[7, 123, 399]] = 1e6  # 0.45% of 400 channels rounds to 2: the two largest after this would tie
+    p = quantize_weight(w, a, CMPQConfig(bits=3, act_outlier_frac=0.0075))
+    assert p.outlier_channels.tolist() == [7, 123, 399]
+    assert torch.equal(p.outlier_weight, w[:, [7, 123, 399]].half())
+    deq = p.dequantize()
+    assert torch.equal(deq[:, [7, 123, 399]], w[:, [7, 123, 399]].half().float())
+
+
+def test_weight_outliers_are_the_largest_first_pass_errors_and_exact():
+    w, a = weight_and_norms()
+    cfg = CMPQConfig(bits=2.5, weight_outlier_frac=0.002)
+    p = quantize_weight(w, a, cfg)
+    n = round(0.002 * w.numel())
+    assert p.sparse_vals.numel() == n
+    # first pass = the same quantization with no weight outliers taken out
+    first = quantize_weight(w, a, CMPQConfig(bits=2.5, weight_outlier_frac=0))
+    err = (w - first.dequantize()).abs()
+    err[:, first.outlier_channels] = -1
+    top = set(torch.topk(err.reshape(-1), n).indices.tolist())
+    got = set((p.sparse_rows * w.shape[1] + p.sparse_cols).tolist())
+    assert got == top
+    deq = p.dequantize()
+    assert torch.equal(deq[p.sparse_rows, p.sparse_cols], w[p.sparse_rows, p.sparse_cols].half().float())
+    # the final codebooks are fitted without the outliers: a channel's codebook equals the fit of its other values
+    from cmpq.algorithm.kmeans import kmeans_1d
+
+    col = int(p.sparse_cols[0])
+    (b, (ch, _, cb)), = [(b, g) for b, g in p.groups.items() if (g[0] == col).any()]
+    keep = torch.ones(w.shape[0], dtype=torch.bool)
+    keep[p.sparse_rows[p.sparse_cols == col]] = False
+    assert torch.equal(cb[(ch == col).nonzero()[0, 0]], kmeans_1d(w[:, col][keep][None], 2**b)[0].half())
+    key = p.sparse_rows * w.shape[1] + p.sparse_cols
+    assert (key[1:] > key[:-1]).all()
+
+
+def test_budget_met_on_quantized_channels():
+    w, a = weight_and_norms(in_f=1000)
+    for bits in (2.0, 2.2, 2.5, 3.0, 3.5, 3.7, 4.0):
+        p = quantize_weight(w, a, CMPQConfig(bits=bits))
+        n = {b: g[0].numel() for b, g in p.groups.items()}
+        avg = sum(b * k for b, k in n.items()) / sum(n.values())
+        assert abs(avg - bits) <= 1 / sum(n.values()) + 1e-9
+
+
+def test_error_falls_with_bits_and_uniform_is_worse_than_kmeans():
+    w, a = weight_and_norms()
+    errs = [(quantize_weight(w, a, CMPQConfig(bits=b)).dequantize() - w).norm() for b in (2, 3, 4)]
+    assert errs[0] > errs[1] > errs[2]
+    uni = (quantize_weight(w, a, CMPQConfig(bits=3, quantizer="uniform")).dequantize() - w).norm()
+    assert uni > errs[1]
+
+
+def test_batched_equals_one_by_one():
+    layers = [weight_and_norms(o, i, s) for s, (o, i) in enumerate([(64, 96), (200, 96), (64, 150)])]
+    cfg = CMPQConfig(bits=3.3)
+    together = quantize_weights([w for w, _ in layers], [a for _, a in layers], cfg)
+    for (w, a), p in zip(layers, together):
+        assert torch.equal(p.dequantize(), quantize_weight(w, a, cfg).dequantize())
+
+
+def test_bad_inputs_are_refused():
+    w, a = weight_and_norms()
+    w[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        quantize_weight(w, a, CMPQConfig())
+    w, a = weight_and_norms()
+    with pytest.raises(ValueError, match="shape"):
+        quantize_weight(w, a[:-1], CMPQConfig())
+    with pytest.raises(ValueError, match="fraction"):
+        CMPQConfig(act_outlier_frac=-0.1)
+    with pytest.raises(ValueError, match="quantizer"):
+        CMPQConfig(quantizer="lloyd")
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("cols", [0, 1, 31, 32, 33, 100])
+def test_pack_round_trip(bits, cols):
+    g = torch.Generator().manual_seed(bits * 100 + cols)
+    idx = torch.randint(0, 2**bits, (7, cols), generator=g)
+    packed = pack_indices(idx, bits)
+    assert packed.dtype == torch.int32 and tuple(packed.shape) == packed_shape(7, cols, bits)
+    assert packed.numel() * 32 == 7 * -(-cols // 32) * 32 * bits  # exactly `bits` bits per index
+    assert torch.equal(unpack_indices(packed, bits, cols), idx)
+
+
+def test_pack_refuses_out_of_range():
+    with pytest.raises(ValueError):
+        pack_indices(torch.tensor([[4]]), 2)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_cmpq_linear_equals_dense_matmul(bias):
+    w, a = weight_and_norms(67, 300)
+    p = quantize_weight(w, a, CMPQConfig(bits=2.7))
+    b = torch.randn(67) if bias else None
+    layer = pack_linear(p, b)
+    assert isinstance(layer, CMPQLinear)
+    w_hat = layer.dequantize(torch.float32)
+    assert torch.equal(w_hat, p.dequantize())
+    x = torch.randn(3, 5, 300)
+    ref = x @ w_hat.T + (b.half().float() if bias else 0)
+    assert torch.allclose(layer(x), ref, atol=1e-5)
+    assert abs(layer.nominal_bits() - 2.7) <= 1 / 299 and layer.effective_bits() > layer.nominal_bits()

@@ -1,0 +1,153 @@
+"""End to end on tiny random models: quantize, save, load, run; corrupt folders are refused."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import cmpq
+from cmpq.model.blocks import UnsupportedModel, find_blocks
+from cmpq.nn.linear import CMPQLinear
+from cmpq.storage.io import CorruptModelError, set_compute_dtype
+
+
+def quantize_tiny(model, ids, bits=3.2):
+    return cmpq.quantize(model, None, cmpq.CMPQConfig(bits=bits, nsamples=4, seqlen=64), calib=ids, device="cpu", log=None)
+
+
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_opt"])
+def test_quantize_save_load_identical(family, calib_ids, tmp_path, request):
+    model = request.getfixturevalue(family)
+    ref = model(calib_ids).logits
+    q = quantize_tiny(model, calib_ids)
+    _, blocks = find_blocks(q)
+    n_linear = sum(isinstance(m, CMPQLinear) for m in blocks.modules())
+    assert n_linear == len(blocks) * (7 if family == "tiny_llama" else 6)
+    assert not any(type(m) is torch.nn.Linear for m in blocks.modules())
+    out = q(calib_ids).logits
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.5  # changed, but still the same model
+    qc = q.config.quantization_config
+    assert qc["quant_method"] == "cmpq" and qc["bits"] == 3.2 and "user tokens" in qc["calibration"]
+
+    path = cmpq.save(q, tmp_path / "m")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
+    loaded = cmpq.load(path, device="cpu")
+    set_compute_dtype(q, torch.float16)  # saved unquantized tensors are 16-bit
+    set_compute_dtype(q, torch.float32)
+    assert torch.equal(loaded(calib_ids).logits, q(calib_ids).logits)
+    again = cmpq.load(cmpq.save(loaded, tmp_path / "m2"), device="cpu")
+    assert torch.equal(again(calib_ids).logits, loaded(calib_ids).logits)
+
+
+def test_loaded_model_generates(tiny_llama, calib_ids, tmp_path):
+    loaded = cmpq.load(cmpq.save(quantize_tiny(tiny_llama, calib_ids), tmp_path / "m"), device="cpu")
+    out = loaded.generate(calib_ids[:1, :8], max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 13)
+
+
+def test_weights_change_in_place_and_lm_head_stays(tiny_llama, calib_ids):
+    emb = tiny_llama.model.embed_tokens.weight.clone()
+    q = quantize_tiny(tiny_llama, calib_ids)
+    assert q is tiny_llama
+    assert torch.equal(q.model.embed_tokens.weight, emb)
+    assert type(q.lm_head) is torch.nn.Linear
+
+
+@pytest.fixture
+def saved(tiny_llama, calib_ids, tmp_path):
+    return cmpq.save(quantize_tiny(tiny_llama, calib_ids), tmp_path / "m")
+
+
+def rewrite(path, fn):
+    f = path / "model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(f), "pt") as st:
+        meta = st.metadata()
+    t = load_file(f)
+    fn(t)
+    save_file(t, f, metadata=meta)
+
+
+NAME = "model.layers.0.mlp.down_proj"
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda t: t.__setitem__(f"{NAME}.q3_codebook", t[f"{NAME}.q3_codebook"] * float("nan")), "q3_codebook"),
+        (lambda t: t.__setitem__(f"{NAME}.q3_channels", t[f"{NAME}.q3_channels"] + 1000), "q3_channels"),
+        (lambda t: t.__setitem__(f"{NAME}.q3_packed", t[f"{NAME}.q3_packed"][:, :-1].contiguous()), "q3_packed"),
+        (lambda t: t.__setitem__(f"{NAME}.q3_packed", t[f"{NAME}.q3_packed"].float()), "q3_packed"),
+        (lambda t: t.pop(f"{NAME}.sparse_val"), "sparse_val"),
+        (lambda t: t.__setitem__(f"{NAME}.sparse_crow", t[f"{NAME}.sparse_crow"].flip(0)), "sparse_crow"),
+        (lambda t: t.__setitem__("extra.tensor", torch.zeros(1)), "extra.tensor"),
+    ],
+)
+def test_corrupt_tensors_are_refused_by_name(saved, damage, message):
+    rewrite(saved, damage)
+    with pytest.raises(CorruptModelError, match=message.replace(".", r"\.")):
+        cmpq.load(saved, device="cpu")
+
+
+def test_truncated_file_is_refused(saved):
+    f = saved / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CorruptModelError, match="truncated"):
+        cmpq.load(saved, device="cpu")
+
+
+def test_missing_manifest_and_wrong_version_are_refused(saved):
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["quantization_config"]["format_version"] = 99
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CorruptModelError, match="format_version"):
+        cmpq.load(saved, device="cpu")
+    (saved / "cmpq_manifest.json").unlink()
+    with pytest.raises(CorruptModelError, match="manifest"):
+        cmpq.load(saved, device="cpu")
+    with pytest.raises(FileNotFoundError):
+        cmpq.load(saved / "nope")
+
+
+def test_failed_save_leaves_nothing(tiny_llama, calib_ids, tmp_path, monkeypatch):
+    q = quantize_tiny(tiny_llama, calib_ids)
+    cmpq.save(q, tmp_path / "m")
+    before = sorted(p.name for p in (tmp_path / "m").iterdir())
+    import cmpq.storage.io as io
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(io, "_fsync_tree", boom)
+    with pytest.raises(OSError, match="disk full"):
+        cmpq.save(q, tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == before  # old folder intact
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # temp folder removed
+
+
+def test_unquantized_model_cannot_be_saved(tiny_llama, tmp_path):
+    with pytest.raises(ValueError, match="quantize it"):
+        cmpq.save(tiny_llama, tmp_path / "m")
+
+
+def test_unknown_architecture_is_named():
+    class Odd(torch.nn.Module):
+        pass
+
+    with pytest.raises(UnsupportedModel, match="Odd"):
+        find_blocks(Odd())
+
+
+def test_gpt2_conv1d_is_walked(calib_ids):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    m = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128)).eval()
+    ref = m(calib_ids).logits
+    quantize_tiny(m, calib_ids, bits=4)
+    out = m(calib_ids).logits
+    assert sum(isinstance(x, CMPQLinear) for x in m.modules()) == 8
+    assert ((out - ref).norm() / ref.norm()) < 0.3
