@@ -45,7 +45,7 @@ def folder_bits(path: Path) -> dict:
     return {"nominal_bits": nom, "effective_bits": 8 * b / n, "quantized_bytes": b, "fp16_bytes": 2 * n}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--bits", type=float, nargs="+", default=[2, 2.2, 2.5, 3, 3.2, 3.5, 4])
@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=None, help="cap evaluation windows (quick runs)")
     ap.add_argument("--quantizer", default="kmeans")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/core-<model>.json)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if dev.type == "cuda" else torch.float32

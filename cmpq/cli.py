@@ -168,6 +168,25 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(a: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    import cmpq
+    from cmpq.generate import generate
+
+    dev = _device(a.device)
+    if is_cmpq_folder(a.model):  # fused kernels on GPU, no dense cache
+        model, tok = cmpq.load(a.model, device=dev), AutoTokenizer.from_pretrained(a.model)
+    else:
+        model, tok, _ = load_any(a.model, dev)
+    g = generate(model.eval(), tok, a.prompt, a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                 seed=a.seed, cuda_graph=None if not a.no_cuda_graph else False)
+    print(a.prompt + g.text)
+    print(f"\n[{g.new_tokens} new tokens, prompt {g.prompt_tokens}: prefill {g.prefill_s * 1e3:.1f} ms, "
+          f"decode {g.tokens_per_s:.1f} tokens/s on {dev}{', CUDA graph' if g.cuda_graph else ''}]", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cmpq", description="Channel-wise Mixed-Precision Quantization for causal LMs")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -202,6 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None)
     e.add_argument("--json", default=None, help="also write results to this file")
     e.set_defaults(fn=cmd_eval)
+
+    gp = sub.add_parser("generate", help="generate text with a KV cache (CUDA graphs on GPU), print tokens/s")
+    gp.add_argument("model", help="cmpq folder, or any model 'quantize' takes")
+    gp.add_argument("prompt")
+    gp.add_argument("--max-new-tokens", type=int, default=64)
+    gp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gp.add_argument("--top-p", type=float, default=1.0)
+    gp.add_argument("--seed", type=int, default=0)
+    gp.add_argument("--no-cuda-graph", action="store_true")
+    gp.add_argument("--device", default=None)
+    gp.set_defaults(fn=cmd_generate)
 
     i = sub.add_parser("info", help="bits per weight, per layer, storage breakdown")
     i.add_argument("model")

@@ -34,8 +34,9 @@ from cmpq.storage.packing import unpack_indices
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lut_cuda.cu")
 NTHREADS = 256
 KPAD = {2: 16, 3: 16, 4: 8}
-NT_CHOICES = (1, 2, 4, 8, 16)
+NT_CHOICES = (1, 4, 8, 16)
 SMEM_TARGET = 48 << 10
+MAX_SMEM = 200 << 10  # the kernel's dynamic shared-memory limit (cudaFuncSetAttribute)
 BLOCKS_PER_SM = 6
 
 _LIB = None
@@ -176,7 +177,12 @@ def repack(layer) -> CudaLayout:
         n = ch.numel()
         if n:
             q = repack_group(pk, b, n)
-            groups.append(CudaGroup(b, n, q.shape[0], q, cb.contiguous(), ch.contiguous()))
+            npad = q.shape[0] * 4 * (32 // b)  # whole quads: the kernel reads ch/cb without bounds checks
+            chp = torch.zeros(npad, dtype=torch.int32, device=ch.device)
+            chp[:n] = ch
+            cbp = torch.zeros(npad, 2**b, dtype=torch.float16, device=ch.device)
+            cbp[:n] = cb
+            groups.append(CudaGroup(b, n, q.shape[0], q, cbp, chp))
     crow, col = layer.sparse_crow, layer.sparse_col
     rows = torch.repeat_interleave(torch.arange(layer.out_features, device=col.device), (crow[1:] - crow[:-1]).long())
     corr = layer.sparse_val.float() - _quantized_values(layer, rows, col.long())
@@ -221,7 +227,8 @@ def plan(groups: list[CudaGroup], out: int, NT: int, sms: int, splits: int | Non
 
 
 # -- launch ----------------------------------------------------------------------------------------
-_POOL: dict = {}  # device index -> (part tensor, cnt tensor); old ones kept alive (CUDA graphs)
+_POOL: dict = {}  # device index -> (fp32 accumulator, counters), both kept zeroed by the kernel;
+# old ones are kept alive because captured CUDA graphs may still point at them
 _KEEP: list = []
 
 
@@ -233,7 +240,7 @@ def _workspace(dev: torch.device, n_part: int, n_cnt: int):
             _KEEP.append((part, cnt))
         np_ = max(n_part, 0 if part is None else part.numel(), 1 << 20)
         nc = max(n_cnt, 0 if cnt is None else cnt.numel(), 4096)
-        part = torch.empty(np_, dtype=torch.float32, device=dev)
+        part = torch.zeros(np_, dtype=torch.float32, device=dev)  # kept zeroed by the kernel
         cnt = torch.zeros(nc, dtype=torch.int32, device=dev)
         _POOL[i] = (part, cnt)
     return part, cnt
@@ -284,7 +291,9 @@ def decode(layer, x: torch.Tensor, splits: int | None = None) -> torch.Tensor | 
     NT = next(c for c in NT_CHOICES if c >= T)
     lay = repack(layer)
     p, rb, S, smem = _params(layer, lay, NT, splits)
-    part, cnt = _workspace(x.device, S * T * out, rb)
+    if smem > MAX_SMEM:
+        return None
+    part, cnt = _workspace(x.device, T * out, rb)
     y = torch.empty(T, out, dtype=x.dtype, device=x.device)
     p.x, p.y, p.part, p.cnt = x2.data_ptr(), y.data_ptr(), part.data_ptr(), cnt.data_ptr()
     p.ldx, p.T, p.is_bf16 = x2.stride(0), T, int(x.dtype == torch.bfloat16)

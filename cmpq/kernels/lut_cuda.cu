@@ -14,8 +14,9 @@
 // (chunk base | (index << 2)) + compile-time i*2^b*4: no 64-bit pointer per weight.
 // The same block also adds its share (1/S) of the fp16 outlier columns and of the sparse-outlier
 // corrections (sparse_val - W_q, see layout.py), writes fp32 partials, and the last block of a row
-// block (atomic counter, reset by it) sums the S partials in fixed order, adds the bias and stores
-// y in the activation dtype: one launch, deterministic.
+// block (atomic counter, reset by it) reads the fp32 sums (red.global.add from all S blocks),
+// zeroes them again, adds the bias and stores y in the activation dtype: one launch. The order of the
+// fp32 additions varies between runs (split-K atomics): results agree to fp32 rounding.
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -58,28 +59,31 @@ __device__ __forceinline__ int4 ld_stream(const int4* ptr) {
 
 template <int B, int NT>
 __device__ void build(const Params& p, const Grp& g, char* smem, int s) {
+  // One channel per thread (a block holds <= ~256 channels per group): the dependent loads
+  // ch -> x are paid once per block, not once per table entry. ch/cb are padded to whole quads
+  // (cb zeros), so no bounds checks.
   using C = Cfg<B>;
   const int q0 = (int)((long long)s * g.nq / p.S), q1 = (int)((long long)(s + 1) * g.nq / p.S);
-  const int nch = (q1 - q0) * 4;
-  float* lut = reinterpret_cast<float*>(smem + g.smem_off);
-  const int total = nch * C::KPAD * C::V;
-  for (int e = threadIdx.x; e < total; e += NTHREADS) {
-    const int v = e & (C::V - 1), i = (e >> B) & (C::KPAD - 1), c = e / (C::KPAD * C::V);
-    const int j = (q0 * 4 + c) * C::K + i;
-    float val = 0.f;
-    if (i < C::K && j < g.n) {
-      val = __half2float(g.cb[j * C::V + v]);
-      if (NT == 1) val *= xload(p, 0, g.ch[j]);
+  const int nchan = (q1 - q0) * 4 * C::K;
+  for (int jj = threadIdx.x; jj < nchan; jj += NTHREADS) {
+    const int j = q0 * 4 * C::K + jj, c = jj / C::K, i = jj - c * C::K;
+    const int chj = g.ch[j];
+    float* lut = reinterpret_cast<float*>(smem + g.smem_off) + (c * C::KPAD + i) * C::V;
+    float xv[NT];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) xv[t] = t < p.T ? xload(p, t, chj) : 0.f;
+#pragma unroll
+    for (int v4 = 0; v4 < C::V; v4 += 4) {
+      const uint2 raw = *reinterpret_cast<const uint2*>(g.cb + (size_t)j * C::V + v4);
+      const float2 lo = __half22float2(*reinterpret_cast<const __half2*>(&raw.x));
+      const float2 hi = __half22float2(*reinterpret_cast<const __half2*>(&raw.y));
+      const float m = NT == 1 ? xv[0] : 1.f;
+      *reinterpret_cast<float4*>(lut + v4) = make_float4(lo.x * m, lo.y * m, hi.x * m, hi.y * m);
     }
-    lut[e] = val;
-  }
-  if (NT > 1) {
-    float* xs = reinterpret_cast<float*>(smem + g.xs_off);
-    const int totx = nch * C::KPAD * NT;
-    for (int e = threadIdx.x; e < totx; e += NTHREADS) {
-      const int t = e % NT, ci = e / NT, i = ci & (C::KPAD - 1), c = ci / C::KPAD;
-      const int j = (q0 * 4 + c) * C::K + i;
-      xs[e] = (i < C::K && j < g.n && t < p.T) ? xload(p, t, g.ch[j]) : 0.f;
+    if constexpr (NT > 1) {
+      float* xs = reinterpret_cast<float*>(smem + g.xs_off) + (c * C::KPAD + i) * NT;
+#pragma unroll
+      for (int t = 0; t < NT; t += 4) *reinterpret_cast<float4*>(xs + t) = make_float4(xv[t], xv[t + 1], xv[t + 2], xv[t + 3]);
     }
   }
 }
@@ -95,7 +99,7 @@ __device__ __forceinline__ void word(unsigned w, unsigned base, unsigned xoff, c
     if constexpr (NT == 1) {
       acc[I & 1] += v;
     } else if constexpr (NT == 2) {
-      const float2 xx = *reinterpret_cast<const float2*>(smem + xoff + I * NT * 4);
+    const float2 xx = *reinterpret_cast<const float2*>(smem + xoff + I * NT * 4);
       acc[0] += v * xx.x; acc[1] += v * xx.y;
     } else {
 #pragma unroll
@@ -109,13 +113,16 @@ __device__ __forceinline__ void word(unsigned w, unsigned base, unsigned xoff, c
   }
 }
 
+__device__ __forceinline__ int quad_begin(const Params& p, const Grp& g, int s) {
+  return (int)((long long)s * g.nq / p.S);
+}
+
 template <int B, int NT>
-__device__ void compute(const Params& p, const Grp& g, const char* smem, unsigned sbase, int s, int r, float* acc) {
+__device__ void compute(const Params& p, const Grp& g, const char* smem, unsigned sbase, int s, int r, int4 cur,
+                        float* acc) {
   using C = Cfg<B>;
-  const int q0 = (int)((long long)s * g.nq / p.S), q1 = (int)((long long)(s + 1) * g.nq / p.S);
-  if (q0 >= q1) return;
+  const int q0 = quad_begin(p, g, s), q1 = quad_begin(p, g, s + 1);
   const int4* qp = g.q + (size_t)q0 * p.out + r;
-  int4 cur = ld_stream(qp);
   unsigned off = sbase + g.smem_off, xoff = g.xs_off;
   for (int q = q0; q < q1; ++q) {
     int4 nxt = cur;
@@ -146,19 +153,35 @@ __global__ void __launch_bounds__(NTHREADS) lut_kernel(const Params p) {
 #pragma unroll
   for (int t = 0; t < NA; ++t) acc[t] = 0.f;
 
-  for (int gi = 0; gi < p.ngroups; ++gi) {
-    const Grp& g = p.g[gi];
-    if (g.bits == 2) build<2, NT>(p, g, smem, s);
-    else if (g.bits == 3) build<3, NT>(p, g, smem, s);
-    else build<4, NT>(p, g, smem, s);
+  // Start streaming the indices before the tables are built: the first quad of every group.
+  int4 first[3];
+#pragma unroll
+  for (int gi = 0; gi < 3; ++gi) {
+    first[gi] = make_int4(0, 0, 0, 0);
+    if (gi < p.ngroups && r < p.out) {
+      const int q0 = quad_begin(p, p.g[gi], s);
+      if (q0 < quad_begin(p, p.g[gi], s + 1)) first[gi] = ld_stream(p.g[gi].q + (size_t)q0 * p.out + r);
+    }
+  }
+#pragma unroll
+  for (int gi = 0; gi < 3; ++gi) {
+    if (gi < p.ngroups) {
+      const Grp& g = p.g[gi];
+      if (g.bits == 2) build<2, NT>(p, g, smem, s);
+      else if (g.bits == 3) build<3, NT>(p, g, smem, s);
+      else build<4, NT>(p, g, smem, s);
+    }
   }
   __syncthreads();
   if (r < p.out) {
-    for (int gi = 0; gi < p.ngroups; ++gi) {
-      const Grp& g = p.g[gi];
-      if (g.bits == 2) compute<2, NT>(p, g, smem, sbase, s, r, acc);
-      else if (g.bits == 3) compute<3, NT>(p, g, smem, sbase, s, r, acc);
-      else compute<4, NT>(p, g, smem, sbase, s, r, acc);
+#pragma unroll
+    for (int gi = 0; gi < 3; ++gi) {
+      if (gi < p.ngroups) {
+        const Grp& g = p.g[gi];
+        if (g.bits == 2) compute<2, NT>(p, g, smem, sbase, s, r, first[gi], acc);
+        else if (g.bits == 3) compute<3, NT>(p, g, smem, sbase, s, r, first[gi], acc);
+        else compute<4, NT>(p, g, smem, sbase, s, r, first[gi], acc);
+      }
     }
     if (NT == 1) { acc[0] += acc[1]; acc[1] = 0.f; }
     for (int a = s; a < p.n_act; a += p.S) {  // fp16 activation-outlier columns, [n_act, out]
@@ -176,9 +199,10 @@ __global__ void __launch_bounds__(NTHREADS) lut_kernel(const Params p) {
       for (int t = 0; t < NT; ++t)
         if (t < p.T) acc[t] += v * xload(p, t, c);
     }
+    // split-K: fire-and-forget fp32 reductions into a zeroed accumulator (no latency chain)
 #pragma unroll
     for (int t = 0; t < NT; ++t)
-      if (t < p.T) p.part[((size_t)s * p.T + t) * p.out + r] = acc[t];
+      if (t < p.T) atomicAdd(&p.part[(size_t)t * p.out + r], acc[t]);
   }
   __threadfence();
   __syncthreads();
@@ -188,14 +212,15 @@ __global__ void __launch_bounds__(NTHREADS) lut_kernel(const Params p) {
   __threadfence();
   if (r < p.out) {
     for (int t = 0; t < p.T; ++t) {
-      float sum = 0.f;
-      for (int s2 = 0; s2 < p.S; ++s2) sum += __ldcg(&p.part[((size_t)s2 * p.T + t) * p.out + r]);
+      float* ptr = &p.part[(size_t)t * p.out + r];
+      float sum = __ldcg(ptr);
+      __stcg(ptr, 0.f);  // leave the accumulator zeroed for the next call (also inside a CUDA graph)
       if (p.bias) sum += p.bias[r];
       if (p.is_bf16) reinterpret_cast<__nv_bfloat16*>(p.y)[(size_t)t * p.out + r] = __float2bfloat16(sum);
       else reinterpret_cast<__half*>(p.y)[(size_t)t * p.out + r] = __float2half(sum);
     }
   }
-  if (threadIdx.x == 0) p.cnt[rb] = 0;  // ready for the next call (also inside a CUDA graph)
+  if (threadIdx.x == 0) p.cnt[rb] = 0;
 }
 
 template <int NT>
@@ -214,7 +239,6 @@ extern "C" int cmpq_lut_launch(const Params* p, int nt, int gx, int gy, int smem
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   switch (nt) {
     case 1: return launch<1>(p, gx, gy, smem, st);
-    case 2: return launch<2>(p, gx, gy, smem, st);
     case 4: return launch<4>(p, gx, gy, smem, st);
     case 8: return launch<8>(p, gx, gy, smem, st);
     case 16: return launch<16>(p, gx, gy, smem, st);

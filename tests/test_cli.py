@@ -1,0 +1,45 @@
+"""The command line on a tiny model saved as a local folder."""
+
+import json
+
+import pytest
+import torch
+
+from cmpq.cli import main
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, tiny_llama):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {chr(i): i for i in range(32, 127)} | {"[UNK]": 0}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    tiny_llama.save_pretrained(tmp_path / "base")
+    fast.save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+def test_quantize_info_eval(tiny_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "q"
+    rc = main(["quantize", str(tiny_folder), "--bits", "2.5", "--output", str(out), "--calib", "offline",
+               "--nsamples", "4", "--seqlen", "64", "--device", "cpu"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "effective bits per weight" in text and "offline corpus" in text
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert abs(info["summary"]["nominal_bits"] - 2.5) < 0.02
+    assert info["summary"]["effective_bits"] > 2.5
+    assert main(["eval", str(out), "--datasets", "offline", "--seqlen", "64", "--max-windows", "2",
+                 "--device", "cpu", "--json", str(tmp_path / "e.json")]) == 0
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert res["kind"] == "cmpq" and res["results"]["offline"]["ppl"] > 1
+    # refuses to overwrite, and bad budgets fail before any work
+    assert main(["quantize", str(tiny_folder), "--bits", "3", "--output", str(out)]) == 2
+    assert main(["quantize", str(tiny_folder), "--bits", "5", "--output", str(tmp_path / "x")]) == 2
+    assert "bit budget" in capsys.readouterr().err
+    assert main(["info", str(tiny_folder)]) == 2
