@@ -78,7 +78,8 @@ def sweep_cuda() -> None:
             d = cuda_decode._params(ls[0], cuda_decode.repack(ls[0]), 1 if T == 1 else 16, None)[2]
             for sp in sorted({max(1, d // 4), max(1, d // 2), d, 2 * d, 4 * d}):
                 if cuda_decode.plan(cuda_decode.repack(ls[0]).groups, out, 1 if T == 1 else 16, 132, sp)[2] > cuda_decode.MAX_SMEM:
-                    continue                us = time_graph([lambda l=l, x=x: cuda_decode.decode(l, x, splits=sp) for l, x in zip(ls, xs)], len(ls))
+                    continue
+                us = time_graph([lambda l=l, x=x: cuda_decode.decode(l, x, splits=sp) for l, x in zip(ls, xs)], len(ls))
                 print(f"sweep-cuda {out}x{n_in} T={T} splits={sp}{' (default)' if sp == d else ''}: {us:.1f} us", flush=True)
         del ls
         torch.cuda.empty_cache()

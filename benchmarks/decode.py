@@ -1,0 +1,193 @@
+"""End-to-end decode speed: CMPQ (3 bits, fused kernels) vs FP16, same generation loop.
+
+Batch 1, a 128-token random prompt, 256 new tokens (greedy), ``cmpq.generate.generate_ids``
+(static KV cache, one CUDA graph per token step), plus peak GPU memory, for
+
+  (a) ``--model`` (e.g. ``smollm2-135m``): FP16, then quantized by CMPQ in place with
+      ``--nsamples`` calibration sequences (c4 from ``CMPQ_DATA_DIR``; ``--calib`` to change);
+  (b) a Llama-2-7B-shaped model with random fp16 weights built on the GPU, then its linears
+      quantized by ``cmpq.algorithm.layer.quantize_weights`` + ``pack_linear`` with random
+      activation norms (speed only; no calibration).
+
+Usage (GPU):  python benchmarks/decode.py --model smollm2-135m --out benchmarks/results/decode-h100.json
+CPU smoke test (tiny shapes, minutes -> seconds):  python benchmarks/decode.py --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import sys
+import time
+
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# benchmarks/kernels.py would shadow the "kernels" package that transformers probes for
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.join(_HERE, ".."))
+import cmpq  # noqa: E402
+from cmpq.generate import generate_ids  # noqa: E402
+
+
+def _peak_reset(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak(dev) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
+
+
+def run(model, vocab: int, prompt_len: int, new: int, dev, label: str, graph: bool | None) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, prompt_len), generator=gen).to(dev)
+    generate_ids(model, ids, min(8, new), cuda_graph=graph)  # warm-up: kernel builds, layouts, graph path
+    _peak_reset(dev)
+    out, pre, dec, used = generate_ids(model, ids, new, cuda_graph=graph)
+    n = out.shape[1] - prompt_len
+    r = dict(model=label, prompt_tokens=prompt_len, new_tokens=n, prefill_ms=1e3 * pre,
+             tokens_per_s=(n - 1) / dec if dec > 0 else float("nan"), peak_gib=_peak(dev), cuda_graph=used,
+             first_tokens=out[0, prompt_len:prompt_len + 8].tolist())
+    print(f"{label}: {r['tokens_per_s']:.1f} tok/s, prefill {r['prefill_ms']:.1f} ms, peak {r['peak_gib']:.2f} GiB, "
+          f"graph={used}", flush=True)
+    return r
+
+
+@torch.no_grad()
+def quantize_random(model, bits: float, dev, log=print) -> None:
+    """Replace every linear of every decoder block by CMPQ (real algorithm, random activation norms)."""
+    from torch import nn
+
+    from cmpq.algorithm.layer import quantize_weights
+    from cmpq.nn.linear import pack_linear
+
+    cfg = cmpq.CMPQConfig(bits=bits)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    t0 = time.time()
+    blocks = model.model.layers
+    for bi, block in enumerate(blocks):
+        names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+        mods = [block.get_submodule(n) for n in names]
+        ws = [m.weight.data.float() for m in mods]
+        acts = [torch.rand(w.shape[1], generator=gen, device=dev) ** 4 * 100 + 1 for w in ws]  # heavy-tailed
+        parts = quantize_weights(ws, acts, cfg, names)
+        for n, m, p in zip(names, mods, parts):
+            parent, _, leaf = n.rpartition(".")
+            q = pack_linear(p, m.bias)
+            setattr(block.get_submodule(parent) if parent else block, leaf, q)
+        del ws, parts, mods
+        if bi % 8 == 7:
+            log(f"  quantized {bi + 1}/{len(blocks)} blocks, {time.time() - t0:.0f} s")
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def llama(cfg_kw: dict, dev):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**cfg_kw)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16 if dev.type == "cuda" else torch.float32)
+    try:
+        with torch.device(dev):
+            m = LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(old)
+    for p in m.parameters():  # default init (std 0.02) is fine; keep it finite in fp16
+        p.requires_grad_(False)
+    return m
+
+
+LLAMA7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+TINY = dict(vocab_size=256, hidden_size=96, intermediate_size=200, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m", help="anything cmpq.model.loading.load_model takes")
+    ap.add_argument("--bits", type=float, default=3.0)
+    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--calib", default="c4")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--skip-model", action="store_true", help="skip part (a)")
+    ap.add_argument("--skip-7b", action="store_true", help="skip part (b)")
+    ap.add_argument("--no-cuda-graph", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny random Llamas, few tokens")
+    ap.add_argument("--out", default="benchmarks/results/decode-h100.json")
+    a = ap.parse_args()
+    if not a.tiny and not torch.cuda.is_available():
+        sys.exit("benchmarks/decode.py measures GPU decode speed and needs CUDA (torch.cuda.is_available() is False). "
+                 "Use --tiny for a CPU smoke test.")
+    dev = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
+    graph = False if a.no_cuda_graph else None
+    if a.tiny:
+        a.prompt_len, a.new_tokens = min(a.prompt_len, 16), min(a.new_tokens, 8)
+    rows = []
+    t_start = time.time()
+
+    if not a.skip_model:
+        if a.tiny:
+            model, vocab, label = llama(dict(TINY, tie_word_embeddings=True), dev), 256, "tiny-llama"
+            calib = torch.randint(0, 256, (4, 64))
+            qcfg = cmpq.CMPQConfig(bits=a.bits, nsamples=4, seqlen=64)
+            tok = None
+        else:
+            from cmpq.model.loading import load_model
+
+            model, tok = load_model(a.model, device=dev, dtype=torch.float16)
+            vocab, label, calib = model.config.vocab_size, a.model, a.calib
+            qcfg = cmpq.CMPQConfig(bits=a.bits, nsamples=a.nsamples, seqlen=a.seqlen)
+        rows.append(run(model, vocab, a.prompt_len, a.new_tokens, dev, f"{label} fp16", graph))
+        t0 = time.time()
+        model = cmpq.quantize(model, tok, qcfg, calib=calib, device=dev, log=None)
+        print(f"quantized {label} in {time.time() - t0:.1f} s", flush=True)
+        rows.append(run(model, vocab, a.prompt_len, a.new_tokens, dev, f"{label} cmpq-{a.bits:g}bit", graph))
+        del model
+        gc.collect()
+
+    if not a.skip_7b:
+        label = "tiny-llama-7b-shape" if a.tiny else "llama-2-7b-shape"
+        model = llama(TINY if a.tiny else LLAMA7B, dev)
+        vocab = model.config.vocab_size
+        rows.append(run(model, vocab, a.prompt_len, a.new_tokens, dev, f"{label} fp16", graph))
+        t0 = time.time()
+        quantize_random(model, a.bits, dev)
+        print(f"quantized {label} in {time.time() - t0:.1f} s", flush=True)
+        rows.append(run(model, vocab, a.prompt_len, a.new_tokens, dev, f"{label} cmpq-{a.bits:g}bit", graph))
+        del model
+        gc.collect()
+
+    meta = dict(device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+                date=datetime.datetime.now().isoformat(timespec="seconds"), torch=torch.__version__,
+                bits=a.bits, prompt_len=a.prompt_len, new_tokens=a.new_tokens, tiny=a.tiny,
+                seconds=time.time() - t_start,
+                method="greedy, batch 1, random prompt; cmpq.generate.generate_ids (static KV cache, CUDA graph "
+                       "per token step on GPU); tokens/s over the new tokens after the first; peak = max allocated")
+    if not a.tiny or a.out != ap.get_default("out"):
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print(f"\n{meta['device']}, {meta['date']}, torch {meta['torch']}, {meta['seconds']:.0f} s\n")
+    print("| model | tokens/s | vs fp16 | prefill ms | peak GiB | CUDA graph |")
+    print("|---|---|---|---|---|---|")
+    base = {}
+    for r in rows:
+        key = r["model"].rsplit(" ", 1)[0]
+        base.setdefault(key, r["tokens_per_s"])
+        print(f"| {r['model']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base[key]:.2f}x | "
+              f"{r['prefill_ms']:.1f} | {r['peak_gib']:.2f} | {r['cuda_graph']} |")
+
+
+if __name__ == "__main__":
+    main()
