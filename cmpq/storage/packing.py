@@ -49,8 +49,9 @@ def unpack_indices(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     nblk = width // bits
     if cols > nblk * BLOCK or cols <= (nblk - 1) * BLOCK and cols != 0:
         raise ValueError(f"packed tensor holds {nblk} blocks of {BLOCK}, inconsistent with {cols} columns")
-    words = packed.to(torch.int64).view(rows, nblk, 1, bits) & 0xFFFFFFFF
-    lane = torch.arange(BLOCK, device=packed.device, dtype=torch.int64).view(1, 1, BLOCK, 1)
-    planes = torch.arange(bits, device=packed.device, dtype=torch.int64)
-    idx = (((words >> lane) & 1) << planes).sum(dim=3)  # [rows, nblk, 32]
-    return idx.reshape(rows, nblk * BLOCK)[:, :cols]
+    words = packed.view(rows, nblk, 1, bits)  # int32; arithmetic shifts are fine under `& 1`
+    lane = torch.arange(BLOCK, device=packed.device, dtype=torch.int32).view(1, 1, BLOCK, 1)
+    idx = torch.zeros(rows, nblk, BLOCK, dtype=torch.int32, device=packed.device)
+    for p in range(bits):  # at most 8 planes
+        idx |= ((words[..., p] >> lane[..., 0]) & 1) << p
+    return idx.reshape(rows, nblk * BLOCK)[:, :cols].long()
