@@ -8,14 +8,15 @@ corpus bundled with Python and labels every figure as such.
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import core_sweep  # noqa: E402
+_spec = importlib.util.spec_from_file_location("core_sweep", Path(__file__).resolve().parent / "core_sweep.py")
+core_sweep = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(core_sweep)  # by path: this folder must not go on sys.path (see core_sweep.py)
 
 
 def main() -> None:

@@ -12,6 +12,14 @@ Baselines are fake-quantized (dequantized weights in a plain model); CMPQ cells 
 
 from __future__ import annotations
 
+import os
+import sys
+
+# Run as a script, this folder would be on sys.path and benchmarks/kernels.py would shadow the
+# `kernels` package that transformers looks for.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
 import argparse
 import copy
 import datetime
@@ -211,6 +219,9 @@ def write_markdown(result: dict, path: Path) -> None:
         rows = [c for c in result["cells"] if c.get("table", "main") == table and "ppl" in c]
         if not rows:
             continue
+        if table == "ablation":  # the reference: CMPQ's defaults (1%/1% 2/4-bit mix at 3 bits, kmeans, both outliers)
+            rows += [{**c, "series": "CMPQ default"} for c in result["cells"]
+                     if c["method"] == "cmpq" and c.get("table", "main") == "main" and c["bits"] in (2, 3, 4)]
         rows.sort(key=lambda c: (c["series"], c["bits"]))
         lines.append(f"\n## {title}\n\n" + head)
         for c in rows:

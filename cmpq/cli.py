@@ -58,6 +58,7 @@ def _quantize_baseline(a: argparse.Namespace, out: Path, device: torch.device) -
                                seqlen=a.seqlen, seed=a.seed, device=device, batch_size=a.calib_batch_size, **opts)
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
+    model.hf_quantizer = None  # a GGUF source leaves its (non-serializable) loader; the weights are dense now
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)

@@ -26,8 +26,13 @@ def allocate_layer_bits(
     sizes: dict[str, int],
     budget: float,
     choices: tuple[int, ...] = (2, 3, 4),
+    fill_budget: bool = False,
 ) -> dict[str, int]:
     """One bit width per layer minimizing ``sum sensitivity[l][b_l]`` s.t. ``sum b_l size_l <= budget * sum size_l``.
+
+    ``fill_budget=True`` makes the constraint an equality whenever the budget is reachable (so methods are
+    compared at the very same bits even where spending fewer bits would score lower); otherwise the
+    ``<=`` optimum is returned.
 
     ``sensitivity[l][b]``: the layer's loss score at ``b`` bits; ``sizes[l]``: its number of weights.
     Exact unless the DP table would exceed ``2e8`` cells (sizes with a tiny gcd); then cost units are
@@ -86,6 +91,8 @@ def allocate_layer_bits(
         raise ValueError("no feasible allocation")
     # ties (within float noise) go to the allocation using the most bits
     c = int(np.nonzero(dp <= best + 1e-12 * max(1.0, abs(best)))[0].max())
+    if fill_budget and np.isfinite(dp[cap]):
+        c = cap
     out: dict[str, int] = {}
     for li in range(len(names) - 1, -1, -1):
         k = int(pick[li, c])

@@ -203,7 +203,8 @@ def lm_gradients(model: nn.Module, ids: torch.Tensor, device: torch.device) -> d
 
     Runs on a float32 copy so small gradients of a converged model do not underflow in fp16.
     """
-    m = copy.deepcopy(model).float().to(device)
+    m = copy.deepcopy(model)
+    nn.Module.to(m, device=device, dtype=torch.float32)  # GGUF-loaded models refuse PreTrainedModel.float()
     for p in m.parameters():
         p.requires_grad_(False)
     lins = _layer_names(m)
@@ -253,9 +254,10 @@ def _llmmq_candidates(model, windows, device, log, sensitivity, grad_nsamples, a
 
 def _run_llmmq(model, windows, bits, group_size, device, tally, extras, log, *, sensitivity: str = "first_order",
                grad_nsamples: int = 8, act_outlier_frac: float = 0.0, weight_outlier_frac: float = 0.0,
-               cache: dict | None = None, batch_size: int = 8, **_) -> None:
+               cache: dict | None = None, exact: bool = True, batch_size: int = 8, **_) -> None:
     """LLM-MQ's integer program over layers, solved exactly (``allocate_layer_bits``), any budget in
-    [2, 4]. ``cache`` (a dict the caller keeps) reuses the candidates across budgets of one model."""
+    [2, 4]; ``exact``: spend the budget exactly when reachable (equal-bits comparison). ``cache`` (a
+    dict the caller keeps) reuses the candidates across budgets of one model."""
     if sensitivity not in ("first_order", "proxy"):
         raise ValueError(f"llmmq sensitivity must be 'first_order' or 'proxy', got {sensitivity!r}")
     key = (windows.description, sensitivity, grad_nsamples, act_outlier_frac, weight_outlier_frac)
@@ -271,7 +273,8 @@ def _run_llmmq(model, windows, bits, group_size, device, tally, extras, log, *, 
             cache[key] = (cands, cand_s)
     lins = _layer_names(model)
     sizes = {n: lins[n].weight.numel() for n in cands}
-    alloc = allocate_layer_bits({n: {b: c[2] for b, c in cb.items()} for n, cb in cands.items()}, sizes, float(bits))
+    alloc = allocate_layer_bits({n: {b: c[2] for b, c in cb.items()} for n, cb in cands.items()}, sizes, float(bits),
+                                fill_budget=exact)
     for n, b in alloc.items():
         W_hat, bpw, _ = cands[n][b]
         _set(lins[n], W_hat)
@@ -279,7 +282,7 @@ def _run_llmmq(model, windows, bits, group_size, device, tally, extras, log, *, 
     nominal = sum(b * sizes[n] for n, b in alloc.items()) / sum(sizes.values())
     extras.update(sensitivity=sensitivity, grad_nsamples=grad_nsamples if sensitivity == "first_order" else None,
                   act_outlier_frac=act_outlier_frac, weight_outlier_frac=weight_outlier_frac,
-                  nominal_bits=nominal, layers_by_bits={b: sum(v == b for v in alloc.values()) for b in (2, 3, 4)},
+                  nominal_bits=nominal, exact_budget=exact, layers_by_bits={b: sum(v == b for v in alloc.values()) for b in (2, 3, 4)},
                   allocation=alloc, candidates_seconds=round(cand_s, 2))
 
 
