@@ -30,12 +30,11 @@ from pathlib import Path
 import torch
 
 import cmpq
-from cmpq.cli import cmd_info  # noqa: F401  (same figures as `cmpq info`)
 from cmpq.data.tokens import eval_windows
 from cmpq.eval.perplexity import perplexity
 from cmpq.model.loading import load_model
 from cmpq.nn.linear import cache_dense_weights
-from cmpq.storage.io import MANIFEST
+from cmpq.storage.io import MANIFEST, bits_summary
 
 
 def machine() -> str:
@@ -45,12 +44,7 @@ def machine() -> str:
 
 
 def folder_bits(path: Path) -> dict:
-    man = json.loads((path / MANIFEST).read_text())["layers"]
-    n = sum(l["in_features"] * l["out_features"] for l in man.values())
-    b = sum(sum(l["bytes"].values()) for l in man.values())
-    nq = sum((l["in_features"] - l["outlier_channels"]) * l["out_features"] for l in man.values())
-    nom = sum(l["nominal_bits"] * (l["in_features"] - l["outlier_channels"]) * l["out_features"] for l in man.values()) / nq
-    return {"nominal_bits": nom, "effective_bits": 8 * b / n, "quantized_bytes": b, "fp16_bytes": 2 * n}
+    return bits_summary(json.loads((path / MANIFEST).read_text())["layers"].values())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -41,6 +41,7 @@ from cmpq.eval.perplexity import perplexity
 from cmpq.model.loading import load_model
 from cmpq.nn.linear import CMPQLinear, cache_dense_weights
 from cmpq.quantize import resolve_calibration
+from cmpq.storage.io import bits_summary, layer_summary
 
 ALL_METHODS = ("fp16", "cmpq", "rtn", "gptq", "awq", "llmmq", "hqq", "rtn-pc")
 # H200 seconds per cell (quantize + batched eval of both sets), from core-smollm2-135m.json and
@@ -111,12 +112,8 @@ def _strip_paths(desc: str) -> str:
 
 def cmpq_bits(model) -> tuple[float, float]:
     """(nominal, effective) bits per weight of a packed CMPQ model, every stored byte counted."""
-    layers = [m for m in model.modules() if isinstance(m, CMPQLinear)]
-    n = sum(l.in_features * l.out_features for l in layers)
-    nbytes = sum(sum(l.storage_bytes().values()) for l in layers)
-    nq = [(l.in_features - l.outlier_channels.numel()) * l.out_features for l in layers]
-    nom = sum(l.nominal_bits() * k for l, k in zip(layers, nq)) / sum(nq)
-    return nom, 8 * nbytes / n
+    b = bits_summary(layer_summary(m) for m in model.modules() if isinstance(m, CMPQLinear))
+    return b["nominal_bits"], b["effective_bits"]
 
 
 class Bench:

@@ -108,7 +108,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def cmd_info(a: argparse.Namespace) -> int:
-    from cmpq.storage.io import MANIFEST, WEIGHTS
+    from cmpq.storage.io import MANIFEST, WEIGHTS, bits_summary
 
     path = Path(a.model).expanduser()
     if not is_cmpq_folder(str(path)):
@@ -117,12 +117,9 @@ def cmd_info(a: argparse.Namespace) -> int:
     man = json.loads((path / MANIFEST).read_text())
     qc = json.loads((path / "config.json").read_text()).get("quantization_config", {})
     layers = man["layers"]
-    n_w = sum(l["in_features"] * l["out_features"] for l in layers.values())
+    bits = bits_summary(layers.values())
+    n_w, nominal = bits["quantized_weights"], bits["nominal_bits"]
     q_ch = {b: sum(l["channels"].get(b, 0) for l in layers.values()) for b in ("2", "3", "4")}
-    nom = sum(int(b) * n * 1.0 for b, n in q_ch.items())
-    nominal = sum(
-        l["nominal_bits"] * (l["in_features"] - l["outlier_channels"]) * l["out_features"] for l in layers.values()
-    ) / sum((l["in_features"] - l["outlier_channels"]) * l["out_features"] for l in layers.values())
     kinds: dict[str, int] = {}
     for l in layers.values():
         for k, v in l["bytes"].items():
@@ -134,7 +131,7 @@ def cmd_info(a: argparse.Namespace) -> int:
         "model": str(path),
         "budget": qc.get("bits"),
         "nominal_bits": nominal,
-        "effective_bits": 8 * qbytes / n_w,
+        "effective_bits": bits["effective_bits"],
         "quantized_weights": n_w,
         "channels": q_ch,
         "outlier_channels": sum(l["outlier_channels"] for l in layers.values()),
@@ -146,7 +143,6 @@ def cmd_info(a: argparse.Namespace) -> int:
         "folder_bytes": disk,
         "calibration": qc.get("calibration"),
     }
-    del nom
     if a.json:
         print(json.dumps({"summary": summary, "layers": layers}, indent=1))
         return 0

@@ -62,6 +62,25 @@ def layer_summary(layer: CMPQLinear) -> dict:
     }
 
 
+def bits_summary(layers) -> dict:
+    """Model-level bit figures from per-layer summaries (``layer_summary`` or the manifest's).
+
+    Nominal bits (the paper's "Avg. Bit") average over quantized channels' weights; effective bits
+    count every stored byte of the quantized linears over all their weights.
+    """
+    layers = list(layers)
+    n = sum(l["in_features"] * l["out_features"] for l in layers)
+    nq = [(l["in_features"] - l["outlier_channels"]) * l["out_features"] for l in layers]
+    nbytes = sum(sum(l["bytes"].values()) for l in layers)
+    return {
+        "nominal_bits": sum(l["nominal_bits"] * k for l, k in zip(layers, nq)) / max(sum(nq), 1),
+        "effective_bits": 8 * nbytes / max(n, 1),
+        "quantized_weights": n,
+        "quantized_bytes": nbytes,
+        "fp16_bytes": 2 * n,
+    }
+
+
 def _fsync_tree(path: Path) -> None:
     for f in path.iterdir():
         if f.is_file():
