@@ -70,19 +70,34 @@ def _quantize_baseline(a: argparse.Namespace, out: Path, device: torch.device) -
 def cmd_quantize(a: argparse.Namespace) -> int:
     import cmpq
     from cmpq.model.loading import load_model
+    from cmpq.model.memory import parse_bytes
+    from cmpq.storage.checkpoint import partial_dir
 
     out = Path(a.output)
     if out.exists() and not a.overwrite:
         print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
+    cap = parse_bytes(a.max_gpu_memory) if a.max_gpu_memory else None  # bad strings fail before loading
+    partial = partial_dir(out)
     if a.method != "cmpq":
+        if a.resume or cap is not None or a.offload_activations:
+            print("error: --resume, --max-gpu-memory and --offload-activations are for --method cmpq", file=sys.stderr)
+            return 2
         return _quantize_baseline(a, out, _device(a.device))
+    if a.resume and a.no_checkpoint:
+        print("error: --resume needs the checkpoint; drop --no-checkpoint", file=sys.stderr)
+        return 2
+    if partial.exists() and not a.resume:
+        print(f"error: {partial} holds an unfinished run of this output; pass --resume to continue it, "
+              f"or delete it to start over", file=sys.stderr)
+        return 2
     cfg = cmpq.CMPQConfig(bits=a.bits, act_outlier_frac=a.act_outlier_frac, weight_outlier_frac=a.weight_outlier_frac,
                           quantizer=a.quantizer, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
                           calib_batch_size=a.calib_batch_size)
     device = _device(a.device)
     model, tok = load_model(a.model, device="cpu", dtype=torch.float16 if device.type == "cuda" else torch.float32)
-    cmpq.quantize(model, tok, cfg, calib=a.calib, device=device)
+    cmpq.quantize(model, tok, cfg, calib=a.calib, device=device, checkpoint_dir=None if a.no_checkpoint else partial,
+                  resume=a.resume, offload_activations=a.offload_activations, max_gpu_memory=cap)
     cmpq.save(model, out, tokenizer=tok)
     print(f"saved {out}")
     return cmd_info(argparse.Namespace(model=str(out), layers=False, json=False))
@@ -207,6 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-batch-size", type=int, default=8)
     q.add_argument("--device", default=None)
     q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--resume", action="store_true",
+                   help="continue a killed run from <output>.partial (same settings and calibration required)")
+    q.add_argument("--no-checkpoint", action="store_true",
+                   help="do not write <output>.partial after each block (saves the hidden-state writes; no --resume)")
+    q.add_argument("--offload-activations", action="store_true",
+                   help="keep calibration activations on the CPU (pinned), one batch on the GPU at a time")
+    q.add_argument("--max-gpu-memory", default=None, metavar="SIZE",
+                   help="cap GPU memory, e.g. 8GiB: offloads activations and shrinks k-means chunks as needed, "
+                        "or refuses before any work")
     q.set_defaults(fn=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity by the GPTQ protocol")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -14,6 +16,7 @@ from cmpq.config import CMPQConfig
 from cmpq.data.tokens import Windows, calibration_windows
 from cmpq.model.calibration import SquaredNorm, walk_blocks
 from cmpq.model.blocks import set_module
+from cmpq.model.memory import enforce_cap, kmeans_chunk, parse_bytes, plan_memory
 from cmpq.nn.linear import CMPQLinear, pack_linear
 
 
@@ -43,11 +46,21 @@ def quantize(
     calib=None,
     device: torch.device | str | None = None,
     log: Callable[[str], None] | None = print,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    offload_activations: bool = False,
+    max_gpu_memory: int | str | None = None,
 ) -> nn.Module:
     """Quantize every linear of every decoder block with CMPQ, in place; returns the model.
 
     Embeddings, norms and ``lm_head`` are left as they are. The run's settings, calibration
     description and timings end up in ``model.config.quantization_config``.
+
+    ``checkpoint_dir`` (the CLI uses ``<output>.partial``) gets every finished block; ``resume``
+    continues from it (an existing one is refused without ``resume``). ``cmpq.save`` removes it
+    once the model is saved. ``offload_activations`` keeps calibration activations on the CPU.
+    ``max_gpu_memory`` (bytes or e.g. ``"8GiB"``) caps the accelerator memory: activations are
+    offloaded and k-means chunks shrink as needed, or the run is refused before any work.
     """
     cfg = config or CMPQConfig()
     device = torch.device(device) if device is not None else default_device()
@@ -67,18 +80,47 @@ def quantize(
             q.cache_dense = True  # the rerun of this block reuses the dequantized weight
             set_module(block, name, q)
 
+    chunk = contextlib.nullcontext()
+    if max_gpu_memory is not None:
+        cap = parse_bytes(max_gpu_memory) if isinstance(max_gpu_memory, str) else int(max_gpu_memory)
+        plan = plan_memory(model, cap, cfg.nsamples, cfg.seqlen, cfg.calib_batch_size, offload_activations)
+        offload_activations = plan.offload
+        chunk = kmeans_chunk(plan.chunk_elements)
+        enforce_cap(device, cap)
+        if log:
+            log(f"GPU memory estimate {plan.estimate.describe()}" + "".join(f"; {n}" for n in plan.notes))
+
+    ckpt = None
+    if checkpoint_dir is not None:
+        from cmpq.storage.checkpoint import BlockCheckpoint, model_sha256, tokens_sha256
+
+        identity = {
+            "cmpq_version": __version__,
+            "config": cfg.to_dict(),
+            "calibration": windows.description,
+            "calibration_shape": list(windows.ids.shape),
+            "calibration_sha256": tokens_sha256(windows.ids),
+            "model_config_sha256": model_sha256(model),
+            "compute_dtype": str(next(model.parameters()).dtype),
+            "device_type": device.type,
+        }
+        ckpt = BlockCheckpoint(checkpoint_dir, identity, resume)
+
     start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = walk_blocks(
-        model,
-        windows.ids,
-        lambda name, lin: SquaredNorm(lin.in_features, lin.weight.device),
-        quantize_block,
-        device=device,
-        batch_size=cfg.calib_batch_size,
-        log=log,
-    )
+    with chunk:
+        times = walk_blocks(
+            model,
+            windows.ids,
+            lambda name, lin: SquaredNorm(lin.in_features, lin.weight.device),
+            quantize_block,
+            device=device,
+            batch_size=cfg.calib_batch_size,
+            log=log,
+            offload_activations=offload_activations,
+            checkpoint=ckpt,
+        )
     total = time.perf_counter() - start
     qc = {
         "quant_method": "cmpq",
@@ -88,12 +130,14 @@ def quantize(
         "calibration": windows.description,
         "quantize_seconds": round(total, 2),
         "time_split_seconds": {"catch": round(times.catch, 2), "forward": round(times.forward, 2),
+                               **{k: round(v, 2) for k, v in times.extra.items()},
                                "quantize_linears": round(times.quantize, 2)},
     }
     if device.type == "cuda":
         qc["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     model.config.quantization_config = qc
     model.cmpq_tokenizer = tokenizer  # so cmpq.save(model, dir) can write it
+    model.cmpq_checkpoint_dir = ckpt.path if ckpt is not None else None  # removed by cmpq.save
     if log:
         log(f"quantized {sum(isinstance(m, CMPQLinear) for m in model.modules())} linears in {total:.1f}s")
     return model

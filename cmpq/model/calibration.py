@@ -93,6 +93,22 @@ def _block_out(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+class Checkpoint(Protocol):
+    """Where ``walk_blocks`` saves finished blocks and resumes from (``cmpq.storage.checkpoint.BlockCheckpoint``)."""
+
+    blocks_done: int
+
+    def restore(self, i: int, block: nn.Module) -> None: ...
+    def load_hidden(self) -> list[torch.Tensor]: ...
+    def save(self, i: int, block: nn.Module, hidden: list[torch.Tensor]) -> None: ...
+
+
+def _host(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU copy of ``t``, pinned when the walk runs on CUDA so batches move asynchronously."""
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=device.type == "cuda")
+    return out.copy_(t)
+
+
 @torch.no_grad()
 def walk_blocks(
     model: nn.Module,
@@ -102,10 +118,17 @@ def walk_blocks(
     device: torch.device | str = "cpu",
     batch_size: int = 8,
     log: Callable[[str], None] | None = print,
+    offload_activations: bool = False,
+    checkpoint: Checkpoint | None = None,
 ) -> WalkTimes:
     """Walk all decoder blocks: hook, run, quantize (``quantize_block``), rerun for the next block.
 
     The model may live on the CPU; each block is moved to ``device`` for its turn and back after.
+    ``offload_activations`` keeps the hidden states on the CPU and moves one batch at a time, so
+    the device holds a block and a batch instead of a block and all of calibration. Each block's
+    outputs overwrite its inputs in place, so the hidden states are never held twice.
+    With ``checkpoint``, finished blocks and the hidden states after them are saved after each
+    block, and a walk whose checkpoint has ``blocks_done > 0`` restores those and goes on from there.
     """
     device = torch.device(device)
     times = WalkTimes()
@@ -113,13 +136,25 @@ def walk_blocks(
     home = next(model.parameters()).device
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
+    start = checkpoint.blocks_done if checkpoint is not None else 0
     try:
         t0 = time.perf_counter()
         move_except(model, blocks, device)
         caught = catch_block_inputs(model, blocks, ids, device, batch_size)
         move_except(model, blocks, home)
+        if start:  # the catch step only rebuilt the keyword arguments; the hidden states come from disk
+            hidden = checkpoint.load_hidden()
+            if [h.shape for h in hidden] != [h.shape for h, _ in caught]:
+                raise ValueError("checkpointed hidden states do not match the calibration batches")
+            caught = [(h, kw) for h, (_, kw) in zip(hidden, caught)]
+            for i in range(start):
+                checkpoint.restore(i, blocks[i])
+            if log:
+                log(f"resumed after block {start}/{len(blocks)}")
+        caught = [(_host(h, device) if offload_activations else h.to(device), kw) for h, kw in caught]
         times.catch = time.perf_counter() - t0
-        for i, block in enumerate(blocks):
+        for i in range(start, len(blocks)):
+            block = blocks[i]
             block.to(device)
             linears = find_linears(block)
             stats = {name: make_stats(name, lin) for name, lin in linears.items()}
@@ -130,16 +165,18 @@ def walk_blocks(
             t0 = time.perf_counter()
             try:
                 for hidden, kw in caught:
-                    block(hidden, **kw)
+                    block(hidden.to(device, non_blocking=True), **kw)
             finally:
                 for h in hooks:
                     h.remove()
             _sync(device)
             t1 = time.perf_counter()
             quantize_block(i, block, linears, stats)
+            del linears, stats  # replaced layers' dense weights can go before the rerun
             _sync(device)
             t2 = time.perf_counter()
-            caught = [(_block_out(block(hidden, **kw)), kw) for hidden, kw in caught]
+            for hidden, kw in caught:
+                hidden.copy_(_block_out(block(hidden.to(device, non_blocking=True), **kw)), non_blocking=True)
             for m in block.modules():  # drop dense weights cached for the rerun
                 if hasattr(m, "release_cache"):
                     m.release_cache()
@@ -148,7 +185,10 @@ def walk_blocks(
             times.quantize += t2 - t1
             times.blocks += 1
             block.to(home)
-            del stats
+            if checkpoint is not None:
+                t3 = time.perf_counter()
+                checkpoint.save(i, block, [h for h, _ in caught])
+                times.extra["checkpoint"] = times.extra.get("checkpoint", 0.0) + time.perf_counter() - t3
             if log:
                 log(f"block {i + 1}/{len(blocks)} done ({time.perf_counter() - t0:.1f}s)")
     finally:

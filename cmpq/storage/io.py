@@ -89,7 +89,11 @@ def _fsync_tree(path: Path) -> None:
 
 
 def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool = True) -> Path:
-    """Write ``model`` (quantized by cmpq) to ``out_dir`` atomically: temp folder, then rename."""
+    """Write ``model`` (quantized by cmpq) to ``out_dir`` atomically: temp folder, then rename.
+
+    The run's checkpoint folder (``cmpq.quantize(checkpoint_dir=...)``) is deleted once the folder
+    is in place: only then is the work it holds safe elsewhere.
+    """
     from safetensors.torch import save_file
 
     out = Path(out_dir).expanduser().resolve()
@@ -125,6 +129,10 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    ckpt = getattr(model, "cmpq_checkpoint_dir", None)
+    if ckpt is not None:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        model.cmpq_checkpoint_dir = None
     return out
 
 
