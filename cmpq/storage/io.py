@@ -107,7 +107,9 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         tensors, tied = _tensors_to_save(model)
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "cmpq_format_version": str(FORMAT_VERSION)})
+        # One metadata key: safetensors writes its metadata map in hash order, so two keys would make
+        # the bytes of identical models differ from run to run.
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"cmpq_format_version": str(FORMAT_VERSION)})
         model.config.save_pretrained(tmp)
         tok = tokenizer if tokenizer is not None else getattr(model, "cmpq_tokenizer", None)
         if tok is not None:
