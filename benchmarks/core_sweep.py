@@ -22,7 +22,6 @@ import datetime
 import json
 import platform
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path

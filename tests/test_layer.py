@@ -119,3 +119,15 @@ def test_cmpq_linear_equals_dense_matmul(bias):
     ref = x @ w_hat.T + (b.half().float() if bias else 0)
     assert torch.allclose(layer(x), ref, atol=1e-5)
     assert abs(layer.nominal_bits() - 2.7) <= 1 / 299 and layer.effective_bits() > layer.nominal_bits()
+
+
+def test_dense_cache_dequantizes_once():
+    w, a = weight_and_norms(67, 300)
+    layer = pack_linear(quantize_weight(w, a, CMPQConfig(bits=3)), None)
+    layer.cache_dense = True
+    x = torch.randn(2, 300)
+    first = layer(x)
+    layer.dequantize = None  # a second dequantization would fail here
+    assert torch.equal(layer(x), first)
+    layer.release_cache()
+    assert layer._dense_cache is None and not layer.cache_dense

@@ -116,12 +116,12 @@ class CMPQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from cmpq.kernels import dispatch  # local: kernels are optional
 
-        fused = dispatch(self, x)
-        if fused is not None:
-            return fused
         if self._dense_cache is not None and self._dense_cache.dtype == x.dtype:
-            w = self._dense_cache
+            w = self._dense_cache  # asked for (cache_dense): dequantized once, plain matmul from then on
         else:
+            fused = None if self.cache_dense else dispatch(self, x)
+            if fused is not None:
+                return fused
             w = self.dequantize(x.dtype)
             if self.cache_dense:
                 self._dense_cache = w
