@@ -112,3 +112,22 @@ def test_uniform_codebook_is_min_max_grid():
 def test_bad_shapes():
     with pytest.raises(ValueError):
         kmeans_1d(torch.zeros(3), 4)
+
+
+def test_warm_start_reaches_a_lloyd_fixed_point_near_its_start():
+    from cmpq.algorithm.kmeans import assign_nearest, kmeans_1d
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 700, generator=g)
+    keep = torch.rand(64, 700, generator=g) > 0.01
+    cold = kmeans_1d(x, 8)
+    warm = kmeans_1d(x, 8, keep=keep, init=cold)
+    # fixed point: every centroid is the mean of the kept values assigned to it
+    idx = assign_nearest(x, warm)
+    for r in range(0, 64, 9):
+        for j in range(8):
+            sel = (idx[r] == j) & keep[r]
+            if sel.any():
+                assert torch.allclose(warm[r, j], x[r][sel].mean(), atol=1e-5)
+    with pytest.raises(ValueError, match="init must have shape"):
+        kmeans_1d(x, 8, init=cold[:, :4])

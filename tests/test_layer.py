@@ -39,14 +39,19 @@ def test_weight_outliers_are_the_largest_first_pass_errors_and_exact():
     assert got == top
     deq = p.dequantize()
     assert torch.equal(deq[p.sparse_rows, p.sparse_cols], w[p.sparse_rows, p.sparse_cols].half().float())
-    # the final codebooks are fitted without the outliers: a channel's codebook equals the fit of its other values
+    # the final codebooks are fitted without the outliers, warm-started from the first pass: a channel's
+    # codebook equals that fit of its other values, and differs from the first pass's codebook
     from cmpq.algorithm.kmeans import kmeans_1d
 
     col = int(p.sparse_cols[0])
     (b, (ch, _, cb)), = [(b, g) for b, g in p.groups.items() if (g[0] == col).any()]
+    fch, _, fcb = first.groups[b]
+    first_cb = fcb[(fch == col).nonzero()[0, 0]].float()
     keep = torch.ones(w.shape[0], dtype=torch.bool)
     keep[p.sparse_rows[p.sparse_cols == col]] = False
-    assert torch.equal(cb[(ch == col).nonzero()[0, 0]], kmeans_1d(w[:, col][keep][None], 2**b)[0].half())
+    refit = kmeans_1d(w[:, col][keep][None], 2**b, init=first_cb[None])[0].half()
+    assert torch.equal(cb[(ch == col).nonzero()[0, 0]], refit)
+    assert not torch.equal(refit, first_cb.half())
     key = p.sparse_rows * w.shape[1] + p.sparse_cols
     assert (key[1:] > key[:-1]).all()
 
