@@ -181,3 +181,66 @@ def test_cuda_decode_splits_big_and_graph():
     torch.cuda.synchronize()
     _check(yg.reshape(1, 700), layer, x.reshape(1, 1100))
     assert y0.shape == (1, 1, 700)
+
+
+# -- v4 variants (cmpq/kernels/kernel_v4.cu, one token); CMPQ_TEST_VARIANTS=v4h,v4p narrows the list
+V4_VARIANTS = [v for v in os.environ.get("CMPQ_TEST_VARIANTS", ",".join(cuda_decode.VARIANTS[1:])).split(",") if v]
+
+
+@pytest.mark.parametrize("variant", V4_VARIANTS)
+def test_v4_plan_fits(variant):
+    from cmpq.kernels import kernel_v4
+
+    mode, depth = kernel_v4.VARIANTS[variant]
+    for mix in MIXES:
+        lay = cuda_decode.repack(_layer(mix, True, seed=2))
+        for splits in (None, 1, 2, 7):
+            rb, S, smem, (ring, tbl, stage, red) = kernel_v4.plan(lay.groups, 67, mode, depth, 132, splits)
+            assert rb == 1 and 1 <= S and smem <= kernel_v4.MAX_SMEM
+            assert tbl % 256 == 0 and stage % 256 == 0 and red % 16 == 0 and ring == 0
+            assert tbl >= depth * 256 * 16
+
+
+@cuda_only
+@pytest.mark.parametrize("variant", V4_VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("outliers", [False, True])
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_cuda_decode_variant(mix, outliers, dtype, variant):
+    from cmpq.kernels import kernel_v4
+
+    layer = _layer(mix, outliers, seed=hash((mix, outliers, 2)) % 1000)
+    x = torch.randn(1, 300, device=DEV).to(dtype)
+    y = kernel_v4.decode(layer, x, variant)
+    assert y is not None, kernel_v4.library_error()
+    _check(y, layer, x)
+    y2 = kernel_v4.decode(layer, x, variant)  # accumulator and counters reset
+    torch.testing.assert_close(y, y2, rtol=2e-3, atol=1e-3)
+    for tokens in (2, 3, 16):  # more tokens: v3b behind the same entry point
+        xt = torch.randn(tokens, 300, device=DEV).to(dtype)
+        _check(cuda_decode.decode(layer, xt, variant=variant), layer, xt)
+
+
+@cuda_only
+@pytest.mark.parametrize("variant", V4_VARIANTS)
+def test_cuda_decode_variant_big_splits_graph(variant):
+    from cmpq.kernels import kernel_v4
+    from cmpq.kernels.testing import mix_counts, random_layer
+
+    for bits, (out, n_in) in [(3.0, (700, 1100)), (2.5, (300, 4100)), (3.5, (2100, 900))]:
+        counts, n_act = mix_counts(n_in, bits)
+        gen = torch.Generator().manual_seed(4)
+        layer = random_layer(out, n_in, counts, n_act, 400, bias=True, device=DEV, generator=gen)
+        for splits in (None, 1, 3, 13, 50):
+            x = torch.randn(1, n_in, device=DEV).half()
+            _check(kernel_v4.decode(layer, x, variant, splits=splits), layer, x)
+        xb = (torch.randn(1, n_in, device=DEV) * 3e6).bfloat16()  # x*cb beyond fp16 range: scaled tables
+        _check(kernel_v4.decode(layer, xb, variant), layer, xb)
+    x = torch.randn(1, 1, n_in, device=DEV).half()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        yg = cuda_decode.decode(layer, x, variant=variant)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    _check(yg.reshape(1, out), layer, x.reshape(1, n_in))

@@ -7,6 +7,8 @@ when one applies to this input (device, dtype, batch size), or None to use the P
   ``dequant.prefill`` (Triton dequant + cuBLAS). Everything else (CPU, no Triton, fp32,
   gradients) -> None.
 - ``CMPQ_KERNELS=0`` turns the kernels off; ``CMPQ_KERNELS=triton`` skips the CUDA decode kernel.
+- ``CMPQ_DECODE_VARIANT`` (default ``cuda_decode.DEFAULT_VARIANT``) picks the one-token CUDA kernel:
+  ``v3b`` or a v4 variant of ``kernel_v4.cu`` (``v4s``, ``v4p``, ``v4h``, ``v4p8``, ``v4h8``).
 
 Triton is imported lazily, so the package works without it. Tests call ``decode``/``prefill``
 directly on CPU tensors under ``TRITON_INTERPRET=1``.

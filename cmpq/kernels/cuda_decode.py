@@ -38,6 +38,10 @@ NT_CHOICES = (1, 4, 8, 16)
 SMEM_TARGET = 48 << 10
 MAX_SMEM = 200 << 10  # the kernel's dynamic shared-memory limit (cudaFuncSetAttribute)
 BLOCKS_PER_SM = 6
+# Which kernel serves one-token decode: "v3b" (this file's lut_cuda.cu) or a v4 variant
+# (kernel_v4.py: "v4s", "v4p", "v4h", "v4p8", "v4h8"). Env CMPQ_DECODE_VARIANT overrides.
+DEFAULT_VARIANT = "v3b"
+VARIANTS = ("v3b", "v4s", "v4p", "v4h", "v4p8", "v4h8")
 
 _LIB = None
 _LIB_ERR: str | None = None
@@ -56,21 +60,22 @@ class _Params(ctypes.Structure):
                 ("ldx", "T", "out", "n_act", "S", "is_bf16", "ngroups", "pad_")]
 
 
-def _build() -> str:
+def _build(src_path: str = SRC) -> str:
     nvcc = shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
     if not os.path.exists(nvcc):
         raise RuntimeError("nvcc not found")
     major, minor = torch.cuda.get_device_capability()
     arch = f"sm_{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")
-    src = open(SRC, "rb").read()
+    src = open(src_path, "rb").read()
     tag = hashlib.sha1(src + arch.encode()).hexdigest()[:12]
+    stem = os.path.splitext(os.path.basename(src_path))[0]
     cache = os.environ.get("CMPQ_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "cmpq"))
     os.makedirs(cache, exist_ok=True)
-    so = os.path.join(cache, f"lut_cuda-{tag}.so")
+    so = os.path.join(cache, f"{stem}-{tag}.so")
     if not os.path.exists(so):
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
-        cmd = [nvcc, "-O3", f"-arch={arch}", "-shared", "-Xcompiler", "-fPIC", "-o", tmp, SRC]
+        cmd = [nvcc, "-O3", f"-arch={arch}", "-shared", "-Xcompiler", "-fPIC", "-o", tmp, src_path]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
             os.unlink(tmp)
@@ -276,8 +281,19 @@ def _params(layer, lay: CudaLayout, NT: int, splits: int | None):
     return lay.plans[k]
 
 
-def decode(layer, x: torch.Tensor, splits: int | None = None) -> torch.Tensor | None:
-    """``layer(x)`` for 1..16 tokens on CUDA; None if the layer or input is unsupported."""
+def decode(layer, x: torch.Tensor, splits: int | None = None, variant: str | None = None) -> torch.Tensor | None:
+    """``layer(x)`` for 1..16 tokens on CUDA; None if the layer or input is unsupported.
+    ``variant`` (default ``$CMPQ_DECODE_VARIANT`` or ``DEFAULT_VARIANT``) picks the one-token kernel;
+    more tokens, or a v4 variant that does not apply, use v3b."""
+    variant = variant or os.environ.get("CMPQ_DECODE_VARIANT", DEFAULT_VARIANT)
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown CMPQ decode variant {variant!r}; one of {VARIANTS}")
+    if variant != "v3b" and x.numel() == x.shape[-1] and torch.cuda.is_available():
+        from cmpq.kernels import kernel_v4
+
+        y = kernel_v4.decode(layer, x, variant, splits)
+        if y is not None:
+            return y
     lib = library()
     if lib is None or not supported(layer):
         return None

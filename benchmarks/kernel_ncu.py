@@ -1,0 +1,21 @@
+"""Tiny driver for ncu: one 4096x11008 3-bit layer, a few one-token calls per variant
+(the first call of each builds its plan; ncu -k/-c picks the kernels). Used by kernel_variants.sh."""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from cmpq.kernels import cuda_decode  # noqa: E402
+from cmpq.kernels.testing import mix_counts, random_layer  # noqa: E402
+
+variants = sys.argv[1].split(",") if len(sys.argv) > 1 else ["v3b", "v4p", "v4h"]
+counts, n_act = mix_counts(11008, 3.0)
+layer = random_layer(4096, 11008, counts, n_act, round(5e-4 * 4096 * 11008), device="cuda",
+                     generator=torch.Generator().manual_seed(0), pack=False)
+x = torch.randn(1, 11008, device="cuda", dtype=torch.float16)
+for v in variants:
+    for _ in range(2):
+        cuda_decode.decode(layer, x, variant=v)
+torch.cuda.synchronize()
+print("done", variants)
