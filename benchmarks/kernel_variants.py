@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--models", default="7B,70B")
     ap.add_argument("--bits", default="3,2,4,2.5,3.5")
     ap.add_argument("--batches", default="1,4,16")
-    ap.add_argument("--variants", default=",".join(cuda_decode.VARIANTS))
+    ap.add_argument("--variants", default=",".join(v for v in cuda_decode.VARIANTS if v != "auto"))
     ap.add_argument("--budget", type=float, default=100.0, help="seconds of wall clock for the timing loop")
     ap.add_argument("--sweep", action="store_true", help="split sweep of the v4 variants at 3 bits (if time is left)")
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from $OUT/kernel_variants.json")

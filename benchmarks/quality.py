@@ -6,7 +6,21 @@ perplexity per data set, quantization time, peak GPU memory, machine and date. T
 after every cell and a cell already in it is not recomputed (resumable across device calls).
 Baselines are fake-quantized (dequantized weights in a plain model); CMPQ cells run packed layers.
 
+``--workers N`` (N > 1) runs the pending cells in N worker processes sharing the one GPU (cells of a
+135M model are launch-bound, so the GPU has room for several). The parent starts the workers at once
+(each loads the model and the windows itself), checks the JSON meanwhile, then writes a queue file (in a
+temporary folder) of the pending cells in priority order; each worker claims the next unclaimed unit under an ``fcntl``
+lock (all LLM-MQ budgets form one unit, so its budget-independent layer scores are computed once),
+and merges every finished cell into the JSON under the same lock (re-read, add, temp file +
+``os.replace``). A worker starts no cell that its estimate (``COST_S`` scaled by the slowdown it has
+measured on its own cells) says would end after the ``--max-minutes`` deadline. Worker output is
+relayed line by line prefixed ``[wI]``. The parent writes the Markdown table and the PNG once at the
+end, and exits non-zero if a worker crashed (the other workers' cells are kept). Each cell records
+``gpu_workers``: how many processes shared the GPU when it ran (its timings are not comparable to
+serial ones when > 1).
+
     python benchmarks/quality.py --model smollm2-135m --ablations --max-minutes 8       # GPU
+    python benchmarks/quality.py --model smollm2-135m --ablations --max-minutes 7 --workers 6  # GPU, parallel
     python benchmarks/quality.py --model smollm2-135m --quick --methods fp16 rtn       # CPU smoke
 """
 
@@ -21,13 +35,18 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 import argparse
+import contextlib
 import copy
 import datetime
+import fcntl
 import json
 import platform
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -38,7 +57,7 @@ from cmpq.baselines.runners import hqq_available, quantize_baseline
 from cmpq.config import CMPQConfig
 from cmpq.data.tokens import Windows, eval_windows
 from cmpq.eval.perplexity import perplexity
-from cmpq.model.loading import load_model
+from cmpq.model.loading import load_model, resolve_model_path
 from cmpq.nn.linear import CMPQLinear, cache_dense_weights
 from cmpq.quantize import resolve_calibration
 from cmpq.storage.io import bits_summary, layer_summary
@@ -116,12 +135,23 @@ def cmpq_bits(model) -> tuple[float, float]:
     return b["nominal_bits"], b["effective_bits"]
 
 
+def load_tokenizer(name: str):
+    """The tokenizer alone, as :func:`load_model` loads it (the parent of --workers needs no weights)."""
+    from transformers import AutoTokenizer
+
+    where, gguf = resolve_model_path(name)
+    return AutoTokenizer.from_pretrained(where, **({"gguf_file": gguf} if gguf else {}))
+
+
 class Bench:
-    def __init__(self, a: argparse.Namespace) -> None:
+    def __init__(self, a: argparse.Namespace, with_model: bool = True) -> None:
         self.a = a
         self.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = torch.float16 if self.dev.type == "cuda" else torch.float32
-        self.base, self.tok = load_model(a.model, device="cpu", dtype=self.dtype)
+        if with_model:
+            self.base, self.tok = load_model(a.model, device="cpu", dtype=self.dtype)
+        else:
+            self.base, self.tok = None, load_tokenizer(a.model)
         self.windows = {ds: eval_windows(self.tok, ds, a.seqlen, nsamples=a.max_windows) for ds in a.datasets}
         self.calibs: dict[tuple, Windows] = {}
         self.llmmq_cache: dict = {}
@@ -223,10 +253,17 @@ def write_markdown(result: dict, path: Path) -> None:
         lines.append(f"\n## {title}\n\n" + head)
         for c in rows:
             pk = c.get("peak_gpu_memory_gib")
+            qs = c.get("quantize_seconds", "-")
+            shared = (c.get("gpu_workers") or 1) > 1 and qs not in ("-", None)
             lines.append(f"| {c['series']} | {c['bits']:g} | {c['effective_bits']:.3f} | "
                          + " | ".join(f"{c['ppl'][d]:.2f}" for d in ds)
-                         + f" | {c.get('quantize_seconds', '-')} | {f'{pk:.2f}' if pk else '-'} | "
+                         + f" | {qs}{'*' if shared else ''} | {f'{pk:.2f}' if pk else '-'} | "
                          f"{'core sweep' if 'imported' in c.get('source', '') else 'this run'} |\n")
+    shared = sorted({c["gpu_workers"] for c in result["cells"] if (c.get("gpu_workers") or 1) > 1})
+    if shared:
+        lines.append(f"\n\\* Timed while {' or '.join(map(str, shared))} worker processes shared the GPU "
+                     "(`--workers`): these quantization times are not comparable to the unmarked (serial) ones. "
+                     "Peak GPU memory is per process, so it is unaffected.\n")
     skipped = result.get("skipped", [])
     if skipped:
         lines.append("\nNot run: " + "; ".join(skipped) + "\n")
@@ -264,7 +301,306 @@ def write_plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# ------------------------------------------------------------------ shared by the serial and the parallel paths
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def versions() -> dict:
+    return {"cmpq": cmpq.__version__, "torch": torch.__version__, "python": sys.version.split()[0],
+            "transformers": __import__("transformers").__version__}
+
+
+def cost_kind(c: dict) -> str:
+    return c["method"] if c["method"] != "rtn" or c["group_size"] else "rtn-pc"
+
+
+def label(c: dict) -> str:
+    return f"{c['series']} {c['bits']:g}"
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Readers (other workers, a copy of the out dir) see the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def locked(qpath: Path):
+    """Exclusive ``fcntl.flock`` guarding the JSON and the queue ``qpath`` of one --workers run (taken on a
+    side file next to the queue, since os.replace swaps the inodes of both)."""
+    with open(qpath.with_name("lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def open_result(a: argparse.Namespace, bench: Bench, jpath: Path, out: Path, name: str) -> dict | None:
+    """The result to extend (None, after printing why, when the JSON on disk has another setup)."""
+    sig = signature(a, bench)
+    result = json.loads(jpath.read_text()) if jpath.is_file() else None
+    if result is not None and result.get("signature") != sig:
+        if not a.fresh:
+            print(f"error: {jpath} was made with another setup ({result.get('signature')}); "
+                  "pass --fresh to replace it or --out-dir for another folder", file=sys.stderr, flush=True)
+            return None
+        result = None
+    result = result or {"model": a.model, "signature": sig, "cells": []}
+    result.update(machine=machine(), versions=versions(), quick=a.quick,
+                  git=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
+    core = Path(a.core) if a.core and a.core != "none" else out / f"core-{name}.json"
+    if a.core != "none" and not a.quick:
+        n = import_core(result, core, sig)
+        if n:
+            print(f"imported {n} CMPQ cells from {core}", flush=True)
+    return result
+
+
+def run_cell(bench: Bench, c: dict, ver: dict, mach: str, gpu_workers: int) -> tuple[dict | None, str | None]:
+    """(the finished cell, None) or (None, why it failed): one failing method must not sink the grid."""
+    try:
+        res = bench.run(c)
+    except (RuntimeError, ValueError) as e:
+        return None, str(e)
+    c = {**c, **res}
+    c.update(machine=mach, versions=ver, seed=bench.a.seed, source="this run", date=now_iso(), gpu_workers=gpu_workers)
+    return c, None
+
+
+def cell_line(c: dict, elapsed: float, took: float) -> str:
+    ppl = ", ".join(f"{d} {v:.2f}" for d, v in c["ppl"].items())
+    return f"[{elapsed:6.0f}s] {label(c)}: eff {c['effective_bits']:.3f} bits, {ppl} ({took:.0f}s)"
+
+
+# ------------------------------------------------------------------ --workers N: parent and workers
+
+
+def units_of(todo: list[dict]) -> list[list[dict]]:
+    """Claimable units in priority order: one cell each, except that all LLM-MQ cells form one unit
+    (at the first one's place), so one worker computes their budget-independent layer scores once."""
+    units, llmmq = [], None
+    for c in todo:
+        if c["method"] == "llmmq":
+            if llmmq is None:
+                llmmq = []
+                units.append(llmmq)
+            llmmq.append(c)
+        else:
+            units.append([c])
+    return units
+
+
+def precheck(a: argparse.Namespace, jpath: Path, hqq_why: str | None) -> list[list[dict]] | None:
+    """Pending units judged from the JSON alone (no model, no data), to start the workers at once;
+    None where the serial path should handle it (a JSON with another setup and no --fresh)."""
+    cells = [c for c in grid(a) if not (c["method"] == "hqq" and hqq_why)]
+    if jpath.is_file():
+        old = json.loads(jpath.read_text())
+        sig = old.get("signature", {})
+        same = (all(sig.get(k) == v for k, v in (("model", a.model), ("calib", a.calib), ("nsamples", a.nsamples),
+                                                  ("calib_seqlen", a.calib_seqlen), ("seed", a.seed)))
+                and list(sig.get("eval", {})) == list(a.datasets))
+        if not same and not a.fresh:
+            return None
+        if same:
+            have = {c["key"] for c in old.get("cells", [])}
+            cells = [c for c in cells if c["key"] not in have]
+    return units_of(cells)
+
+
+class Relay:
+    """Worker output, line by line, prefixed and flushed (the parent's stdout usually goes to a log)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def say(self, line: str) -> None:
+        with self.lock:
+            sys.stdout.write(line.rstrip("\n") + "\n")
+            sys.stdout.flush()
+
+    def follow(self, proc: subprocess.Popen, i: int) -> threading.Thread:
+        def pump() -> None:
+            for line in proc.stdout:
+                if line.strip():
+                    self.say(f"[w{i}] {line.rstrip()}")
+
+        t = threading.Thread(target=pump, daemon=True)
+        t.start()
+        return t
+
+
+def run_parallel(a: argparse.Namespace, argv: list[str], wall_start: float, units0: list[list[dict]],
+                 hqq_why: str | None) -> int:
+    name = Path(a.model).name.removesuffix(".gguf")
+    out = Path(a.out_dir)
+    jpath, mpath, ppath = (out / f"quality-{name}{s}" for s in (".json", ".md", ".png"))
+    qdir = Path(tempfile.mkdtemp(prefix=f"quality-{name}-queue-"))  # queue and lock: nothing of them in out
+    qpath = qdir / "queue.json"
+    n = min(a.workers, len(units0))
+    threads = a.threads or max(1, len(os.sched_getaffinity(0)) // n)
+    relay, procs = Relay(), []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for i in range(n):  # started first: they load the model while the parent checks the JSON
+        cmd = [sys.executable, "-u", os.path.abspath(__file__), *argv, "--worker-index", str(i), "--queue", str(qpath),
+               "--threads", str(threads)]
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
+        procs.append((p, relay.follow(p, i)))
+    relay.say(f"started {n} workers ({threads} CPU threads each), pids {[p.pid for p, _ in procs]}")
+
+    def finish_workers() -> list[int]:
+        rcs = []
+        for p, t in procs:
+            rcs.append(p.wait())
+            t.join()
+        return rcs
+
+    try:
+        bench = Bench(a, with_model=False)
+        a.eval_batch_size = a.eval_batch_size or (8 if bench.dev.type == "cuda" else 1)
+        with locked(qpath):
+            result = open_result(a, bench, jpath, out, name)
+            if result is None:
+                atomic_write(qpath, json.dumps({"abort": "the JSON has another setup"}))
+                finish_workers()
+                shutil.rmtree(qdir, ignore_errors=True)
+                return 2
+            result["date"] = now_iso()
+            atomic_write(jpath, json.dumps(result, indent=1))
+        done = {c["key"] for c in result["cells"]}
+        todo = [c for c in grid(a) if c["key"] not in done]
+        if hqq_why:
+            result["hqq_unavailable"] = hqq_why
+        relay.say(f"{len(todo)} cells to run ({len(done)} already in {jpath}) on {n} workers")
+        units = []
+        for u in units_of(todo):
+            pre = [f"hqq unavailable: {hqq_why}" if c["method"] == "hqq" and hqq_why else None for c in u]
+            units.append({"cells": u, "worker": "parent" if all(pre) else None, "status": pre})
+        if bench.dev.type == "cuda":
+            est = sum(COST_S[cost_kind(c)] for c in todo if not (c["method"] == "hqq" and hqq_why))
+            est += (COST_S["llmmq-first"] - COST_S["llmmq"]) * any(c["method"] == "llmmq" for c in todo)
+            left = f"; {60 * a.max_minutes - (time.time() - wall_start):.0f}s left" if a.max_minutes is not None else ""
+            relay.say(f"estimated {est:.0f}s of cells (serial H200 timings) / {n} workers = {est / n:.0f}s{left}")
+        deadline = wall_start + 60 * a.max_minutes if a.max_minutes is not None else None
+        with locked(qpath):
+            atomic_write(qpath, json.dumps({"signature": result["signature"], "json": str(jpath), "t0": wall_start,
+                                            "deadline": deadline, "workers": n, "units": units}))
+        rcs = finish_workers()
+    except BaseException:
+        for p, _ in procs:  # our own children, by pid
+            if p.poll() is None:
+                p.terminate()
+        shutil.rmtree(qdir, ignore_errors=True)
+        raise
+
+    crashed = {i: rc for i, rc in enumerate(rcs) if rc != 0}
+    for i, rc in crashed.items():
+        relay.say(f"worker {i} exited with code {rc}: its cell in progress (and the rest of its unit) not run")
+    with locked(qpath):
+        result = json.loads(jpath.read_text())
+        q = json.loads(qpath.read_text())
+        skipped = []
+        for u in q["units"]:
+            for c, st in zip(u["cells"], u["status"]):
+                if st == "done":
+                    continue
+                if st == "time":
+                    skipped.append(label(c))
+                elif st is not None:
+                    skipped.append(f"{label(c)} ({st})")
+                elif isinstance(u["worker"], int) and u["worker"] in crashed:
+                    skipped.append(f"{label(c)} (not run: worker {u['worker']} crashed)")
+                else:
+                    skipped.append(f"{label(c)} (not run: no worker took it)")
+        result["skipped"] = skipped
+        result["date"] = now_iso()
+        atomic_write(jpath, json.dumps(result, indent=1))
+    shutil.rmtree(qdir, ignore_errors=True)
+    write_markdown(result, mpath)
+    write_plot(result, ppath)
+    relay.say(f"wrote {jpath}, {mpath}, {ppath}; {len(skipped)} cells not run" + (f": {skipped}" if skipped else ""))
+    if crashed:
+        relay.say(f"error: workers {sorted(crashed)} crashed (exit codes {list(crashed.values())})")
+        return 1
+    return 0
+
+
+def run_worker(a: argparse.Namespace) -> int:
+    """One worker: load the model, wait for the parent's queue, claim units until none is left."""
+    i, qpath, ppid = a.worker_index, Path(a.queue), os.getppid()
+    bench = Bench(a)
+    a.eval_batch_size = a.eval_batch_size or (8 if bench.dev.type == "cuda" else 1)
+    sig = signature(a, bench)
+    while not qpath.is_file():
+        if os.getppid() != ppid:
+            print("parent gone before the queue was written; exiting", flush=True)
+            return 3
+        time.sleep(0.2)
+    q = json.loads(qpath.read_text())  # written once with os.replace: complete when it exists
+    if "abort" in q:
+        return 0
+    if q["signature"] != sig:
+        print(f"error: this worker's setup {sig} differs from the parent's {q['signature']}", flush=True)
+        return 2
+    jpath, deadline, n = Path(q["json"]), q["deadline"], q["workers"]
+    ver, mach = versions(), machine()
+    spent = estimated = 0.0  # this worker's measured seconds vs COST_S over its cells: the slowdown of sharing
+
+    def record(u: int, k: int, status: str, c: dict | None = None) -> None:
+        with locked(qpath):
+            if c is not None:
+                result = json.loads(jpath.read_text())
+                if c["key"] not in {x["key"] for x in result["cells"]}:
+                    result["cells"].append(c)
+                result["date"] = now_iso()
+                atomic_write(jpath, json.dumps(result, indent=1))
+            qq = json.loads(qpath.read_text())
+            qq["units"][u]["status"][k] = status
+            atomic_write(qpath, json.dumps(qq))
+
+    while True:
+        with locked(qpath):
+            qq = json.loads(qpath.read_text())
+            u = next((j for j, unit in enumerate(qq["units"]) if unit["worker"] is None), None)
+            if u is None:
+                break
+            qq["units"][u]["worker"] = i
+            atomic_write(qpath, json.dumps(qq))
+        for k, c in enumerate(qq["units"][u]["cells"]):
+            kind = cost_kind(c)
+            if kind == "llmmq" and not bench.llmmq_cache:
+                kind = "llmmq-first"
+            est = COST_S[kind] if bench.dev.type == "cuda" else 0.0
+            slow = max(1.0, spent / estimated) if estimated else 1.0
+            if deadline is not None and time.time() + est * slow > deadline:
+                print(f"not starting {label(c)}: ~{est * slow:.0f}s would end after the deadline", flush=True)
+                record(u, k, "time")
+                continue
+            t0 = time.perf_counter()
+            done, err = run_cell(bench, c, ver, mach, n)
+            took = time.perf_counter() - t0
+            if est:
+                spent, estimated = spent + took, estimated + est
+            if err is not None:
+                print(f"FAILED {label(c)}: {err}", flush=True)
+                record(u, k, f"failed: {err}")
+                continue
+            record(u, k, "done", done)
+            print(cell_line(done, time.time() - q["t0"], took), flush=True)
+    print("queue empty; done", flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------ entry point
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
@@ -283,11 +619,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-batch-size", type=int, default=None, help="windows per forward (GPU 8, CPU 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-minutes", type=float, default=None, help="start no cell that would end after M minutes")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--workers", type=int, default=1, help="worker processes sharing the GPU (1: serial, in process)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (workers: CPUs / workers)")
     ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--core", default=None, help="core sweep JSON to import CMPQ cells from "
                     "(default <out-dir>/core-<model>.json; 'none' to skip)")
     ap.add_argument("--fresh", action="store_true", help="discard an existing JSON with another signature")
+    ap.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)  # set by the parent only
+    ap.add_argument("--queue", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     q = a.quick
     a.nsamples = a.nsamples or (4 if q else 128)
@@ -296,71 +635,59 @@ def main(argv: list[str] | None = None) -> int:
     a.max_windows = a.max_windows or (2 if q else None)
     if a.threads:
         torch.set_num_threads(a.threads)
-    t_start = time.perf_counter()
-
-    bench = Bench(a)
-    a.eval_batch_size = a.eval_batch_size or (8 if bench.dev.type == "cuda" else 1)
+    t_start, wall_start = time.perf_counter(), time.time()
+    if a.worker_index is not None:
+        return run_worker(a)
+    if a.workers < 1:
+        ap.error("--workers must be at least 1")
     name = Path(a.model).name.removesuffix(".gguf")
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jpath, mpath, ppath = (out / f"quality-{name}{s}" for s in (".json", ".md", ".png"))
-    sig = signature(a, bench)
-    result = json.loads(jpath.read_text()) if jpath.is_file() else None
-    if result is not None and result.get("signature") != sig:
-        if not a.fresh:
-            print(f"error: {jpath} was made with another setup ({result.get('signature')}); "
-                  "pass --fresh to replace it or --out-dir for another folder", file=sys.stderr)
-            return 2
-        result = None
-    result = result or {"model": a.model, "signature": sig, "cells": []}
-    versions = {"cmpq": cmpq.__version__, "torch": torch.__version__, "python": sys.version.split()[0],
-                "transformers": __import__("transformers").__version__}
-    result.update(machine=machine(), versions=versions, quick=q,
-                  git=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
-    core = Path(a.core) if a.core and a.core != "none" else out / f"core-{name}.json"
-    if a.core != "none" and not q:
-        n = import_core(result, core, sig)
-        if n:
-            print(f"imported {n} CMPQ cells from {core}")
+    hqq_why = hqq_available()
+    if a.workers > 1:
+        units0 = precheck(a, jpath, hqq_why)
+        if units0:
+            return run_parallel(a, argv, wall_start, units0, hqq_why)
+
+    bench = Bench(a)
+    a.eval_batch_size = a.eval_batch_size or (8 if bench.dev.type == "cuda" else 1)
+    result = open_result(a, bench, jpath, out, name)
+    if result is None:
+        return 2
 
     def save() -> None:
-        result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        jpath.write_text(json.dumps(result, indent=1))
+        result["date"] = now_iso()
+        atomic_write(jpath, json.dumps(result, indent=1))
 
     done = {c["key"] for c in result["cells"]}
     todo = [c for c in grid(a) if c["key"] not in done]
-    hqq_why = hqq_available()
     if hqq_why:
         result["hqq_unavailable"] = hqq_why
     print(f"{len(todo)} cells to run ({len(done)} already in {jpath})", flush=True)
     skipped, llmmq_seen = [], False
+    ver, mach = versions(), result["machine"]
     for c in todo:
-        kind = c["method"] if c["method"] != "rtn" or c["group_size"] else "rtn-pc"
+        kind = cost_kind(c)
         if kind == "llmmq":
             kind, llmmq_seen = ("llmmq" if llmmq_seen or bench.llmmq_cache else "llmmq-first"), True
         est = COST_S[kind] if bench.dev.type == "cuda" else 0.0
         elapsed = time.perf_counter() - t_start
         if a.max_minutes is not None and elapsed + est > 60 * a.max_minutes:
-            skipped.append(f"{c['series']} {c['bits']:g}")
+            skipped.append(label(c))
             continue
         if c["method"] == "hqq" and hqq_why:
-            skipped.append(f"{c['series']} {c['bits']:g} (hqq unavailable: {hqq_why})")
+            skipped.append(f"{label(c)} (hqq unavailable: {hqq_why})")
             continue
         t0 = time.perf_counter()
-        try:
-            res = bench.run(c)
-        except (RuntimeError, ValueError) as e:  # record and go on: one failing method must not sink the grid
-            print(f"FAILED {c['series']} {c['bits']:g}: {e}", flush=True)
-            skipped.append(f"{c['series']} {c['bits']:g} (failed: {e})")
+        finished, err = run_cell(bench, c, ver, mach, 1)
+        if err is not None:
+            print(f"FAILED {label(c)}: {err}", flush=True)
+            skipped.append(f"{label(c)} (failed: {err})")
             continue
-        c.update(res)
-        c.update(machine=result["machine"], versions=versions, seed=a.seed, source="this run",
-                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-        result["cells"].append(c)
+        result["cells"].append(finished)
         save()
-        ppl = ", ".join(f"{d} {v:.2f}" for d, v in c["ppl"].items())
-        print(f"[{time.perf_counter() - t_start:6.0f}s] {c['series']} {c['bits']:g}: eff {c['effective_bits']:.3f} bits, "
-              f"{ppl} ({time.perf_counter() - t0:.0f}s)", flush=True)
+        print(cell_line(finished, time.perf_counter() - t_start, time.perf_counter() - t0), flush=True)
     result["skipped"] = skipped
     save()
     write_markdown(result, mpath)

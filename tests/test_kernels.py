@@ -184,7 +184,7 @@ def test_cuda_decode_splits_big_and_graph():
 
 
 # -- v4 variants (cmpq/kernels/kernel_v4.cu, one token); CMPQ_TEST_VARIANTS=v4h,v4p narrows the list
-V4_VARIANTS = [v for v in os.environ.get("CMPQ_TEST_VARIANTS", ",".join(cuda_decode.VARIANTS[1:])).split(",") if v]
+V4_VARIANTS = [v for v in os.environ.get("CMPQ_TEST_VARIANTS", ",".join(v for v in cuda_decode.VARIANTS if v.startswith("v4"))).split(",") if v]
 
 
 @pytest.mark.parametrize("variant", V4_VARIANTS)
@@ -244,3 +244,17 @@ def test_cuda_decode_variant_big_splits_graph(variant):
     g.replay()
     torch.cuda.synchronize()
     _check(yg.reshape(1, out), layer, x.reshape(1, n_in))
+
+
+def test_auto_variant_picks_by_layer_size(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.delenv("CMPQ_DECODE_VARIANT", raising=False)
+    small, big = SimpleNamespace(out_features=11008, in_features=4096), SimpleNamespace(out_features=28672, in_features=8192)
+    assert cuda_decode.pick_variant(small) == "v4s"
+    assert cuda_decode.pick_variant(big) == "v3b"
+    assert cuda_decode.pick_variant(big, "v4h") == "v4h"
+    monkeypatch.setenv("CMPQ_DECODE_VARIANT", "v4p")
+    assert cuda_decode.pick_variant(small) == "v4p"
+    with pytest.raises(ValueError, match="unknown CMPQ decode variant"):
+        cuda_decode.pick_variant(small, "v9")

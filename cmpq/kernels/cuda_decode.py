@@ -39,9 +39,13 @@ SMEM_TARGET = 48 << 10
 MAX_SMEM = 200 << 10  # the kernel's dynamic shared-memory limit (cudaFuncSetAttribute)
 BLOCKS_PER_SM = 6
 # Which kernel serves one-token decode: "v3b" (this file's lut_cuda.cu) or a v4 variant
-# (kernel_v4.py: "v4s", "v4p", "v4h", "v4p8", "v4h8"). Env CMPQ_DECODE_VARIANT overrides.
-DEFAULT_VARIANT = "v3b"
-VARIANTS = ("v3b", "v4s", "v4p", "v4h", "v4p8", "v4h8")
+# (kernel_v4.py: "v4s", "v4p", "v4h", "v4p8", "v4h8"), or "auto": v4s up to AUTO_V4S_MAX_WEIGHTS
+# weights, v3b above. Measured on the H200 2026-11-30 (benchmarks/results/kernel-variants-h200.md,
+# 3 bits, 1 token): v4s wins on 4096x4096 .. 8192x8192 (11.1 vs 17.1 us, 18.7 vs 24.0, 24.8 vs
+# 30.0), v3b on the 70B MLP shapes (66-68 vs 70-73 us). Env CMPQ_DECODE_VARIANT overrides.
+DEFAULT_VARIANT = "auto"
+AUTO_V4S_MAX_WEIGHTS = 100_000_000
+VARIANTS = ("auto", "v3b", "v4s", "v4p", "v4h", "v4p8", "v4h8")
 
 _LIB = None
 _LIB_ERR: str | None = None
@@ -281,13 +285,22 @@ def _params(layer, lay: CudaLayout, NT: int, splits: int | None):
     return lay.plans[k]
 
 
+def pick_variant(layer, variant: str | None = None) -> str:
+    """The one-token kernel for ``layer``: ``variant``, else ``$CMPQ_DECODE_VARIANT``, else the
+    default; "auto" resolves by layer size (see ``DEFAULT_VARIANT``)."""
+    variant = variant or os.environ.get("CMPQ_DECODE_VARIANT", DEFAULT_VARIANT)
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown CMPQ decode variant {variant!r}; one of {VARIANTS}")
+    if variant == "auto":
+        return "v4s" if layer.out_features * layer.in_features <= AUTO_V4S_MAX_WEIGHTS else "v3b"
+    return variant
+
+
 def decode(layer, x: torch.Tensor, splits: int | None = None, variant: str | None = None) -> torch.Tensor | None:
     """``layer(x)`` for 1..16 tokens on CUDA; None if the layer or input is unsupported.
     ``variant`` (default ``$CMPQ_DECODE_VARIANT`` or ``DEFAULT_VARIANT``) picks the one-token kernel;
     more tokens, or a v4 variant that does not apply, use v3b."""
-    variant = variant or os.environ.get("CMPQ_DECODE_VARIANT", DEFAULT_VARIANT)
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown CMPQ decode variant {variant!r}; one of {VARIANTS}")
+    variant = pick_variant(layer, variant)
     if variant != "v3b" and x.numel() == x.shape[-1] and torch.cuda.is_available():
         from cmpq.kernels import kernel_v4
 
