@@ -22,8 +22,12 @@ def is_cmpq_folder(path: str) -> bool:
     return (Path(path).expanduser() / MANIFEST).is_file()
 
 
-def load_any(name: str, device: torch.device):
-    """(model, tokenizer, label) for a cmpq folder or anything ``load_model`` takes."""
+def load_any(name: str, device: torch.device, device_map: str | None = None, max_memory: str | None = None):
+    """(model, tokenizer, label) for a cmpq folder or anything ``load_model`` takes.
+
+    ``device_map`` spreads the model over the GPUs with accelerate (``cmpq.model.device_map``); packed
+    layers then stay packed (no dense cache: the point is a model too large for one GPU).
+    """
     from transformers import AutoTokenizer
 
     import cmpq
@@ -32,9 +36,18 @@ def load_any(name: str, device: torch.device):
     if is_cmpq_folder(name):
         from cmpq.nn.linear import cache_dense_weights
 
-        model = cmpq.load(name, device=device)
-        cache_dense_weights(model)  # evaluation runs many windows: dequantize each layer once
+        if device_map is not None:
+            model = cmpq.load(name, device_map=device_map, max_memory=max_memory)
+        else:
+            model = cmpq.load(name, device=device)
+            cache_dense_weights(model)  # evaluation runs many windows: dequantize each layer once
         return model, AutoTokenizer.from_pretrained(name), "cmpq"
+    if device_map is not None:
+        from cmpq.model.device_map import dispatch
+
+        model, tok = load_model(name, device="cpu", dtype=torch.float16 if torch.cuda.is_available() else torch.float32)
+        model = dispatch(model, device_map, max_memory)
+        return model, tok, "fp16" if torch.cuda.is_available() else "fp32"
     model, tok = load_model(name, device=device)
     base = getattr(model.config, "cmpq_baseline", None)
     if isinstance(base, dict):  # a fake-quantized baseline folder: a plain HF model
@@ -67,58 +80,151 @@ def _quantize_baseline(a: argparse.Namespace, out: Path, device: torch.device) -
     return 0
 
 
+def _strip_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x == "--nproc":
+            skip = True
+        elif not x.startswith("--nproc="):
+            out.append(x)
+    return out
+
+
+def _spawn_torchrun(a: argparse.Namespace) -> int:
+    """``cmpq quantize --nproc N ...`` = ``torchrun --standalone --nproc-per-node N -m cmpq.cli quantize ...``."""
+    import subprocess
+
+    from cmpq.model.memory import parse_bytes
+    from cmpq.storage.checkpoint import partial_dir
+
+    why = None
+    if a.method != "cmpq":
+        why = "--nproc is for --method cmpq; baselines run in one process"
+    elif _device(a.device).type == "cuda" and a.nproc > torch.cuda.device_count():
+        why = f"--nproc {a.nproc} but this host shows {torch.cuda.device_count()} GPU(s)"
+    else:  # fail here, not in N processes at once
+        why = _quantize_checks(a, Path(a.output), partial_dir(Path(a.output)),
+                               parse_bytes(a.max_gpu_memory) if a.max_gpu_memory else None)
+    if why:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.nproc}",
+           "-m", "cmpq.cli", *_strip_nproc(a.argv)]
+    print("running: " + " ".join(cmd[1:]), flush=True)
+    return subprocess.call(cmd)
+
+
+def _quantize_checks(a: argparse.Namespace, out: Path, partial: Path, cap) -> str | None:
+    """Why this quantize command cannot start, or None."""
+    if out.exists() and not a.overwrite:
+        return f"{out} exists; pass --overwrite to replace it"
+    if a.method != "cmpq":
+        if a.resume or cap is not None or a.offload_activations:
+            return "--resume, --max-gpu-memory and --offload-activations are for --method cmpq"
+        return None
+    if a.resume and a.no_checkpoint:
+        return "--resume needs the checkpoint; drop --no-checkpoint"
+    if partial.exists() and not a.resume:
+        return (f"{partial} holds an unfinished run of this output; pass --resume to continue it, "
+                f"or delete it to start over")
+    return None
+
+
 def cmd_quantize(a: argparse.Namespace) -> int:
+    from cmpq.model import distributed
+
+    if a.nproc > 1 and not distributed.launched():
+        return _spawn_torchrun(a)
+    if not distributed.launched():
+        return _quantize(a, None)
+    if a.method != "cmpq":
+        print("error: several processes (torchrun) quantize with --method cmpq only; run baselines in one process",
+              file=sys.stderr)
+        return 2
+    dist = distributed.init(a.device)
+    try:
+        return _quantize(a, dist)
+    finally:
+        distributed.finish()
+
+
+def _quantize(a: argparse.Namespace, dist) -> int:
     import cmpq
     from cmpq.model.loading import load_model
     from cmpq.model.memory import parse_bytes
     from cmpq.storage.checkpoint import partial_dir
 
     out = Path(a.output)
-    if out.exists() and not a.overwrite:
-        print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
-        return 2
     cap = parse_bytes(a.max_gpu_memory) if a.max_gpu_memory else None  # bad strings fail before loading
     partial = partial_dir(out)
+    why = _quantize_checks(a, out, partial, cap)
+    if dist is not None:  # rank 0 decides, before any rank can have written anything
+        why = dist.broadcast_object(why)
+    if why:
+        if dist is None or dist.main:
+            print(f"error: {why}", file=sys.stderr)
+        return 2
     if a.method != "cmpq":
-        if a.resume or cap is not None or a.offload_activations:
-            print("error: --resume, --max-gpu-memory and --offload-activations are for --method cmpq", file=sys.stderr)
-            return 2
         return _quantize_baseline(a, out, _device(a.device))
-    if a.resume and a.no_checkpoint:
-        print("error: --resume needs the checkpoint; drop --no-checkpoint", file=sys.stderr)
-        return 2
-    if partial.exists() and not a.resume:
-        print(f"error: {partial} holds an unfinished run of this output; pass --resume to continue it, "
-              f"or delete it to start over", file=sys.stderr)
-        return 2
     cfg = cmpq.CMPQConfig(bits=a.bits, act_outlier_frac=a.act_outlier_frac, weight_outlier_frac=a.weight_outlier_frac,
                           quantizer=a.quantizer, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
                           calib_batch_size=a.calib_batch_size)
-    device = _device(a.device)
+    device = dist.device if dist is not None else _device(a.device)
     model, tok = load_model(a.model, device="cpu", dtype=torch.float16 if device.type == "cuda" else torch.float32)
     cmpq.quantize(model, tok, cfg, calib=a.calib, device=device, checkpoint_dir=None if a.no_checkpoint else partial,
-                  resume=a.resume, offload_activations=a.offload_activations, max_gpu_memory=cap)
+                  resume=a.resume, offload_activations=a.offload_activations, max_gpu_memory=cap, dist=dist)
+    if dist is not None and not dist.main:
+        return 0  # every rank holds the same model; rank 0 writes it
     cmpq.save(model, out, tokenizer=tok)
     print(f"saved {out}")
     return cmd_info(argparse.Namespace(model=str(out), layers=False, json=False))
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
+    import time
+
     from cmpq.data.tokens import eval_windows
     from cmpq.eval.perplexity import perplexity
 
+    if a.max_memory and not a.device_map:
+        print("error: --max-memory goes with --device-map", file=sys.stderr)
+        return 2
+    if a.device_map:
+        from cmpq.model.device_map import parse_max_memory
+
+        parse_max_memory(a.max_memory)  # bad strings fail before loading
     device = _device(a.device)
-    model, tok, kind = load_any(a.model, device)
+    t0 = time.perf_counter()
+    model, tok, kind = load_any(a.model, device, a.device_map, a.max_memory)
+    load_s = time.perf_counter() - t0
+    where = str(device)
+    if a.device_map:
+        from cmpq.model.device_map import describe
+
+        where = f"device map {describe(model.cmpq_device_map)}"
     results = {}
+    t0 = time.perf_counter()
     for ds in a.datasets:
         w = eval_windows(tok, ds, a.seqlen, nsamples=a.max_windows)
         print(f"{ds}: {w.description}")
-        results[ds] = {"ppl": perplexity(model, w.ids, a.batch_size, label=ds), "data": w.description}
-    print(f"\nmodel: {a.model} ({kind}) on {device}")
+        t1 = time.perf_counter()
+        results[ds] = {"ppl": perplexity(model, w.ids, a.batch_size, label=ds), "data": w.description,
+                       "windows": int(w.ids.shape[0]), "seconds": round(time.perf_counter() - t1, 2)}
+    eval_s = time.perf_counter() - t0
+    print(f"\nmodel: {a.model} ({kind}) on {where}")
     for ds, r in results.items():
         print(f"{ds:>10}: {r['ppl']:.3f}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"model": a.model, "kind": kind, "device": str(device), "results": results}, indent=1))
+        rep = {"model": a.model, "kind": kind, "device": where, "results": results,
+               "load_seconds": round(load_s, 2), "eval_seconds": round(eval_s, 2)}
+        if a.device_map:
+            rep["device_map"] = {k: str(v) for k, v in model.cmpq_device_map.items()}
+        if torch.cuda.is_available():
+            rep["peak_gpu_memory_gib"] = {f"cuda:{i}": round(torch.cuda.max_memory_allocated(i) / 2**30, 3)
+                                          for i in range(torch.cuda.device_count())}
+        Path(a.json).write_text(json.dumps(rep, indent=1))
     return 0
 
 
@@ -230,7 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep calibration activations on the CPU (pinned), one batch on the GPU at a time")
     q.add_argument("--max-gpu-memory", default=None, metavar="SIZE",
                    help="cap GPU memory, e.g. 8GiB: offloads activations and shrinks k-means chunks as needed, "
-                        "or refuses before any work")
+                        "or refuses before any work (per GPU with --nproc)")
+    q.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="quantize with N processes, one per GPU (starts torchrun --standalone --nproc-per-node N; "
+                        "same as launching `torchrun --nproc-per-node N -m cmpq.cli quantize ...` yourself); "
+                        "with --device cpu: N CPU processes (gloo)")
     q.set_defaults(fn=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity by the GPTQ protocol")
@@ -240,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows (quick runs)")
     e.add_argument("--batch-size", type=int, default=1)
     e.add_argument("--device", default=None)
+    e.add_argument("--device-map", default=None, metavar="MAP",
+                   help="spread the model over the GPUs with accelerate: auto (= balanced), balanced, sequential, "
+                        "or a JSON file/object {module: device}; for models larger than one GPU")
+    e.add_argument("--max-memory", default=None, metavar="LIST",
+                   help="with --device-map: memory per device for the weights, e.g. 0=20GiB,1=20GiB[,cpu=64GiB]")
     e.add_argument("--json", default=None, help="also write results to this file")
     e.set_defaults(fn=cmd_eval)
 
@@ -263,7 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:

@@ -18,6 +18,7 @@ from cmpq.model.calibration import SquaredNorm, walk_blocks
 from cmpq.model.blocks import set_module
 from cmpq.model.memory import enforce_cap, kmeans_chunk, parse_bytes, plan_memory
 from cmpq.nn.linear import CMPQLinear, pack_linear
+from cmpq.storage.io import FORMAT_VERSION
 
 
 def default_device() -> torch.device:
@@ -50,6 +51,7 @@ def quantize(
     resume: bool = False,
     offload_activations: bool = False,
     max_gpu_memory: int | str | None = None,
+    dist=None,
 ) -> nn.Module:
     """Quantize every linear of every decoder block with CMPQ, in place; returns the model.
 
@@ -61,14 +63,30 @@ def quantize(
     once the model is saved. ``offload_activations`` keeps calibration activations on the CPU.
     ``max_gpu_memory`` (bytes or e.g. ``"8GiB"``) caps the accelerator memory: activations are
     offloaded and k-means chunks shrink as needed, or the run is refused before any work.
+
+    ``dist`` (``cmpq.model.distributed.Dist``, from ``distributed.init()`` in a torchrun process):
+    run as one of several processes (one per GPU) that quantize the model together; each computes
+    on ``dist.device`` (``device`` is ignored) and ends with the same quantized model. Only rank 0
+    logs and writes the checkpoint; save from rank 0 alone. See ``cmpq.model.distributed``.
     """
     cfg = config or CMPQConfig()
+    if dist is not None:
+        device = dist.device
+        log = log if dist.main else None
     device = torch.device(device) if device is not None else default_device()
     if tokenizer is None and not isinstance(calib, (Windows, torch.Tensor)):
         raise ValueError("pass a tokenizer, or calibration tokens as a tensor [nsamples, seqlen]")
     windows = resolve_calibration(tokenizer, calib, cfg)
     if log:
         log(f"calibration: {windows.description}")
+    if dist is not None:
+        from cmpq.storage.checkpoint import tokens_sha256
+
+        if len(set(dist.all_gather_object(tokens_sha256(windows.ids)))) != 1:
+            raise RuntimeError("the processes drew different calibration tokens; give them the same data and seed")
+        if log:
+            log(f"{dist.world_size} processes ({device.type}), each runs 1/{dist.world_size} of the calibration "
+                f"batches and quantizes its share of each block's linears")
 
     def quantize_block(i: int, block: nn.Module, linears: dict, stats: dict) -> None:
         names = list(linears)
@@ -83,7 +101,11 @@ def quantize(
     chunk = contextlib.nullcontext()
     if max_gpu_memory is not None:
         cap = parse_bytes(max_gpu_memory) if isinstance(max_gpu_memory, str) else int(max_gpu_memory)
-        plan = plan_memory(model, cap, cfg.nsamples, cfg.seqlen, cfg.calib_batch_size, offload_activations)
+        nsamples = cfg.nsamples
+        if dist is not None:  # each process holds the hidden states of its own batches only
+            n_batches = -(-nsamples // cfg.calib_batch_size)
+            nsamples = min(nsamples, -(-n_batches // dist.world_size) * cfg.calib_batch_size)
+        plan = plan_memory(model, cap, nsamples, cfg.seqlen, cfg.calib_batch_size, offload_activations)
         offload_activations = plan.offload
         chunk = kmeans_chunk(plan.chunk_elements)
         enforce_cap(device, cap)
@@ -104,7 +126,12 @@ def quantize(
             "compute_dtype": str(next(model.parameters()).dtype),
             "device_type": device.type,
         }
-        ckpt = BlockCheckpoint(checkpoint_dir, identity, resume)
+        if dist is None:
+            ckpt = BlockCheckpoint(checkpoint_dir, identity, resume)
+        else:
+            from cmpq.model.distributed import open_checkpoint
+
+            ckpt = open_checkpoint(lambda: BlockCheckpoint(checkpoint_dir, identity, resume), dist)
 
     start = time.perf_counter()
     if device.type == "cuda":
@@ -120,11 +147,12 @@ def quantize(
             log=log,
             offload_activations=offload_activations,
             checkpoint=ckpt,
+            dist=dist,
         )
     total = time.perf_counter() - start
     qc = {
         "quant_method": "cmpq",
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "cmpq_version": __version__,
         **{k: v for k, v in cfg.to_dict().items() if k not in ("extra", "calib_batch_size")},
         "calibration": windows.description,
@@ -135,9 +163,17 @@ def quantize(
     }
     if device.type == "cuda":
         qc["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    if dist is not None:
+        from cmpq.model.distributed import gather_floats
+
+        qc["processes"] = dist.world_size
+        if device.type == "cuda":
+            per_rank = [round(v, 3) for v in gather_floats(qc["peak_gpu_memory_gib"], dist)]
+            qc["peak_gpu_memory_gib"], qc["peak_gpu_memory_gib_per_process"] = max(per_rank), per_rank
     model.config.quantization_config = qc
     model.cmpq_tokenizer = tokenizer  # so cmpq.save(model, dir) can write it
-    model.cmpq_checkpoint_dir = ckpt.path if ckpt is not None else None  # removed by cmpq.save
+    # removed by cmpq.save (rank 0's job when several processes ran)
+    model.cmpq_checkpoint_dir = ckpt.path if ckpt is not None and (dist is None or dist.main) else None
     if log:
         log(f"quantized {sum(isinstance(m, CMPQLinear) for m in model.modules())} linears in {total:.1f}s")
     return model

@@ -105,7 +105,7 @@ def test_dispatch_choice(monkeypatch):
 
 # -- v3: CUDA C++ decode kernel (cmpq/kernels/cuda_decode.py) ------------------------------------
 from cmpq.kernels import cuda_decode  # noqa: E402
-from cmpq.storage.packing import unpack_indices  # noqa: E402
+from cmpq.storage.packing import unpack_indices  # noqa: E402,F401
 
 
 @pytest.mark.parametrize("mix", list(MIXES))
@@ -116,7 +116,7 @@ def test_repack_roundtrip(mix):
     for g in lay.groups:
         _, pk, _ = layer.group(g.bits)
         assert g.q.shape == (-(-g.n // (4 * (32 // g.bits))), 67, 4)
-        assert torch.equal(cuda_decode.unrepack_group(g.q, g.bits, g.n), unpack_indices(pk, g.bits, g.n))
+        assert torch.equal(cuda_decode.unrepack_group(g.q, g.bits, g.n), layer.group_indices(g.bits))
     # emulate the kernel's sum: sum_c cb[c, idx] * x[ch_c] + outliers + sparse corrections == ref
     layer = layer.cpu()
     lay = cuda_decode.repack(layer)
@@ -258,3 +258,146 @@ def test_auto_variant_picks_by_layer_size(monkeypatch):
     assert cuda_decode.pick_variant(small) == "v4p"
     with pytest.raises(ValueError, match="unknown CMPQ decode variant"):
         cuda_decode.pick_variant(small, "v9")
+
+
+# -- mma: tensor-core kernel for 2..16 tokens (cmpq/kernels/kernel_mma.cu) ------------------------
+def _mma_emulate(layer, x: torch.Tensor) -> torch.Tensor:
+    """The kernel's sum, from the mma layout only, the way the kernel reads it: fields of the lane
+    words, codebook at slot t + 4e + 8h, x at chl[k-step*16 + k], fp16 fragments for the outliers."""
+    from cmpq.kernels import kernel_mma as km
+
+    lay = km.repack(layer)
+    out, T = layer.out_features, x.shape[0]
+    y = torch.zeros(T, lay.ntiles * 16, dtype=torch.float64)
+    lane = torch.arange(32)
+    g, t = lane // 4, lane % 4
+    koff = 0
+    tb = 0
+    for k, kind in enumerate(km.KINDS):
+        c0, c1 = lay.cs[k], lay.cs[k + 1]
+        nch, ks = c1 - c0, km.KS[kind]
+        if nch == 0:
+            continue
+        q = lay.q[c0:c1].cpu().to(torch.int64) & 0xFFFFFFFF  # [nch, nt, 32, 4]
+        if kind == 16:
+            vals = lay.q[c0:c1].cpu().contiguous().view(torch.float16).double()  # [nch, nt, 32, 8]
+        else:
+            K, V = 32 // kind, 1 << kind
+            sh = torch.arange(K) * kind
+            idx = ((q.unsqueeze(-1) >> sh) & (V - 1)).reshape(*q.shape[:3], 4 * K)[..., :ks * 8]
+            tbl = lay.tbl[tb // 2:(tb + nch * km.TB[kind]) // 2].cpu().double().reshape(nch, ks, 16, V)
+            tb += nch * km.TB[kind]
+        for s in range(ks):
+            for j in range(8):
+                e, rowhi, h = j & 1, (j >> 1) & 1, j >> 2
+                kk = 2 * t + e + 8 * h  # [32]
+                ch = lay.chl.cpu()[(koff + torch.arange(nch).unsqueeze(1) * ks + s) * 16 + kk].long()  # [nch, 32]
+                if kind == 16:
+                    w = vals[..., s * 8 + j]  # [nch, nt, 32]
+                else:
+                    slot = (t + 4 * e + 8 * h)
+                    w = tbl[torch.arange(nch)[:, None, None], s, slot[None, None, :], idx[..., s * 8 + j]]
+                rows = torch.arange(lay.ntiles)[None, :, None] * 16 + g[None, None, :] + 8 * rowhi
+                xv = x.double()[:, ch]  # [T, nch, 32]
+                contrib = w.unsqueeze(0) * xv.unsqueeze(2)  # [T, nch, nt, 32]
+                y.index_add_(1, rows.expand(nch, -1, -1).reshape(-1), contrib.reshape(T, -1))
+        koff += nch * ks
+    y = y[:, :out]
+    c = lay.cuda
+    rows = torch.repeat_interleave(torch.arange(out), (c.sparse_crow[1:] - c.sparse_crow[:-1]).long().cpu())
+    y.index_add_(1, rows, c.sparse_corr.cpu().double() * x.double()[:, c.sparse_col.cpu().long()])
+    if c.bias is not None:
+        y += c.bias.cpu().double()
+    return y
+
+
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_mma_layout_emulated(mix):
+    """The mma layout holds the stored indices and, read as the kernel reads it, gives layer(x) (CPU)."""
+    from cmpq.kernels import kernel_mma as km
+
+    layer = _layer(mix, True, seed=21).cpu()
+    lay = km.repack(layer)
+    for b in layer.bit_widths:
+        n = layer.group(b)[0].numel()
+        if n:
+            assert torch.equal(km.unrepack_indices(lay, b, n, 67), layer.group_indices(b))
+    assert torch.equal(km.unrepack_indices(lay, 16, layer.outlier_channels.numel(), 67).half(), layer.outlier_weight)
+    x = torch.randn(5, 300, dtype=torch.float64)
+    ref = x @ layer.dequantize(torch.float32).double().T + layer.bias.double()
+    y = _mma_emulate(layer, x)
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-6
+
+
+def test_mma_plan_fits():
+    from cmpq.kernels import kernel_mma as km
+    from cmpq.kernels.testing import mix_counts
+
+    for n_in, bits in [(300, 3.0), (4096, 2.5), (11008, 3.0), (28672, 3.5), (8192, 4.0)]:
+        counts, n_act = mix_counts(n_in, bits)
+        cs = [0]
+        for kind in km.KINDS:
+            n = n_act if kind == 16 else counts.get(kind, 0)
+            cs.append(cs[-1] + -(-n // (16 * km.KS[kind])))
+        for ntiles in (5, 256, 1792):
+            for ntl in (1, 2):
+                for tpb in (None, 4, 2):
+                    pl = km.plan(tuple(cs), ntiles, ntl, 132, None, tpb)
+                    assert pl is not None
+                    rb, S, smem, (red, tbl, xf), _ = pl
+                    assert 1 <= S <= max(1, cs[-1]) and smem <= km.MAX_SMEM and tbl % 256 == 0
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("outliers", [False, True])
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_cuda_decode_mma(mix, outliers, dtype):
+    from cmpq.kernels import kernel_mma
+
+    layer = _layer(mix, outliers, seed=hash((mix, outliers, 3)) % 1000)
+    for tokens in range(1, 17):
+        x = torch.randn(tokens, 300, device=DEV).to(dtype)
+        y = kernel_mma.decode(layer, x)
+        assert y is not None, kernel_mma.library_error()
+        _check(y, layer, x)
+        y2 = kernel_mma.decode(layer, x)  # accumulator and counters reset
+        torch.testing.assert_close(y, y2, rtol=2e-3, atol=1e-3)
+        if tokens > 1:
+            _check(cuda_decode.decode(layer, x, multi="mma"), layer, x)
+
+
+@cuda_only
+def test_cuda_decode_mma_big_splits_graph():
+    from cmpq.kernels import kernel_mma
+    from cmpq.kernels.testing import mix_counts, random_layer
+
+    for bits, (out, n_in) in [(3.0, (700, 1100)), (2.5, (300, 4100)), (3.5, (2100, 900)), (2.0, (33, 2000)),
+                              (4.0, (1000, 1000))]:
+        counts, n_act = mix_counts(n_in, bits)
+        gen = torch.Generator().manual_seed(4)
+        layer = random_layer(out, n_in, counts, n_act, 400, bias=True, device=DEV, generator=gen)
+        for splits, tpb in [(None, None), (1, None), (3, 4), (13, 2), (50, 1), (None, 8)]:
+            for tokens in (2, 7, 9, 16):
+                x = torch.randn(tokens, n_in, device=DEV).half()
+                _check(kernel_mma.decode(layer, x, splits=splits, tpb=tpb), layer, x)
+        xb = (torch.randn(4, n_in, device=DEV) * 3e6).bfloat16()  # beyond fp16 range: bf16 MMA
+        _check(kernel_mma.decode(layer, xb), layer, xb)
+    x = torch.randn(1, 4, n_in, device=DEV).half()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        yg = cuda_decode.decode(layer, x, multi="mma")
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    _check(yg.reshape(4, out), layer, x.reshape(4, n_in))
+
+
+def test_pick_multi(monkeypatch):
+    monkeypatch.delenv("CMPQ_DECODE_MULTI", raising=False)
+    assert cuda_decode.pick_multi() == cuda_decode.DEFAULT_MULTI
+    assert cuda_decode.pick_multi("mma") == "mma"
+    monkeypatch.setenv("CMPQ_DECODE_MULTI", "mma")
+    assert cuda_decode.pick_multi() == "mma"
+    with pytest.raises(ValueError, match="unknown CMPQ multi-token"):
+        cuda_decode.pick_multi("x")

@@ -136,3 +136,20 @@ def test_dense_cache_dequantizes_once():
     assert torch.equal(layer(x), first)
     layer.release_cache()
     assert layer._dense_cache is None and not layer.cache_dense
+
+
+def test_channel_packing_roundtrip_row_ranges_and_no_channel_padding():
+    from cmpq.storage.packing import pack_channels, unpack_channels
+
+    g = torch.Generator().manual_seed(5)
+    for bits, out, n in ((2, 576, 6), (3, 200, 37), (4, 64, 1), (3, 96, 0)):
+        idx = torch.randint(0, 2**bits, (out, n), generator=g)
+        pk = pack_channels(idx, bits)
+        assert pk.shape == (n, -(-out // 32) * bits)  # a group of 6 channels costs 6 channels, not 32
+        assert torch.equal(unpack_channels(pk, bits, out), idx)
+        if out > 64:
+            assert torch.equal(unpack_channels(pk, bits, out, 32, out - 5), idx[32 : out - 5])
+    with pytest.raises(ValueError, match="multiple of 32"):
+        unpack_channels(pk, 3, 96, 5, 10)
+    with pytest.raises(ValueError, match="words per channel"):
+        unpack_channels(pack_channels(torch.zeros(64, 3, dtype=torch.long), 2), 2, 100)

@@ -24,14 +24,17 @@ def perplexity(
     Every window has the same number of predicted tokens, so this equals GPTQ's
     ``exp(sum(window_mean_nll * seqlen) / (n * seqlen))``.
     """
-    device = next(model.parameters()).device
+    from cmpq.model.device_map import input_device
+
+    device = input_device(model)  # the first block's device also when spread over several (device_map)
     nll_sum, count = 0.0, 0
     n = windows.shape[0]
     t0 = time.perf_counter()
     for i in range(0, n, batch_size):
         ids = windows[i : i + batch_size].to(device)
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        labels = ids[:, 1:].to(logits.device)
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
         if not torch.isfinite(nll):
             raise FloatingPointError(f"{label}: non-finite loss in window {i}; the model produces NaN/Inf")
         nll_sum += nll.item()

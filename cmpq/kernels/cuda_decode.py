@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 import torch
 
 from cmpq.kernels.layout import _key, _quantized_values
-from cmpq.storage.packing import unpack_indices
 
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lut_cuda.cu")
 NTHREADS = 256
@@ -118,16 +117,16 @@ def available() -> bool:
 
 
 # -- layout ----------------------------------------------------------------------------------------
-def repack_group(pk: torch.Tensor, bits: int, n: int, rows_per_step: int = 2048) -> torch.Tensor:
-    """Bit-plane words ``[out, nblk*b]`` -> contiguous fields ``[nq, out, 4]`` int32 (see module doc)."""
-    out = pk.shape[0]
+def repack_group(layer, bits: int, rows_per_step: int = 2048) -> torch.Tensor:
+    """The layer's b-bit group (stored bit planes) -> contiguous fields ``[nq, out, 4]`` int32 (see module doc)."""
+    pk, n, out = layer.group(bits)[1], layer.group(bits)[0].numel(), layer.out_features
     K = 32 // bits
     nq = -(-n // (4 * K))
     res = torch.empty(nq, out, 4, dtype=torch.int32, device=pk.device)
     shifts = (torch.arange(K, device=pk.device, dtype=torch.int64) * bits)
     for r0 in range(0, out, rows_per_step):
         r1 = min(out, r0 + rows_per_step)
-        idx = unpack_indices(pk[r0:r1], bits, n)  # int64 [rows, n]
+        idx = layer.group_indices(bits, r0, r1)  # int64 [rows, n]
         pad = torch.zeros(r1 - r0, nq * 4 * K, dtype=torch.int64, device=pk.device)
         pad[:, :n] = idx
         words = (pad.view(r1 - r0, nq, 4, K) << shifts).sum(-1)  # < 2**32
@@ -185,7 +184,7 @@ def repack(layer) -> CudaLayout:
         ch, pk, cb = layer.group(b)
         n = ch.numel()
         if n:
-            q = repack_group(pk, b, n)
+            q = repack_group(layer, b)
             npad = q.shape[0] * 4 * (32 // b)  # whole quads: the kernel reads ch/cb without bounds checks
             chp = torch.zeros(npad, dtype=torch.int32, device=ch.device)
             chp[:n] = ch
@@ -296,10 +295,32 @@ def pick_variant(layer, variant: str | None = None) -> str:
     return variant
 
 
-def decode(layer, x: torch.Tensor, splits: int | None = None, variant: str | None = None) -> torch.Tensor | None:
+# Which kernel serves 2..16 tokens: "v3b" (CUDA cores, T FFMAs per weight) or "mma" (kernel_mma.cu:
+# tensor cores, mma.sync m16n8k16). Env CMPQ_DECODE_MULTI overrides.
+DEFAULT_MULTI = "v3b"
+MULTI_VARIANTS = ("v3b", "mma")
+
+
+def pick_multi(multi: str | None = None) -> str:
+    """The 2..16-token kernel: ``multi``, else ``$CMPQ_DECODE_MULTI``, else ``DEFAULT_MULTI``."""
+    multi = multi or os.environ.get("CMPQ_DECODE_MULTI", DEFAULT_MULTI)
+    if multi not in MULTI_VARIANTS:
+        raise ValueError(f"unknown CMPQ multi-token decode kernel {multi!r}; one of {MULTI_VARIANTS}")
+    return multi
+
+
+def decode(layer, x: torch.Tensor, splits: int | None = None, variant: str | None = None,
+           multi: str | None = None) -> torch.Tensor | None:
     """``layer(x)`` for 1..16 tokens on CUDA; None if the layer or input is unsupported.
     ``variant`` (default ``$CMPQ_DECODE_VARIANT`` or ``DEFAULT_VARIANT``) picks the one-token kernel;
-    more tokens, or a v4 variant that does not apply, use v3b."""
+    ``multi`` (default ``$CMPQ_DECODE_MULTI`` or ``DEFAULT_MULTI``) the 2..16-token one ("v3b" or
+    "mma"); a kernel that does not apply falls back to v3b."""
+    if x.numel() > x.shape[-1] and pick_multi(multi) == "mma" and torch.cuda.is_available():
+        from cmpq.kernels import kernel_mma
+
+        y = kernel_mma.decode(layer, x, splits)
+        if y is not None:
+            return y
     variant = pick_variant(layer, variant)
     if variant != "v3b" and x.numel() == x.shape[-1] and torch.cuda.is_available():
         from cmpq.kernels import kernel_v4

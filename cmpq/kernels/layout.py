@@ -3,8 +3,9 @@
 Pure PyTorch, run once per layer and cached on it (never saved): the kernels then read every
 byte with coalesced loads and never decode anything twice.
 
-- ``q{b}_packed`` ``[out, nblk*b]`` is transposed to ``[nblk*b, out]``: a program that owns a block
-  of output rows reads, for channel block ``g`` and plane ``p``, one contiguous run of words.
+- ``q{b}_packed`` (stored channel by channel, ``[n, ceil(out/32)*b]``) is re-packed along the
+  channels and transposed to ``[nblk*b, out]``: a program that owns a block of output rows reads,
+  for channel block ``g`` and plane ``p``, one contiguous run of words.
 - ``outlier_weight`` ``[out, n_act]`` is transposed to ``[n_act, out]`` for the same reason.
 - Sparse outliers *replace* the quantized value at their position. The decode kernel adds every
   quantized weight unconditionally, so the layout stores ``corr[k] = sparse_val[k] - W_q[r_k, c_k]``
@@ -19,7 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from cmpq.storage.packing import BLOCK
+from cmpq.storage.packing import BLOCK, pack_indices
+
+ROWS_PER_STEP = 4096  # re-pack this many output rows at a time (bounds the int64 temporary)
 
 
 @dataclass
@@ -66,14 +69,24 @@ def _quantized_values(layer, rows: torch.Tensor, cols: torch.Tensor) -> torch.Te
         r = rows[sel]
         idx = torch.zeros_like(j)
         for p in range(b):
-            word = pk[r, (j // BLOCK) * b + p].long() & 0xFFFFFFFF
-            idx |= ((word >> (j % BLOCK)) & 1) << p
+            word = pk[j, (r // BLOCK) * b + p].long() & 0xFFFFFFFF
+            idx |= ((word >> (r % BLOCK)) & 1) << p
         val[sel] = cb[j, idx].float()
     if layer.outlier_channels.numel():
         where[layer.outlier_channels.long()] = torch.arange(layer.outlier_channels.numel(), device=dev)
         sel = torch.isin(cols, layer.outlier_channels)
         val[sel] = layer.outlier_weight[rows[sel], where[cols[sel].long()]].float()
     return val
+
+
+def _channel_blocked_t(layer, b: int) -> torch.Tensor:
+    """The b-bit group's indices packed along the channels, transposed: ``[ceil(n/32)*b, out]``."""
+    n, out = layer.group(b)[0].numel(), layer.out_features
+    res = torch.empty(-(-n // BLOCK) * b, out, dtype=torch.int32, device=layer.outlier_weight.device)
+    for r0 in range(0, out, ROWS_PER_STEP):
+        r1 = min(out, r0 + ROWS_PER_STEP)
+        res[:, r0:r1] = pack_indices(layer.group_indices(b, r0, r1), b).t()
+    return res
 
 
 @torch.no_grad()
@@ -86,7 +99,7 @@ def prepare(layer) -> KernelLayout:
     groups, offset = [], 0
     for b in layer.bit_widths:
         ch, pk, cb = layer.group(b)
-        groups.append(Group(b, ch.numel(), ch.contiguous(), pk.t().contiguous(), cb.contiguous(), offset))
+        groups.append(Group(b, ch.numel(), ch.contiguous(), _channel_blocked_t(layer, b), cb.contiguous(), offset))
         offset += ch.numel()
     perm = torch.cat([g.channels for g in groups] + [layer.outlier_channels]).long()
     inv = torch.empty_like(perm)

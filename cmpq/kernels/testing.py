@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from cmpq.nn.linear import CMPQLinear
-from cmpq.storage.packing import BLOCK, pack_indices
+from cmpq.storage.packing import BLOCK, pack_channels
 
 
 def mix_counts(n_in: int, bits: float, outlier_frac: float = 0.0045) -> tuple[dict[int, int], int]:
@@ -54,11 +54,11 @@ def random_layer(
         if n == 0:
             continue
         if pack:
-            pk.copy_(pack_indices(torch.randint(0, 2**b, (out_features, n), generator=gen), b).to(dev))
+            pk.copy_(pack_channels(torch.randint(0, 2**b, (out_features, n), generator=gen), b).to(dev))
         else:
             words = torch.randint(-2**31, 2**31, pk.shape, dtype=torch.int64, device=dev).to(torch.int32)
-            tail = n % BLOCK
-            if tail:  # zero the padding lanes of the last block, as pack_indices does
+            tail = out_features % BLOCK
+            if tail:  # zero the padding lanes of the last block, as pack_channels does
                 words[:, -b:] &= (1 << tail) - 1
             pk.copy_(words)
     layer.outlier_channels.copy_(perm[start:].to(torch.int32))

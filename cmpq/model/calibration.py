@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 from torch import nn
 
 from cmpq.model.blocks import find_blocks, find_linears, move_except
+
+if TYPE_CHECKING:
+    from cmpq.model.distributed import Dist
 
 CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
 
@@ -24,16 +27,24 @@ class InputStats(Protocol):
 
 
 class SquaredNorm:
-    """Per-input-channel sum of squares of a linear's inputs (float32): ``a_i^2 = ||X[:, i]||^2``."""
+    """Per-input-channel sum of squares of a linear's inputs (float32): ``a_i^2 = ||X[:, i]||^2``.
+
+    ``parts`` (a list, set by the walk when several processes share the calibration) also keeps
+    each call's sum, so the processes can add them up in the global batch order.
+    """
 
     def __init__(self, in_features: int, device) -> None:
         self.sqsum = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.tokens = 0
+        self.parts: list[torch.Tensor] | None = None
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        self.sqsum += x.pow(2).sum(dim=0)
+        s = x.pow(2).sum(dim=0)
+        self.sqsum += s
         self.tokens += x.shape[0]
+        if self.parts is not None:
+            self.parts.append(s)
 
 
 @dataclass
@@ -120,6 +131,7 @@ def walk_blocks(
     log: Callable[[str], None] | None = print,
     offload_activations: bool = False,
     checkpoint: Checkpoint | None = None,
+    dist: "Dist | None" = None,
 ) -> WalkTimes:
     """Walk all decoder blocks: hook, run, quantize (``quantize_block``), rerun for the next block.
 
@@ -129,10 +141,26 @@ def walk_blocks(
     outputs overwrite its inputs in place, so the hidden states are never held twice.
     With ``checkpoint``, finished blocks and the hidden states after them are saved after each
     block, and a walk whose checkpoint has ``blocks_done > 0`` restores those and goes on from there.
+
+    ``dist`` (``cmpq.model.distributed.Dist``): this process is one of several walking together
+    (see that module). Each takes a contiguous range of the calibration batches; statistics are
+    combined across processes; ``quantize_block`` gets only the linears this process owns, and the
+    finished layers are then shared, so every process holds the same quantized block. Only rank 0
+    writes the checkpoint (the hidden states are gathered to it).
     """
     device = torch.device(device)
     times = WalkTimes()
     _, blocks = find_blocks(model)
+    n_batches = -(-ids.shape[0] // batch_size)
+    lo, hi = 0, n_batches
+    if dist is not None:
+        from cmpq.model import distributed
+
+        if n_batches < dist.world_size:
+            raise ValueError(f"{n_batches} calibration batch(es) for {dist.world_size} processes: lower the "
+                             f"calibration batch size or start fewer processes")
+        lo, hi = dist.bounds(n_batches)
+        ids = ids[lo * batch_size : hi * batch_size]
     home = next(model.parameters()).device
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
@@ -143,7 +171,7 @@ def walk_blocks(
         caught = catch_block_inputs(model, blocks, ids, device, batch_size)
         move_except(model, blocks, home)
         if start:  # the catch step only rebuilt the keyword arguments; the hidden states come from disk
-            hidden = checkpoint.load_hidden()
+            hidden = checkpoint.load_hidden() if dist is None else distributed.load_hidden_shard(checkpoint, lo, hi)
             if [h.shape for h in hidden] != [h.shape for h, _ in caught]:
                 raise ValueError("checkpointed hidden states do not match the calibration batches")
             caught = [(h, kw) for h, (_, kw) in zip(hidden, caught)]
@@ -158,6 +186,10 @@ def walk_blocks(
             block.to(device)
             linears = find_linears(block)
             stats = {name: make_stats(name, lin) for name, lin in linears.items()}
+            if dist is not None:
+                for s in stats.values():
+                    if isinstance(s, SquaredNorm):
+                        s.parts = []
             hooks = [
                 lin.register_forward_pre_hook(lambda m, args, s=stats[name]: s.add(args[0]))
                 for name, lin in linears.items()
@@ -169,9 +201,19 @@ def walk_blocks(
             finally:
                 for h in hooks:
                     h.remove()
-            _sync(device)
-            t1 = time.perf_counter()
-            quantize_block(i, block, linears, stats)
+            if dist is None:
+                _sync(device)
+                t1 = time.perf_counter()
+                quantize_block(i, block, linears, stats)
+            else:
+                distributed.reduce_stats(stats, dist)
+                _sync(device)
+                t1 = time.perf_counter()
+                owners = distributed.assign({n: lin.weight.numel() for n, lin in linears.items()}, dist.world_size)
+                mine = [n for n in linears if owners[n] == dist.rank]
+                if mine:
+                    quantize_block(i, block, {n: linears[n] for n in mine}, {n: stats[n] for n in mine})
+                distributed.sync_modules(block, owners, dist, device)
             del linears, stats  # replaced layers' dense weights can go before the rerun
             _sync(device)
             t2 = time.perf_counter()
@@ -187,7 +229,12 @@ def walk_blocks(
             block.to(home)
             if checkpoint is not None:
                 t3 = time.perf_counter()
-                checkpoint.save(i, block, [h for h, _ in caught])
+                hidden = [h for h, _ in caught]
+                if dist is not None:
+                    hidden = distributed.gather_batches(hidden, dist)
+                if dist is None or dist.main:
+                    checkpoint.save(i, block, hidden)
+                del hidden
                 times.extra["checkpoint"] = times.extra.get("checkpoint", 0.0) + time.perf_counter() - t3
             if log:
                 log(f"block {i + 1}/{len(blocks)} done ({time.perf_counter() - t0:.1f}s)")

@@ -8,7 +8,7 @@ from torch import nn
 
 from typing import TYPE_CHECKING
 
-from cmpq.storage.packing import packed_shape, unpack_indices
+from cmpq.storage.packing import packed_shape, unpack_channels
 
 if TYPE_CHECKING:
     from cmpq.algorithm.layer import QuantizedParts
@@ -46,7 +46,7 @@ class CMPQLinear(nn.Module):
         for b in self.bit_widths:
             n = counts[b]
             self.register_buffer(f"q{b}_channels", torch.empty(n, dtype=torch.int32, **kw))
-            self.register_buffer(f"q{b}_packed", torch.empty(packed_shape(out_features, n, b), dtype=torch.int32, **kw))
+            self.register_buffer(f"q{b}_packed", torch.empty(packed_shape(n, out_features, b), dtype=torch.int32, **kw))
             self.register_buffer(f"q{b}_codebook", torch.empty(n, 2**b, dtype=torch.float16, **kw))
         self.register_buffer("outlier_channels", torch.empty(n_outlier_channels, dtype=torch.int32, **kw))
         self.register_buffer("outlier_weight", torch.empty(out_features, n_outlier_channels, dtype=torch.float16, **kw))
@@ -67,6 +67,10 @@ class CMPQLinear(nn.Module):
     def group(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(channels, packed indices, codebook) of the b-bit group."""
         return getattr(self, f"q{b}_channels"), getattr(self, f"q{b}_packed"), getattr(self, f"q{b}_codebook")
+
+    def group_indices(self, b: int, r0: int = 0, r1: int | None = None) -> torch.Tensor:
+        """Codebook indices ``[r1 - r0, n_b]`` (int64) of the b-bit group for output rows ``r0:r1``."""
+        return unpack_channels(getattr(self, f"q{b}_packed"), b, self.out_features, r0, r1)
 
     def nominal_bits(self) -> float:
         c = self.counts()
@@ -101,7 +105,7 @@ class CMPQLinear(nn.Module):
             n = ch.numel()
             if n == 0:
                 continue
-            idx = unpack_indices(pk, b, n)  # [out, n]
+            idx = self.group_indices(b)  # [out, n]
             flat = idx + (torch.arange(n, device=dev) * (2**b)).unsqueeze(0)
             w[:, ch.long()] = cb.reshape(-1)[flat].to(dtype)
         if self.outlier_channels.numel():
@@ -154,7 +158,7 @@ def cache_dense_weights(model: nn.Module, on: bool = True) -> None:
 
 def pack_linear(parts: "QuantizedParts", bias: torch.Tensor | None) -> CMPQLinear:
     """Build a ``CMPQLinear`` from the algorithm's unpacked result (packs the indices)."""
-    from cmpq.storage.packing import pack_indices
+    from cmpq.storage.packing import pack_channels
 
     counts = {b: ch.numel() for b, (ch, _, _) in parts.groups.items()}
     dev = parts.outlier_weight.device
@@ -170,7 +174,7 @@ def pack_linear(parts: "QuantizedParts", bias: torch.Tensor | None) -> CMPQLinea
     )
     for b, (ch, idx, cb) in parts.groups.items():
         setattr(layer, f"q{b}_channels", ch.to(torch.int32))
-        setattr(layer, f"q{b}_packed", pack_indices(idx, b))
+        setattr(layer, f"q{b}_packed", pack_channels(idx, b))
         setattr(layer, f"q{b}_codebook", cb.half())
     layer.outlier_channels = parts.outlier_channels.to(torch.int32)
     layer.outlier_weight = parts.outlier_weight.half()

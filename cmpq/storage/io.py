@@ -14,7 +14,7 @@ from torch import nn
 from cmpq.model.blocks import find_blocks, set_module
 from cmpq.nn.linear import CMPQLinear
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: indices packed channel by channel (1: along the channels; re-quantize)
 WEIGHTS = "model.safetensors"
 MANIFEST = "cmpq_manifest.json"
 
@@ -185,10 +185,14 @@ def _empty_model(path: Path, config):
         return AutoModelForCausalLM.from_config(config)
 
 
-def load(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+def load(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+         device_map: str | dict | None = None, max_memory: str | dict | None = None) -> nn.Module:
     """Load a folder written by :func:`save` into a model holding ``CMPQLinear`` layers.
 
     ``dtype`` is the compute dtype of the unquantized parts (default: float16 on GPU, float32 on CPU).
+    ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"`` or ``{module: device}``; with
+    ``max_memory`` such as ``{0: "20GiB", 1: "20GiB"}``) spreads the model over several devices with
+    accelerate instead of moving it to ``device`` (see ``cmpq.model.device_map``).
     """
     from safetensors import safe_open
     from transformers import AutoConfig
@@ -203,7 +207,8 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
         raise CorruptModelError(f"{path}/config.json: quantization_config.quant_method is not 'cmpq'")
     for where, v in (("config.json", qc.get("format_version")), (MANIFEST, manifest.get("format_version"))):
         if v != FORMAT_VERSION:
-            raise CorruptModelError(f"{path}/{where}: format_version {v!r} unsupported (this cmpq reads {FORMAT_VERSION})")
+            hint = " (written by cmpq 0.1, which packed indices along the channels: quantize the model again)" if v == 1 else ""
+            raise CorruptModelError(f"{path}/{where}: format_version {v!r} unsupported (this cmpq reads {FORMAT_VERSION}){hint}")
 
     config = AutoConfig.from_pretrained(path)
     qcfg = config.quantization_config
@@ -265,6 +270,10 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     set_compute_dtype(model, dtype)
+    if device_map is not None:
+        from cmpq.model.device_map import dispatch
+
+        return dispatch(model.eval(), device_map, max_memory)
     model.to(device)
     model.eval()
     return model
