@@ -1,12 +1,13 @@
 """Time every decode-kernel variant (cuda_decode.VARIANTS) against FP16 cuBLAS, one GPU call.
 
-One token: every variant; 4 and 16 tokens: v3b (the v4 variants are one-token kernels). Method as
+One token: every variant; more tokens: v3b and "mma" (kernel_mma.cu, tensor cores; the v4 variants are
+one-token kernels). Method as
 benchmarks/kernels.py: median of do_bench over a CUDA graph that rotates weight/input sets
 (> 192 MiB, nothing in L2). Every (layer, variant) is checked against the float64 reference first;
 a wrong variant is reported and not timed. Writes ``$OUT/kernel_variants.json`` and ``.md``; the
 table is printed last. ``--budget`` (s) stops adding points when the wall clock runs out.
 Usage: python benchmarks/kernel_variants.py [--out DIR] [--models 7B,70B] [--bits 3,2,4,2.5,3.5]
-[--batches 1,4,16] [--variants v3b,v4s,...] [--budget 100] [--sweep] [--table-only]
+[--batches 1,4,16] [--variants v3b,v4s,...,mma] [--budget 100] [--sweep] [--table-only]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.kernels import ROTATE_BYTES, SHAPES, copy_bandwidth, layer_bytes, time_graph  # noqa: E402
-from cmpq.kernels import cuda_decode, kernel_v4  # noqa: E402
+from cmpq.kernels import cuda_decode, kernel_mma, kernel_v4  # noqa: E402
 from cmpq.kernels.testing import mix_counts, random_layer  # noqa: E402
 
 
@@ -35,7 +36,7 @@ def main() -> None:
     ap.add_argument("--models", default="7B,70B")
     ap.add_argument("--bits", default="3,2,4,2.5,3.5")
     ap.add_argument("--batches", default="1,4,16")
-    ap.add_argument("--variants", default=",".join(v for v in cuda_decode.VARIANTS if v != "auto"))
+    ap.add_argument("--variants", default=",".join([v for v in cuda_decode.VARIANTS if v != "auto"] + ["mma"]))
     ap.add_argument("--budget", type=float, default=100.0, help="seconds of wall clock for the timing loop")
     ap.add_argument("--sweep", action="store_true", help="split sweep of the v4 variants at 3 bits (if time is left)")
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from $OUT/kernel_variants.json")
@@ -51,9 +52,12 @@ def main() -> None:
     jpath, mpath = os.path.join(args.out, "kernel_variants.json"), os.path.join(args.out, "kernel_variants.md")
     if not cuda_decode.available():
         sys.exit(f"v3b unavailable: {cuda_decode.library_error()}")
-    if kernel_v4.library() is None:
+    if any(v.startswith("v4") for v in variants) and kernel_v4.library() is None:
         print(f"v4 unavailable: {kernel_v4.library_error()}", flush=True)
-        variants = [v for v in variants if v == "v3b"]
+        variants = [v for v in variants if not v.startswith("v4")]
+    if "mma" in variants and kernel_mma.library() is None:
+        print(f"mma unavailable: {kernel_mma.library_error()}", flush=True)
+        variants = [v for v in variants if v != "mma"]
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     meta = dict(device=torch.cuda.get_device_name(), date=datetime.datetime.now().isoformat(timespec="seconds"),
@@ -97,22 +101,32 @@ def main() -> None:
                 ref = F.linear(xs[0].float(), ref_w)
                 fpt = fp16[(out, n_in, T)]
                 for v in variants:
-                    if T > 1 and v != "v3b":
+                    if T > 1 and v not in ("v3b", "mma"):
                         continue
                     r = dict(model=model, out=out, inp=n_in, bits=bits, tokens=T, variant=v, fp16_us=fpt,
                              eff_bits=first.effective_bits())
                     try:
-                        y = cuda_decode.decode(layers[0], xs[0], variant=v)
+                        if v == "mma":
+                            y = kernel_mma.decode(layers[0], xs[0])
+                            if y is None:
+                                raise RuntimeError(f"mma does not apply: {kernel_mma.library_error()}")
+                        else:
+                            y = cuda_decode.decode(layers[0], xs[0], variant=v)
                         err = ((y.float() - ref).norm() / ref.norm()).item()
                         r["rel_err"] = err
                         if not err < 2e-3:
                             r["error"] = f"WRONG rel_err {err:.2e}"
                         else:
-                            us = time_graph([lambda l=l, x=x: cuda_decode.decode(l, x, variant=v)
-                                             for l, x in zip(layers, xs)], nl)
+                            if v == "mma":
+                                fns = [lambda l=l, x=x: kernel_mma.decode(l, x) for l, x in zip(layers, xs)]
+                            else:
+                                fns = [lambda l=l, x=x: cuda_decode.decode(l, x, variant=v) for l, x in zip(layers, xs)]
+                            us = time_graph(fns, nl)
                             moved = nbytes + 2 * T * (n_in + out)
                             plans = layers[0]._cuda_layout.plans
-                            if v == "v3b":
+                            if v == "mma":
+                                pl = layers[0]._mma_layout.plans.get((1 if T <= 8 else 2, None, None))
+                            elif v == "v3b":
                                 nt = next(c for c in cuda_decode.NT_CHOICES if c >= T)
                                 pl = plans.get((nt, None))
                             else:
@@ -128,7 +142,7 @@ def main() -> None:
                 save()
             del layers, first, ref_w
             torch.cuda.empty_cache()
-    if args.sweep and not out_of_time():
+    if args.sweep and not out_of_time() and any(v.startswith("v4") for v in variants):
         sweep(variants, rows, save, out_of_time)
     save()
     table(rows, meta, mpath)
@@ -146,7 +160,7 @@ def sweep(variants, rows, save, out_of_time) -> None:
                                      pack=False) for _ in range(nl - 1)]
         xs = [torch.randn(1, n_in, device="cuda", dtype=torch.float16) for _ in ls]
         for v in variants:
-            if v == "v3b" or out_of_time():
+            if not v.startswith("v4") or out_of_time():
                 continue
             mode, depth = kernel_v4.VARIANTS[v]
             lay = cuda_decode.repack(ls[0])

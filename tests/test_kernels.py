@@ -380,7 +380,12 @@ def test_cuda_decode_mma_big_splits_graph():
         for splits, tpb in [(None, None), (1, None), (3, 4), (13, 2), (50, 1), (None, 8)]:
             for tokens in (2, 7, 9, 16):
                 x = torch.randn(tokens, n_in, device=DEV).half()
-                _check(kernel_mma.decode(layer, x, splits=splits, tpb=tpb), layer, x)
+                y = kernel_mma.decode(layer, x, splits=splits, tpb=tpb)
+                if y is None and (splits, tpb) != (None, None):
+                    # a forced split that needs more shared memory than a block has is refused (H200
+                    # run 2026-11-30: 300x4100 at 1 split); the default plan must always apply
+                    continue
+                _check(y, layer, x)
         xb = (torch.randn(4, n_in, device=DEV) * 3e6).bfloat16()  # beyond fp16 range: bf16 MMA
         _check(kernel_mma.decode(layer, xb), layer, xb)
     x = torch.randn(1, 4, n_in, device=DEV).half()

@@ -38,7 +38,7 @@ class QuantizedParts:
         w = torch.empty(self.out_features, self.in_features, dtype=torch.float32, device=self.outlier_weight.device)
         for ch, idx, cb in self.groups.values():
             if ch.numel():
-                w[:, ch] = cb.float().gather(1, idx.T).T
+                w[:, ch] = cb.float().gather(1, idx.T.long()).T
         w[:, self.outlier_channels] = self.outlier_weight.float()
         w[self.sparse_rows, self.sparse_cols] = self.sparse_vals.float()
         return w
@@ -103,17 +103,59 @@ def _batches(lengths: list[int], rows: list[int]) -> list[list[int]]:
     return list(by_len.values())
 
 
+def _largest_errors(p: _Plan, codebooks: list[torch.Tensor], k: int) -> torch.Tensor:
+    """Flat positions (``channel * out + row``) of the ``k`` weights with the largest first-pass
+    error. Works in chunks of channels (top-k of each chunk, then of the candidates), so the peak is
+    one chunk, not several full-size copies of the layer."""
+    from cmpq.algorithm import kmeans
+
+    out_f = p.weight.shape[0]
+    step = max(1, kmeans.CHUNK_ELEMENTS // max(out_f, 1))
+    vals, pos = [], []
+    for b, cb in zip(BIT_WIDTHS, codebooks):
+        x, ch = p.cols[b], p.chans[b]
+        for i in range(0, x.shape[0], step):
+            xc, cbc = x[i : i + step], cb[i : i + step]
+            err = (xc - cbc.gather(1, assign_nearest(xc, cbc))).abs().reshape(-1)
+            v, j = torch.topk(err, min(k, err.numel()))
+            vals.append(v)
+            pos.append(ch[i : i + step][j // out_f] * out_f + j % out_f)
+    v, flat = torch.cat(vals), torch.cat(pos)
+    return flat[torch.topk(v, min(k, v.numel())).indices]
+
+
+def _split_by_size(batches: list[list[int]], xs: list[torch.Tensor]) -> list[list[int]]:
+    """Cut batches so a padded batch holds at most ``kmeans.CHUNK_ELEMENTS`` values (the memory
+    planner's knob): the concatenated copy is then no larger than one k-means chunk."""
+    from cmpq.algorithm import kmeans
+
+    out = []
+    for batch in batches:
+        n = max(xs[i].shape[1] for i in batch)
+        cur: list[int] = []
+        for i in batch:
+            if cur and (sum(xs[j].shape[0] for j in cur) + xs[i].shape[0]) * n > kmeans.CHUNK_ELEMENTS:
+                out.append(cur)
+                cur = []
+            cur.append(i)
+        out.append(cur)
+    return out
+
+
 def _cluster(xs: list[torch.Tensor], keeps: list[torch.Tensor | None], k: int, cfg: CMPQConfig,
              inits: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Codebooks for many row sets at once (rows padded with ignored values); ``inits``: warm starts."""
     out: list[torch.Tensor] = [xs[i].new_zeros(0, k) for i in range(len(xs))]
-    for batch in _batches([x.shape[1] for x in xs], [x.shape[0] for x in xs]):
+    for batch in _split_by_size(_batches([x.shape[1] for x in xs], [x.shape[0] for x in xs]), xs):
         n = max(xs[i].shape[1] for i in batch)
-        x = torch.cat([F.pad(xs[i], (0, n - xs[i].shape[1])) for i in batch])
-        keep = torch.cat([
-            F.pad(keeps[i] if keeps[i] is not None else torch.ones_like(xs[i], dtype=torch.bool), (0, n - xs[i].shape[1]))
-            for i in batch
-        ])
+        if len(batch) == 1:  # no padded copy of a layer that is clustered alone
+            x, keep = xs[batch[0]], keeps[batch[0]]
+        else:
+            x = torch.cat([F.pad(xs[i], (0, n - xs[i].shape[1])) for i in batch])
+            keep = torch.cat([
+                F.pad(keeps[i] if keeps[i] is not None else torch.ones_like(xs[i], dtype=torch.bool), (0, n - xs[i].shape[1]))
+                for i in batch
+            ])
         init = torch.cat([inits[i] for i in batch]) if inits is not None else None
         cb = _codebooks(x, k, keep, cfg, init)
         for i, part in zip(batch, cb.split([xs[i].shape[0] for i in batch])):
@@ -140,14 +182,7 @@ def quantize_weights(
             empty = torch.empty(0, dtype=torch.long, device=dev)
             sparse.append((empty, empty))
             continue
-        errs, pos = [], []
-        for b in BIT_WIDTHS:
-            x, cb = p.cols[b], first[b][li]
-            if x.numel():
-                errs.append((x - cb.gather(1, assign_nearest(x, cb))).abs().reshape(-1))
-                pos.append((p.chans[b][:, None] * out_f + torch.arange(out_f, device=dev)).reshape(-1))
-        err, flat = torch.cat(errs), torch.cat(pos)  # flat = channel * out + row
-        top = flat[torch.topk(err, min(p.n_sparse, err.numel())).indices]
+        top = _largest_errors(p, [first[b][li] for b in BIT_WIDTHS], p.n_sparse)  # channel * out + row
         is_out = torch.zeros(in_f * out_f, dtype=torch.bool, device=dev)
         is_out[top] = True
         is_out = is_out.view(in_f, out_f)
@@ -166,7 +201,7 @@ def quantize_weights(
         groups = {}
         for b in BIT_WIDTHS:
             cb = final[b][li]
-            groups[b] = (p.chans[b], assign_nearest(p.cols[b], cb).T.contiguous(), cb.half())
+            groups[b] = (p.chans[b], assign_nearest(p.cols[b], cb).to(torch.uint8).T.contiguous(), cb.half())
         rows, cols = sparse[li]
         result.append(QuantizedParts(
             out_features=p.weight.shape[0],

@@ -297,7 +297,7 @@ def pick_variant(layer, variant: str | None = None) -> str:
 
 # Which kernel serves 2..16 tokens: "v3b" (CUDA cores, T FFMAs per weight) or "mma" (kernel_mma.cu:
 # tensor cores, mma.sync m16n8k16). Env CMPQ_DECODE_MULTI overrides.
-DEFAULT_MULTI = "v3b"
+DEFAULT_MULTI = "mma"  # faster than v3b at every shape/T measured (benchmarks/results/kernel-mma-h200.md)
 MULTI_VARIANTS = ("v3b", "mma")
 
 

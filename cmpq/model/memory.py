@@ -170,5 +170,6 @@ def kmeans_chunk(elements: int):
 def enforce_cap(device: torch.device, cap: int) -> None:
     """Make the caching allocator refuse to grow past ``cap`` on ``device`` (CUDA only)."""
     if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), index)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 BLOCK = 32
+ROWS_ELEMENTS = 1 << 23  # pack_indices works on about this many indices at a time
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
@@ -32,6 +33,9 @@ def pack_indices(idx: torch.Tensor, bits: int) -> torch.Tensor:
     if idx.dim() != 2:
         raise ValueError(f"indices must be 2-D [rows, cols], got shape {tuple(idx.shape)}")
     rows, cols = idx.shape
+    step = max(1, ROWS_ELEMENTS // max(cols, 1))
+    if rows > step:  # bound the int64 temporaries (8 bytes x bits per index) on large layers
+        return torch.cat([pack_indices(idx[i : i + step], bits) for i in range(0, rows, step)])
     nblk = -(-cols // BLOCK)
     padded = torch.zeros(rows, nblk * BLOCK, dtype=torch.int64, device=idx.device)
     padded[:, :cols] = idx.to(torch.int64)
