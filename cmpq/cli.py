@@ -228,6 +228,27 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(a: argparse.Namespace) -> int:
+    from cmpq.config import CMPQConfig
+    from cmpq.model.loading import load_skeleton
+    from cmpq.storage.estimate import estimate
+
+    model = load_skeleton(a.model)
+    rows = []
+    for b in a.bits:
+        cfg = CMPQConfig(bits=b, act_outlier_frac=a.act_outlier_frac, weight_outlier_frac=a.weight_outlier_frac)
+        rows.append({"bits": b, **estimate(model, cfg)})
+    if a.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{a.model}: CMPQ storage by budget (exact counts from shapes; no weights read)")
+    print(f"{'bits':>6} {'effective bits':>15} {'linears (MB)':>13} {'rest fp16 (MB)':>15} {'total (MB)':>11}")
+    for r in rows:
+        print(f"{r['bits']:>6g} {r['effective_bits']:>15.3f} {r['quantized_bytes'] / 1e6:>13.1f} "
+              f"{r['other_fp16_bytes'] / 1e6:>15.1f} {r['total_bytes'] / 1e6:>11.1f}")
+    return 0
+
+
 def cmd_info(a: argparse.Namespace) -> int:
     from cmpq.storage.io import MANIFEST, WEIGHTS, bits_summary
 
@@ -369,6 +390,13 @@ def build_parser() -> argparse.ArgumentParser:
     gp.add_argument("--device", default=None)
     gp.set_defaults(fn=cmd_generate)
 
+    es = sub.add_parser("estimate", help="effective bits and size of a CMPQ model for given budgets, before quantizing")
+    es.add_argument("model")
+    es.add_argument("--bits", type=float, nargs="+", default=[2, 2.5, 3, 3.5, 4])
+    es.add_argument("--act-outlier-frac", type=float, default=0.0045)
+    es.add_argument("--weight-outlier-frac", type=float, default=0.0005)
+    es.add_argument("--json", action="store_true")
+    es.set_defaults(fn=cmd_estimate)
     i = sub.add_parser("info", help="bits per weight, per layer, storage breakdown")
     i.add_argument("model")
     i.add_argument("--layers", action="store_true", help="one line per layer")

@@ -92,8 +92,18 @@ def test_gptq_beats_rtn_on_calibration_data():
 def test_awq_scales_beat_scale_one():
     m = tiny()
     r = quantize_baseline(m, None, "awq", 3, group_size=32, calib=IDS, device="cpu", log=None)
-    assert r["input_groups"] == 8  # per block: q/k/v, o, gate/up, down
+    # per block: q/k/v, gate/up, down searched; o_proj left unscaled (GQA: 2 KV heads for 4 heads,
+    # so its scales could not be folded into v_proj, as in AutoAWQ)
+    assert r["input_groups"] == 6 and r["unscaled_gqa_o_proj"] == 2
     assert r["scale_loss_ratio_mean"] < 1.0
+
+
+def test_awq_scales_o_proj_without_gqa():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    r = quantize_baseline(LlamaForCausalLM(cfg).eval(), None, "awq", 3, group_size=32, calib=IDS, device="cpu", log=None)
+    assert r["input_groups"] == 8 and r["unscaled_gqa_o_proj"] == 0
 
 
 @pytest.mark.parametrize("budget", [2.0, 2.5, 3.0, 3.5, 4.0])

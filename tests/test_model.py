@@ -151,3 +151,31 @@ def test_gpt2_conv1d_is_walked(calib_ids):
     out = m(calib_ids).logits
     assert sum(isinstance(x, CMPQLinear) for x in m.modules()) == 8
     assert ((out - ref).norm() / ref.norm()) < 0.3
+
+
+@pytest.mark.parametrize("bits", [2.0, 2.6, 3.0, 3.5, 4.0])
+def test_estimate_equals_the_real_run(tiny_llama, calib_ids, bits):
+    """`cmpq estimate` counts bytes from shapes alone; it must equal what a real run stores."""
+    import copy
+
+    from cmpq.storage.estimate import estimate
+    from cmpq.storage.io import bits_summary, layer_summary
+
+    cfg = cmpq.CMPQConfig(bits=bits, nsamples=4, seqlen=64)
+    est = estimate(copy.deepcopy(tiny_llama), cfg)
+    q = cmpq.quantize(copy.deepcopy(tiny_llama), None, cfg, calib=calib_ids, device="cpu", log=None)
+    real = bits_summary(layer_summary(m) for m in q.modules() if isinstance(m, CMPQLinear))
+    assert est["quantized_bytes"] == real["quantized_bytes"]
+    assert est["effective_bits"] == pytest.approx(real["effective_bits"])
+    assert est["nominal_bits"] == pytest.approx(real["nominal_bits"])
+
+
+def test_cli_estimate(tiny_llama, tmp_path, capsys):
+    from cmpq.cli import main
+
+    tiny_llama.save_pretrained(tmp_path / "m")
+    assert main(["estimate", str(tmp_path / "m"), "--bits", "2.5", "3", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["bits"] for r in rows] == [2.5, 3.0] and rows[0]["effective_bits"] < rows[1]["effective_bits"]
+    assert rows[0]["other_fp16_bytes"] == 2 * sum(p.numel() for n, p in tiny_llama.named_parameters()
+                                                  if "layers" not in n or "norm" in n)

@@ -169,15 +169,25 @@ def _run_awq(model, windows, bits, group_size, device, tally, extras, log, *, ma
              grid: int = 20, clip: bool = True, seed: int = 0, batch_size: int = 8, **_) -> None:
     """AWQ: linears sharing an input get one scale search; clip search per linear but q/k."""
     ratios: list[float] = []
+    unscaled: list[str] = []
 
     def qb(i, block, linears, stats):
         groups: dict[tuple, list[str]] = {}
         for name in linears:
             groups.setdefault(stats[name].fingerprint, []).append(name)
+        v_out = next((lin.out_features for n, lin in linears.items() if n.endswith("v_proj")), None)
         for names in groups.values():
             x = stats[names[0]].x
-            scales, losses = awq_search_scale([linears[n].weight.data for n in names], x, int(bits), group_size, grid)
-            ratios.append(float(losses.min() / losses[0]) if losses[0] > 0 else 1.0)
+            if len(names) == 1 and names[0].endswith(("o_proj", "out_proj")) and v_out is not None \
+                    and v_out != linears[names[0]].in_features:
+                # Grouped-query attention: o_proj's input scales could only be folded into v_proj if
+                # they were equal across the heads sharing a KV head, so a deployable AWQ model
+                # (AutoAWQ, llm-awq) leaves o_proj unscaled; so do we (clip search only).
+                scales = torch.ones(linears[names[0]].in_features, device=x.device)
+                unscaled.append(f"{i}.{names[0]}")
+            else:
+                scales, losses = awq_search_scale([linears[n].weight.data for n in names], x, int(bits), group_size, grid)
+                ratios.append(float(losses.min() / losses[0]) if losses[0] > 0 else 1.0)
             for n in names:
                 W = linears[n].weight.data
                 qk = any(k in n for k in QK_NAMES)
@@ -188,7 +198,8 @@ def _run_awq(model, windows, bits, group_size, device, tally, extras, log, *, ma
     walk_blocks(model, windows.ids, lambda n, lin: TokenSample(max_tokens, seed), qb,
                 device=device, batch_size=batch_size, log=log)
     extras.update(max_tokens=max_tokens, grid=grid, clip=clip,
-                  scale_loss_ratio_mean=sum(ratios) / max(len(ratios), 1), input_groups=len(ratios))
+                  scale_loss_ratio_mean=sum(ratios) / max(len(ratios), 1), input_groups=len(ratios),
+                  unscaled_gqa_o_proj=len(unscaled))
 
 
 # ------------------------------------------------------------------ LLM-MQ (layer-wise mixed precision)

@@ -68,7 +68,26 @@ def load_model(name_or_path: str, dtype: torch.dtype | None = None, device: str 
     return model, tok
 
 
-def check_plain_linears(model: nn.Module, name: str) -> None:
+def load_skeleton(name_or_path: str):
+    """The model's architecture on the meta device (config only, no weights read): for planning."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    where, gguf = resolve_model_path(name_or_path)
+    kw = {"gguf_file": gguf} if gguf else {}
+    try:
+        cfg = AutoConfig.from_pretrained(where, **kw)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"cannot read the config of {name_or_path!r}: {str(e).splitlines()[0]} "
+            "(a local folder, a .gguf file, a reachable hub id, or 'smollm2-135m')"
+        ) from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    check_plain_linears(model, name_or_path, allow_meta=True)
+    return model
+
+
+def check_plain_linears(model: nn.Module, name: str, allow_meta: bool = False) -> None:
     """Fail clearly when the decoder blocks hold no dense ``nn.Linear`` weights we can quantize."""
     _, blocks = find_blocks(model)
     lins = find_linears(blocks[0])
@@ -76,5 +95,5 @@ def check_plain_linears(model: nn.Module, name: str) -> None:
         raise ValueError(f"{name}: decoder block 0 holds no nn.Linear layers (packed weights?); cannot quantize")
     for n, lin in lins.items():
         w = lin.weight
-        if w.is_meta or not w.is_floating_point():
+        if (w.is_meta and not allow_meta) or not w.is_floating_point():
             raise ValueError(f"{name}: {n} has a {w.dtype} weight on {w.device}; expected dense floating weights")
