@@ -105,6 +105,10 @@ def test_missing_manifest_and_wrong_version_are_refused(saved):
     (saved / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CorruptModelError, match="format_version"):
         cmpq.load(saved, device="cpu")
+    cfg["quantization_config"]["format_version"] = 1  # the old channel-blocked packing
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CorruptModelError, match="quantize the model again"):
+        cmpq.load(saved, device="cpu")
     (saved / "cmpq_manifest.json").unlink()
     with pytest.raises(CorruptModelError, match="manifest"):
         cmpq.load(saved, device="cpu")
