@@ -106,7 +106,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="7B shapes only")
     ap.add_argument("--block-n", type=int, default=64)
     ap.add_argument("--sweep", action="store_true", help="split sweep (cuda) / block_n x splits sweep (triton)")
-    ap.add_argument("--impl", choices=["cuda", "triton"], default="cuda")
+    ap.add_argument("--impl", choices=["cuda", "triton", "prefill"], default="cuda",
+                    help="prefill: the many-token path (use with e.g. --batches 64,512,2048)")
     ap.add_argument("--models", default="7B,13B,70B")
     ap.add_argument("--bits", default=",".join(str(b) for b in BITS))
     ap.add_argument("--batches", default=",".join(str(b) for b in BATCHES))
@@ -120,6 +121,10 @@ def main() -> None:
     def decode(layer, x, block_n=64):
         if args.impl == "cuda":
             return cuda_decode.decode(layer, x)
+        if args.impl == "prefill":  # many tokens: Triton dequant into a scratch weight, then cuBLAS
+            from cmpq.kernels.dequant import prefill
+
+            return prefill(layer, x)
         return triton_decode(layer, x, block_n=block_n)
     torch.manual_seed(0)
     dev = "cuda"
