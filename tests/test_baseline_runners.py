@@ -177,3 +177,25 @@ def test_quality_quick_is_resumable(tmp_path, monkeypatch):
     assert q.main(args) == 0
     assert calls == []
     assert len(json.loads((tmp_path / "quality-tiny.json").read_text())["cells"]) == 3
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_shared_hessians_same_result(act_order):
+    """q/k/v and gate/up read one tensor each: one Hessian and one stacked solve per such group
+    (4 per Llama block instead of 7) give the very weights of one solve per linear."""
+    base = tiny()
+    a, b = clone(base), clone(base)
+    ra = quantize_baseline(a, None, "gptq", 3, group_size=32, calib=IDS, device="cpu", log=None, act_order=act_order)
+    rb = quantize_baseline(b, None, "gptq", 3, group_size=32, calib=IDS, device="cpu", log=None, act_order=act_order,
+                           share_hessians=False)
+    assert ra["gptq_solves"] == 2 * 4 and rb["gptq_solves"] == 2 * 7
+    assert ra["effective_bits"] == rb["effective_bits"]
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_gptq_static_groups_runner():
+    m = tiny()
+    r = quantize_baseline(m, None, "gptq", 3, group_size=32, calib=IDS, device="cpu", log=None, act_order=True,
+                          static_groups=True)
+    assert r["static_groups"] and r["effective_bits"] == pytest.approx(3 + 32 / 32)  # no g_idx with static groups

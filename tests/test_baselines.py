@@ -236,3 +236,127 @@ def test_sensitivities():
     a = x.pow(2).sum(0)
     assert proxy_sensitivity(W, a, Wq) == pytest.approx((a * (W - Wq).pow(2).sum(0)).sum().item(), rel=1e-5)
     assert proxy_sensitivity(W, a, W) == 0.0
+
+
+# ---------------------------------------------------------------- GPTQ: the fast column loop is the reference loop
+
+
+def _gptq_columnwise(W, H, bits, group_size, damp=0.01, block_size=128, act_order=False):
+    """cmpq's GPTQ before the speed work (column-major block, rtn.fake_quant, full-width rank-1
+    updates: the reference's loop op for op); the fast loop must give bit-identical weights."""
+    from cmpq.baselines.gptq import _inverse_hessian_cholesky
+    from cmpq.baselines.rtn import _group_size, fake_quant, minmax_params
+
+    n = W.shape[1]
+    Wf, H = W.float().clone(), H.float().clone()
+    mean_diag = H.diagonal().mean()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    Wf[:, dead] = 0.0
+    perm = None
+    if act_order:
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+        Wf, H = Wf[:, perm], H[perm][:, perm]
+    Hinv = _inverse_hessian_cholesky(H, damp, mean_diag)
+    grouped = group_size is not None and group_size < n
+    g = _group_size(n, group_size)
+    scale, zero = minmax_params(Wf, bits)
+    Q = torch.empty_like(Wf)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1, Err1, Hinv1 = Wf[:, i1:i2].clone(), torch.zeros(Wf.shape[0], i2 - i1), Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if grouped and col % g == 0:
+                seg = W1[:, i : i + g]
+                if i + g > i2 - i1:
+                    seg = torch.cat([seg, Wf[:, i2 : col + g] - Err1[:, :i] @ Hinv[i1:col, i2 : col + g]], 1)
+                scale, zero = minmax_params(seg, bits)
+            w = W1[:, i]
+            q = fake_quant(w.unsqueeze(1), scale, zero, bits).squeeze(1)
+            Q[:, col] = q
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        Wf[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    return Q
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("bits,group_size,block_size", [(2, 64, 64), (3, 32, 48), (4, None, 32), (3, 64, 128)])
+def test_gptq_fast_loop_is_bit_identical(bits, group_size, block_size, act_order):
+    x = _correlated_x(512, 200, seed=31)
+    x[:, 7] = 0  # a dead input
+    W = torch.randn(40, 200, generator=_gen(32))
+    H = x.T @ x
+    got = gptq_quantize(W, H, bits, group_size, block_size=block_size, act_order=act_order)
+    want = _gptq_columnwise(W, H, bits, group_size, block_size=block_size, act_order=act_order)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))  # bitwise, signs of zeros included
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_rows_are_independent(act_order):
+    """Stacking the rows of linears that share H (q/k/v) and solving once = solving each."""
+    x = _correlated_x(512, 160, seed=33)
+    H = x.T @ x
+    Ws = [torch.randn(o, 160, generator=_gen(34 + o)) for o in (24, 8, 40)]
+    stacked = gptq_quantize(torch.cat(Ws), H, 3, 64, act_order=act_order)
+    for part, W in zip(stacked.split([w.shape[0] for w in Ws]), Ws):
+        assert torch.equal(part, gptq_quantize(W, H, 3, 64, act_order=act_order))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_static_groups(act_order):
+    W = torch.randn(32, 200, generator=_gen(35))
+    # H = I: nothing to compensate, so static groups (grids from the original weights, original column
+    # groups even under act_order) give RTN exactly
+    got = gptq_quantize(W, torch.eye(200), 3, 64, block_size=48, act_order=act_order, static_groups=True)
+    torch.testing.assert_close(got, rtn_quantize(W, 3, 64), rtol=0, atol=1e-6)
+    # with a real H every quantized value still lies on the RTN grid of its original group
+    x = _correlated_x(512, 200, seed=36)
+    got = gptq_quantize(W, x.T @ x, 3, 64, act_order=act_order, static_groups=True)
+    from cmpq.baselines.rtn import group_params
+
+    scale, zero = group_params(W, 3, 64)
+    gid = torch.arange(200) // 64
+    codes = got / scale[:, gid] + zero[:, gid]
+    torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-3)
+    assert codes.min() >= -1e-3 and codes.max() <= 7 + 1e-3
+    assert _out_err(x, W, got) < _out_err(x, W, rtn_quantize(W, 3, 64))
+
+
+def test_hessian_half_matmul_falls_back(monkeypatch):
+    """The CUDA half-input path (mm with float32 output) is taken only on CUDA; where it is missing,
+    the accumulator falls back to the float32 product and remembers it."""
+    x = torch.randn(64, 16, generator=_gen(37)).half()
+    acc = HessianAccumulator(16)
+    acc.add(x)  # CPU: float32 path
+    torch.testing.assert_close(acc.sum, x.float().T @ x.float())
+    calls = []
+
+    def no_mm(*a, **k):
+        calls.append(k)
+        raise RuntimeError("no mm.dtype here")
+
+    acc2 = HessianAccumulator(16)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch, "mm", no_mm)
+    acc2.add(x)
+    acc2.add(x)
+    assert len(calls) == 1 and calls[0] == {"out_dtype": torch.float32} and not acc2.half_matmul
+    torch.testing.assert_close(acc2.sum, 2 * (x.float().T @ x.float()))
+
+
+def test_hessian_first_token_weight():
+    x = torch.randn(3, 10, 8, generator=_gen(38))
+    acc = HessianAccumulator(8, first_token_weight=5.0)
+    acc.add(x)
+    flat = x.reshape(-1, 8)
+    want = flat.T @ flat + 4 * x[:, 0].T @ x[:, 0]
+    torch.testing.assert_close(acc.sum, want)
+    assert acc.count == 30
+    acc2 = HessianAccumulator(8, first_token_weight=5.0)
+    acc2.add(flat)  # 2-D input: no sequence axis, no first token
+    torch.testing.assert_close(acc2.sum, flat.T @ flat)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
+import weakref
 from typing import Callable
 
 import torch
@@ -119,22 +120,91 @@ def _run_hqq(model, windows, bits, group_size, device, tally, extras, log, **_) 
 # ------------------------------------------------------------------ GPTQ, AWQ (calibrated)
 
 
+class _InputPool:
+    """The linears of one block, and the tensor the last of them was fed (a weak reference and its
+    version counter, so a tensor freed or changed in place never counts as "the same")."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+        self.last: tuple | None = None  # (weakref to the input, its _version, its accumulator)
+
+
+class _PooledHessian:
+    """One linear's ``X^T X``, shared with the linear hooked just before it when that one was fed the
+    very same tensor (q/k/v read one normed hidden state, gate/up another): one accumulation, and one
+    GPTQ solve, serve them all. Which linears share is decided on the first batch; a later batch that
+    disagrees raises (it would mean the block routes its inputs differently from batch to batch)."""
+
+    def __init__(self, pool: _InputPool, in_features: int, device, share: bool = True,
+                 first_token_weight: float = 1.0) -> None:
+        self.pool, self.in_features, self.device, self.share = pool, in_features, device, share
+        self.first_token_weight = first_token_weight
+        self.acc: HessianAccumulator | None = None
+        self.shared: bool | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        last = self.pool.last
+        same = (self.share and last is not None and last[0]() is x and last[1] == x._version
+                and last[2].sum.shape[0] == self.in_features)
+        if self.shared is None:
+            self.shared = same
+            self.acc = last[2] if same else HessianAccumulator(self.in_features, self.device,
+                                                               first_token_weight=self.first_token_weight)
+        elif same != self.shared or (same and last[2] is not self.acc):
+            raise RuntimeError("GPTQ: linears shared their input in one calibration batch but not in another; "
+                               "run with share_hessians=False")
+        if not same:
+            self.acc.add(x)
+        self.pool.last = (weakref.ref(x), x._version, self.acc)
+
+    @property
+    def H(self) -> torch.Tensor:
+        if self.acc is None:
+            raise RuntimeError("no calibration inputs were added")
+        return self.acc.H
+
+
 def _run_gptq(model, windows, bits, group_size, device, tally, extras, log, *, damp: float = 0.01,
-              block_size: int = 128, act_order: bool = False, batch_size: int = 8, **_) -> None:
-    """GPTQ with all linears of a block hooked in one pass (the paper's default, not true-sequential)."""
+              block_size: int = 128, act_order: bool = False, static_groups: bool = False,
+              share_hessians: bool = True, first_token_weight: float = 1.0, batch_size: int = 8, **_) -> None:
+    """GPTQ with all linears of a block hooked in one pass (the paper's default, not true-sequential).
+
+    Linears fed the same tensor (q/k/v, gate/up) share one Hessian and are solved as one matrix (their
+    rows stacked): GPTQ treats rows independently, so this is the same result with fewer accumulations,
+    Cholesky factorizations and column loops (``share_hessians=False``: one per linear, as the reference).
+    ``first_token_weight`` (not the reference's; default 1 = off): see :class:`HessianAccumulator`.
+    """
+    solves = [0]
 
     def qb(i, block, linears, stats):
-        for lin_name, lin in linears.items():
-            H = stats[lin_name].H
-            _set(lin, gptq_quantize(lin.weight.data, H, int(bits), group_size, damp, block_size, act_order))
-            bpw = rtn_bits_per_weight(lin.in_features, int(bits), group_size)
-            if act_order and group_size is not None and group_size < lin.in_features:
-                bpw += 32 / lin.out_features  # int32 group index per input column (g_idx)
-            tally.add(lin, bpw)
+        groups: dict[int, list[str]] = {}
+        for lin_name in linears:
+            groups.setdefault(id(stats[lin_name].acc), []).append(lin_name)
+        for names in groups.values():
+            lins = [linears[n] for n in names]
+            W = torch.cat([lin.weight.data for lin in lins]) if len(lins) > 1 else lins[0].weight.data
+            W_hat = gptq_quantize(W, stats[names[0]].H, int(bits), group_size, damp, block_size, act_order,
+                                  static_groups)
+            solves[0] += 1
+            for lin, w_hat in zip(lins, W_hat.split([lin.out_features for lin in lins])):
+                _set(lin, w_hat)
+                bpw = rtn_bits_per_weight(lin.in_features, int(bits), group_size)
+                if act_order and not static_groups and group_size is not None and group_size < lin.in_features:
+                    bpw += 32 / lin.out_features  # int32 group index per input column (g_idx)
+                tally.add(lin, bpw)
 
-    extras.update(damp=damp, block_size=block_size, act_order=act_order)
-    walk_blocks(model, windows.ids, lambda n, lin: HessianAccumulator(lin.in_features, lin.weight.device),
-                qb, device=device, batch_size=batch_size, log=log)
+    pool = [_InputPool()]
+
+    def make_stats(name, lin):
+        if name in pool[0].names:  # a new block
+            pool[0] = _InputPool()
+        pool[0].names.add(name)
+        return _PooledHessian(pool[0], lin.in_features, lin.weight.device, share_hessians, first_token_weight)
+
+    extras.update(damp=damp, block_size=block_size, act_order=act_order, static_groups=static_groups,
+                  share_hessians=share_hessians, first_token_weight=first_token_weight)
+    walk_blocks(model, windows.ids, make_stats, qb, device=device, batch_size=batch_size, log=log)
+    extras["gptq_solves"] = solves[0]
 
 
 class TokenSample:
@@ -340,7 +410,7 @@ def quantize_baseline(
     ``bits``: an integer 2..4 for rtn/gptq/awq/hqq; any budget in [2, 4] for llmmq. ``group_size``:
     128 (ragged last group kept), or None for one grid per output row (llmmq ignores it). ``calib``:
     as :func:`cmpq.quantize.resolve_calibration` (unused by rtn/hqq). ``opts`` go to the method
-    (gptq: damp, block_size, act_order; awq: max_tokens, grid, clip; llmmq: sensitivity,
+    (gptq: damp, block_size, act_order, static_groups, share_hessians, first_token_weight; awq: max_tokens, grid, clip; llmmq: sensitivity,
     grad_nsamples, act_outlier_frac, weight_outlier_frac, cache).
     """
     from cmpq.quantize import default_device, resolve_calibration
