@@ -6,6 +6,7 @@ speed change leaves the result bit-identical).
     python benchmarks/gptq_speed.py --profile               # + torch profiler table (top ops)
     python benchmarks/gptq_speed.py --impl /tmp/orig        # time another copy of cmpq/baselines (before/after)
     python benchmarks/gptq_speed.py --json benchmarks/results/gptq-speed-cpu.json
+    python benchmarks/gptq_speed.py --loop --threads 1       # the column loop alone, us per column
 
 Phases: ``hessian`` (the hooks' X^T X accumulation), ``forward`` (the block forwards, hooks excluded),
 ``gptq`` (the per-layer solver: Cholesky and column loop).
@@ -77,6 +78,28 @@ def load_impl(folder: str | None):
     return mods[0], mods[1]
 
 
+def loop_cost(gmod, rows: int, n: int = 1024, repeats: int = 3) -> float:
+    """Seconds per column of the solver's column loop alone (Cholesky factor precomputed), best of
+    ``repeats``. With a handful of rows the tensor work is nil and this is the per-column host cost
+    (Python + dispatcher), the floor of the loop on a GPU."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, n, generator=g)
+    H = x.T @ x
+    Hinv = gmod._inverse_hessian_cholesky(H, 0.01, H.diagonal().mean())
+    W = torch.randn(rows, n, generator=g) * 0.02
+    real = gmod._inverse_hessian_cholesky
+    gmod._inverse_hessian_cholesky = lambda *args: Hinv
+    try:
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            gmod.gptq_quantize(W, H, 3, 128)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        gmod._inverse_hessian_cholesky = real
+    return best / n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", type=int, default=1024)
@@ -95,10 +118,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--label", default=None)
+    ap.add_argument("--loop", action="store_true", help="only time the column loop per column (8 and 4096 rows)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     gmod, rmod = load_impl(a.impl)
+    if a.loop:
+        row = {"label": a.label or (a.impl or "working tree"), "kind": "column loop, us per column (n=1024, 3 bits, g128)",
+               **{f"rows_{r}": round(loop_cost(gmod, r) * 1e6, 1) for r in (8, 1024, 4096)},
+               "threads": torch.get_num_threads(), "machine": "CPU", "date": datetime.date.today().isoformat()}
+        print(json.dumps(row))
+        if a.json:
+            rows = json.load(open(a.json)) if os.path.exists(a.json) else []
+            rows.append(row)
+            with open(a.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
 
     # phase timers: wrap the accumulator's add and the solver
     t = {"hessian": 0.0, "gptq": 0.0}
