@@ -37,3 +37,20 @@ def tiny_opt():
 def calib_ids():
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, 256, (4, 64), generator=g)
+
+
+@pytest.fixture
+def folder4(tmp_path):
+    """A 4-block tiny Llama with a character tokenizer, saved as a local folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=200, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    vocab = {chr(i): i for i in range(32, 127)} | {"[UNK]": 0}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path / "base")
+    return tmp_path / "base"

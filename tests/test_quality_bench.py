@@ -15,31 +15,12 @@ import torch
 from cmpq.baselines.runners import quantize_baseline
 
 transformers = pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 IDS = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "quality.py"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def clone(m: LlamaForCausalLM) -> LlamaForCausalLM:
-    c = LlamaForCausalLM(m.config).eval()
-    c.load_state_dict(m.state_dict())
-    return c
+from tiny_models import clone, one_thread, tiny  # noqa: E402,F401  (one_thread: autouse)
 
 
 def _tokenizer():
