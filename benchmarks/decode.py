@@ -44,19 +44,27 @@ def _peak(dev) -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
 
 
-def run(model, vocab: int, prompt_len: int, new: int, dev, label: str, graph: bool | None) -> dict:
+def run(model, vocab: int, prompt_len: int, new: int, dev, label: str, graph: bool | None,
+        compile_modes: tuple[bool, ...] = (False,)) -> list[dict]:
+    """One row per compile mode; the same prompt and loop."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (1, prompt_len), generator=gen).to(dev)
     generate_ids(model, ids, min(8, new), cuda_graph=graph)  # warm-up: kernel builds, layouts, graph path
-    _peak_reset(dev)
-    out, pre, dec, used = generate_ids(model, ids, new, cuda_graph=graph)
-    n = out.shape[1] - prompt_len
-    r = dict(model=label, prompt_tokens=prompt_len, new_tokens=n, prefill_ms=1e3 * pre,
-             tokens_per_s=(n - 1) / dec if dec > 0 else float("nan"), peak_gib=_peak(dev), cuda_graph=used,
-             first_tokens=out[0, prompt_len:prompt_len + 8].tolist())
-    print(f"{label}: {r['tokens_per_s']:.1f} tok/s, prefill {r['prefill_ms']:.1f} ms, peak {r['peak_gib']:.2f} GiB, "
-          f"graph={used}", flush=True)
-    return r
+    rows = []
+    for comp in compile_modes:
+        if comp:
+            torch._dynamo.reset()  # a fresh compile per model (dynamo's recompile limit is per code object)
+        _peak_reset(dev)
+        t0 = time.time()
+        out, pre, dec, used = generate_ids(model, ids, new, cuda_graph=graph, compile=comp)
+        n = out.shape[1] - prompt_len
+        r = dict(model=label, compiled=comp, prompt_tokens=prompt_len, new_tokens=n, prefill_ms=1e3 * pre,
+                 tokens_per_s=(n - 1) / dec if dec > 0 else float("nan"), peak_gib=_peak(dev), cuda_graph=used,
+                 call_s=time.time() - t0, first_tokens=out[0, prompt_len:prompt_len + 8].tolist())
+        print(f"{label}{' compiled' if comp else ''}: {r['tokens_per_s']:.1f} tok/s, prefill {r['prefill_ms']:.1f} ms, "
+              f"peak {r['peak_gib']:.2f} GiB, graph={used}, call {r['call_s']:.1f} s", flush=True)
+        rows.append(r)
+    return rows
 
 
 @torch.no_grad()
@@ -123,6 +131,8 @@ def main() -> None:
     ap.add_argument("--skip-model", action="store_true", help="skip part (a)")
     ap.add_argument("--skip-7b", action="store_true", help="skip part (b)")
     ap.add_argument("--no-cuda-graph", action="store_true")
+    ap.add_argument("--compile", choices=("off", "on", "both"), default="both",
+                    help="torch.compile the decode step (cmpq.generate): rows without, with, or both")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny random Llamas, few tokens")
     ap.add_argument("--out", default="benchmarks/results/decode-h100.json")
     a = ap.parse_args()
@@ -131,6 +141,7 @@ def main() -> None:
                  "Use --tiny for a CPU smoke test.")
     dev = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
     graph = False if a.no_cuda_graph else None
+    modes = {"off": (False,), "on": (True,), "both": (False, True)}[a.compile]
     if a.tiny:
         a.prompt_len, a.new_tokens = min(a.prompt_len, 16), min(a.new_tokens, 8)
     rows = []
@@ -148,11 +159,11 @@ def main() -> None:
             model, tok = load_model(a.model, device=dev, dtype=torch.float16)
             vocab, label, calib = model.config.vocab_size, a.model, a.calib
             qcfg = cmpq.CMPQConfig(bits=a.bits, nsamples=a.nsamples, seqlen=a.seqlen)
-        rows.append(run(model, vocab, a.prompt_len, a.new_tokens, dev, f"{label} fp16", graph))
+        rows += run(model, vocab, a.prompt_len, a.new_tokens, dev, f"{label} fp16", graph, modes)
         t0 = time.time()
         model = cmpq.quantize(model, tok, qcfg, calib=calib, device=dev, log=None)
         print(f"quantized {label} in {time.time() - t0:.1f} s", flush=True)
-        rows.append(run(model, vocab, a.prompt_len, a.new_tokens, dev, f"{label} cmpq-{a.bits:g}bit", graph))
+        rows += run(model, vocab, a.prompt_len, a.new_tokens, dev, f"{label} cmpq-{a.bits:g}bit", graph, modes)
         del model
         gc.collect()
 
@@ -160,11 +171,11 @@ def main() -> None:
         label = "tiny-llama-7b-shape" if a.tiny else "llama-2-7b-shape"
         model = llama(TINY if a.tiny else LLAMA7B, dev)
         vocab = model.config.vocab_size
-        rows.append(run(model, vocab, a.prompt_len, a.new_tokens, dev, f"{label} fp16", graph))
+        rows += run(model, vocab, a.prompt_len, a.new_tokens, dev, f"{label} fp16", graph, modes)
         t0 = time.time()
         quantize_random(model, a.bits, dev)
         print(f"quantized {label} in {time.time() - t0:.1f} s", flush=True)
-        rows.append(run(model, vocab, a.prompt_len, a.new_tokens, dev, f"{label} cmpq-{a.bits:g}bit", graph))
+        rows += run(model, vocab, a.prompt_len, a.new_tokens, dev, f"{label} cmpq-{a.bits:g}bit", graph, modes)
         del model
         gc.collect()
 
@@ -173,19 +184,20 @@ def main() -> None:
                 bits=a.bits, prompt_len=a.prompt_len, new_tokens=a.new_tokens, tiny=a.tiny,
                 seconds=time.time() - t_start,
                 method="greedy, batch 1, random prompt; cmpq.generate.generate_ids (static KV cache, CUDA graph "
-                       "per token step on GPU); tokens/s over the new tokens after the first; peak = max allocated")
+                       "per token step on GPU, optionally torch.compile first); tokens/s over the token loop (the "
+                       "new tokens after the first; one-time compile and capture excluded); peak = max allocated")
     if not a.tiny or a.out != ap.get_default("out"):
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(f"\n{meta['device']}, {meta['date']}, torch {meta['torch']}, {meta['seconds']:.0f} s\n")
-    print("| model | tokens/s | vs fp16 | prefill ms | peak GiB | CUDA graph |")
-    print("|---|---|---|---|---|---|")
+    print("| model | compiled | tokens/s | vs fp16 (same loop) | prefill ms | peak GiB | CUDA graph |")
+    print("|---|---|---|---|---|---|---|")
     base = {}
     for r in rows:
-        key = r["model"].rsplit(" ", 1)[0]
+        key = (r["model"].rsplit(" ", 1)[0], r["compiled"])
         base.setdefault(key, r["tokens_per_s"])
-        print(f"| {r['model']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base[key]:.2f}x | "
+        print(f"| {r['model']} | {r['compiled']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base[key]:.2f}x | "
               f"{r['prefill_ms']:.1f} | {r['peak_gib']:.2f} | {r['cuda_graph']} |")
 
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from typing import TYPE_CHECKING
 
+from cmpq.nn import opaque
 from cmpq.storage.packing import packed_shape, unpack_channels
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ class CMPQLinear(nn.Module):
             self.bias = None
         self._dense_cache: torch.Tensor | None = None
         self.cache_dense = False  # keep the dequantized weight after first use (fast eval, more memory)
+        self._handle = opaque.register(self)  # torch.compile sees this layer as one op (cmpq/nn/opaque.py)
 
     # -- structure -------------------------------------------------------------------------------
     def counts(self) -> dict[int, int]:
@@ -118,6 +120,11 @@ class CMPQLinear(nn.Module):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return torch.ops.cmpq.linear(x, self._handle, self.out_features)
+        return self.forward_eager(x)
+
+    def forward_eager(self, x: torch.Tensor) -> torch.Tensor:
         from cmpq.kernels import dispatch  # local: kernels are optional
 
         if self._dense_cache is not None and self._dense_cache.dtype == x.dtype:
