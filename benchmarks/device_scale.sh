@@ -10,6 +10,7 @@
 # Every part appends its JSON line to $OUT/device_scale.jsonl as soon as it ends (skips and timeouts too);
 # full log in $OUT/device_scale.log. Each part runs under `timeout`, so the script ends within
 # $CMPQ_SCALE_LIMIT_S seconds (default 555 s, under 9.5 minutes).
+# CMPQ_SCALE_PARTS="build-7b gptq-7b build-13b cmpq-13b-8gib" runs only the named parts (default: all).
 set -uo pipefail
 T0=$(date +%s)
 LIMIT=${CMPQ_SCALE_LIMIT_S:-555}
@@ -37,6 +38,7 @@ note() {  # note PART STATUS: one JSON line in the results
 }
 part() {  # part NAME NEED_S MAX_S CMD...: if NEED_S seconds remain, run CMD for at most MAX_S (and the time left)
   local name=$1 need=$2 most=$3; shift 3
+  if [[ -n "${CMPQ_SCALE_PARTS:-}" && " $CMPQ_SCALE_PARTS " != *" $name "* ]]; then return 0; fi
   local l; l=$(left)
   if (( l < need )); then
     echo "== skip $name: ${l}s left, needs ${need}s" | tee -a "$LOG"; note "$name" "skipped: ${l}s left, needs ${need}s"

@@ -4,15 +4,20 @@ Each point is the median (``triton.testing.do_bench``) of a CUDA graph that runs
 several weight/input sets in turn (so nothing sits in L2), divided by the number of sets; the graph
 also removes Python launch overhead, as in a graph-captured decode loop. The device-to-device copy
 bandwidth is measured in the same run; "bw" is (packed layer + activations + output bytes) / time
-as a fraction of it. Usage: ``python benchmarks/kernels.py [--out PATH] [--quick] [--impl cuda|triton]
-[--models 7B,70B] [--bits 3] [--batches 1,4,16] [--sweep]``. ``--impl cuda`` (default) is the v3 CUDA C++
-kernel (cmpq/kernels/cuda_decode.py), ``triton`` the v2 Triton kernel (cmpq/kernels/lut_gemv.py).
+as a fraction of it. Usage: ``python benchmarks/kernels.py [--out PATH] [--quick]
+[--impl dispatch|cuda|triton|prefill] [--models 7B,70B] [--bits 3] [--batches 1,4,16] [--sweep]
+[--max-minutes M]``. ``--impl dispatch`` (default) times exactly what ``CMPQLinear.forward`` runs
+(``cmpq.kernels.dispatch``: the CUDA decode kernels chosen by ``cuda_decode``'s defaults up to 16
+tokens, dequantize + cuBLAS above); ``cuda`` forces the CUDA decode kernels, ``triton`` the v2 Triton
+kernel (cmpq/kernels/lut_gemv.py), ``prefill`` the dequantize + cuBLAS path at any token count.
+A Markdown table is written next to the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import time
 import json
 import math
 import os
@@ -106,8 +111,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="7B shapes only")
     ap.add_argument("--block-n", type=int, default=64)
     ap.add_argument("--sweep", action="store_true", help="split sweep (cuda) / block_n x splits sweep (triton)")
-    ap.add_argument("--impl", choices=["cuda", "triton", "prefill"], default="cuda",
+    ap.add_argument("--impl", choices=["dispatch", "cuda", "triton", "prefill"], default="dispatch",
                     help="prefill: the many-token path (use with e.g. --batches 64,512,2048)")
+    ap.add_argument("--max-minutes", type=float, default=None, help="start no new layer after this long")
     ap.add_argument("--models", default="7B,13B,70B")
     ap.add_argument("--bits", default=",".join(str(b) for b in BITS))
     ap.add_argument("--batches", default=",".join(str(b) for b in BATCHES))
@@ -115,10 +121,14 @@ def main() -> None:
     bits_list = [float(b) for b in args.bits.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     models = args.models.split(",")
-    if args.impl == "cuda" and not cuda_decode.available():
+    if args.impl in ("cuda", "dispatch") and not cuda_decode.available():
         sys.exit(f"CUDA decode kernel unavailable: {cuda_decode.library_error()}")
 
     def decode(layer, x, block_n=64):
+        if args.impl == "dispatch":
+            from cmpq.kernels import dispatch
+
+            return dispatch(layer, x)
         if args.impl == "cuda":
             return cuda_decode.decode(layer, x)
         if args.impl == "prefill":  # many tokens: Triton dequant into a scratch weight, then cuBLAS
@@ -143,7 +153,13 @@ def main() -> None:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
 
     shapes = [(m, s) for m in models for s in SHAPES[m] if not args.quick or m == "7B"]
+    t_start = time.time()
     for model, (out, n_in) in shapes:
+        if args.max_minutes is not None and time.time() - t_start > 60 * args.max_minutes:
+            print(f"time budget spent: {model} {out}x{n_in} and later shapes not run", flush=True)
+            meta["cut_short"] = f"after {args.max_minutes} min: {model} {out}x{n_in} and later shapes not run"
+            save()
+            break
         nw = max(2, min(8, math.ceil(ROTATE_BYTES / (out * n_in * 2))))
         ws = [torch.randn(out, n_in, device=dev, dtype=torch.float16) * 0.02 for _ in range(nw)]
         for T in batches:
@@ -177,13 +193,22 @@ def main() -> None:
                 save()
             del layers, first
             torch.cuda.empty_cache()
-    print(f"\n{meta['device']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}, "
-          f"copy {bw / 1e12:.2f} TB/s\n")
-    print("| layer (out x in) | bits | tokens | CMPQ us | FP16 us | speedup | floor us | % copy bw |")
-    print("|---|---|---|---|---|---|---|---|")
+    save()
+    lines = [f"# CMPQ layers vs FP16 cuBLAS ({args.impl})", "",
+             f"{meta['device']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}, "
+             f"copy bandwidth {bw / 1e12:.2f} TB/s. {meta['method']}. Speedup = FP16 us / CMPQ us.", "",
+             "| layer (out x in) | bits | eff. bits | tokens | CMPQ us | FP16 us | speedup | floor us | % copy bw |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        print(f"| {r['model']} {r['out']}x{r['inp']} | {r['bits']} | {r['tokens']} | {r['cmpq_us']:.1f} | "
-              f"{r['fp16_us']:.1f} | {r['speedup']:.2f} | {r['floor_us']:.1f} | {100 * r['bw_frac']:.0f} |")
+        lines.append(f"| {r['model']} {r['out']}x{r['inp']} | {r['bits']} | {r['eff_bits']:.2f} | {r['tokens']} | "
+                     f"{r['cmpq_us']:.1f} | {r['fp16_us']:.1f} | {r['speedup']:.2f} | {r['floor_us']:.1f} | "
+                     f"{100 * r['bw_frac']:.0f} |")
+    if meta.get("cut_short"):
+        lines += ["", f"Cut short: {meta['cut_short']}."]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+        f.write(text)
+    print("\n" + text)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ BLOCKS_PER_SM = 6
 # 30.0), v3b on the 70B MLP shapes (66-68 vs 70-73 us). Env CMPQ_DECODE_VARIANT overrides.
 DEFAULT_VARIANT = "auto"
 AUTO_V4S_MAX_WEIGHTS = 100_000_000
-VARIANTS = ("auto", "v3b", "v4s", "v4p", "v4h", "v4p8", "v4h8")
+VARIANTS = ("auto", "v3b", "v4s", "v4p", "v4h", "v4p8", "v4h8", "v4s5", "v4s6")
 
 _LIB = None
 _LIB_ERR: str | None = None
@@ -85,6 +85,34 @@ def _build(src_path: str = SRC) -> str:
             raise RuntimeError(f"nvcc failed: {r.stderr[-2000:]}")
         os.replace(tmp, so)
     return so
+
+
+class KernelLibrary:
+    """One of the other kernel files (kernel_v4.cu, kernel_mma.cu), built with ``_build`` and loaded
+    on first use. Each exports ``<prefix>_launch(params*, int x n_int_args, stream)``,
+    ``<prefix>_error_string`` and ``<prefix>_params_size`` (checked against the ctypes struct, so a
+    stale build cannot read a different layout). ``get()`` is None when unavailable; ``error`` says why.
+    """
+
+    def __init__(self, src: str, prefix: str, params: type, n_int_args: int) -> None:
+        self.src, self.prefix, self.params, self.n_int_args = src, prefix, params, n_int_args
+        self.lib: ctypes.CDLL | None = None
+        self.error: str | None = None
+
+    def get(self) -> ctypes.CDLL | None:
+        if self.lib is None and self.error is None:
+            try:
+                lib = ctypes.CDLL(_build(self.src))
+                launch = getattr(lib, f"{self.prefix}_launch")
+                launch.restype = ctypes.c_int
+                launch.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * self.n_int_args + [ctypes.c_void_p]
+                getattr(lib, f"{self.prefix}_error_string").restype = ctypes.c_char_p
+                if getattr(lib, f"{self.prefix}_params_size")() != ctypes.sizeof(self.params):
+                    raise RuntimeError(f"{self.prefix}: params struct size differs between C and ctypes")
+                self.lib = lib
+            except Exception as e:  # no nvcc, no CUDA, compile error: callers fall back
+                self.error = f"{type(e).__name__}: {e}"
+        return self.lib
 
 
 def library():

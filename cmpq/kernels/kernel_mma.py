@@ -32,8 +32,6 @@ SM_SMEM = 227 << 10
 BLOCKS_PER_SM = 3  # __launch_bounds__(256, 3)
 DEFAULT_TPB = 8
 
-_LIB = None
-_LIB_ERR: str | None = None
 
 
 class _PM(ctypes.Structure):
@@ -43,25 +41,15 @@ class _PM(ctypes.Structure):
                 ("ntiles", "out", "ldx", "T", "S", "tpb", "red_off", "tbl_off", "xf_off", "pad_")]
 
 
+_LIBRARY = cd.KernelLibrary(SRC, "cmpq_mma", _PM, n_int_args=5)
+
+
 def library():
-    global _LIB, _LIB_ERR
-    if _LIB is None and _LIB_ERR is None:
-        try:
-            lib = ctypes.CDLL(cd._build(SRC))
-            lib.cmpq_mma_launch.restype = ctypes.c_int
-            lib.cmpq_mma_launch.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                            ctypes.c_int, ctypes.c_void_p]
-            lib.cmpq_mma_error_string.restype = ctypes.c_char_p
-            if lib.cmpq_mma_params_size() != ctypes.sizeof(_PM):
-                raise RuntimeError("PM struct size mismatch between C and ctypes")
-            _LIB = lib
-        except Exception as e:
-            _LIB_ERR = f"{type(e).__name__}: {e}"
-    return _LIB
+    return _LIBRARY.get()
 
 
 def library_error() -> str | None:
-    return _LIB_ERR
+    return _LIBRARY.error
 
 
 # -- layout ----------------------------------------------------------------------------------------

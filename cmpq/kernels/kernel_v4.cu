@@ -134,8 +134,8 @@ struct Slice {  // this block's part of each group
 // a[g] for a run-time g without sending the array to local memory
 __device__ __forceinline__ int sel(const int (&a)[3], int g) { return g == 0 ? a[0] : (g == 1 ? a[1] : a[2]); }
 
-template <int MODE, int D>
-__global__ void __launch_bounds__(NTHREADS, 4) v4_kernel(const P4 p) {
+template <int MODE, int D, int MINB>
+__global__ void __launch_bounds__(NTHREADS, MINB) v4_kernel(const P4 p) {
   extern __shared__ __align__(16) char smem_raw[];
   __shared__ int is_last;
   const unsigned raw = (unsigned)__cvta_generic_to_shared(smem_raw);
@@ -358,26 +358,29 @@ __global__ void __launch_bounds__(NTHREADS, 4) v4_kernel(const P4 p) {
   if (tid == 0) p.cnt[rb] = 0;
 }
 
-template <int MODE, int D>
+template <int MODE, int D, int MINB>
 static int launch(const P4* p, int gx, int gy, int smem, cudaStream_t st) {
   static bool init = false;
   if (!init) {
-    cudaError_t e = cudaFuncSetAttribute(v4_kernel<MODE, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
+    cudaError_t e = cudaFuncSetAttribute(v4_kernel<MODE, D, MINB>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
     if (e != cudaSuccess) return (int)e;
     init = true;
   }
-  v4_kernel<MODE, D><<<dim3(gx, gy), NTHREADS, smem, st>>>(*p);
+  v4_kernel<MODE, D, MINB><<<dim3(gx, gy), NTHREADS, smem, st>>>(*p);
   return (int)cudaGetLastError();
 }
 
-extern "C" int cmpq_v4_launch(const P4* p, int mode, int depth, int gx, int gy, int smem, void* stream) {
+// minb: __launch_bounds__ minimum blocks per SM (4: 64 registers; 5: 48, no spills; 6: 40, small spills)
+extern "C" int cmpq_v4_launch(const P4* p, int mode, int depth, int minb, int gx, int gy, int smem, void* stream) {
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  switch (mode * 100 + depth) {
-    case 4: return launch<0, 4>(p, gx, gy, smem, st);
-    case 104: return launch<1, 4>(p, gx, gy, smem, st);
-    case 204: return launch<2, 4>(p, gx, gy, smem, st);
-    case 208: return launch<2, 8>(p, gx, gy, smem, st);
-    case 108: return launch<1, 8>(p, gx, gy, smem, st);
+  switch (mode * 1000 + depth * 10 + minb) {
+    case 44: return launch<0, 4, 4>(p, gx, gy, smem, st);
+    case 45: return launch<0, 4, 5>(p, gx, gy, smem, st);
+    case 46: return launch<0, 4, 6>(p, gx, gy, smem, st);
+    case 1044: return launch<1, 4, 4>(p, gx, gy, smem, st);
+    case 2044: return launch<2, 4, 4>(p, gx, gy, smem, st);
+    case 2084: return launch<2, 8, 4>(p, gx, gy, smem, st);
+    case 1084: return launch<1, 8, 4>(p, gx, gy, smem, st);
   }
   return -1;
 }

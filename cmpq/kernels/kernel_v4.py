@@ -9,6 +9,8 @@ Reads the same one-time layout as v3b (``cuda_decode.repack``). Variants (see ke
 | v4h    | pair fp32    | pair fp16, scaled   | single | 4 |
 | v4p8   | as v4p       |                     |        | 8 |
 | v4h8   | as v4h       |                     |        | 8 |
+| v4s5   | as v4s, 48 registers (5 blocks/SM)  |  |        | 4 |
+| v4s6   | as v4s, 40 registers (6 blocks/SM, small spills) | | | 4 |
 
 ``decode(layer, x, variant, splits=None)`` returns None for anything but one token (the caller
 falls back to v3b).
@@ -26,13 +28,11 @@ from cmpq.kernels import cuda_decode as cd
 
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel_v4.cu")
 NTHREADS = 256
-VARIANTS = {"v4s": (0, 4), "v4p": (1, 4), "v4h": (2, 4), "v4p8": (1, 8), "v4h8": (2, 8)}
+VARIANTS = {"v4s": (0, 4), "v4p": (1, 4), "v4h": (2, 4), "v4p8": (1, 8), "v4h8": (2, 8), "v4s5": (0, 4), "v4s6": (0, 4)}
+MIN_BLOCKS = {"v4s5": 5, "v4s6": 6}  # __launch_bounds__ minimum blocks per SM; 4 for the others
 MAX_SMEM = 200 << 10
 SM_SMEM = 227 << 10  # usable shared memory per SM (H100/H200), minus per-block reserve below
-MAX_BLOCKS_PER_SM = 4  # __launch_bounds__(256, 4): 64 registers
-
-_LIB = None
-_LIB_ERR: str | None = None
+MAX_BLOCKS_PER_SM = 4  # __launch_bounds__(256, 4): 64 registers (the default; MIN_BLOCKS per variant)
 
 
 class _G4(ctypes.Structure):
@@ -47,25 +47,15 @@ class _P4(ctypes.Structure):
                 ("ldx", "out", "n_act", "S", "is_bf16", "ngroups", "ring_off", "tbl_off", "stage_off", "red_off")]
 
 
+_LIBRARY = cd.KernelLibrary(SRC, "cmpq_v4", _P4, n_int_args=6)
+
+
 def library():
-    global _LIB, _LIB_ERR
-    if _LIB is None and _LIB_ERR is None:
-        try:
-            lib = ctypes.CDLL(cd._build(SRC))
-            lib.cmpq_v4_launch.restype = ctypes.c_int
-            lib.cmpq_v4_launch.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                           ctypes.c_int, ctypes.c_void_p]
-            lib.cmpq_v4_error_string.restype = ctypes.c_char_p
-            if lib.cmpq_v4_params_size() != ctypes.sizeof(_P4):
-                raise RuntimeError("P4 struct size mismatch between C and ctypes")
-            _LIB = lib
-        except Exception as e:
-            _LIB_ERR = f"{type(e).__name__}: {e}"
-    return _LIB
+    return _LIBRARY.get()
 
 
 def library_error() -> str | None:
-    return _LIB_ERR
+    return _LIBRARY.error
 
 
 def group_modes(groups, mode: int) -> list[tuple[int, int]]:
@@ -113,15 +103,16 @@ def layout(groups, modes, S: int, depth: int) -> tuple[int, tuple[int, int, int,
 _PLANS: dict = {}
 
 
-def plan(groups, out: int, mode: int, depth: int, sms: int, splits: int | None = None):
+def plan(groups, out: int, mode: int, depth: int, sms: int, splits: int | None = None,
+         max_blocks: int = MAX_BLOCKS_PER_SM):
     """Pick the split count S: one or few waves, even work per SM, enough loads in flight."""
-    key = (tuple((g.bits, g.nq) for g in groups), out, mode, depth, sms, splits)
+    key = (tuple((g.bits, g.nq) for g in groups), out, mode, depth, sms, splits, max_blocks)
     if key not in _PLANS:
-        _PLANS[key] = _plan(groups, out, mode, depth, sms, splits)
+        _PLANS[key] = _plan(groups, out, mode, depth, sms, splits, max_blocks)
     return _PLANS[key]
 
 
-def _plan(groups, out: int, mode: int, depth: int, sms: int, splits: int | None = None):
+def _plan(groups, out: int, mode: int, depth: int, sms: int, splits: int | None, max_blocks: int):
     rb = -(-out // NTHREADS)
     modes = group_modes(groups, mode)
     NQ = max(1, sum(g.nq for g in groups))
@@ -134,7 +125,7 @@ def _plan(groups, out: int, mode: int, depth: int, sms: int, splits: int | None 
         smem, offs = layout(groups, modes, S, depth)
         if smem > MAX_SMEM:
             continue
-        resident = max(1, min(MAX_BLOCKS_PER_SM, SM_SMEM // (smem + 1024)))
+        resident = max(1, min(max_blocks, SM_SMEM // (smem + 1024)))
         blocks = rb * S
         per_sm = -(-blocks // sms)  # blocks the busiest SM runs
         waves = -(-per_sm // resident)
@@ -150,12 +141,12 @@ def _plan(groups, out: int, mode: int, depth: int, sms: int, splits: int | None 
     return rb, S, smem, offs
 
 
-def _params(layer, lay, mode: int, depth: int, splits: int | None):
-    k = ("v4", mode, depth, splits)
+def _params(layer, lay, mode: int, depth: int, splits: int | None, minb: int = MAX_BLOCKS_PER_SM):
+    k = ("v4", mode, depth, splits, minb)
     if k in lay.plans:
         return lay.plans[k]
     dev = layer.outlier_weight.device
-    pl = plan(lay.groups, layer.out_features, mode, depth, cd._num_sms(dev), splits)
+    pl = plan(lay.groups, layer.out_features, mode, depth, cd._num_sms(dev), splits, minb)
     if pl is None:
         lay.plans[k] = None
         return None
@@ -177,6 +168,7 @@ def _params(layer, lay, mode: int, depth: int, splits: int | None):
 def decode(layer, x: torch.Tensor, variant: str, splits: int | None = None) -> torch.Tensor | None:
     """``layer(x)`` for exactly one token; None when this kernel does not apply."""
     mode, depth = VARIANTS[variant]
+    minb = MIN_BLOCKS.get(variant, MAX_BLOCKS_PER_SM)
     lead, n_in, out = x.shape[:-1], x.shape[-1], layer.out_features
     if x.numel() != n_in or not cd.supported(layer):
         return None
@@ -189,7 +181,7 @@ def decode(layer, x: torch.Tensor, variant: str, splits: int | None = None) -> t
     lay = cd.repack(layer)
     if not lay.groups:
         return None
-    pp = _params(layer, lay, mode, depth, splits)
+    pp = _params(layer, lay, mode, depth, splits, minb)
     if pp is None:
         return None
     p, rb, S, smem = pp
@@ -197,7 +189,7 @@ def decode(layer, x: torch.Tensor, variant: str, splits: int | None = None) -> t
     y = torch.empty(1, out, dtype=x.dtype, device=x.device)
     p.x, p.y, p.part, p.cnt = x2.data_ptr(), y.data_ptr(), part.data_ptr(), cnt.data_ptr()
     p.ldx, p.is_bf16 = n_in, int(x.dtype == torch.bfloat16)
-    err = lib.cmpq_v4_launch(ctypes.byref(p), mode, depth, rb, S, smem,
+    err = lib.cmpq_v4_launch(ctypes.byref(p), mode, depth, minb, rb, S, smem,
                              torch.cuda.current_stream(x.device).cuda_stream)
     if err:
         raise RuntimeError(f"cmpq v4 decode kernel failed: {lib.cmpq_v4_error_string(err).decode()}")
