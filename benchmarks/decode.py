@@ -9,7 +9,7 @@ Batch 1, a 128-token random prompt, 256 new tokens (greedy), ``cmpq.generate.gen
       quantized by ``cmpq.algorithm.layer.quantize_weights`` + ``pack_linear`` with random
       activation norms (speed only; no calibration).
 
-Usage (GPU):  python benchmarks/decode.py --model smollm2-135m --out benchmarks/results/decode-h100.json
+Usage (GPU):  python benchmarks/decode.py --model smollm2-135m --out benchmarks/results/decode-h200.json
 CPU smoke test (tiny shapes, minutes -> seconds):  python benchmarks/decode.py --tiny
 """
 
@@ -134,7 +134,7 @@ def main() -> None:
     ap.add_argument("--compile", choices=("off", "on", "both"), default="both",
                     help="torch.compile the decode step (cmpq.generate): rows without, with, or both")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny random Llamas, few tokens")
-    ap.add_argument("--out", default="benchmarks/results/decode-h100.json")
+    ap.add_argument("--out", default="benchmarks/results/decode-h200.json")
     a = ap.parse_args()
     if not a.tiny and not torch.cuda.is_available():
         sys.exit("benchmarks/decode.py measures GPU decode speed and needs CUDA (torch.cuda.is_available() is False). "

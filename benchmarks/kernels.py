@@ -105,19 +105,43 @@ def sweep() -> None:
                     print(f"sweep {out}x{n_in} T={T} block_n={bn} splits={sp}: {us:.1f} us", flush=True)
 
 
+def write_table(rows: list[dict], meta: dict, path: str) -> str:
+    """The Markdown table of a run (also rebuilt from its JSON by ``--table-only``)."""
+    lines = [f"# CMPQ layers vs FP16 cuBLAS ({meta['impl']})", "",
+             f"{meta['device']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}, "
+             f"copy bandwidth {meta['copy_bw_Bps'] / 1e12:.2f} TB/s. {meta['method']}. Speedup = FP16 us / CMPQ us.", "",
+             "| layer (out x in) | bits | eff. bits | tokens | CMPQ us | FP16 us | speedup | floor us | % copy bw |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} {r['out']}x{r['inp']} | {r['bits']} | {r['eff_bits']:.2f} | {r['tokens']} | "
+                     f"{r['cmpq_us']:.1f} | {r['fp16_us']:.1f} | {r['speedup']:.2f} | {r['floor_us']:.1f} | "
+                     f"{100 * r['bw_frac']:.0f} |")
+    if meta.get("cut_short"):
+        lines += ["", f"Cut short: {meta['cut_short']}."]
+    text = "\n".join(lines) + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="benchmarks/results/kernels-h100.json")
+    ap.add_argument("--out", default="benchmarks/results/kernels-h200.json")
     ap.add_argument("--quick", action="store_true", help="7B shapes only")
     ap.add_argument("--block-n", type=int, default=64)
     ap.add_argument("--sweep", action="store_true", help="split sweep (cuda) / block_n x splits sweep (triton)")
     ap.add_argument("--impl", choices=["dispatch", "cuda", "triton", "prefill"], default="dispatch",
                     help="prefill: the many-token path (use with e.g. --batches 64,512,2048)")
     ap.add_argument("--max-minutes", type=float, default=None, help="start no new layer after this long")
+    ap.add_argument("--table-only", action="store_true", help="rewrite the Markdown table from the JSON at --out")
     ap.add_argument("--models", default="7B,13B,70B")
     ap.add_argument("--bits", default=",".join(str(b) for b in BITS))
     ap.add_argument("--batches", default=",".join(str(b) for b in BATCHES))
     args = ap.parse_args()
+    if args.table_only:
+        d = json.load(open(args.out))
+        print(write_table(d["rows"], d["meta"], os.path.splitext(args.out)[0] + ".md"))
+        return
     bits_list = [float(b) for b in args.bits.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     models = args.models.split(",")
@@ -194,21 +218,7 @@ def main() -> None:
             del layers, first
             torch.cuda.empty_cache()
     save()
-    lines = [f"# CMPQ layers vs FP16 cuBLAS ({args.impl})", "",
-             f"{meta['device']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}, "
-             f"copy bandwidth {bw / 1e12:.2f} TB/s. {meta['method']}. Speedup = FP16 us / CMPQ us.", "",
-             "| layer (out x in) | bits | eff. bits | tokens | CMPQ us | FP16 us | speedup | floor us | % copy bw |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} {r['out']}x{r['inp']} | {r['bits']} | {r['eff_bits']:.2f} | {r['tokens']} | "
-                     f"{r['cmpq_us']:.1f} | {r['fp16_us']:.1f} | {r['speedup']:.2f} | {r['floor_us']:.1f} | "
-                     f"{100 * r['bw_frac']:.0f} |")
-    if meta.get("cut_short"):
-        lines += ["", f"Cut short: {meta['cut_short']}."]
-    text = "\n".join(lines) + "\n"
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(text)
-    print("\n" + text)
+    print("\n" + write_table(rows, meta, os.path.splitext(args.out)[0] + ".md"))
 
 
 if __name__ == "__main__":
