@@ -1,45 +1,66 @@
 #!/usr/bin/env bash
-# ONE device call (1 GPU, no carry, ~9 minutes) for issue 4's final per-layer tables:
-#   1. build the three kernel libraries (v3b, v4, mma) in parallel
-#   2. GPU correctness tests of every CUDA kernel (tests/test_kernels.py, CUDA parts)
-#   3. one-token variants with more blocks per SM (v4s5, v4s6) against v4s and v3b, 3 bits, 7B + 70B shapes
-#   4. the issue's table with the shipped dispatch (what CMPQLinear.forward runs): 1/4/16 tokens,
-#      2/2.5/3/3.5/4 bits, 7B, 70B then 13B shapes, until the time budget -> kernels-h200.{json,md}
-#   5. prefill (dequantize + cuBLAS) at 64/512/2048 tokens, 3 bits -> kernels-prefill-h200.{json,md}
-# Everything lands in $OUT. Usage: bash benchmarks/device_kernels.sh   (CMPQ_KERNELS_LIMIT_S, default 570)
+# ONE device call (1 GPU, no carry, under 10 minutes) for issue 4's per-layer tables. Steps (default all;
+# CMPQ_KERNELS_STEPS="tests prefill" picks some):
+#   (always) build the three kernel libraries (v3b, v4, mma) in parallel
+#   tests    GPU correctness tests of every CUDA kernel (tests/test_kernels.py); failures printed
+#   variants one-token variants v3b, v4s, v4s5, v4s6 at 3/2/4 bits, 7B + 70B shapes
+#   grid     the issue's table with the shipped dispatch (what CMPQLinear.forward runs): 1/4/8/16 tokens,
+#            2/2.5/3/3.5/4 bits, 7B, 70B, 13B shapes -> kernels-h200.{json,md}
+#   prefill  dequantize + cuBLAS at 4..2048 tokens, same shapes and bits -> kernels-prefill-h200.{json,md}
+#            (next to the grid, it shows where the dispatch should switch from mma to prefill)
+#   small    SmolLM2-135M's layer shapes, dispatch and prefill, 1/4/16 tokens, 3 bits -> kernels-135m-h200.*
+# JSON and tests.log land in $OUT (the device returns at most 8 files: logs and Markdown stay in $LOGS;
+# `python benchmarks/kernels.py --table-only --out X.json` rebuilds a table). Usage: bash benchmarks/device_kernels.sh   (CMPQ_KERNELS_LIMIT_S, default 570)
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 export CMPQ_CACHE=${CMPQ_CACHE:-/tmp/cmpq-cache}
 OUT=${OUT:-benchmarks/results/device-kernels}
-mkdir -p "$OUT"
+LOGS=${LOGS:-/tmp/cmpq-kernel-logs}
+mkdir -p "$OUT" "$LOGS"
 PY=${PYTHON:-python3}
 LIMIT=${CMPQ_KERNELS_LIMIT_S:-570}
+STEPS=" ${CMPQ_KERNELS_STEPS:-tests variants grid prefill small} "
 T0=$(date +%s)
 el() { echo $(( $(date +%s) - T0 )); }
 left() { echo $(( LIMIT - $(el) )); }
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 
 for k in cuda_decode kernel_v4 kernel_mma; do
-  $PY -c "from cmpq.kernels import $k as k; assert k.library(), k.library_error()" >"$OUT/build_$k.log" 2>&1 &
+  $PY -c "from cmpq.kernels import $k as k; assert k.library(), k.library_error()" >"$LOGS/build_$k.log" 2>&1 &
 done
 wait
-echo "[$(el)s] built"; tail -n 2 "$OUT"/build_*.log
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv >"$OUT/gpu.txt" 2>&1
+echo "[$(el)s] built"; tail -q -n 1 "$LOGS"/build_*.log
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv >"$LOGS/gpu.txt" 2>&1
 
-timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py -rf >"$OUT/tests.log" 2>&1
-echo "[$(el)s] tests rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/tests.log" | tail -15
-
-mkdir -p "$OUT/variants"
-timeout 110 $PY benchmarks/kernel_variants.py --out "$OUT/variants" --budget 90 --variants v3b,v4s,v4s5,v4s6 \
-  --bits 3,2,4 --batches 1 >"$OUT/variants.log" 2>&1
-echo "[$(el)s] variants rc=$?"; cat "$OUT/variants/kernel_variants.md" 2>/dev/null | tail -n 22
-
-GRID_MIN=$(( ($(left) - 100) / 60 ))
-timeout $(( $(left) - 80 )) $PY benchmarks/kernels.py --models 7B,70B,13B --max-minutes "$GRID_MIN" \
-  --out "$OUT/kernels-h200.json" >"$OUT/grid.log" 2>&1
-echo "[$(el)s] grid rc=$?"
-
-timeout $(( $(left) - 5 )) $PY benchmarks/kernels.py --impl prefill --models 7B,70B --bits 3 --batches 64,512,2048 \
-  --out "$OUT/kernels-prefill-h200.json" >"$OUT/prefill.log" 2>&1
-echo "[$(el)s] prefill rc=$?"; tail -n 12 "$OUT/kernels-prefill-h200.md" 2>/dev/null
-echo "grid:"; grep -E "^\| (7B|13B|70B)" "$OUT/kernels-h200.md" 2>/dev/null | awk -F'|' '$5+0==1' | head -40
+if want tests; then
+  timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py -rf --tb=line >"$OUT/tests.log" 2>&1
+  echo "[$(el)s] tests rc=$?"; grep -E "passed|failed|FAILED|Error|assert" "$OUT/tests.log" | tail -20
+fi
+if want variants; then
+  mkdir -p "$OUT/variants"
+  timeout 110 $PY benchmarks/kernel_variants.py --out "$OUT/variants" --budget 90 --variants v3b,v4s,v4s5,v4s6 \
+    --bits 3,2,4 --batches 1 >"$LOGS/variants.log" 2>&1
+  echo "[$(el)s] variants rc=$?"; tail -n 20 "$OUT/variants/kernel_variants.md" 2>/dev/null
+fi
+if want grid; then
+  timeout $(( $(left) > 200 ? 180 : $(left) / 2 )) $PY benchmarks/kernels.py --models 7B,70B,13B --batches 1,4,8,16 \
+    --max-minutes 2 --out "$OUT/kernels-h200.json" >"$LOGS/grid.log" 2>&1
+  echo "[$(el)s] grid rc=$?"
+fi
+if want prefill; then
+  timeout $(( $(left) > 240 ? 200 : $(left) / 2 )) $PY benchmarks/kernels.py --impl prefill --models 7B,70B,13B \
+    --batches 4,8,16,64,512,2048 --max-minutes 2.5 --out "$OUT/kernels-prefill-h200.json" >"$LOGS/prefill.log" 2>&1
+  echo "[$(el)s] prefill rc=$?"; grep -E "^\| 7B 4096x11008 \| 3.0" "$OUT/kernels-prefill-h200.md" 2>/dev/null
+fi
+if want small; then
+  timeout $(( $(left) - 5 )) $PY benchmarks/kernels.py --models 135M --bits 3 --batches 1,4,16 \
+    --out "$OUT/kernels-135m-h200.json" >"$LOGS/small.log" 2>&1
+  timeout $(( $(left) - 5 )) $PY benchmarks/kernels.py --impl prefill --models 135M --bits 3 --batches 1,4,16,128 \
+    --out "$OUT/kernels-135m-prefill-h200.json" >>"$LOGS/small.log" 2>&1
+  echo "[$(el)s] small rc=$?"; grep -E "^\| 135M" "$OUT"/kernels-135m-*.md 2>/dev/null
+fi
+if want grid; then
+  echo "grid, 3 bits:"; grep -E "^\| (7B|13B|70B).*\| 3.0 \|" "$OUT/kernels-h200.md" 2>/dev/null | cut -c1-90
+fi
+mv "$OUT"/*.md "$LOGS"/ 2>/dev/null; true

@@ -34,6 +34,7 @@ from cmpq.kernels.lut_gemv import decode as triton_decode  # noqa: E402
 from cmpq.kernels.testing import mix_counts, random_layer  # noqa: E402
 
 SHAPES = {  # out x in
+    "135M": [(576, 576), (192, 576), (1536, 576), (576, 1536)],  # SmolLM2-135M: q/o, k/v, gate/up, down
     "7B": [(4096, 4096), (11008, 4096), (4096, 11008)],
     "13B": [(5120, 5120), (13824, 5120), (5120, 13824)],
     "70B": [(8192, 8192), (28672, 8192), (8192, 28672)],

@@ -233,7 +233,11 @@ def test_cuda_decode_variant_big_splits_graph(variant):
         layer = random_layer(out, n_in, counts, n_act, 400, bias=True, device=DEV, generator=gen)
         for splits in (None, 1, 3, 13, 50):
             x = torch.randn(1, n_in, device=DEV).half()
-            _check(kernel_v4.decode(layer, x, variant, splits=splits), layer, x)
+            y = kernel_v4.decode(layer, x, variant, splits=splits)
+            if y is None and splits is not None:  # a forced split whose tables exceed a block's shared memory
+                assert kernel_v4.plan(cuda_decode.repack(layer).groups, out, *kernel_v4.VARIANTS[variant], 132, splits) is None
+                continue
+            _check(y, layer, x)
         xb = (torch.randn(1, n_in, device=DEV) * 3e6).bfloat16()  # x*cb beyond fp16 range: scaled tables
         _check(kernel_v4.decode(layer, xb, variant), layer, xb)
     x = torch.randn(1, 1, n_in, device=DEV).half()

@@ -1,8 +1,11 @@
 """Prefill path (more than 16 tokens): Triton dequantization into a scratch weight, then cuBLAS.
 
-The weight is dequantized in *storage order* (each group's channels, then the outlier columns):
-every store is contiguous, and ``x`` is gathered into the same order with one cheap
-``index_select``. Sparse outliers overwrite their positions afterwards (they replace values).
+The weight is dequantized in *storage order* (each group's channels, then the outlier columns) and
+*transposed*, ``[in, out]``: the lanes of a warp hold consecutive output rows, so every store is
+one contiguous run (a plain ``[out, in]`` store would put each lane on another row: one 32-byte
+sector written per 2-byte value). ``x`` is gathered into the same order with one cheap
+``index_select``; cuBLAS takes the transposed weight as it is. Sparse outliers overwrite their
+positions afterwards (they replace values).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from cmpq.kernels.layout import prepare
 
 
 @triton.jit
-def _dequant(pk, cb, w, stride_w, col0, n, out, B: tl.constexpr, BLOCK_R: tl.constexpr):
+def _dequant_t(pk, cb, wt, col0, n, out, B: tl.constexpr, BLOCK_R: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     g = tl.program_id(1)
     lane = tl.arange(0, 32)
@@ -28,26 +31,27 @@ def _dequant(pk, cb, w, stride_w, col0, n, out, B: tl.constexpr, BLOCK_R: tl.con
         word = tl.load(pk + (g * B + p) * out + rows, mask=rm, other=0)
         idx |= ((word[None, :] >> lane[:, None]) & 1) << p
     v = tl.load(cb + j[:, None] * (1 << B) + idx, mask=jm[:, None], other=0.0)
-    ptr = w + rows[None, :].to(tl.int64) * stride_w + col0 + j[:, None]
-    tl.store(ptr, v.to(w.dtype.element_ty), mask=rm[None, :] & jm[:, None])
+    ptr = wt + (col0 + j[:, None]).to(tl.int64) * out + rows[None, :]
+    tl.store(ptr, v.to(wt.dtype.element_ty), mask=rm[None, :] & jm[:, None])
 
 
 def dequantize_permuted(layer, dtype: torch.dtype) -> torch.Tensor:
-    """``W_hat[:, perm]`` (see layout.py) as a dense ``[out, in]`` tensor of ``dtype``."""
+    """``W_hat[:, perm]`` (see layout.py) as a dense ``[out, in]`` tensor of ``dtype`` (a transposed
+    view of a contiguous ``[in, out]`` tensor)."""
     lay = prepare(layer)
     out, n_in = layer.out_features, layer.in_features
-    w = torch.empty(out, n_in, dtype=dtype, device=lay.perm.device)
-    BR = 64
+    wt = torch.empty(n_in, out, dtype=dtype, device=lay.perm.device)
+    BR = 128
     for g in lay.groups:
         if g.n:
             grid = (triton.cdiv(out, BR), triton.cdiv(g.n, 32))
-            _dequant[grid](g.packed_t, g.codebook, w, w.stride(0), g.offset, g.n, out, B=g.bits, BLOCK_R=BR, num_warps=4)
+            _dequant_t[grid](g.packed_t, g.codebook, wt, g.offset, g.n, out, B=g.bits, BLOCK_R=BR, num_warps=4)
     n_act = lay.outlier_channels.numel()
     if n_act:
-        w[:, n_in - n_act:] = layer.outlier_weight.to(dtype)
+        wt[n_in - n_act:] = lay.outlier_weight_t.to(dtype)
     if lay.sparse_flat.numel():
-        w.view(-1)[lay.sparse_flat] = lay.sparse_val.to(dtype)
-    return w
+        wt.view(-1)[lay.sparse_flat] = lay.sparse_val.to(dtype)
+    return wt.t()
 
 
 def prefill(layer, x: torch.Tensor) -> torch.Tensor:

@@ -116,10 +116,10 @@ def _plan(groups, out: int, mode: int, depth: int, sms: int, splits: int | None,
     rb = -(-out // NTHREADS)
     modes = group_modes(groups, mode)
     NQ = max(1, sum(g.nq for g in groups))
-    if splits is not None:
+    if splits is not None:  # forced (tests, sweeps): refused when a block's tables do not fit
         S = max(1, min(splits, NQ))
         smem, offs = layout(groups, modes, S, depth)
-        return rb, S, smem, offs
+        return (rb, S, smem, offs) if smem <= MAX_SMEM else None
     best = None
     for S in range(1, min(NQ, 4 * sms) + 1):
         smem, offs = layout(groups, modes, S, depth)

@@ -11,7 +11,8 @@ byte with coalesced loads and never decode anything twice.
   quantized weight unconditionally, so the layout stores ``corr[k] = sparse_val[k] - W_q[r_k, c_k]``
   (fp32, x-independent, computed once here) and the epilogue adds ``corr[k] * x[c_k]``.
 - ``perm`` (storage order of all channels: each group, then the outlier columns) and
-  ``sparse_flat`` (positions of the sparse outliers in the permuted dense weight) serve prefill.
+  ``sparse_flat`` (positions of the sparse outliers in the transposed permuted dense weight
+  ``[in, out]``) serve prefill.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class KernelLayout:
     sparse_col: torch.Tensor  # int32 [nnz]
     sparse_corr: torch.Tensor  # fp32 [nnz]: sparse_val - W_q at that position
     sparse_val: torch.Tensor  # fp16 [nnz]
-    sparse_flat: torch.Tensor  # int64 [nnz]: r * in + perm position of the column
+    sparse_flat: torch.Tensor  # int64 [nnz]: perm position of the column * out + r
     perm: torch.Tensor  # int64 [in]: column order of the permuted dense weight
 
 
@@ -116,7 +117,7 @@ def prepare(layer) -> KernelLayout:
         sparse_col=col.contiguous(),
         sparse_corr=corr.contiguous(),
         sparse_val=layer.sparse_val.contiguous(),
-        sparse_flat=rows * layer.in_features + inv[col.long()],
+        sparse_flat=inv[col.long()] * layer.out_features + rows,
         perm=perm,
     )
     layer._kernel_layout = layout
