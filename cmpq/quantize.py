@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from cmpq import __version__
+from cmpq.algorithm import phases
 from cmpq.algorithm.layer import quantize_weights
 from cmpq.config import CMPQConfig
 from cmpq.data.tokens import Windows, calibration_windows
@@ -94,7 +95,8 @@ def quantize(
                                      [f"block {i} {n}" for n in names])
         for name, parts in zip(names, all_parts):
             lin = linears[name]
-            q = pack_linear(parts, lin.bias.data if lin.bias is not None else None)
+            with phases.phase("packing", lin.weight.device):
+                q = pack_linear(parts, lin.bias.data if lin.bias is not None else None)
             q.cache_dense = True  # the rerun of this block reuses the dequantized weight
             set_module(block, name, q)
 
@@ -134,6 +136,7 @@ def quantize(
             ckpt = open_checkpoint(lambda: BlockCheckpoint(checkpoint_dir, identity, resume), dist)
 
     start = time.perf_counter()
+    phases.reset()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with chunk:
@@ -159,7 +162,9 @@ def quantize(
         "quantize_seconds": round(total, 2),
         "time_split_seconds": {"catch": round(times.catch, 2), "forward": round(times.forward, 2),
                                **{k: round(v, 2) for k, v in times.extra.items()},
-                               "quantize_linears": round(times.quantize, 2)},
+                               "quantize_linears": round(times.quantize, 2),
+                               # this process's share of quantize_linears (allocation, kmeans, outlier_search, packing)
+                               "linears_by_phase": {k: round(v, 2) for k, v in phases.totals().items()}},
     }
     if device.type == "cuda":
         qc["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)

@@ -183,3 +183,11 @@ def test_cli_estimate(tiny_llama, tmp_path, capsys):
     assert [r["bits"] for r in rows] == [2.5, 3.0] and rows[0]["effective_bits"] < rows[1]["effective_bits"]
     assert rows[0]["other_fp16_bytes"] == 2 * sum(p.numel() for n, p in tiny_llama.named_parameters()
                                                   if "layers" not in n or "norm" in n)
+
+
+def test_time_split_has_phases(tiny_llama, calib_ids):
+    split = quantize_tiny(tiny_llama, calib_ids).config.quantization_config["time_split_seconds"]
+    by_phase = split["linears_by_phase"]
+    assert set(by_phase) == {"allocation", "kmeans", "outlier_search", "packing"}
+    assert all(v >= 0 for v in by_phase.values()) and by_phase["kmeans"] > 0
+    assert sum(by_phase.values()) <= split["quantize_linears"] + 0.05  # the phases are parts of it

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from cmpq.algorithm.allocation import get_allocator
+from cmpq.algorithm.phases import phase
 from cmpq.algorithm.kmeans import assign_nearest, kmeans_1d, uniform_codebook
 from cmpq.config import CMPQConfig
 
@@ -168,13 +169,45 @@ def quantize_weights(
 ) -> list[QuantizedParts]:
     """CMPQ on several matrices (e.g. all linears of one block), clustered in shared batches."""
     names = names or [f"weight {i}" for i in range(len(weights))]
-    plans = [_plan(w, a, cfg, n) for w, a, n in zip(weights, act_sqsums, names)]
+    dev = weights[0].device
+    with phase("allocation", dev):
+        plans = [_plan(w, a, cfg, n) for w, a, n in zip(weights, act_sqsums, names)]
     keeps: dict[int, list[torch.Tensor | None]] = {b: [None] * len(plans) for b in BIT_WIDTHS}
-    sparse: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # First pass: quantize everything, keep the weights with the largest error (O_q) aside.
-    first = {b: _cluster([p.cols[b] for p in plans], [None] * len(plans), 2**b, cfg) for b in BIT_WIDTHS} \
-        if any(p.n_sparse for p in plans) else None
+    with phase("kmeans", dev):
+        first = {b: _cluster([p.cols[b] for p in plans], [None] * len(plans), 2**b, cfg) for b in BIT_WIDTHS} \
+            if any(p.n_sparse for p in plans) else None
+    with phase("outlier_search", dev):
+        sparse = _weight_outliers(plans, first, keeps)
+
+    # Final pass: cluster each channel without its outliers, warm-started from the first pass (one
+    # start instead of two, and it converges in a few iterations).
+    with phase("kmeans", dev):
+        final = {b: _cluster([p.cols[b] for p in plans], keeps[b], 2**b, cfg, first[b] if first else None)
+                 for b in BIT_WIDTHS}
+        indices = [{b: assign_nearest(p.cols[b], final[b][li]).to(torch.uint8).T.contiguous() for b in BIT_WIDTHS}
+                   for li, p in enumerate(plans)]
+    result = []
+    for li, p in enumerate(plans):
+        groups = {b: (p.chans[b], indices[li][b], final[b][li].half()) for b in BIT_WIDTHS}
+        rows, cols = sparse[li]
+        result.append(QuantizedParts(
+            out_features=p.weight.shape[0],
+            in_features=p.weight.shape[1],
+            groups=groups,
+            outlier_channels=p.act_ids,
+            outlier_weight=p.weight[:, p.act_ids].half(),
+            sparse_rows=rows,
+            sparse_cols=cols,
+            sparse_vals=p.weight[rows, cols].half(),
+        ))
+    return result
+
+
+def _weight_outliers(plans: list[_Plan], first: dict | None, keeps: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """O_q of every layer: (rows, cols) of its largest-error weights, row-major; fills ``keeps``."""
+    sparse = []
     for li, p in enumerate(plans):
         out_f, in_f = p.weight.shape
         dev = p.weight.device
@@ -191,29 +224,7 @@ def quantize_weights(
         cols, rows = top // out_f, top % out_f
         order = torch.argsort(rows * in_f + cols)
         sparse.append((rows[order], cols[order]))
-
-    # Final pass: cluster each channel without its outliers, warm-started from the first pass (one
-    # start instead of two, and it converges in a few iterations).
-    final = {b: _cluster([p.cols[b] for p in plans], keeps[b], 2**b, cfg, first[b] if first else None)
-             for b in BIT_WIDTHS}
-    result = []
-    for li, p in enumerate(plans):
-        groups = {}
-        for b in BIT_WIDTHS:
-            cb = final[b][li]
-            groups[b] = (p.chans[b], assign_nearest(p.cols[b], cb).to(torch.uint8).T.contiguous(), cb.half())
-        rows, cols = sparse[li]
-        result.append(QuantizedParts(
-            out_features=p.weight.shape[0],
-            in_features=p.weight.shape[1],
-            groups=groups,
-            outlier_channels=p.act_ids,
-            outlier_weight=p.weight[:, p.act_ids].half(),
-            sparse_rows=rows,
-            sparse_cols=cols,
-            sparse_vals=p.weight[rows, cols].half(),
-        ))
-    return result
+    return sparse
 
 
 def quantize_weight(weight: torch.Tensor, act_sqsum: torch.Tensor, cfg: CMPQConfig, name: str = "weight") -> QuantizedParts:
