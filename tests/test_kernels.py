@@ -71,6 +71,31 @@ def test_prefill(mix, dtype):
     _check(y.reshape(-1, 67), layer, x.reshape(-1, 300))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("outliers", [False, True])
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_dequantize_permuted_exact(mix, outliers, dtype, monkeypatch):
+    """Both dequantizers (CUDA from the decode layout, Triton from layout.prepare) give exactly the
+    reference weight, permuted and transposed; on CPU only the Triton one runs."""
+    from cmpq.kernels import dequant
+
+    layer = _layer(mix, outliers, seed=11)
+    ref = layer.dequantize(dtype)
+    cuda_wt = dequant._dequantize_cuda(layer, dtype)
+    if DEV == "cuda":
+        assert cuda_wt is not None, dequant._LIBRARY.error
+        assert torch.equal(cuda_wt, ref[:, dequant.prefill_index(layer).perm].T)
+    else:
+        assert cuda_wt is None
+    monkeypatch.setattr(dequant, "_dequantize_cuda", lambda *a: None)
+    wt, perm = dequant.dequantize_permuted_t(layer, dtype)
+    assert wt.is_contiguous()
+    if dtype == torch.float16:
+        assert torch.equal(wt, ref[:, perm].T)
+    else:  # Triton's interpreter truncates fp16 -> bf16 where torch rounds: one bf16 step apart at most
+        torch.testing.assert_close(wt, ref[:, perm].T, rtol=2**-7, atol=0)
+
+
 def test_decode_splits_and_batch_dims():
     layer = _layer("mixed", True, seed=3)
     x = torch.randn(2, 2, 300, device=DEV).half()

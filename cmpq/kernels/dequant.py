@@ -1,4 +1,8 @@
-"""Prefill path (more than 16 tokens): Triton dequantization into a scratch weight, then cuBLAS.
+"""Prefill path (more than 16 tokens): dequantization into a scratch weight, then cuBLAS.
+
+On CUDA with nvcc, ``dequant_cuda.cu`` dequantizes from the decode kernels' layout
+(``cuda_decode.repack``, no second copy of the indices); elsewhere (the Triton interpreter in
+tests, no nvcc, other bit widths) the Triton kernel below does it from ``layout.prepare``.
 
 The weight is dequantized in *storage order* (each group's channels, then the outlier columns) and
 *transposed*, ``[in, out]``: the lanes of a warp hold consecutive output rows, so every store is
@@ -10,12 +14,80 @@ positions afterwards (they replace values).
 
 from __future__ import annotations
 
+import ctypes
+import os
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from cmpq.kernels.layout import prepare
+from cmpq.kernels import cuda_decode as cd
+from cmpq.kernels.layout import _key, prepare
+
+SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dequant_cuda.cu")
+NTHREADS = 256
+
+
+class _DQ(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_void_p) for n in ("q", "cb", "wt")] + [
+                (n, ctypes.c_int) for n in ("nq", "out", "n", "bits", "off", "is_bf16")]
+
+
+_LIBRARY = cd.KernelLibrary(SRC, "cmpq_dq", _DQ, n_int_args=2)
+
+
+@dataclass
+class PrefillIndex:
+    key: tuple
+    perm: torch.Tensor  # int64 [in]: storage order of the columns (each group, then the outlier columns)
+    sparse_flat: torch.Tensor  # int64 [nnz]: perm position of the column * out + row
+
+
+@torch.no_grad()
+def prefill_index(layer) -> PrefillIndex:
+    """``perm`` and the sparse positions for the CUDA path, cached on the layer (small: no indices)."""
+    key = _key(layer)
+    cached = getattr(layer, "_prefill_index", None)
+    if cached is not None and cached.key == key:
+        return cached
+    perm = torch.cat([layer.group(b)[0] for b in layer.bit_widths] + [layer.outlier_channels]).long()
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    crow, col = layer.sparse_crow, layer.sparse_col
+    rows = torch.repeat_interleave(torch.arange(layer.out_features, device=col.device), (crow[1:] - crow[:-1]).long())
+    layer._prefill_index = PrefillIndex(key, perm, inv[col.long()] * layer.out_features + rows)
+    return layer._prefill_index
+
+
+def _dequantize_cuda(layer, dtype: torch.dtype) -> torch.Tensor | None:
+    """``W_hat[:, perm]^T`` ``[in, out]`` from the CUDA kernel, or None where it does not apply."""
+    dev = layer.outlier_weight.device
+    if (dev.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or not cd.supported(layer)
+            or os.environ.get("CMPQ_KERNELS") == "triton"):
+        return None
+    lib = _LIBRARY.get()
+    if lib is None:
+        return None
+    lay = cd.repack(layer)
+    idx = prefill_index(layer)
+    out, n_in = layer.out_features, layer.in_features
+    wt = torch.empty(n_in, out, dtype=dtype, device=dev)
+    off, stream = 0, torch.cuda.current_stream(dev).cuda_stream
+    for g in lay.groups:
+        p = _DQ(g.q.data_ptr(), g.codebook.data_ptr(), wt.data_ptr(), g.nq, out, g.n, g.bits, off,
+                int(dtype == torch.bfloat16))
+        err = lib.cmpq_dq_launch(ctypes.byref(p), -(-out // NTHREADS), g.nq, stream)
+        if err:
+            raise RuntimeError(f"cmpq dequant kernel failed: {lib.cmpq_dq_error_string(err).decode()}")
+        off += g.n
+    n_act = layer.outlier_channels.numel()
+    if n_act:
+        wt[n_in - n_act:] = lay.outlier_weight_t.to(dtype)
+    if idx.sparse_flat.numel():
+        wt.view(-1)[idx.sparse_flat] = layer.sparse_val.to(dtype)
+    return wt
 
 
 @triton.jit
@@ -35,9 +107,12 @@ def _dequant_t(pk, cb, wt, col0, n, out, B: tl.constexpr, BLOCK_R: tl.constexpr)
     tl.store(ptr, v.to(wt.dtype.element_ty), mask=rm[None, :] & jm[:, None])
 
 
-def dequantize_permuted(layer, dtype: torch.dtype) -> torch.Tensor:
-    """``W_hat[:, perm]`` (see layout.py) as a dense ``[out, in]`` tensor of ``dtype`` (a transposed
-    view of a contiguous ``[in, out]`` tensor)."""
+def dequantize_permuted_t(layer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W_hat[:, perm]^T, perm)``: the dense weight, columns in storage order, as a contiguous
+    ``[in, out]`` tensor of ``dtype``, and that column order."""
+    wt = _dequantize_cuda(layer, dtype)
+    if wt is not None:
+        return wt, prefill_index(layer).perm
     lay = prepare(layer)
     out, n_in = layer.out_features, layer.in_features
     wt = torch.empty(n_in, out, dtype=dtype, device=lay.perm.device)
@@ -51,12 +126,16 @@ def dequantize_permuted(layer, dtype: torch.dtype) -> torch.Tensor:
         wt[n_in - n_act:] = lay.outlier_weight_t.to(dtype)
     if lay.sparse_flat.numel():
         wt.view(-1)[lay.sparse_flat] = lay.sparse_val.to(dtype)
-    return wt.t()
+    return wt, lay.perm
+
+
+def dequantize_permuted(layer, dtype: torch.dtype) -> torch.Tensor:
+    """``W_hat[:, perm]`` as a dense ``[out, in]`` tensor (a transposed view)."""
+    return dequantize_permuted_t(layer, dtype)[0].t()
 
 
 def prefill(layer, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` for many tokens: dequantize (Triton) + ``F.linear`` (cuBLAS)."""
-    lay = prepare(layer)
-    w = dequantize_permuted(layer, x.dtype)
+    """``layer(x)`` for many tokens: dequantize + ``F.linear`` (cuBLAS)."""
+    wt, perm = dequantize_permuted_t(layer, x.dtype)
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
-    return F.linear(x.index_select(-1, lay.perm), w, bias)
+    return F.linear(x.index_select(-1, perm), wt.t(), bias)

@@ -1,0 +1,71 @@
+// CMPQ prefill dequantization, CUDA C++: one b-bit group of a layer -> rows of the transposed,
+// permuted dense weight Wt [in_perm, out] (fp16 or bf16), which cuBLAS then multiplies.
+//
+// Reads cuda_decode.repack's layout (per group: q [nq, out, 4] int32, K = 32/b contiguous b-bit
+// fields per word, 4 words = one "quad" of 4K channels per row; codebooks padded to whole quads).
+// Block (row tile of 256, quad): the quad's codebooks go to shared memory, each thread takes one
+// output row, loads its 16 bytes of indices and writes 4K values, one per channel row of Wt. The
+// lanes of a warp hold consecutive output rows, so every store is one contiguous 64-byte run.
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+#include <type_traits>
+
+#define NTHREADS 256
+
+struct DQ {
+  const int4* q;       // [nq, out] int4
+  const __half* cb;    // [nq * 4K, 2^b]
+  void* wt;            // [in_perm, out]
+  int nq, out, n, bits, off, is_bf16;  // n: channels of the group; off: its first row of Wt
+};
+
+template <int B, typename T>
+__global__ void __launch_bounds__(NTHREADS) dequant_kernel(const DQ p) {
+  constexpr int K = 32 / B, V = 1 << B, C = 4 * K;  // channels per quad
+  __shared__ __half cb[C * V];
+  const int quad = blockIdx.y, r = blockIdx.x * NTHREADS + threadIdx.x;
+  const __half* src = p.cb + (size_t)quad * C * V;
+  for (int i = threadIdx.x; i < C * V; i += NTHREADS) cb[i] = src[i];
+  __syncthreads();
+  if (r >= p.out) return;
+  const int4 w = p.q[(size_t)quad * p.out + r];
+  const unsigned words[4] = {(unsigned)w.x, (unsigned)w.y, (unsigned)w.z, (unsigned)w.w};
+  T* wt = reinterpret_cast<T*>(p.wt);
+  const int j0 = quad * C;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int f = 0; f < K; ++f) {
+      const int c = i * K + f, j = j0 + c;
+      if (j < p.n) {
+        const float v = __half2float(cb[c * V + ((words[i] >> (B * f)) & (V - 1))]);
+        T out;
+        if constexpr (sizeof(T) == 2 && std::is_same<T, __half>::value) out = __float2half(v);
+        else out = __float2bfloat16(v);
+        wt[(size_t)(p.off + j) * p.out + r] = out;
+      }
+    }
+  }
+}
+
+template <int B>
+static int launch_b(const DQ* p, int gx, int gy, cudaStream_t st) {
+  if (p->is_bf16) dequant_kernel<B, __nv_bfloat16><<<dim3(gx, gy), NTHREADS, 0, st>>>(*p);
+  else dequant_kernel<B, __half><<<dim3(gx, gy), NTHREADS, 0, st>>>(*p);
+  return (int)cudaGetLastError();
+}
+
+extern "C" int cmpq_dq_launch(const DQ* p, int gx, int gy, void* stream) {
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  switch (p->bits) {
+    case 2: return launch_b<2>(p, gx, gy, st);
+    case 3: return launch_b<3>(p, gx, gy, st);
+    case 4: return launch_b<4>(p, gx, gy, st);
+  }
+  return -1;
+}
+
+extern "C" int cmpq_dq_params_size() { return (int)sizeof(DQ); }
+extern "C" const char* cmpq_dq_error_string(int e) { return cudaGetErrorString((cudaError_t)e); }
