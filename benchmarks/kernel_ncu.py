@@ -1,5 +1,6 @@
-"""Tiny driver for ncu: one 4096x11008 3-bit layer, a few one-token calls per variant
-(the first call of each builds its plan; ncu -k/-c picks the kernels). Used by kernel_variants.sh."""
+"""Tiny driver for ncu: one 4096x11008 3-bit layer, two calls per variant (the first builds its plan;
+ncu -k/-c picks the kernels). One-token variants by name; ``mma4`` is the tensor-core kernel at 4
+tokens. Used by kernel_variants.sh and device_ncu.sh."""
 import os
 import sys
 
@@ -14,8 +15,12 @@ counts, n_act = mix_counts(11008, 3.0)
 layer = random_layer(4096, 11008, counts, n_act, round(5e-4 * 4096 * 11008), device="cuda",
                      generator=torch.Generator().manual_seed(0), pack=False)
 x = torch.randn(1, 11008, device="cuda", dtype=torch.float16)
+x4 = torch.randn(4, 11008, device="cuda", dtype=torch.float16)
 for v in variants:
     for _ in range(2):
-        cuda_decode.decode(layer, x, variant=v)
+        if v == "mma4":
+            cuda_decode.decode(layer, x4, multi="mma")
+        else:
+            cuda_decode.decode(layer, x, variant=v)
 torch.cuda.synchronize()
 print("done", variants)
