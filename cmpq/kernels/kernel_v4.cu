@@ -173,6 +173,8 @@ __global__ void __launch_bounds__(NTHREADS, MINB) v4_kernel(const P4 p) {
     const int g = (q >= sl.G[1] && p.ngroups > 1) ? ((q >= sl.G[2] && p.ngroups > 2) ? 2 : 1) : 0;
     return p.g[g].q + (size_t)(q - sel(sl.G, g)) * p.out + r;
   };
+  // first global quad after q's group (groups absent from the layer start at NQ)
+  auto gend = [&](int q) -> int { return q < sl.G[1] ? sl.G[1] : (q < sl.G[2] ? sl.G[2] : NQ); };
 #pragma unroll
   for (int k = 0; k < D; ++k) {
     if (rvalid && Q0 + k < Q1) cp_async16(ring + k * NTHREADS * 16, qaddr(Q0 + k));
@@ -307,6 +309,11 @@ __global__ void __launch_bounds__(NTHREADS, MINB) v4_kernel(const P4 p) {
   float acc[4] = {0.f, 0.f, 0.f, 0.f}, accp[4] = {0.f, 0.f, 0.f, 0.f};
   int slot = 0;
   int q = Q0;
+  // refill stream: quad rq comes from rptr; within a group consecutive quads are `out` int4 apart,
+  // so the address is recomputed only where the group changes (rend)
+  int rq = Q0 + D;
+  const int4* rptr = qaddr(rq);
+  int rend = gend(rq);
 #pragma unroll 1
   for (int g = 0; g < 3; ++g) {
     const int ng = sel(sl.nq, g);
@@ -325,8 +332,11 @@ __global__ void __launch_bounds__(NTHREADS, MINB) v4_kernel(const P4 p) {
       else if (B == 3) quad<3, MODE>(c, off, acc, accp);
       else quad<4, MODE>(c, off, acc, accp);
       // refill the slot just read (its value is in registers and used above) with quad q + D
-      if (rvalid && q + D < Q1) cp_async16(ring + slot * NTHREADS * 16, qaddr(q + D));
+      if (rvalid && rq < Q1) cp_async16(ring + slot * NTHREADS * 16, rptr);
       cp_commit();
+      ++rq;
+      rptr += p.out;
+      if (rq == rend) { rptr = qaddr(rq); rend = gend(rq); }
       off += QB;
       slot = slot + 1 == D ? 0 : slot + 1;
     }
