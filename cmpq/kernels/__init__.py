@@ -1,14 +1,16 @@
 """Fused kernels for ``CMPQLinear``. ``dispatch`` returns the layer's output from a fused kernel
 when one applies to this input (device, dtype, batch size), or None to use the PyTorch reference.
 
-- CUDA, fp16/bf16 input, no autograd: 1..16 tokens -> ``cuda_decode.decode`` (v3: CUDA C++
-  shared-memory LUT kernel, compiled once with nvcc) or, where that is unavailable (no nvcc, layer
-  with widths other than 2/3/4), ``lut_gemv.decode`` (Triton, v2); more tokens ->
-  ``dequant.prefill`` (Triton dequant + cuBLAS). Everything else (CPU, no Triton, fp32,
+- CUDA, fp16/bf16 input, no autograd: 1..16 tokens -> ``cuda_decode.decode`` (CUDA C++
+  shared-memory lookup-table kernels, compiled once with nvcc: v4s/v3b for one token, mma for
+  2..16) or, where that is unavailable (no nvcc, layer with widths other than 2/3/4),
+  ``lut_gemv.decode`` (Triton, v2); more tokens -> ``dequant.prefill`` (dequantize with
+  ``dequant_cuda.cu``, or Triton without nvcc, then cuBLAS). Everything else (CPU, no Triton, fp32,
   gradients) -> None.
-- ``CMPQ_KERNELS=0`` turns the kernels off; ``CMPQ_KERNELS=triton`` skips the CUDA decode kernel.
+- ``CMPQ_KERNELS=0`` turns the kernels off; ``CMPQ_KERNELS=triton`` skips the CUDA kernels.
 - ``CMPQ_DECODE_VARIANT`` (default ``cuda_decode.DEFAULT_VARIANT``) picks the one-token CUDA kernel:
-  ``v3b`` or a v4 variant of ``kernel_v4.cu`` (``v4s``, ``v4p``, ``v4h``, ``v4p8``, ``v4h8``).
+  ``v3b`` or a v4 variant of ``kernel_v4.cu`` (``v4s``, ``v4p``, ``v4h``, ``v4p8``, ``v4h8``,
+  ``v4s5``, ``v4s6``).
 - ``CMPQ_DECODE_MULTI`` (default ``cuda_decode.DEFAULT_MULTI``) picks the 2..16-token CUDA kernel:
   ``v3b`` (CUDA cores) or ``mma`` (``kernel_mma.cu``: tensor cores, mma.sync m16n8k16).
 
