@@ -45,8 +45,9 @@ def _peak(dev) -> float:
 
 
 def run(model, vocab: int, prompt_len: int, new: int, dev, label: str, graph: bool | None,
-        compile_modes: tuple[bool, ...] = (False,)) -> list[dict]:
-    """One row per compile mode; the same prompt and loop."""
+        compile_modes: tuple[bool, ...] = (False,), fuse: bool = False) -> list[dict]:
+    """One row per compile mode; the same prompt and loop. ``fuse``: CMPQ linears that share an
+    input run as one launch (cmpq.nn.fuse)."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (1, prompt_len), generator=gen).to(dev)
     generate_ids(model, ids, min(8, new), cuda_graph=graph)  # warm-up: kernel builds, layouts, graph path
@@ -56,12 +57,12 @@ def run(model, vocab: int, prompt_len: int, new: int, dev, label: str, graph: bo
             torch._dynamo.reset()  # a fresh compile per model (dynamo's recompile limit is per code object)
         _peak_reset(dev)
         t0 = time.time()
-        out, pre, dec, used = generate_ids(model, ids, new, cuda_graph=graph, compile=comp)
+        out, pre, dec, used = generate_ids(model, ids, new, cuda_graph=graph, compile=comp, fuse=fuse)
         n = out.shape[1] - prompt_len
-        r = dict(model=label, compiled=comp, prompt_tokens=prompt_len, new_tokens=n, prefill_ms=1e3 * pre,
+        r = dict(model=label, compiled=comp, fused=fuse, prompt_tokens=prompt_len, new_tokens=n, prefill_ms=1e3 * pre,
                  tokens_per_s=(n - 1) / dec if dec > 0 else float("nan"), peak_gib=_peak(dev), cuda_graph=used,
                  call_s=time.time() - t0, first_tokens=out[0, prompt_len:prompt_len + 8].tolist())
-        print(f"{label}{' compiled' if comp else ''}: {r['tokens_per_s']:.1f} tok/s, prefill {r['prefill_ms']:.1f} ms, "
+        print(f"{label}{' fused' if fuse else ''}{' compiled' if comp else ''}: {r['tokens_per_s']:.1f} tok/s, prefill {r['prefill_ms']:.1f} ms, "
               f"peak {r['peak_gib']:.2f} GiB, graph={used}, call {r['call_s']:.1f} s", flush=True)
         rows.append(r)
     return rows
@@ -133,6 +134,7 @@ def main() -> None:
     ap.add_argument("--no-cuda-graph", action="store_true")
     ap.add_argument("--compile", choices=("off", "on", "both"), default="both",
                     help="torch.compile the decode step (cmpq.generate): rows without, with, or both")
+    ap.add_argument("--fuse", action="store_true", help="also CMPQ rows with q/k/v and gate/up fused (one launch each)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny random Llamas, few tokens")
     ap.add_argument("--out", default="benchmarks/results/decode-h200.json")
     a = ap.parse_args()
@@ -164,6 +166,8 @@ def main() -> None:
         model = cmpq.quantize(model, tok, qcfg, calib=calib, device=dev, log=None)
         print(f"quantized {label} in {time.time() - t0:.1f} s", flush=True)
         rows += run(model, vocab, a.prompt_len, a.new_tokens, dev, f"{label} cmpq-{a.bits:g}bit", graph, modes)
+        if a.fuse:
+            rows += run(model, vocab, a.prompt_len, a.new_tokens, dev, f"{label} cmpq-{a.bits:g}bit fused", graph, modes, fuse=True)
         del model
         gc.collect()
 
@@ -176,6 +180,8 @@ def main() -> None:
         quantize_random(model, a.bits, dev)
         print(f"quantized {label} in {time.time() - t0:.1f} s", flush=True)
         rows += run(model, vocab, a.prompt_len, a.new_tokens, dev, f"{label} cmpq-{a.bits:g}bit", graph, modes)
+        if a.fuse:
+            rows += run(model, vocab, a.prompt_len, a.new_tokens, dev, f"{label} cmpq-{a.bits:g}bit fused", graph, modes, fuse=True)
         del model
         gc.collect()
 
@@ -191,13 +197,13 @@ def main() -> None:
         with open(a.out, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(f"\n{meta['device']}, {meta['date']}, torch {meta['torch']}, {meta['seconds']:.0f} s\n")
-    print("| model | compiled | tokens/s | vs fp16 (same loop) | prefill ms | peak GiB | CUDA graph |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | compiled | fused | tokens/s | vs fp16 (same loop) | prefill ms | peak GiB | CUDA graph |")
+    print("|---|---|---|---|---|---|---|---|")
     base = {}
     for r in rows:
-        key = (r["model"].rsplit(" ", 1)[0], r["compiled"])
+        key = (r["model"].split(" ", 1)[0], r["compiled"])
         base.setdefault(key, r["tokens_per_s"])
-        print(f"| {r['model']} | {r['compiled']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base[key]:.2f}x | "
+        print(f"| {r['model']} | {r['compiled']} | {r.get('fused', False)} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base[key]:.2f}x | "
               f"{r['prefill_ms']:.1f} | {r['peak_gib']:.2f} | {r['cuda_graph']} |")
 
 

@@ -319,7 +319,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     else:
         model, tok, _ = load_any(a.model, dev)
     g = generate(model.eval(), tok, a.prompt, a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-                 seed=a.seed, cuda_graph=None if not a.no_cuda_graph else False, compile=a.compile)
+                 seed=a.seed, cuda_graph=None if not a.no_cuda_graph else False, compile=a.compile,
+                 fuse=a.fuse)
     print(a.prompt + g.text)
     print(f"\n[{g.new_tokens} new tokens, prompt {g.prompt_tokens}: prefill {g.prefill_s * 1e3:.1f} ms, "
           f"decode {g.tokens_per_s:.1f} tokens/s on {dev}{', CUDA graph' if g.cuda_graph else ''}]", file=sys.stderr)
@@ -389,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     gp.add_argument("--no-cuda-graph", action="store_true")
     gp.add_argument("--compile", action="store_true",
                     help="torch.compile the decode step first (fuses the model's small ops; tens of seconds once)")
+    gp.add_argument("--fuse", action="store_true",
+                    help="one kernel launch for the CMPQ linears that share an input (q/k/v, gate/up)")
     gp.add_argument("--device", default=None)
     gp.set_defaults(fn=cmd_generate)
 

@@ -60,11 +60,21 @@ def _static_cache(model, max_len: int, device, dtype):
 @torch.no_grad()
 def generate_ids(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  cuda_graph: bool | None = None, seed: int = 0, eos_token_id: int | None = None,
-                 compile: bool = False) -> tuple:
+                 compile: bool = False, fuse: bool = False) -> tuple:
     """Token ids -> (all ids [1, n], prefill seconds, decode seconds, graph used).
 
     Decode seconds cover the token loop only: the one-time compile and graph capture before it are
-    not counted (a server pays them once, not per request)."""
+    not counted (a server pays them once, not per request). ``fuse``: for this call, the CMPQ
+    linears that share an input run as one launch per token (``cmpq.nn.fuse``)."""
+    if fuse:
+        from cmpq.nn.fuse import fuse_shared_inputs, unfuse
+
+        fuse_shared_inputs(model)
+        try:
+            return generate_ids(model, input_ids, max_new_tokens, temperature, top_p, cuda_graph, seed,
+                                eos_token_id, compile)
+        finally:
+            unfuse(model)
     dev = input_ids.device
     dtype = next(model.parameters()).dtype
     gen = torch.Generator(device=dev).manual_seed(seed) if temperature > 0 else None

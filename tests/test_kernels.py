@@ -275,6 +275,37 @@ def test_cuda_decode_variant_big_splits_graph(variant):
     _check(yg.reshape(1, out), layer, x.reshape(1, n_in))
 
 
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_v4_group_launch_equals_separate(dtype):
+    """q/k/v-like (same out) and gate/up-like (different mixes) groups in one launch give what each
+    layer gives alone; run twice (workspaces self-zero), and inside a CUDA graph."""
+    from cmpq.kernels import kernel_v4
+    from cmpq.kernels.testing import mix_counts, random_layer
+
+    gen = torch.Generator().manual_seed(5)
+    for shapes in ([(700, 1100, 3.0), (700, 1100, 2.5), (700, 1100, 3.5)], [(2100, 1100, 3.0), (300, 1100, 4.0)]):
+        layers = []
+        for out, n_in, bits in shapes:
+            counts, n_act = mix_counts(n_in, bits)
+            layers.append(random_layer(out, n_in, counts, n_act, 300, bias=True, device=DEV, generator=gen))
+        x = torch.randn(1, 1100, device=DEV).to(dtype)
+        for _ in range(2):
+            ys = kernel_v4.decode_group(layers, x)
+            assert ys is not None, kernel_v4.library_error()
+            for y, layer in zip(ys, layers):
+                torch.testing.assert_close(y, kernel_v4.decode(layer, x, "v4s"), rtol=1e-3, atol=1e-3)
+                _check(y, layer, x)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        yg = kernel_v4.decode_group(layers, x)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    for y, layer in zip(yg, layers):
+        _check(y, layer, x)
+
+
 def test_auto_variant_picks_by_layer_size(monkeypatch):
     from types import SimpleNamespace
 

@@ -134,14 +134,15 @@ struct Slice {  // this block's part of each group
 // a[g] for a run-time g without sending the array to local memory
 __device__ __forceinline__ int sel(const int (&a)[3], int g) { return g == 0 ? a[0] : (g == 1 ? a[1] : a[2]); }
 
-template <int MODE, int D, int MINB>
-__global__ void __launch_bounds__(NTHREADS, MINB) v4_kernel(const P4 p) {
+// One block's work: row block rb, split s of layer p (the body of both kernels below).
+template <int MODE, int D>
+__device__ __forceinline__ void v4_block(const P4& p, const int rb, const int s) {
   extern __shared__ __align__(16) char smem_raw[];
   __shared__ int is_last;
   const unsigned raw = (unsigned)__cvta_generic_to_shared(smem_raw);
   const unsigned sbase = (raw + 255u) & ~255u;  // 256-byte aligned: tables OR their index bits in
   char* smem = smem_raw + (sbase - raw);
-  const int rb = blockIdx.x, s = blockIdx.y, tid = threadIdx.x;
+  const int tid = threadIdx.x;
   const int r = rb * NTHREADS + tid;
   const bool rvalid = r < p.out;
 
@@ -367,6 +368,45 @@ __global__ void __launch_bounds__(NTHREADS, MINB) v4_kernel(const P4 p) {
   }
   if (tid == 0) p.cnt[rb] = 0;
 }
+
+template <int MODE, int D, int MINB>
+__global__ void __launch_bounds__(NTHREADS, MINB) v4_kernel(const P4 p) {
+  v4_block<MODE, D>(p, blockIdx.x, blockIdx.y);
+}
+
+// Several layers that share their input x (q/k/v, gate/up) in one launch: blockIdx.z picks the
+// layer, each with its own plan (row blocks, splits) and workspace; the grid covers the largest.
+#define MAX_GROUP 3
+struct P4G {
+  P4 m[MAX_GROUP];
+  int n;
+};
+
+template <int MODE, int D, int MINB>
+__global__ void __launch_bounds__(NTHREADS, MINB) v4g_kernel(const P4G g) {
+  const P4& p = g.m[blockIdx.z];
+  if ((int)blockIdx.x * NTHREADS >= p.out || (int)blockIdx.y >= p.S) return;
+  v4_block<MODE, D>(p, blockIdx.x, blockIdx.y);
+}
+
+template <int MODE, int D, int MINB>
+static int launch_group(const P4G* g, int gx, int gy, int smem, cudaStream_t st) {
+  static bool init = false;
+  if (!init) {
+    cudaError_t e = cudaFuncSetAttribute(v4g_kernel<MODE, D, MINB>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
+    if (e != cudaSuccess) return (int)e;
+    init = true;
+  }
+  v4g_kernel<MODE, D, MINB><<<dim3(gx, gy, g->n), NTHREADS, smem, st>>>(*g);
+  return (int)cudaGetLastError();
+}
+
+// the group launch exists for v4s only (the variant `auto` picks up to 100 M weights)
+extern "C" int cmpq_v4g_launch(const P4G* g, int gx, int gy, int smem, void* stream) {
+  if (g->n < 1 || g->n > MAX_GROUP) return -1;
+  return launch_group<0, 4, 4>(g, gx, gy, smem, reinterpret_cast<cudaStream_t>(stream));
+}
+extern "C" int cmpq_v4g_params_size() { return (int)sizeof(P4G); }
 
 template <int MODE, int D, int MINB>
 static int launch(const P4* p, int gx, int gy, int smem, cudaStream_t st) {

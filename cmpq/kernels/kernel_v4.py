@@ -30,6 +30,7 @@ SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel_v4.cu")
 NTHREADS = 256
 VARIANTS = {"v4s": (0, 4), "v4p": (1, 4), "v4h": (2, 4), "v4p8": (1, 8), "v4h8": (2, 8), "v4s5": (0, 4), "v4s6": (0, 4)}
 MIN_BLOCKS = {"v4s5": 5, "v4s6": 6}  # __launch_bounds__ minimum blocks per SM; 4 for the others
+MAX_GROUP = 3  # layers per group launch (kernel_v4.cu MAX_GROUP)
 MAX_SMEM = 200 << 10
 SM_SMEM = 227 << 10  # usable shared memory per SM (H100/H200), minus per-block reserve below
 MAX_BLOCKS_PER_SM = 4  # __launch_bounds__(256, 4): 64 registers (the default; MIN_BLOCKS per variant)
@@ -47,7 +48,25 @@ class _P4(ctypes.Structure):
                 ("ldx", "out", "n_act", "S", "is_bf16", "ngroups", "ring_off", "tbl_off", "stage_off", "red_off")]
 
 
+class _P4G(ctypes.Structure):
+    _fields_ = [("m", _P4 * MAX_GROUP), ("n", ctypes.c_int)]
+
+
 _LIBRARY = cd.KernelLibrary(SRC, "cmpq_v4", _P4, n_int_args=6)
+_GROUP_OK: bool | None = None
+
+
+def _group_library():
+    """The library with its group launch configured (checked once), or None."""
+    global _GROUP_OK
+    lib = library()
+    if lib is None:
+        return None
+    if _GROUP_OK is None:
+        lib.cmpq_v4g_launch.restype = ctypes.c_int
+        lib.cmpq_v4g_launch.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 3 + [ctypes.c_void_p]
+        _GROUP_OK = lib.cmpq_v4g_params_size() == ctypes.sizeof(_P4G)
+    return lib if _GROUP_OK else None
 
 
 def library():
@@ -194,3 +213,44 @@ def decode(layer, x: torch.Tensor, variant: str, splits: int | None = None) -> t
     if err:
         raise RuntimeError(f"cmpq v4 decode kernel failed: {lib.cmpq_v4_error_string(err).decode()}")
     return y.reshape(*lead, out)
+
+
+def decode_group(layers: list, x: torch.Tensor) -> list[torch.Tensor] | None:
+    """``[layer(x) for layer in layers]`` for one token in ONE launch of v4s: the layers share x
+    (q/k/v, gate/up), each keeps its own plan and workspace. None when it does not apply."""
+    n_in = x.shape[-1]
+    if not 1 <= len(layers) <= MAX_GROUP or x.numel() != n_in:
+        return None
+    if any(l.in_features != n_in or not cd.supported(l) for l in layers):
+        return None
+    lib = _group_library()
+    if lib is None:
+        return None
+    x2 = x.reshape(1, n_in)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    plans = []
+    for layer in layers:
+        lay = cd.repack(layer)
+        pp = _params(layer, lay, 0, 4, None) if lay.groups else None
+        if pp is None:
+            return None
+        plans.append(pp)
+    part, cnt = cd._workspace(x.device, sum(l.out_features for l in layers), sum(pp[1] for pp in plans))
+    g = _P4G()
+    g.n = len(layers)
+    ys, po, co = [], 0, 0
+    for i, (layer, (p, rb, S, smem)) in enumerate(zip(layers, plans)):
+        y = torch.empty(1, layer.out_features, dtype=x.dtype, device=x.device)
+        p.x, p.y = x2.data_ptr(), y.data_ptr()
+        p.part, p.cnt = part.data_ptr() + 4 * po, cnt.data_ptr() + 4 * co  # disjoint, self-zeroing
+        p.ldx, p.is_bf16 = n_in, int(x.dtype == torch.bfloat16)
+        g.m[i] = p
+        po, co = po + layer.out_features, co + rb
+        ys.append(y)
+    err = lib.cmpq_v4g_launch(ctypes.byref(g), max(pp[1] for pp in plans), max(pp[2] for pp in plans),
+                              max(pp[3] for pp in plans), torch.cuda.current_stream(x.device).cuda_stream)
+    if err:
+        raise RuntimeError(f"cmpq v4 group decode kernel failed: {lib.cmpq_v4_error_string(err).decode()}")
+    lead = x.shape[:-1]
+    return [y.reshape(*lead, layer.out_features) for y, layer in zip(ys, layers)]

@@ -8,7 +8,7 @@ from torch import nn
 
 from typing import TYPE_CHECKING
 
-from cmpq.nn import opaque
+from cmpq.nn import fuse, opaque
 from cmpq.storage.packing import packed_shape, unpack_channels
 
 if TYPE_CHECKING:
@@ -61,6 +61,7 @@ class CMPQLinear(nn.Module):
         self._dense_cache: torch.Tensor | None = None
         self.cache_dense = False  # keep the dequantized weight after first use (fast eval, more memory)
         self._handle = opaque.register(self)  # torch.compile sees this layer as one op (cmpq/nn/opaque.py)
+        self._group: tuple | None = None  # (SharedInputGroup, index) once fused (cmpq/nn/fuse.py)
 
     # -- structure -------------------------------------------------------------------------------
     def counts(self) -> dict[int, int]:
@@ -126,6 +127,12 @@ class CMPQLinear(nn.Module):
 
     def forward_eager(self, x: torch.Tensor) -> torch.Tensor:
         from cmpq.kernels import dispatch  # local: kernels are optional
+
+        stamp = fuse.tick()
+        if self._group is not None:
+            y = self._group[0].call(self._group[1], x, stamp)
+            if y is not None:
+                return y
 
         if self._dense_cache is not None and self._dense_cache.dtype == x.dtype:
             w = self._dense_cache  # asked for (cache_dense): dequantized once, plain matmul from then on
