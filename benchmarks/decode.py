@@ -134,6 +134,7 @@ def main() -> None:
     ap.add_argument("--no-cuda-graph", action="store_true")
     ap.add_argument("--compile", choices=("off", "on", "both"), default="both",
                     help="torch.compile the decode step (cmpq.generate): rows without, with, or both")
+    ap.add_argument("--skip-fp16", action="store_true", help="CMPQ rows only (FP16 measured in another run)")
     ap.add_argument("--fuse", action="store_true", help="also CMPQ rows with q/k/v and gate/up fused (one launch each)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny random Llamas, few tokens")
     ap.add_argument("--out", default="benchmarks/results/decode-h200.json")
@@ -161,7 +162,8 @@ def main() -> None:
             model, tok = load_model(a.model, device=dev, dtype=torch.float16)
             vocab, label, calib = model.config.vocab_size, a.model, a.calib
             qcfg = cmpq.CMPQConfig(bits=a.bits, nsamples=a.nsamples, seqlen=a.seqlen)
-        rows += run(model, vocab, a.prompt_len, a.new_tokens, dev, f"{label} fp16", graph, modes)
+        if not a.skip_fp16:
+            rows += run(model, vocab, a.prompt_len, a.new_tokens, dev, f"{label} fp16", graph, modes)
         t0 = time.time()
         model = cmpq.quantize(model, tok, qcfg, calib=calib, device=dev, log=None)
         print(f"quantized {label} in {time.time() - t0:.1f} s", flush=True)
@@ -175,7 +177,8 @@ def main() -> None:
         label = "tiny-llama-7b-shape" if a.tiny else "llama-2-7b-shape"
         model = llama(TINY if a.tiny else LLAMA7B, dev)
         vocab = model.config.vocab_size
-        rows += run(model, vocab, a.prompt_len, a.new_tokens, dev, f"{label} fp16", graph, modes)
+        if not a.skip_fp16:
+            rows += run(model, vocab, a.prompt_len, a.new_tokens, dev, f"{label} fp16", graph, modes)
         t0 = time.time()
         quantize_random(model, a.bits, dev)
         print(f"quantized {label} in {time.time() - t0:.1f} s", flush=True)
