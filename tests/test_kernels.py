@@ -130,7 +130,6 @@ def test_dispatch_choice(monkeypatch):
 
 # -- v3: CUDA C++ decode kernel (cmpq/kernels/cuda_decode.py) ------------------------------------
 from cmpq.kernels import cuda_decode  # noqa: E402
-from cmpq.storage.packing import unpack_indices  # noqa: E402,F401
 
 
 @pytest.mark.parametrize("mix", list(MIXES))

@@ -92,7 +92,6 @@ def _kmeans_chunk(x: torch.Tensor, k: int, keep: torch.Tensor | None, max_iter: 
 def _lloyd(xs: torch.Tensor, csum: torch.Tensor, nvalid: torch.Tensor, cent: torch.Tensor, max_iter: int):
     """Lloyd iterations on sorted rows; returns (centroids, within-cluster SSE minus a row constant)."""
     rows, n = xs.shape
-    k = cent.shape[1]
     dev = xs.device
     first_lo = torch.zeros(rows, 1, dtype=torch.long, device=dev)
     prev = None

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +23,7 @@ import triton
 import triton.language as tl
 
 from cmpq.kernels import cuda_decode as cd
-from cmpq.kernels.layout import _key, prepare
+from cmpq.kernels.layout import prefill_index, prepare
 
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dequant_cuda.cu")
 NTHREADS = 256
@@ -36,29 +35,6 @@ class _DQ(ctypes.Structure):
 
 
 _LIBRARY = cd.KernelLibrary(SRC, "cmpq_dq", _DQ, n_int_args=2)
-
-
-@dataclass
-class PrefillIndex:
-    key: tuple
-    perm: torch.Tensor  # int64 [in]: storage order of the columns (each group, then the outlier columns)
-    sparse_flat: torch.Tensor  # int64 [nnz]: perm position of the column * out + row
-
-
-@torch.no_grad()
-def prefill_index(layer) -> PrefillIndex:
-    """``perm`` and the sparse positions for the CUDA path, cached on the layer (small: no indices)."""
-    key = _key(layer)
-    cached = getattr(layer, "_prefill_index", None)
-    if cached is not None and cached.key == key:
-        return cached
-    perm = torch.cat([layer.group(b)[0] for b in layer.bit_widths] + [layer.outlier_channels]).long()
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), device=perm.device)
-    crow, col = layer.sparse_crow, layer.sparse_col
-    rows = torch.repeat_interleave(torch.arange(layer.out_features, device=col.device), (crow[1:] - crow[:-1]).long())
-    layer._prefill_index = PrefillIndex(key, perm, inv[col.long()] * layer.out_features + rows)
-    return layer._prefill_index
 
 
 def _dequantize_cuda(layer, dtype: torch.dtype) -> torch.Tensor | None:
@@ -82,11 +58,17 @@ def _dequantize_cuda(layer, dtype: torch.dtype) -> torch.Tensor | None:
         if err:
             raise RuntimeError(f"cmpq dequant kernel failed: {lib.cmpq_dq_error_string(err).decode()}")
         off += g.n
-    n_act = layer.outlier_channels.numel()
+    return _fill_outliers(wt, lay.outlier_weight_t, idx.sparse_flat, layer.sparse_val)
+
+
+def _fill_outliers(wt: torch.Tensor, outlier_weight_t: torch.Tensor, sparse_flat: torch.Tensor,
+                   sparse_val: torch.Tensor) -> torch.Tensor:
+    """The FP16 outlier columns (last rows of ``wt``) and the sparse outliers (they replace values)."""
+    n_act = outlier_weight_t.shape[0]
     if n_act:
-        wt[n_in - n_act:] = lay.outlier_weight_t.to(dtype)
-    if idx.sparse_flat.numel():
-        wt.view(-1)[idx.sparse_flat] = layer.sparse_val.to(dtype)
+        wt[wt.shape[0] - n_act:] = outlier_weight_t.to(wt.dtype)
+    if sparse_flat.numel():
+        wt.view(-1)[sparse_flat] = sparse_val.to(wt.dtype)
     return wt
 
 
@@ -121,12 +103,7 @@ def dequantize_permuted_t(layer, dtype: torch.dtype) -> tuple[torch.Tensor, torc
         if g.n:
             grid = (triton.cdiv(out, BR), triton.cdiv(g.n, 32))
             _dequant_t[grid](g.packed_t, g.codebook, wt, g.offset, g.n, out, B=g.bits, BLOCK_R=BR, num_warps=4)
-    n_act = lay.outlier_channels.numel()
-    if n_act:
-        wt[n_in - n_act:] = lay.outlier_weight_t.to(dtype)
-    if lay.sparse_flat.numel():
-        wt.view(-1)[lay.sparse_flat] = lay.sparse_val.to(dtype)
-    return wt, lay.perm
+    return _fill_outliers(wt, lay.outlier_weight_t, lay.sparse_flat, lay.sparse_val), lay.perm
 
 
 def dequantize_permuted(layer, dtype: torch.dtype) -> torch.Tensor:

@@ -96,7 +96,6 @@ def repack(layer, rows_per_step: int = 2048) -> MmaLayout:
     out = layer.out_features
     dev = layer.outlier_weight.device
     ntiles = -(-out // 16)
-    rows = ntiles * 16
     qs, tbls, chls, cs = [], [], [], [0]
     for kind in KINDS:
         if kind == 16:

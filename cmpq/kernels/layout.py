@@ -50,6 +50,31 @@ class KernelLayout:
     perm: torch.Tensor  # int64 [in]: column order of the permuted dense weight
 
 
+@dataclass
+class PrefillIndex:
+    key: tuple
+    perm: torch.Tensor  # int64 [in]: storage order of the columns (each group, then the outlier columns)
+    sparse_flat: torch.Tensor  # int64 [nnz]: perm position of the column * out + row
+    sparse_rows: torch.Tensor  # int64 [nnz]: row of each sparse outlier (CSR expanded)
+
+
+@torch.no_grad()
+def prefill_index(layer) -> PrefillIndex:
+    """Column order and sparse positions of the permuted, transposed dense weight; cached on the
+    layer (small: no indices). Shared by ``prepare`` and the CUDA prefill path."""
+    key = _key(layer)
+    cached = getattr(layer, "_prefill_index", None)
+    if cached is not None and cached.key == key:
+        return cached
+    perm = torch.cat([layer.group(b)[0] for b in layer.bit_widths] + [layer.outlier_channels]).long()
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    crow, col = layer.sparse_crow, layer.sparse_col
+    rows = torch.repeat_interleave(torch.arange(layer.out_features, device=col.device), (crow[1:] - crow[:-1]).long())
+    layer._prefill_index = PrefillIndex(key, perm, inv[col.long()] * layer.out_features + rows, rows)
+    return layer._prefill_index
+
+
 def _key(layer) -> tuple:
     return tuple((t.data_ptr(), t._version, t.device) for t in layer.buffers())
 
@@ -102,12 +127,9 @@ def prepare(layer) -> KernelLayout:
         ch, pk, cb = layer.group(b)
         groups.append(Group(b, ch.numel(), ch.contiguous(), _channel_blocked_t(layer, b), cb.contiguous(), offset))
         offset += ch.numel()
-    perm = torch.cat([g.channels for g in groups] + [layer.outlier_channels]).long()
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    idx = prefill_index(layer)
     crow, col = layer.sparse_crow, layer.sparse_col
-    rows = torch.repeat_interleave(torch.arange(layer.out_features, device=col.device), (crow[1:] - crow[:-1]).long())
-    corr = layer.sparse_val.float() - _quantized_values(layer, rows, col.long())
+    corr = layer.sparse_val.float() - _quantized_values(layer, idx.sparse_rows, col.long())
     layout = KernelLayout(
         key=key,
         groups=groups,
@@ -117,8 +139,8 @@ def prepare(layer) -> KernelLayout:
         sparse_col=col.contiguous(),
         sparse_corr=corr.contiguous(),
         sparse_val=layer.sparse_val.contiguous(),
-        sparse_flat=inv[col.long()] * layer.out_features + rows,
-        perm=perm,
+        sparse_flat=idx.sparse_flat,
+        perm=idx.perm,
     )
     layer._kernel_layout = layout
     return layout
