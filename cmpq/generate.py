@@ -15,6 +15,7 @@ time. Compiled, they fuse into a few kernels; each ``CMPQLinear`` stays one opaq
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -66,15 +67,14 @@ def generate_ids(model, input_ids: torch.Tensor, max_new_tokens: int, temperatur
     Decode seconds cover the token loop only: the one-time compile and graph capture before it are
     not counted (a server pays them once, not per request). ``fuse``: for this call, the CMPQ
     linears that share an input run as one launch per token (``cmpq.nn.fuse``)."""
-    if fuse:
-        from cmpq.nn.fuse import fuse_shared_inputs, unfuse
+    from cmpq.nn.fuse import fused
 
-        fuse_shared_inputs(model)
-        try:
-            return generate_ids(model, input_ids, max_new_tokens, temperature, top_p, cuda_graph, seed,
-                                eos_token_id, compile)
-        finally:
-            unfuse(model)
+    with fused(model) if fuse else contextlib.nullcontext():
+        return _generate_ids(model, input_ids, max_new_tokens, temperature, top_p, cuda_graph, seed, eos_token_id,
+                             compile)
+
+
+def _generate_ids(model, input_ids, max_new_tokens, temperature, top_p, cuda_graph, seed, eos_token_id, compile):
     dev = input_ids.device
     dtype = next(model.parameters()).dtype
     gen = torch.Generator(device=dev).manual_seed(seed) if temperature > 0 else None

@@ -14,8 +14,10 @@ calls them differently, or Inductor reordering them, loses the fusion but stays 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from typing import Callable
+import os
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -40,8 +42,6 @@ def _key(x: torch.Tensor) -> tuple:
 
 def _kernel_outputs(layers: list, x: torch.Tensor) -> list[torch.Tensor] | None:
     """One launch for all members (CUDA, one token, v4s for every member), else None."""
-    import os
-
     if not x.is_cuda or x.numel() != x.shape[-1] or os.environ.get("CMPQ_KERNELS", "1") in ("0", "triton"):
         return None
     if torch.is_grad_enabled() and x.requires_grad:
@@ -59,7 +59,9 @@ class SharedInputGroup:
     def __init__(self, layers: list, compute: Callable | None = None) -> None:
         self.layers = layers
         self.compute = compute or _kernel_outputs
-        self.pending: list | None = None
+        self.pending: list | None = None  # outputs computed by member 0, taken one by one
+        self.key: tuple = ()  # the input they were computed for
+        self.stamp = -1  # member 0's call stamp
 
     def call(self, index: int, x: torch.Tensor, stamp: int) -> torch.Tensor | None:
         if index == 0:
@@ -105,3 +107,13 @@ def unfuse(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, CMPQLinear):
             m._group = None
+
+
+@contextlib.contextmanager
+def fused(model: nn.Module) -> Iterator[int]:
+    """``fuse_shared_inputs`` for the duration of a ``with`` block (yields the group count)."""
+    n = fuse_shared_inputs(model)
+    try:
+        yield n
+    finally:
+        unfuse(model)
