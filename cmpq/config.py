@@ -5,42 +5,93 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from cmpq.algorithm.allocation import ALLOCATORS, check_budget
+from cmpq.algorithm.allocation import ALLOCATOR_NAMES, check_budget
 
 QUANTIZERS = ("kmeans", "uniform")
+ALGORITHMS = ("compensated", "paper")
+TOKEN_WEIGHTINGS = ("gradient", "none")
+MAX_WIDTH = 8
 
 
 @dataclass
 class CMPQConfig:
-    """Settings of Channel-wise Mixed-Precision Quantization (defaults follow the paper)."""
+    """Settings of Channel-wise Mixed-Precision Quantization.
+
+    ``algorithm="compensated"`` (the default) quantizes each layer's channels in GPTQ order with
+    error feedback through a loss-weighted Hessian, after a whole-model allocation of widths
+    (``widths`` plus FP16 columns) by measured distortion; ``bits`` is then the **effective** bits
+    per weight of the quantized linears, every stored byte counted, met to within one channel.
+    ``algorithm="paper"`` is the paper's method (Algorithm 1, fixed O_act, k-means without
+    compensation); there ``bits`` is the nominal 2..4-bit average of the quantized channels.
+    ``act_outlier_frac``, ``quantizer`` and ``edge_frac`` belong to the paper's method (and to the
+    ``allocator="algorithm1"`` ablation of the compensated one).
+    """
 
     bits: float = 3.0
+    algorithm: str = "compensated"
     act_outlier_frac: float = 0.0045  # O_act: fraction of input channels kept whole in FP16
     weight_outlier_frac: float = 0.0005  # O_q: fraction of all weights kept in FP16 (sparse)
     quantizer: str = "kmeans"  # "kmeans" (non-uniform, the paper's) or "uniform" (min-max RTN, App. A.2)
-    allocator: str = "algorithm1"
+    allocator: str = "auto"  # "distortion" (compensated) or "algorithm1" (paper); "auto" picks by algorithm
     edge_frac: float = 0.01  # at exactly 3 bits: fraction of channels moved to 2 bits and to 4 bits
     kmeans_iters: int = 100
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 0
     calib_batch_size: int = 8  # calibration windows per forward pass
+    # compensated algorithm
+    widths: tuple = (1, 2, 3, 4)  # candidate widths per channel; FP16 columns too if fp16_columns
+    fp16_columns: bool = True
+    token_weighting: str = "gradient"  # "gradient": ||dL/dy_t||^2 per token (cmpq.model.sensitivity); "none"
+    compensate: bool = True  # GPTQ-style error feedback (False: ablation)
+    damp: float = 0.01  # Hessian dampening, relative to its mean diagonal
+    block_size: int = 128  # lazy-update block; codebooks are fitted per block
+    alloc_kmeans_iters: int = 25  # k-means iterations when measuring each width's distortion
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.bits = check_budget(self.bits)
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        if self.allocator == "auto":
+            self.allocator = "distortion" if self.algorithm == "compensated" else "algorithm1"
+        if self.allocator == "distortion" and self.algorithm != "compensated":
+            raise ValueError("allocator 'distortion' needs algorithm 'compensated'")
+        if self.allocator == "distortion":
+            try:
+                b = float(self.bits)
+            except (TypeError, ValueError):
+                raise ValueError(f"bit budget must be a number, got {self.bits!r}") from None
+            if not math.isfinite(b) or not 1 < b <= 16:
+                raise ValueError(f"bit budget (effective bits per weight, all storage counted) must be in "
+                                 f"(1, 16], got {self.bits!r}")
+            self.bits = b
+        else:
+            self.bits = check_budget(self.bits)
+        self.widths = tuple(sorted(set(int(w) for w in self.widths)))
+        if not self.widths or any(not 1 <= w <= MAX_WIDTH for w in self.widths):
+            raise ValueError(f"widths must be integers in 1..{MAX_WIDTH}, got {self.widths!r}")
+        if self.token_weighting not in TOKEN_WEIGHTINGS:
+            raise ValueError(f"token_weighting must be one of {TOKEN_WEIGHTINGS}, got {self.token_weighting!r}")
+        if not isinstance(self.damp, (int, float)) or not math.isfinite(self.damp) or not 0 < self.damp < 1:
+            raise ValueError(f"damp must be in (0, 1), got {self.damp!r}")
+        for name in ("block_size", "alloc_kmeans_iters"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
         for name in ("act_outlier_frac", "weight_outlier_frac", "edge_frac"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v < 0.5:
                 raise ValueError(f"{name} must be a fraction in [0, 0.5), got {v!r}")
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
-        if self.allocator not in ALLOCATORS:
-            raise ValueError(f"unknown allocator {self.allocator!r}; choose from {sorted(ALLOCATORS)}")
+        if self.allocator not in ALLOCATOR_NAMES:
+            raise ValueError(f"unknown allocator {self.allocator!r}; choose from {ALLOCATOR_NAMES}")
         for name in ("kmeans_iters", "nsamples", "seqlen", "calib_batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["widths"] = list(d["widths"])  # as it reads back from JSON
+        return d

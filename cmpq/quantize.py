@@ -40,6 +40,63 @@ def resolve_calibration(tokenizer, calib, cfg: CMPQConfig) -> Windows:
     return calibration_windows(tokenizer, "file", cfg.nsamples, cfg.seqlen, cfg.seed, path=name)
 
 
+def _install(block: nn.Module, name: str, lin: nn.Linear, parts) -> None:
+    with phases.phase("packing", lin.weight.device):
+        q = pack_linear(parts, lin.bias.data if lin.bias is not None else None)
+    q.cache_dense = True  # the rerun of this block reuses the dequantized weight
+    set_module(block, name, q)
+
+
+def _paper_block(cfg: CMPQConfig):
+    """The paper's step for one block: all its linears clustered together (``quantize_weights``)."""
+
+    def quantize_block(i: int, block: nn.Module, linears: dict, stats: dict) -> None:
+        names = list(linears)
+        all_parts = quantize_weights([linears[n].weight.data for n in names], [stats[n].sqsum for n in names], cfg,
+                                     [f"block {i} {n}" for n in names])
+        for name, parts in zip(names, all_parts):
+            _install(block, name, linears[name], parts)
+
+    return quantize_block
+
+
+def _compensated_steps(model: nn.Module, windows: Windows, cfg: CMPQConfig, device: torch.device, log):
+    """Sensitivity pass and whole-model width plan, then the walk's statistics (token-weighted
+    Hessians) and per-block step (``quantize_compensated``)."""
+    from cmpq.algorithm.compensated import quantize_compensated
+    from cmpq.model import sensitivity
+    from cmpq.model.blocks import find_blocks, find_linears
+    from cmpq.model.calibration import WeightedHessian
+    from cmpq.model.planning import algorithm1_widths, n_sparse, plan_widths
+
+    t0 = time.perf_counter()
+    sens = sensitivity.measure(model, windows.ids, device, log)
+    phases.add("sensitivity", time.perf_counter() - t0)
+    with phases.phase("allocation", device):
+        hdiag = {k: s.hdiag for k, s in sens.items()}
+        if cfg.allocator == "distortion":
+            plan = plan_widths(model, hdiag, cfg, device, log)
+        else:
+            plan = {k: algorithm1_widths(h, cfg) for k, h in hdiag.items()}
+    _, blocks = find_blocks(model)
+    key_of = {id(lin): (i, n) for i, b in enumerate(blocks) for n, lin in find_linears(b).items()}
+
+    def make_stats(name: str, lin: nn.Linear) -> WeightedHessian:
+        tw = sens[key_of[id(lin)]].token_weight if cfg.token_weighting == "gradient" else None
+        return WeightedHessian(lin.in_features, lin.weight.device, tw)
+
+    def quantize_block(i: int, block: nn.Module, linears: dict, stats: dict) -> None:
+        for name, lin in linears.items():
+            with phases.phase("compensation", lin.weight.device):
+                parts = quantize_compensated(
+                    lin.weight.data, stats[name].H, plan[(i, name)], n_sparse(lin, cfg), cfg.kmeans_iters,
+                    cfg.damp, cfg.block_size, cfg.compensate, name=f"block {i} {name}")
+            stats[name].sum = None  # the Hessian can go before the next one is built
+            _install(block, name, lin, parts)
+
+    return make_stats, quantize_block
+
+
 @torch.no_grad()
 def quantize(
     model: nn.Module,
@@ -89,16 +146,18 @@ def quantize(
             log(f"{dist.world_size} processes ({device.type}), each runs 1/{dist.world_size} of the calibration "
                 f"batches and quantizes its share of each block's linears")
 
-    def quantize_block(i: int, block: nn.Module, linears: dict, stats: dict) -> None:
-        names = list(linears)
-        all_parts = quantize_weights([linears[n].weight.data for n in names], [stats[n].sqsum for n in names], cfg,
-                                     [f"block {i} {n}" for n in names])
-        for name, parts in zip(names, all_parts):
-            lin = linears[name]
-            with phases.phase("packing", lin.weight.device):
-                q = pack_linear(parts, lin.bias.data if lin.bias is not None else None)
-            q.cache_dense = True  # the rerun of this block reuses the dequantized weight
-            set_module(block, name, q)
+    start = time.perf_counter()
+    phases.reset()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    make_stats = lambda name, lin: SquaredNorm(lin.in_features, lin.weight.device)  # noqa: E731
+    if cfg.algorithm == "compensated":
+        if dist is not None:
+            raise NotImplementedError("several processes (--nproc) run only algorithm 'paper' so far; "
+                                      "run the compensated algorithm on one device")
+        make_stats, quantize_block = _compensated_steps(model, windows, cfg, device, log)
+    else:
+        quantize_block = _paper_block(cfg)
 
     chunk = contextlib.nullcontext()
     if max_gpu_memory is not None:
@@ -135,15 +194,11 @@ def quantize(
 
             ckpt = open_checkpoint(lambda: BlockCheckpoint(checkpoint_dir, identity, resume), dist)
 
-    start = time.perf_counter()
-    phases.reset()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     with chunk:
         times = walk_blocks(
             model,
             windows.ids,
-            lambda name, lin: SquaredNorm(lin.in_features, lin.weight.device),
+            make_stats,
             quantize_block,
             device=device,
             batch_size=cfg.calib_batch_size,

@@ -53,6 +53,9 @@ def algorithm1(norms: torch.Tensor, bits: float, edge_frac: float = 0.01) -> tor
 
 
 ALLOCATORS: dict[str, Allocator] = {"algorithm1": algorithm1}
+# "distortion" (cmpq.algorithm.budget) allocates across the whole model, not one layer's norms, so
+# it is not an ``Allocator``; it is listed here so configs can name it.
+ALLOCATOR_NAMES = ("algorithm1", "distortion")
 
 
 def get_allocator(name: str) -> Allocator:

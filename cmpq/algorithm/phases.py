@@ -33,6 +33,10 @@ def phase(name: str, device: torch.device) -> Iterator[None]:
         _SECONDS[name] += time.perf_counter() - t0
 
 
+def add(name: str, seconds: float) -> None:
+    _SECONDS[name] += seconds
+
+
 def reset() -> None:
     _SECONDS.clear()
 

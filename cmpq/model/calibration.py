@@ -47,6 +47,43 @@ class SquaredNorm:
             self.parts.append(s)
 
 
+class WeightedHessian:
+    """``H = sum_t w_t x_t x_t^T`` over a linear's calibration inputs (float32), ``w_t`` the token's
+    weight in calibration order (``cmpq.model.sensitivity``; None: every token 1). Inputs arrive in
+    the order of the windows, so a running offset finds each token's weight."""
+
+    def __init__(self, in_features: int, device, token_weight: torch.Tensor | None = None) -> None:
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.token_weight = None
+        if token_weight is not None:  # relative weights: the scale of H does not matter to GPTQ
+            self.token_weight = (token_weight / token_weight.mean().clamp(min=1e-30)).float()
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        n = x.shape[0]
+        if self.token_weight is not None:
+            if self.tokens + n > self.token_weight.numel():
+                raise ValueError("more calibration tokens reached a linear than the sensitivity pass saw")
+            w = self.token_weight[self.tokens : self.tokens + n].to(x.device, non_blocking=True)
+            xw = x * w[:, None]
+        else:
+            xw = x
+        prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True  # ~1e-3 per product; GPTQ dampens H by 1% anyway
+        try:
+            self.sum.addmm_(xw.T, x)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev
+        self.tokens += n
+
+    @property
+    def H(self) -> torch.Tensor:
+        if self.tokens == 0:
+            raise RuntimeError("no calibration inputs reached this linear")
+        return self.sum / self.tokens
+
+
 @dataclass
 class WalkTimes:
     """Seconds spent in each phase, for reports."""

@@ -1,0 +1,173 @@
+"""CMPQ with error compensation: per-channel codebooks quantized in GPTQ order.
+
+GPTQ (Frantar et al., 2022) quantizes the input channels (columns) of ``W`` one at a time and
+pushes each column's error onto the columns not yet quantized through the inverse Hessian of
+``||X dW^T||^2``. In CMPQ one column is one channel is one codebook, so the per-column step of
+GPTQ, "round this column to its grid", becomes "map this column to its nearest centroids", and
+everything else carries over unchanged (the Cholesky form, lazy blocks, dead inputs, dampening).
+
+Choices, and why:
+
+* **Codebooks are fitted per lazy block on the updated weights.** When a block of columns is
+  reached, the errors of every earlier block have been applied, so k-means sees (nearly) the values
+  it will quantize; fitting all of a block's columns of one width in one vectorized call keeps the
+  cost at one k-means pass over the layer. (Updates from columns inside the same block arrive after
+  the fit; they are small next to the columns' spread.)
+* **Order:** quantized columns by decreasing ``H_jj`` (GPTQ's act-order), FP16 columns last. FP16
+  columns have no error of their own, so placed last they absorb compensation for free: they are
+  stored at their updated values.
+* **Sparse outliers** (O_q) are chosen before the pass, as the weights whose first-guess error
+  (k-means on the original column) weighs most, ``H_jj * err^2``; they are left out of their
+  column's k-means and stored at their updated value when the column is reached (error 0).
+* ``H`` should be the token-weighted Hessian (``cmpq.model.sensitivity``): plain ``X^T X`` lets
+  GPTQ move error onto the attention-sink token (see ``benchmarks/gptq_quality.py``).
+
+Widths may be any of 1..8 bits per channel, or ``FP16`` for a whole FP16 column.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cmpq.algorithm.budget import FP16
+from cmpq.algorithm.kmeans import assign_nearest, kmeans_1d
+from cmpq.algorithm.layer import QuantizedParts
+from cmpq.baselines.gptq import _inverse_hessian_cholesky
+
+
+def _codebooks(x: torch.Tensor, k: int, keep: torch.Tensor | None, iters: int) -> torch.Tensor:
+    return kmeans_1d(x, k, keep, max_iter=iters).half().float()  # what is stored is what is used
+
+
+def select_sparse(W: torch.Tensor, hdiag: torch.Tensor, widths: torch.Tensor, n_sparse: int,
+                  iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the ``n_sparse`` quantized-column weights with the largest ``H_jj * err^2``,
+    ``err`` from k-means on the original column at its width."""
+    dev = W.device
+    if n_sparse <= 0:
+        e = torch.empty(0, dtype=torch.long, device=dev)
+        return e, e
+    out_f = W.shape[0]
+    scores, flat = [], []
+    for b in sorted(set(widths.tolist()) - {FP16}):
+        cols = (widths == b).nonzero().squeeze(1)
+        x = W[:, cols].T.float().contiguous()
+        cb = _codebooks(x, 2**b, None, iters)
+        err = (x - cb.gather(1, assign_nearest(x, cb))).pow(2) * hdiag[cols, None]
+        v, j = torch.topk(err.reshape(-1), min(n_sparse, err.numel()))
+        scores.append(v)
+        flat.append(cols[j // out_f] * out_f + j % out_f)
+    if not scores:
+        e = torch.empty(0, dtype=torch.long, device=dev)
+        return e, e
+    v, f = torch.cat(scores), torch.cat(flat)
+    top = f[torch.topk(v, min(n_sparse, v.numel())).indices]
+    return top % out_f, top // out_f
+
+
+@torch.no_grad()
+def quantize_compensated(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    widths: torch.Tensor,
+    n_sparse: int,
+    kmeans_iters: int = 100,
+    damp: float = 0.01,
+    block_size: int = 128,
+    compensate: bool = True,
+    name: str = "weight",
+) -> QuantizedParts:
+    """Quantize ``weight`` ``[out, in]`` with per-channel ``widths`` (``FP16``: keep the column) and
+    Hessian ``H`` ``[in, in]``; ``compensate=False`` skips the error feedback (same codebooks and
+    outliers, each column on its own) for ablations."""
+    out_f, in_f = weight.shape
+    dev = weight.device
+    if H.shape != (in_f, in_f):
+        raise ValueError(f"{name}: Hessian has shape {tuple(H.shape)}, expected ({in_f}, {in_f})")
+    if widths.shape != (in_f,):
+        raise ValueError(f"{name}: {widths.numel()} channel widths for {in_f} input channels")
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"{name}: weight holds NaN or Inf; refusing to quantize")
+    if not torch.isfinite(H).all():
+        raise ValueError(f"{name}: Hessian holds NaN or Inf (did calibration overflow?)")
+    widths = widths.to(dev).long()
+    W = weight.detach().float().clone()
+    H = H.detach().to(device=dev, dtype=torch.float32).clone()
+    diag = H.diagonal().clone()
+    mean_diag = diag.mean()
+    dead = diag == 0
+    H.diagonal().masked_fill_(dead, 1.0)
+    W.masked_fill_(dead, 0.0)
+
+    rows, cols = select_sparse(W, diag, widths, n_sparse, kmeans_iters)
+    exact = torch.zeros(out_f, in_f, dtype=torch.bool, device=dev)
+    exact[rows, cols] = True
+    fp = widths == FP16
+    exact[:, fp] = True
+
+    perm = torch.argsort(torch.where(fp, -1.0, diag), descending=True, stable=True)  # FP16 last
+    W, exact, wp = W[:, perm], exact[:, perm], widths[perm]
+    if compensate:
+        Hinv = _inverse_hessian_cholesky(H[perm][:, perm], damp, mean_diag)
+    del H
+    Q = torch.empty_like(W)
+    idx = torch.zeros(out_f, in_f, dtype=torch.uint8, device=dev)
+    kmax = 2 ** int(wp[~(wp == FP16)].max()) if (wp != FP16).any() else 1
+    books = torch.zeros(in_f, kmax, device=dev)  # per permuted column, ascending, padded
+
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        count = i2 - i1
+        W1 = W[:, i1:i2].T.contiguous()  # [count, out]: column i is row i
+        EX = exact[:, i1:i2].T
+        wb = wp[i1:i2]
+        mids = torch.full((count, max(kmax - 1, 1)), torch.inf, device=dev)
+        cent = torch.zeros(count, kmax, device=dev)
+        for b in sorted(set(wb.tolist()) - {FP16}):
+            r = (wb == b).nonzero().squeeze(1)
+            cb = _codebooks(W1[r], 2**b, ~EX[r], kmeans_iters)
+            k = 2**b
+            cent[r, :k] = cb
+            cent[r, k:] = cb[:, -1:]  # never selected (mids are inf there); keeps gathers in range
+            if k > 1:
+                mids[r, : k - 1] = (cb[:, 1:] + cb[:, :-1]) * 0.5
+        books[i1:i2] = cent
+        if not compensate:
+            j = torch.searchsorted(mids, W1, right=True).clamp(max=kmax - 1)
+            q = torch.where(EX, W1.half().float(), cent.gather(1, j))
+            Q[:, i1:i2] = q.T
+            idx[:, i1:i2] = j.T.to(torch.uint8)
+            continue
+        Q1 = torch.empty_like(W1)
+        E1 = torch.empty_like(W1)
+        J1 = torch.empty(count, out_f, dtype=torch.long, device=dev)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(count):
+            w = W1[i]
+            j = torch.searchsorted(mids[i], w, right=True).clamp_(max=kmax - 1)
+            q = torch.where(EX[i], w.half().float(), cent[i].gather(0, j))  # as stored
+            Q1[i], J1[i] = q, j
+            e = (w - q).div_(Hinv1[i, i])
+            E1[i] = e
+            if i + 1 < count:
+                W1[i + 1 :].sub_(Hinv1[i, i + 1 :, None] * e)
+        Q[:, i1:i2] = Q1.T
+        idx[:, i1:i2] = J1.T.to(torch.uint8)
+        if i2 < in_f:
+            W[:, i2:] -= E1.T.contiguous() @ Hinv[i1:i2, i2:]
+
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(in_f, device=dev)
+    Q, idx, books = Q[:, inv], idx[:, inv], books[inv]
+    groups = {}
+    for b in sorted(set(widths.tolist()) - {FP16}):
+        ch = (widths == b).nonzero().squeeze(1)
+        groups[b] = (ch, idx[:, ch].contiguous(), books[ch, : 2**b].half())
+    fp_ch = fp.nonzero().squeeze(1)
+    order = torch.argsort(rows * in_f + cols)
+    rows, cols = rows[order], cols[order]
+    return QuantizedParts(
+        out_features=out_f, in_features=in_f, groups=groups,
+        outlier_channels=fp_ch, outlier_weight=Q[:, fp_ch].half(),
+        sparse_rows=rows, sparse_cols=cols, sparse_vals=Q[rows, cols].half(),
+    )

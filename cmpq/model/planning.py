@@ -1,0 +1,64 @@
+"""Whole-model width plan for the compensated algorithm: every channel's width, before the walk.
+
+The sensitivity pass (``cmpq.model.sensitivity``) gives each linear's loss-weighted Hessian
+diagonal; ``cmpq.algorithm.distortion`` turns it into a loss per channel and width; one Lagrangian
+over every channel of the model (``cmpq.algorithm.budget``) picks the widths so that the stored
+size is the budget, every byte counted. Done before the block walk, on the full-precision weights
+(the walk changes no later weight, only the inputs), one block at a time on the device.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from cmpq.algorithm.allocation import algorithm1
+from cmpq.algorithm.budget import FP16, LayerOptions, solve, total_cost
+from cmpq.algorithm.distortion import layer_options
+from cmpq.config import CMPQConfig
+from cmpq.model.blocks import find_blocks, find_linears
+
+
+def n_sparse(lin: nn.Linear, cfg: CMPQConfig) -> int:
+    return int(round(cfg.weight_outlier_frac * lin.out_features * lin.in_features))
+
+
+def algorithm1_widths(hdiag: torch.Tensor, cfg: CMPQConfig) -> torch.Tensor:
+    """The paper's allocation as widths (ablation): O_act FP16 columns, then Algorithm 1 by norm."""
+    in_f = hdiag.numel()
+    n_act = min(int(round(cfg.act_outlier_frac * in_f)), in_f - 1)
+    widths = torch.empty(in_f, dtype=torch.long)
+    act = torch.topk(hdiag.float(), n_act).indices if n_act else torch.empty(0, dtype=torch.long)
+    rest = torch.ones(in_f, dtype=torch.bool)
+    rest[act] = False
+    widths[act] = FP16
+    widths[rest] = algorithm1(hdiag.float()[rest].sqrt(), cfg.bits, edge_frac=cfg.edge_frac)
+    return widths
+
+
+@torch.no_grad()
+def plan_widths(model: nn.Module, hdiag: dict[tuple[int, str], torch.Tensor], cfg: CMPQConfig,
+                device: torch.device, log: Callable[[str], None] | None = None) -> dict[tuple[int, str], torch.Tensor]:
+    """Width per input channel (``FP16`` for an FP16 column) of every block linear."""
+    _, blocks = find_blocks(model)
+    keys, options = [], []
+    numel = 0
+    for i, block in enumerate(blocks):
+        for name, lin in find_linears(block).items():
+            w = lin.weight.detach().to(device)
+            options.append(layer_options(w, hdiag[(i, name)], cfg.widths, n_sparse(lin, cfg),
+                                         cfg.alloc_kmeans_iters, cfg.fp16_columns))
+            keys.append((i, name))
+            numel += lin.weight.numel()
+    budget = cfg.bits * numel
+    choices = solve(options, budget)
+    plan = {k: torch.tensor(o.widths)[c] for k, o, c in zip(keys, options, choices)}
+    if log:
+        got = total_cost(options, choices) / numel
+        mix = torch.cat(list(plan.values()))
+        shares = ", ".join(f"{'fp16' if b == FP16 else f'{b}-bit'} {100 * float((mix == b).float().mean()):.2f}%"
+                           for b in sorted(set(mix.tolist())))
+        log(f"allocation: {got:.4f} effective bits per weight (budget {cfg.bits}); channels: {shares}")
+    return plan

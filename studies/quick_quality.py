@@ -1,0 +1,82 @@
+"""Quick CPU comparison of CMPQ configurations on SmolLM2-135M (reduced calibration and evaluation).
+
+Not the benchmark (``benchmarks/quality.py`` is): a development loop for the compensated
+algorithm's parts. Each run quantizes a fresh copy and evaluates WikiText-2 windows.
+
+    CMPQ_DATA_DIR=../shared/data python studies/quick_quality.py --nsamples 16 --calib-seqlen 512 \
+        --windows 4 --run algorithm=paper,bits=3 --run bits=3.36
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+
+import torch
+
+import cmpq
+from cmpq.config import CMPQConfig
+from cmpq.data.tokens import eval_windows
+from cmpq.eval.perplexity import perplexity
+from cmpq.model.loading import load_model
+from cmpq.quantize import resolve_calibration
+
+
+def parse(spec: str) -> dict:
+    out = {}
+    for kv in spec.split(","):
+        k, v = kv.split("=")
+        for conv in (int, float):
+            try:
+                v = conv(v)
+                break
+            except ValueError:
+                pass
+        if v in ("True", "False"):
+            v = v == "True"
+        if k == "widths":
+            v = tuple(int(c) for c in str(v).split("/"))
+        out[k] = v
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--run", action="append", default=[])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--fp", action="store_true")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    base, tok = load_model("smollm2-135m")
+    wins = eval_windows(tok, "wikitext2", 2048, nsamples=a.windows).ids
+    rows = []
+    if a.fp:
+        rows.append({"run": "fp32", "wiki2": perplexity(base, wins, log=None)})
+        print(rows[-1], flush=True)
+    for spec in a.run:
+        kw = parse(spec)
+        cfg = CMPQConfig(nsamples=a.nsamples, seqlen=a.calib_seqlen, **kw)
+        calib = resolve_calibration(tok, "c4", cfg)
+        model, _ = load_model("smollm2-135m")
+        t0 = time.perf_counter()
+        cmpq.quantize(model, tok, cfg, calib=calib, device="cpu", log=None)
+        secs = time.perf_counter() - t0
+        lin = [m for m in model.modules() if hasattr(m, "effective_bits")]
+        numel = sum(m.in_features * m.out_features for m in lin)
+        eff = sum(m.effective_bits() * m.in_features * m.out_features for m in lin) / numel
+        ppl = perplexity(model, wins, log=None)
+        rows.append({"run": spec, "effective_bits": round(eff, 4), "wiki2": round(ppl, 3), "seconds": round(secs, 1)})
+        print(rows[-1], flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": "CPU, 2 cores",
+                       "nsamples": a.nsamples, "calib_seqlen": a.calib_seqlen, "windows": a.windows, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
