@@ -47,6 +47,10 @@ class CMPQConfig:
     damp: float = 0.01  # Hessian dampening, relative to its mean diagonal
     block_size: int = 128  # lazy-update block; codebooks are fitted per block
     alloc_kmeans_iters: int = 25  # k-means iterations when measuring each width's distortion
+    # either algorithm: distil the stored values (codebooks, FP16 parts, biases) from the
+    # full-precision model on the calibration windows, indices fixed (cmpq.model.distill); 0: off
+    finetune_epochs: int = 0
+    finetune_lr: float = 5e-3  # Adam step relative to each layer's RMS value
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -74,6 +78,11 @@ class CMPQConfig:
             raise ValueError(f"token_weighting must be one of {TOKEN_WEIGHTINGS}, got {self.token_weighting!r}")
         if not isinstance(self.damp, (int, float)) or not math.isfinite(self.damp) or not 0 < self.damp < 1:
             raise ValueError(f"damp must be in (0, 1), got {self.damp!r}")
+        if not isinstance(self.finetune_epochs, int) or self.finetune_epochs < 0:
+            raise ValueError(f"finetune_epochs must be a non-negative integer, got {self.finetune_epochs!r}")
+        if not isinstance(self.finetune_lr, (int, float)) or not math.isfinite(self.finetune_lr) \
+                or not 0 < self.finetune_lr < 1:
+            raise ValueError(f"finetune_lr must be in (0, 1), got {self.finetune_lr!r}")
         for name in ("block_size", "alloc_kmeans_iters"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:

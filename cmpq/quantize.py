@@ -150,6 +150,12 @@ def quantize(
     phases.reset()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    teacher = None
+    if cfg.finetune_epochs:
+        from cmpq.model.distill import teacher_states
+
+        with phases.phase("finetune", device):
+            teacher = teacher_states(model, windows.ids, device)
     make_stats = lambda name, lin: SquaredNorm(lin.in_features, lin.weight.device)  # noqa: E731
     if cfg.algorithm == "compensated":
         if dist is not None:
@@ -207,6 +213,12 @@ def quantize(
             checkpoint=ckpt,
             dist=dist,
         )
+    tuned = None
+    if teacher is not None:
+        from cmpq.model.distill import finetune
+
+        with phases.phase("finetune", device):
+            tuned = finetune(model, windows.ids, teacher, device, cfg.finetune_epochs, cfg.finetune_lr, log)
     total = time.perf_counter() - start
     qc = {
         "quant_method": "cmpq",
@@ -221,6 +233,8 @@ def quantize(
                                # this process's share of quantize_linears (allocation, kmeans, outlier_search, packing)
                                "linears_by_phase": {k: round(v, 2) for k, v in phases.totals().items()}},
     }
+    if tuned is not None:
+        qc["finetune"] = {k: round(v, 5) for k, v in tuned.items()}
     if device.type == "cuda":
         qc["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     if dist is not None:

@@ -1,0 +1,206 @@
+"""Codebook fine-tuning: the stored values learn from the full-precision model, the indices stay.
+
+After quantization every weight of a ``CMPQLinear`` is one of: a codebook entry of its channel, an
+FP16 outlier column entry, or a sparse FP16 outlier. Which one is fixed (the indices and positions),
+what it holds is not: this pass trains those values (and the biases) so that the quantized model's
+next-token distribution matches the full-precision model's on the calibration windows (KL
+divergence, the distillation of PV-Tuning and QuIP#'s fine-tuning, here with indices frozen).
+Storage and kernels see the same format; only numbers in it change.
+
+Why it pays: compensation and k-means each fit one layer to its own inputs; neither can see what an
+error does to the logits downstream. The values are few (a handful per channel) so the pass cannot
+overfit the calibration text the way full fine-tuning could.
+
+The teacher is the model itself before quantization: ``teacher_states`` stores its last hidden
+state (the input of ``lm_head``, which cmpq leaves unquantized) for every window, so the teacher's
+logits are one matmul away and no second model is held.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cmpq.model.blocks import set_module
+from cmpq.nn.linear import CMPQLinear
+from cmpq.storage.packing import pack_channels
+
+
+def _head(model: nn.Module) -> nn.Module:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise ValueError("codebook fine-tuning needs the model's output embeddings (lm_head)")
+    return head
+
+
+@torch.no_grad()
+def teacher_states(model: nn.Module, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Last hidden state ``[n, seq, hidden]`` (fp16, CPU) of the full-precision model per window."""
+    head = _head(model)
+    got: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda m, args: got.append(args[0].detach().half().cpu()))
+    place = _Placement(model, device)
+    try:
+        for row in ids:
+            model(row[None].to(device), use_cache=False)
+    finally:
+        hook.remove()
+        place.restore()
+    return torch.cat(got)
+
+
+class _Placement:
+    """Moves the model to ``device`` for the pass and back after."""
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.model = model
+        self.home = next(model.parameters()).device
+        model.to(device)
+
+    def restore(self) -> None:
+        self.model.to(self.home)
+
+
+class TunableLinear(nn.Module):
+    """A ``CMPQLinear`` opened up for training: every stored value in one vector, every weight a fixed
+    index into it, so ``W = values[where]`` is one differentiable gather."""
+
+    def __init__(self, layer: CMPQLinear) -> None:
+        super().__init__()
+        self.layer = layer
+        dev = layer.outlier_weight.device
+        out_f, in_f = layer.out_features, layer.in_features
+        where = torch.empty(out_f, in_f, dtype=torch.long, device=dev)
+        chunks, offset = [], 0
+        self.slices: dict[str, tuple[int, int]] = {}
+        for b in layer.bit_widths:
+            ch, _, cb = layer.group(b)
+            n, k = cb.shape
+            if n:
+                idx = layer.group_indices(b)  # [out, n]
+                where[:, ch.long()] = offset + idx + (torch.arange(n, device=dev) * k)[None]
+            chunks.append(cb.float().reshape(-1))
+            self.slices[f"q{b}_codebook"] = (offset, offset + n * k)
+            offset += n * k
+        n_act = layer.outlier_channels.numel()
+        if n_act:
+            where[:, layer.outlier_channels.long()] = offset + torch.arange(out_f * n_act, device=dev).view(out_f, n_act)
+        chunks.append(layer.outlier_weight.float().reshape(-1))
+        self.slices["outlier_weight"] = (offset, offset + out_f * n_act)
+        offset += out_f * n_act
+        nnz = layer.sparse_val.numel()
+        if nnz:
+            rows = torch.repeat_interleave(torch.arange(out_f, device=dev),
+                                           (layer.sparse_crow[1:] - layer.sparse_crow[:-1]).long())
+            where[rows, layer.sparse_col.long()] = offset + torch.arange(nnz, device=dev)
+        chunks.append(layer.sparse_val.float())
+        self.slices["sparse_val"] = (offset, offset + nnz)
+        self.register_buffer("where", where)
+        self.values = nn.Parameter(torch.cat(chunks))
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.values[self.where].to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    @torch.no_grad()
+    def write_back(self) -> CMPQLinear:
+        """Store the trained values in the layer (FP16, codebooks re-sorted ascending with their
+        indices remapped, as the format requires) and return it."""
+        layer = self.layer
+        v = self.values.detach()
+        for b in layer.bit_widths:
+            lo, hi = self.slices[f"q{b}_codebook"]
+            ch, _, cb = layer.group(b)
+            if not ch.numel():
+                continue
+            new = v[lo:hi].view(cb.shape).half()
+            new, order = new.float().sort(dim=1, stable=True)
+            rank = torch.empty_like(order)
+            rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order).contiguous())
+            idx = layer.group_indices(b)  # [out, n]
+            idx = rank.gather(1, idx.T).T  # old slot -> new slot, per channel
+            setattr(layer, f"q{b}_codebook", new.half())
+            setattr(layer, f"q{b}_packed", pack_channels(idx.contiguous(), b))
+        lo, hi = self.slices["outlier_weight"]
+        layer.outlier_weight = v[lo:hi].view_as(layer.outlier_weight).half()
+        lo, hi = self.slices["sparse_val"]
+        layer.sparse_val = v[lo:hi].half()
+        if self.bias is not None:
+            layer.bias = self.bias.detach().half()
+        layer._dense_cache = None
+        return layer
+
+
+def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student), in float32."""
+    t = F.log_softmax(teacher_logits.float(), dim=-1)
+    s = F.log_softmax(student_logits.float(), dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+def finetune(
+    model: nn.Module,
+    ids: torch.Tensor,
+    teacher: torch.Tensor,
+    device: torch.device,
+    epochs: int = 2,
+    lr: float = 5e-3,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Train every ``CMPQLinear``'s stored values (indices fixed) to match ``teacher`` (from
+    ``teacher_states``) on the windows ``ids``; Adam, one window per step, linear decay to zero;
+    ``lr`` is relative to each layer's value scale.
+    Returns the first and last epoch's mean KL."""
+    if teacher.shape[:2] != ids.shape:
+        raise ValueError(f"teacher states {tuple(teacher.shape)} do not match the windows {tuple(ids.shape)}")
+    head = _head(model)
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    swapped: list[tuple[nn.Module, str, TunableLinear]] = []
+    for name, m in list(model.named_modules()):
+        if isinstance(m, CMPQLinear):
+            t = TunableLinear(m)
+            set_module(model, name, t)
+            swapped.append((model, name, t))
+    if not swapped:
+        raise ValueError("no CMPQLinear layers to fine-tune; quantize the model first")
+    place = _Placement(model, device)
+    # Adam's step is absolute; layers differ in scale, so each layer's step is ``lr`` times the
+    # root-mean-square of its own stored values
+    groups = [{"params": list(t.parameters()), "lr": lr * float(t.values.detach().pow(2).mean().sqrt().clamp(min=1e-8))}
+              for _, _, t in swapped]
+    opt = torch.optim.Adam(groups)
+    steps = epochs * ids.shape[0]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
+    history = []
+    try:
+        with torch.enable_grad():
+            for epoch in range(epochs):
+                total = 0.0
+                for i in torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(epoch)).tolist():
+                    logits = model(ids[i][None].to(device), use_cache=False).logits[0]
+                    with torch.no_grad():
+                        target = head(teacher[i].to(device=device, dtype=head.weight.dtype))
+                    loss = _kl(logits, target)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"codebook fine-tuning diverged (loss {loss.item()}) at epoch {epoch}")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    total += loss.item()
+                history.append(total / ids.shape[0])
+                if log:
+                    log(f"fine-tune epoch {epoch + 1}/{epochs}: KL to full precision {history[-1]:.4f}")
+    finally:
+        for root, name, t in swapped:
+            set_module(root, name, t.write_back())
+        place.restore()
+        for p in frozen:
+            p.requires_grad_(True)
+    return {"kl_first_epoch": history[0] if history else None, "kl_last_epoch": history[-1] if history else None}

@@ -1,0 +1,69 @@
+"""Codebook fine-tuning (cmpq.model.distill): exact open/close of a layer, and a pass that lowers
+the KL to the full-precision model without touching indices or format."""
+
+import copy
+
+import torch
+
+import cmpq
+from cmpq.config import CMPQConfig
+from cmpq.model.distill import TunableLinear, _kl, finetune, teacher_states
+from cmpq.nn.linear import CMPQLinear
+
+from tiny_models import one_thread  # noqa: F401
+
+
+def _quantized(tiny_llama, calib_ids, **kw):
+    cfg = CMPQConfig(bits=3.0, nsamples=4, seqlen=64, kmeans_iters=10, alloc_kmeans_iters=5, **kw)
+    return cmpq.quantize(tiny_llama, calib=calib_ids, config=cfg, device="cpu", log=None)
+
+
+def test_tunable_linear_is_the_layer_and_writes_back_exactly(tiny_llama, calib_ids):
+    model = _quantized(tiny_llama, calib_ids, algorithm="paper")
+    layer = next(m for m in model.modules() if isinstance(m, CMPQLinear))
+    w0 = layer.dequantize(torch.float32)
+    t = TunableLinear(layer)
+    x = torch.randn(3, layer.in_features)
+    torch.testing.assert_close(t(x), torch.nn.functional.linear(x, w0, None if layer.bias is None else layer.bias.float()))
+    # permute one codebook's entries: write_back must re-sort and remap indices, same weights
+    b = layer.bit_widths[0]
+    lo, hi = t.slices[f"q{b}_codebook"]
+    with torch.no_grad():
+        t.values[lo:hi] += torch.linspace(0, 1e-3, hi - lo)
+    w1 = t.values[t.where].detach()
+    out = t.write_back()
+    torch.testing.assert_close(out.dequantize(torch.float32), w1.half().float())
+    cb = out.group(b)[2].float()
+    assert (cb[:, 1:] >= cb[:, :-1]).all(), "codebooks must stay ascending"
+
+
+def test_finetune_lowers_kl_and_keeps_indices(tiny_llama, calib_ids):
+    teacher_model = copy.deepcopy(tiny_llama)
+    states = teacher_states(tiny_llama, calib_ids, torch.device("cpu"))
+    model = _quantized(tiny_llama, calib_ids)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, CMPQLinear)}
+    channels = {n: [m.group(b)[0].clone() for b in m.bit_widths] for n, m in layers.items()}
+    bytes_before = {n: m.storage_bytes() for n, m in layers.items()}
+
+    def kl() -> float:
+        with torch.no_grad():
+            return _kl(model(calib_ids).logits, teacher_model(calib_ids).logits).item()
+
+    before = kl()
+    hist = finetune(model, calib_ids, states, torch.device("cpu"), epochs=3, lr=5e-3)
+    after = kl()
+    assert after < before * 0.95, (before, after)
+    assert hist["kl_last_epoch"] < hist["kl_first_epoch"]
+    for n, m in model.named_modules():
+        if isinstance(m, CMPQLinear):
+            assert m.storage_bytes() == bytes_before[n]
+            for got, want in zip([m.group(b)[0] for b in m.bit_widths], channels[n]):
+                assert torch.equal(got, want)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_quantize_with_finetune_records_it(tiny_llama, calib_ids):
+    model = _quantized(tiny_llama, calib_ids, finetune_epochs=1)
+    ft = model.config.quantization_config["finetune"]
+    assert ft["kl_first_epoch"] > 0
+    assert "finetune" in model.config.quantization_config["time_split_seconds"]["linears_by_phase"]
