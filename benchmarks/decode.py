@@ -76,7 +76,7 @@ def quantize_random(model, bits: float, dev, log=print) -> None:
     from cmpq.algorithm.layer import quantize_weights
     from cmpq.nn.linear import pack_linear
 
-    cfg = cmpq.CMPQConfig(bits=bits)
+    cfg = cmpq.CMPQConfig(bits=bits, algorithm="paper")  # no calibration here: the paper's layer step
     gen = torch.Generator(device=dev).manual_seed(0)
     t0 = time.time()
     blocks = model.model.layers

@@ -168,9 +168,11 @@ def _quantize(a: argparse.Namespace, dist) -> int:
         return 2
     if a.method != "cmpq":
         return _quantize_baseline(a, out, _device(a.device))
-    cfg = cmpq.CMPQConfig(bits=a.bits, act_outlier_frac=a.act_outlier_frac, weight_outlier_frac=a.weight_outlier_frac,
-                          quantizer=a.quantizer, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
-                          calib_batch_size=a.calib_batch_size)
+    cfg = cmpq.CMPQConfig(bits=a.bits, algorithm=a.algorithm, act_outlier_frac=a.act_outlier_frac,
+                          weight_outlier_frac=a.weight_outlier_frac, quantizer=a.quantizer, nsamples=a.nsamples,
+                          seqlen=a.seqlen, seed=a.seed, calib_batch_size=a.calib_batch_size,
+                          token_weighting=a.token_weighting, compensate=not a.no_compensation,
+                          finetune_epochs=a.finetune_epochs)
     device = dist.device if dist is not None else _device(a.device)
     model, tok = load_model(a.model, device="cpu", dtype=torch.float16 if device.type == "cuda" else torch.float32)
     cmpq.quantize(model, tok, cfg, calib=a.calib, device=device, checkpoint_dir=None if a.no_checkpoint else partial,
@@ -236,7 +238,8 @@ def cmd_estimate(a: argparse.Namespace) -> int:
     model = load_skeleton(a.model)
     rows = []
     for b in a.bits:
-        cfg = CMPQConfig(bits=b, act_outlier_frac=a.act_outlier_frac, weight_outlier_frac=a.weight_outlier_frac)
+        cfg = CMPQConfig(bits=b, algorithm=a.algorithm, act_outlier_frac=a.act_outlier_frac,
+                         weight_outlier_frac=a.weight_outlier_frac)
         rows.append({"bits": b, **estimate(model, cfg)})
     if a.json:
         print(json.dumps(rows, indent=1))
@@ -328,6 +331,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cmpq.config import CMPQConfig
+
+    D = CMPQConfig()  # defaults come from the config dataclass
     p = argparse.ArgumentParser(prog="cmpq", description="Channel-wise Mixed-Precision Quantization for causal LMs")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -336,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", choices=("cmpq", "rtn", "gptq", "awq", "llmmq", "hqq"), default="cmpq",
                    help="cmpq (default, packed save) or a baseline (saved as a plain HF model with fake-quantized weights)")
     q.add_argument("--bits", type=float, required=True,
-                   help="cmpq, llmmq: average bits in [2, 4]; rtn, gptq, awq, hqq: 2, 3 or 4")
+                   help="cmpq: effective bits per weight of the quantized linears, every stored byte counted "
+                        "(--algorithm paper: nominal average in [2, 4]); llmmq: average bits in [2, 4]; "
+                        "rtn, gptq, awq, hqq: 2, 3 or 4")
     q.add_argument("--group-size", type=int, default=128, help="baselines' group size; 0 = one group per output row")
     q.add_argument("--act-order", action="store_true", help="gptq: process columns by decreasing Hessian diagonal")
     q.add_argument("--output", "-o", required=True)
@@ -344,6 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--nsamples", type=int, default=128)
     q.add_argument("--seqlen", type=int, default=2048)
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--algorithm", choices=("compensated", "paper"), default=D.algorithm,
+                   help="compensated: GPTQ-order codebooks, whole-model allocation by measured loss, --bits is "
+                        "effective bits (every byte counted); paper: the paper's method, --bits is nominal "
+                        "(default: %(default)s)")
+    q.add_argument("--token-weighting", choices=("gradient", "none"), default=D.token_weighting,
+                   help="compensated: weight calibration tokens by output-gradient norm (default: %(default)s)")
+    q.add_argument("--no-compensation", action="store_true", help="compensated: no error feedback (ablation)")
+    q.add_argument("--finetune-epochs", type=int, default=D.finetune_epochs,
+                   help="epochs of codebook fine-tuning against the full-precision model, indices fixed "
+                        "(default: %(default)s)")
     q.add_argument("--quantizer", choices=("kmeans", "uniform"), default="kmeans")
     q.add_argument("--act-outlier-frac", type=float, default=0.0045)
     q.add_argument("--weight-outlier-frac", type=float, default=0.0005)
@@ -398,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     es = sub.add_parser("estimate", help="effective bits and size of a CMPQ model for given budgets, before quantizing")
     es.add_argument("model")
     es.add_argument("--bits", type=float, nargs="+", default=[2, 2.5, 3, 3.5, 4])
+    es.add_argument("--algorithm", choices=("compensated", "paper"), default=D.algorithm)
     es.add_argument("--act-outlier-frac", type=float, default=0.0045)
     es.add_argument("--weight-outlier-frac", type=float, default=0.0005)
     es.add_argument("--json", action="store_true")

@@ -40,7 +40,9 @@ class CMPQConfig:
     seed: int = 0
     calib_batch_size: int = 8  # calibration windows per forward pass
     # compensated algorithm
-    widths: tuple = (1, 2, 3, 4)  # candidate widths per channel; FP16 columns too if fp16_columns
+    # candidate widths per channel, FP16 columns too if fp16_columns. 1 is allowed; the GPU
+    # kernels take 2..4 (a layer with 1-bit channels runs through dequantization)
+    widths: tuple = (2, 3, 4)
     fp16_columns: bool = True
     token_weighting: str = "gradient"  # "gradient": ||dL/dy_t||^2 per token (cmpq.model.sensitivity); "none"
     compensate: bool = True  # GPTQ-style error feedback (False: ablation)

@@ -67,8 +67,10 @@ def _compensated_steps(model: nn.Module, windows: Windows, cfg: CMPQConfig, devi
     from cmpq.model import sensitivity
     from cmpq.model.blocks import find_blocks, find_linears
     from cmpq.model.calibration import WeightedHessian
-    from cmpq.model.planning import algorithm1_widths, n_sparse, plan_widths
+    from cmpq.model.planning import algorithm1_widths, check_reachable, n_sparse, plan_widths
 
+    if cfg.allocator == "distortion":
+        check_reachable(model, cfg)  # before any work
     t0 = time.perf_counter()
     sens = sensitivity.measure(model, windows.ids, device, log)
     phases.add("sensitivity", time.perf_counter() - t0)

@@ -25,8 +25,8 @@ def tiny_folder(tmp_path, tiny_llama):
 def test_quantize_info_eval(tiny_folder, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "q"
-    rc = main(["quantize", str(tiny_folder), "--bits", "2.5", "--output", str(out), "--calib", "offline",
-               "--nsamples", "4", "--seqlen", "64", "--device", "cpu"])
+    rc = main(["quantize", str(tiny_folder), "--bits", "2.5", "--algorithm", "paper", "--output", str(out),
+               "--calib", "offline", "--nsamples", "4", "--seqlen", "64", "--device", "cpu"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "effective bits per weight" in text and "offline corpus" in text
@@ -40,6 +40,25 @@ def test_quantize_info_eval(tiny_folder, tmp_path, capsys, monkeypatch):
     assert res["kind"] == "cmpq" and res["results"]["offline"]["ppl"] > 1
     # refuses to overwrite, and bad budgets fail before any work
     assert main(["quantize", str(tiny_folder), "--bits", "3", "--output", str(out)]) == 2
-    assert main(["quantize", str(tiny_folder), "--bits", "5", "--output", str(tmp_path / "x")]) == 2
+    assert main(["quantize", str(tiny_folder), "--bits", "5", "--algorithm", "paper", "--output", str(tmp_path / "x")]) == 2
+    assert "bit budget" in capsys.readouterr().err
+    assert main(["quantize", str(tiny_folder), "--bits", "17", "--output", str(tmp_path / "x")]) == 2
     assert "bit budget" in capsys.readouterr().err
     assert main(["info", str(tiny_folder)]) == 2
+
+
+def test_quantize_default_meets_effective_budget(tiny_folder, tmp_path, capsys, monkeypatch):
+    """The default (compensated) algorithm: --bits is the effective size, every stored byte counted;
+    a budget below the narrowest width is refused with the smallest reachable size."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "q"
+    args = ["--calib", "offline", "--nsamples", "4", "--seqlen", "64", "--device", "cpu"]
+    assert main(["quantize", str(tiny_folder), "--bits", "4.2", "--output", str(out), *args]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert 4.1 < info["summary"]["effective_bits"] <= 4.2
+    assert main(["quantize", str(tiny_folder), "--bits", "2", "--output", str(tmp_path / "y"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "smallest" in err and "bits per weight" in err
+    assert not (tmp_path / "y").exists()

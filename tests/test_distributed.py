@@ -52,7 +52,7 @@ def one_thread():
 
 def args(base, out, *extra):
     # 8 windows in batches of 2: 4 batches, 2 per process
-    return ["quantize", str(base), "--bits", "3", "--output", str(out), "--calib", "offline", "--nsamples", "8",
+    return ["quantize", str(base), "--bits", "3", "--algorithm", "paper", "--output", str(out), "--calib", "offline", "--nsamples", "8",
             "--seqlen", "64", "--calib-batch-size", "2", "--device", "cpu", *extra]
 
 
@@ -165,7 +165,7 @@ def quantized(calib_ids, tmp_path, one_thread):
     model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=200, num_hidden_layers=4,
                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                                          max_position_embeddings=256)).eval()
-    cfg = cmpq.CMPQConfig(bits=3, nsamples=4, seqlen=64, calib_batch_size=2)
+    cfg = cmpq.CMPQConfig(bits=3, algorithm="paper", nsamples=4, seqlen=64, calib_batch_size=2)
     cmpq.quantize(model, None, cfg, calib=calib_ids, device="cpu", log=None)
 
     vocab = {chr(i): i for i in range(32, 127)} | {"[UNK]": 0}

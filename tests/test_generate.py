@@ -11,7 +11,7 @@ from cmpq.nn.linear import CMPQLinear
 
 @pytest.fixture
 def quantized(tiny_llama, calib_ids):
-    return cmpq.quantize(tiny_llama, None, cmpq.CMPQConfig(bits=3, nsamples=4, seqlen=64), calib=calib_ids,
+    return cmpq.quantize(tiny_llama, None, cmpq.CMPQConfig(bits=3, algorithm="paper", nsamples=4, seqlen=64), calib=calib_ids,
                          device="cpu", log=None)
 
 

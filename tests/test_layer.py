@@ -9,6 +9,11 @@ from cmpq.nn.linear import CMPQLinear, pack_linear
 from cmpq.storage.packing import pack_indices, packed_shape, unpack_indices
 
 
+def PaperConfig(**kw) -> CMPQConfig:
+    """These tests are about the paper's layer step (``quantize_weight``)."""
+    return CMPQConfig(algorithm="paper", **kw)
+
+
 def weight_and_norms(out_f=150, in_f=400, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(out_f, in_f, generator=g), torch.rand(in_f, generator=g) * 10
@@ -17,7 +22,7 @@ def weight_and_norms(out_f=150, in_f=400, seed=0):
 def test_activation_outliers_are_the_top_norm_channels_kept_exactly():
     w, a = weight_and_norms()
     a[[7, 123, 399]] = 1e6  # 0.45% of 400 channels rounds to 2: the two largest after this would tie
-    p = quantize_weight(w, a, CMPQConfig(bits=3, act_outlier_frac=0.0075))
+    p = quantize_weight(w, a, PaperConfig(bits=3, act_outlier_frac=0.0075))
     assert p.outlier_channels.tolist() == [7, 123, 399]
     assert torch.equal(p.outlier_weight, w[:, [7, 123, 399]].half())
     deq = p.dequantize()
@@ -26,12 +31,12 @@ def test_activation_outliers_are_the_top_norm_channels_kept_exactly():
 
 def test_weight_outliers_are_the_largest_first_pass_errors_and_exact():
     w, a = weight_and_norms()
-    cfg = CMPQConfig(bits=2.5, weight_outlier_frac=0.002)
+    cfg = PaperConfig(bits=2.5, weight_outlier_frac=0.002)
     p = quantize_weight(w, a, cfg)
     n = round(0.002 * w.numel())
     assert p.sparse_vals.numel() == n
     # first pass = the same quantization with no weight outliers taken out
-    first = quantize_weight(w, a, CMPQConfig(bits=2.5, weight_outlier_frac=0))
+    first = quantize_weight(w, a, PaperConfig(bits=2.5, weight_outlier_frac=0))
     err = (w - first.dequantize()).abs()
     err[:, first.outlier_channels] = -1
     top = set(torch.topk(err.reshape(-1), n).indices.tolist())
@@ -59,7 +64,7 @@ def test_weight_outliers_are_the_largest_first_pass_errors_and_exact():
 def test_budget_met_on_quantized_channels():
     w, a = weight_and_norms(in_f=1000)
     for bits in (2.0, 2.2, 2.5, 3.0, 3.5, 3.7, 4.0):
-        p = quantize_weight(w, a, CMPQConfig(bits=bits))
+        p = quantize_weight(w, a, PaperConfig(bits=bits))
         n = {b: g[0].numel() for b, g in p.groups.items()}
         avg = sum(b * k for b, k in n.items()) / sum(n.values())
         assert abs(avg - bits) <= 1 / sum(n.values()) + 1e-9
@@ -67,15 +72,15 @@ def test_budget_met_on_quantized_channels():
 
 def test_error_falls_with_bits_and_uniform_is_worse_than_kmeans():
     w, a = weight_and_norms()
-    errs = [(quantize_weight(w, a, CMPQConfig(bits=b)).dequantize() - w).norm() for b in (2, 3, 4)]
+    errs = [(quantize_weight(w, a, PaperConfig(bits=b)).dequantize() - w).norm() for b in (2, 3, 4)]
     assert errs[0] > errs[1] > errs[2]
-    uni = (quantize_weight(w, a, CMPQConfig(bits=3, quantizer="uniform")).dequantize() - w).norm()
+    uni = (quantize_weight(w, a, PaperConfig(bits=3, quantizer="uniform")).dequantize() - w).norm()
     assert uni > errs[1]
 
 
 def test_batched_equals_one_by_one():
     layers = [weight_and_norms(o, i, s) for s, (o, i) in enumerate([(64, 96), (200, 96), (64, 150)])]
-    cfg = CMPQConfig(bits=3.3)
+    cfg = PaperConfig(bits=3.3)
     together = quantize_weights([w for w, _ in layers], [a for _, a in layers], cfg)
     for (w, a), p in zip(layers, together):
         assert torch.equal(p.dequantize(), quantize_weight(w, a, cfg).dequantize())
@@ -85,14 +90,14 @@ def test_bad_inputs_are_refused():
     w, a = weight_and_norms()
     w[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        quantize_weight(w, a, CMPQConfig())
+        quantize_weight(w, a, PaperConfig())
     w, a = weight_and_norms()
     with pytest.raises(ValueError, match="shape"):
-        quantize_weight(w, a[:-1], CMPQConfig())
+        quantize_weight(w, a[:-1], PaperConfig())
     with pytest.raises(ValueError, match="fraction"):
-        CMPQConfig(act_outlier_frac=-0.1)
+        PaperConfig(act_outlier_frac=-0.1)
     with pytest.raises(ValueError, match="quantizer"):
-        CMPQConfig(quantizer="lloyd")
+        PaperConfig(quantizer="lloyd")
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
@@ -114,7 +119,7 @@ def test_pack_refuses_out_of_range():
 @pytest.mark.parametrize("bias", [False, True])
 def test_cmpq_linear_equals_dense_matmul(bias):
     w, a = weight_and_norms(67, 300)
-    p = quantize_weight(w, a, CMPQConfig(bits=2.7))
+    p = quantize_weight(w, a, PaperConfig(bits=2.7))
     b = torch.randn(67) if bias else None
     layer = pack_linear(p, b)
     assert isinstance(layer, CMPQLinear)
@@ -128,7 +133,7 @@ def test_cmpq_linear_equals_dense_matmul(bias):
 
 def test_dense_cache_dequantizes_once():
     w, a = weight_and_norms(67, 300)
-    layer = pack_linear(quantize_weight(w, a, CMPQConfig(bits=3)), None)
+    layer = pack_linear(quantize_weight(w, a, PaperConfig(bits=3)), None)
     layer.cache_dense = True
     x = torch.randn(2, 300)
     first = layer(x)

@@ -13,7 +13,7 @@ from cmpq.storage.io import CorruptModelError, set_compute_dtype
 
 
 def quantize_tiny(model, ids, bits=3.2):
-    return cmpq.quantize(model, None, cmpq.CMPQConfig(bits=bits, nsamples=4, seqlen=64), calib=ids, device="cpu", log=None)
+    return cmpq.quantize(model, None, cmpq.CMPQConfig(bits=bits, algorithm="paper", nsamples=4, seqlen=64), calib=ids, device="cpu", log=None)
 
 
 @pytest.mark.parametrize("family", ["tiny_llama", "tiny_opt"])
@@ -165,7 +165,7 @@ def test_estimate_equals_the_real_run(tiny_llama, calib_ids, bits):
     from cmpq.storage.estimate import estimate
     from cmpq.storage.io import bits_summary, layer_summary
 
-    cfg = cmpq.CMPQConfig(bits=bits, nsamples=4, seqlen=64)
+    cfg = cmpq.CMPQConfig(bits=bits, algorithm="paper", nsamples=4, seqlen=64)
     est = estimate(copy.deepcopy(tiny_llama), cfg)
     q = cmpq.quantize(copy.deepcopy(tiny_llama), None, cfg, calib=calib_ids, device="cpu", log=None)
     real = bits_summary(layer_summary(m) for m in q.modules() if isinstance(m, CMPQLinear))
@@ -174,11 +174,29 @@ def test_estimate_equals_the_real_run(tiny_llama, calib_ids, bits):
     assert est["nominal_bits"] == pytest.approx(real["nominal_bits"])
 
 
+@pytest.mark.parametrize("bits", [3.6, 4.5])
+def test_estimate_of_the_default_is_its_budget(tiny_llama, calib_ids, bits):
+    """The compensated algorithm meets its effective budget itself (to within one channel)."""
+    import copy
+
+    from cmpq.storage.estimate import estimate
+    from cmpq.storage.io import bits_summary, layer_summary
+
+    cfg = cmpq.CMPQConfig(bits=bits, nsamples=4, seqlen=64, alloc_kmeans_iters=5, kmeans_iters=10)
+    est = estimate(copy.deepcopy(tiny_llama), cfg)
+    q = cmpq.quantize(copy.deepcopy(tiny_llama), None, cfg, calib=calib_ids, device="cpu", log=None)
+    real = bits_summary(layer_summary(m) for m in q.modules() if isinstance(m, CMPQLinear))
+    assert real["effective_bits"] <= bits
+    widest_channel = 16 * 256 + 32  # an FP16 column of the largest layer
+    assert bits * real["quantized_weights"] - 8 * real["quantized_bytes"] <= widest_channel
+    assert est["effective_bits"] == pytest.approx(bits, abs=1e-3)
+
+
 def test_cli_estimate(tiny_llama, tmp_path, capsys):
     from cmpq.cli import main
 
     tiny_llama.save_pretrained(tmp_path / "m")
-    assert main(["estimate", str(tmp_path / "m"), "--bits", "2.5", "3", "--json"]) == 0
+    assert main(["estimate", str(tmp_path / "m"), "--bits", "2.5", "3", "--algorithm", "paper", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["bits"] for r in rows] == [2.5, 3.0] and rows[0]["effective_bits"] < rows[1]["effective_bits"]
     assert rows[0]["other_fp16_bytes"] == 2 * sum(p.numel() for n, p in tiny_llama.named_parameters()

@@ -19,7 +19,7 @@ TIMING_KEYS = ("quantize_seconds", "time_split_seconds", "peak_gpu_memory_gib")
 
 
 def args(base, out, *extra):
-    return ["quantize", str(base), "--bits", "3", "--output", str(out), "--calib", "offline", "--nsamples", "4",
+    return ["quantize", str(base), "--bits", "3", "--algorithm", "paper", "--output", str(out), "--calib", "offline", "--nsamples", "4",
             "--seqlen", "64", "--calib-batch-size", "2", "--device", "cpu", *extra]
 
 
@@ -68,7 +68,7 @@ def test_killed_run_resumes_to_identical_output(folder4, tmp_path, capsys, one_t
 
 
 def test_api_refuses_existing_checkpoint_and_offload_is_identical(tiny_llama, calib_ids, tmp_path):
-    cfg = cmpq.CMPQConfig(bits=3.2, nsamples=4, seqlen=64, calib_batch_size=2)
+    cfg = cmpq.CMPQConfig(bits=3.2, algorithm="paper", nsamples=4, seqlen=64, calib_batch_size=2)
     base = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
     a = cmpq.quantize(tiny_llama, None, cfg, calib=calib_ids, device="cpu", log=None, checkpoint_dir=tmp_path / "c")
     sa = {k: v.clone() for k, v in a.state_dict().items()}

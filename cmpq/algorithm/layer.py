@@ -74,6 +74,9 @@ def _plan(weight: torch.Tensor, act_sqsum: torch.Tensor, cfg: CMPQConfig, name: 
         raise ValueError(f"{name}: weight holds NaN or Inf; refusing to quantize")
     if not torch.isfinite(act_sqsum).all():
         raise ValueError(f"{name}: activation statistics hold NaN or Inf (did calibration overflow in fp16?)")
+    if cfg.algorithm != "paper" or cfg.allocator == "distortion":
+        raise ValueError(f"{name}: the paper's layer step needs CMPQConfig(algorithm='paper'); "
+                         f"got algorithm {cfg.algorithm!r}, allocator {cfg.allocator!r}")
     dev = weight.device
     norms = act_sqsum.float().sqrt()
     n_act = min(int(round(cfg.act_outlier_frac * in_f)), in_f - 1)

@@ -310,7 +310,7 @@ def _llmmq_candidates(model, windows, device, log, sensitivity, grad_nsamples, a
     grads = lm_gradients(model, windows.ids[:grad_nsamples], device) if sensitivity == "first_order" else None
     prefix, _ = find_blocks(model)
     cands: dict[str, dict[int, tuple[torch.Tensor, float, float]]] = {}
-    cfgs = {b: CMPQConfig(bits=b, edge_frac=0.0, act_outlier_frac=act_frac, weight_outlier_frac=weight_frac)
+    cfgs = {b: CMPQConfig(bits=b, algorithm="paper", edge_frac=0.0, act_outlier_frac=act_frac, weight_outlier_frac=weight_frac)
             for b in (2, 3, 4)}
 
     def qb(i, block, linears, stats):

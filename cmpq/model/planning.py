@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from cmpq.algorithm.allocation import algorithm1
-from cmpq.algorithm.budget import FP16, LayerOptions, solve, total_cost
+from cmpq.algorithm.budget import FP16, BudgetError, channel_cost_bits, solve, sparse_cost_bits, total_cost
 from cmpq.algorithm.distortion import layer_options
 from cmpq.config import CMPQConfig
 from cmpq.model.blocks import find_blocks, find_linears
@@ -38,6 +38,28 @@ def algorithm1_widths(hdiag: torch.Tensor, cfg: CMPQConfig) -> torch.Tensor:
     return widths
 
 
+def smallest_bits(model: nn.Module, cfg: CMPQConfig) -> float:
+    """Effective bits per weight with every channel at the narrowest width: from shapes alone."""
+    _, blocks = find_blocks(model)
+    bits = numel = 0
+    for block in blocks:
+        for lin in find_linears(block).values():
+            out_f, in_f = lin.out_features, lin.in_features
+            bits += in_f * channel_cost_bits(min(cfg.widths), out_f) + sparse_cost_bits(out_f, n_sparse(lin, cfg))
+            numel += out_f * in_f
+    return bits / max(numel, 1)
+
+
+def check_reachable(model: nn.Module, cfg: CMPQConfig) -> None:
+    """Refuse a budget below ``smallest_bits`` before any calibration work."""
+    least = smallest_bits(model, cfg)
+    if cfg.bits < least:
+        raise BudgetError(f"a budget of {cfg.bits:g} effective bits per weight is below the smallest this model can "
+                          f"be stored in with widths {list(cfg.widths)}: {least:.3f} bits per weight (every "
+                          f"channel at {min(cfg.widths)} bits; small layers pay more for codebooks). Raise the "
+                          f"budget, or allow narrower widths")
+
+
 @torch.no_grad()
 def plan_widths(model: nn.Module, hdiag: dict[tuple[int, str], torch.Tensor], cfg: CMPQConfig,
                 device: torch.device, log: Callable[[str], None] | None = None) -> dict[tuple[int, str], torch.Tensor]:
@@ -53,6 +75,7 @@ def plan_widths(model: nn.Module, hdiag: dict[tuple[int, str], torch.Tensor], cf
             keys.append((i, name))
             numel += lin.weight.numel()
     budget = cfg.bits * numel
+    check_reachable(model, cfg)
     choices = solve(options, budget)
     plan = {k: torch.tensor(o.widths)[c] for k, o, c in zip(keys, options, choices)}
     if log:

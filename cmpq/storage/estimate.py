@@ -5,6 +5,10 @@ kept depend only on a layer's shape and the ``CMPQConfig`` (Algorithm 1 ranks ch
 counts do not depend on the activation values). So the exact storage of every quantized linear
 can be counted without calibration or k-means, on the meta device, by the same ``CMPQLinear`` that
 a real run fills. This answers "which budget fits my device" in a second.
+
+The compensated algorithm's allocator (``distortion``) meets the budget itself: its ``bits`` are
+the effective bits of the quantized linears, every stored byte counted, so the estimate is the
+budget (to within one channel) and the per-width split is known only after calibration.
 """
 
 from __future__ import annotations
@@ -40,11 +44,19 @@ def estimate(model: nn.Module, cfg: CMPQConfig) -> dict:
     plus the bytes of everything left in 16 bits (embeddings, norms, ``lm_head``)."""
     prefix, blocks = find_blocks(model)
     layers, quantized = [], set()
+    numel = 0
     for i, block in enumerate(blocks):
         for name, lin in find_linears(block).items():
-            layers.append(layer_summary(empty_layer(lin.out_features, lin.in_features, cfg, lin.bias is not None)))
             quantized.add(f"{prefix}.{i}.{name}.weight")
-    summary = bits_summary(layers)
+            numel += lin.out_features * lin.in_features
+            if cfg.allocator != "distortion":
+                layers.append(layer_summary(empty_layer(lin.out_features, lin.in_features, cfg, lin.bias is not None)))
+    if cfg.allocator == "distortion":
+        nbytes = int(cfg.bits * numel / 8)
+        summary = {"nominal_bits": None, "effective_bits": 8 * nbytes / max(numel, 1), "quantized_weights": numel,
+                   "quantized_bytes": nbytes, "fp16_bytes": 2 * numel}
+    else:
+        summary = bits_summary(layers)
     seen: set[int] = set()
     other = 0
     for name, p in model.named_parameters():
