@@ -46,35 +46,48 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--calib-seqlen", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--windows", type=int, default=4, help="WikiText-2 windows (0: all)")
     ap.add_argument("--run", action="append", default=[])
     ap.add_argument("--out", default=None)
     ap.add_argument("--fp", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--c4-windows", type=int, default=0, help="also evaluate this many C4 windows (-1: all)")
     a = ap.parse_args()
     torch.manual_seed(0)
     base, tok = load_model("smollm2-135m")
-    wins = eval_windows(tok, "wikitext2", 2048, nsamples=a.windows).ids
+    dev = torch.device(a.device)
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    evals = {"wiki2": eval_windows(tok, "wikitext2", 2048, nsamples=a.windows or None).ids}
+    if a.c4_windows:
+        evals["c4"] = eval_windows(tok, "c4", 2048, nsamples=a.c4_windows if a.c4_windows > 0 else None).ids
+
+    def ppl(model) -> dict:
+        return {k: round(perplexity(model, w, log=None), 3) for k, w in evals.items()}
+
     rows = []
     if a.fp:
-        rows.append({"run": "fp32", "wiki2": perplexity(base, wins, log=None)})
+        base.to(device=dev, dtype=dtype)
+        rows.append({"run": str(dtype), **ppl(base)})
+        base.to("cpu")
         print(rows[-1], flush=True)
     for spec in a.run:
         kw = parse(spec)
         cfg = CMPQConfig(nsamples=a.nsamples, seqlen=a.calib_seqlen, **kw)
         calib = resolve_calibration(tok, "c4", cfg)
-        model, _ = load_model("smollm2-135m")
+        model, _ = load_model("smollm2-135m", device=dev, dtype=dtype)
         t0 = time.perf_counter()
-        cmpq.quantize(model, tok, cfg, calib=calib, device="cpu", log=None)
+        cmpq.quantize(model, tok, cfg, calib=calib, device=dev, log=None)
         secs = time.perf_counter() - t0
         lin = [m for m in model.modules() if hasattr(m, "effective_bits")]
         numel = sum(m.in_features * m.out_features for m in lin)
         eff = sum(m.effective_bits() * m.in_features * m.out_features for m in lin) / numel
-        ppl = perplexity(model, wins, log=None)
-        rows.append({"run": spec, "effective_bits": round(eff, 4), "wiki2": round(ppl, 3), "seconds": round(secs, 1)})
+        rows.append({"run": spec, "effective_bits": round(eff, 4), **ppl(model), "seconds": round(secs, 1),
+                     **({"finetune": model.config.quantization_config["finetune"]} if cfg.finetune_epochs else {})})
         print(rows[-1], flush=True)
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": "CPU, 2 cores",
+            json.dump({"date": datetime.datetime.now().isoformat(timespec="seconds"),
+                       "machine": torch.cuda.get_device_name() if dev.type == "cuda" else "CPU, 2 cores",
                        "nsamples": a.nsamples, "calib_seqlen": a.calib_seqlen, "windows": a.windows, "rows": rows}, f, indent=1)
 
 
