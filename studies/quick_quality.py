@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--fp", action="store_true")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--log", action="store_true", help="print cmpq.quantize's progress")
     ap.add_argument("--c4-windows", type=int, default=0, help="also evaluate this many C4 windows (-1: all)")
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -70,13 +71,14 @@ def main() -> None:
         rows.append({"run": str(dtype), **ppl(base)})
         base.to("cpu")
         print(rows[-1], flush=True)
+        save(a, rows, dev)
     for spec in a.run:
         kw = parse(spec)
         cfg = CMPQConfig(nsamples=a.nsamples, seqlen=a.calib_seqlen, **kw)
         calib = resolve_calibration(tok, "c4", cfg)
         model, _ = load_model("smollm2-135m", device=dev, dtype=dtype)
         t0 = time.perf_counter()
-        cmpq.quantize(model, tok, cfg, calib=calib, device=dev, log=None)
+        cmpq.quantize(model, tok, cfg, calib=calib, device=dev, log=print if a.log else None)
         secs = time.perf_counter() - t0
         lin = [m for m in model.modules() if hasattr(m, "effective_bits")]
         numel = sum(m.in_features * m.out_features for m in lin)
@@ -84,6 +86,11 @@ def main() -> None:
         rows.append({"run": spec, "effective_bits": round(eff, 4), **ppl(model), "seconds": round(secs, 1),
                      **({"finetune": model.config.quantization_config["finetune"]} if cfg.finetune_epochs else {})})
         print(rows[-1], flush=True)
+        save(a, rows, dev)
+    save(a, rows, dev)
+
+
+def save(a, rows, dev) -> None:
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"date": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -1,0 +1,130 @@
+"""The compensated algorithm's parts: the whole-model allocator (cmpq.algorithm.budget) and GPTQ-order
+codebook quantization (cmpq.algorithm.compensated)."""
+
+import itertools
+
+import pytest
+import torch
+
+from cmpq.algorithm.budget import FP16, BudgetError, LayerOptions, channel_cost_bits, solve, total_cost, total_loss
+from cmpq.algorithm.compensated import quantize_compensated
+from cmpq.algorithm.distortion import layer_options
+from cmpq.nn.linear import CMPQLinear, pack_linear
+
+from tiny_models import one_thread  # noqa: F401
+
+
+def _random_layers(seed: int, shapes: list[tuple[int, int]]) -> list[LayerOptions]:
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for out_f, n in shapes:
+        widths = (2, 3, 4, FP16)
+        cost = torch.tensor([channel_cost_bits(b, out_f) for b in widths], dtype=torch.float64)
+        # loss falls with width, convexly on average, with noise: like k-means distortion
+        base = torch.rand(n, 1, generator=g, dtype=torch.float64) * 10
+        loss = base * torch.tensor([1.0, 0.3, 0.08, 0.0], dtype=torch.float64) * (
+            1 + 0.5 * torch.rand(n, 4, generator=g, dtype=torch.float64))
+        loss[:, -1] = 0
+        layers.append(LayerOptions(widths, cost, loss, fixed=float(g.seed() % 7)))
+    return layers
+
+
+def _brute_force(layers: list[LayerOptions], budget: float) -> float:
+    best = float("inf")
+    per_layer = [list(itertools.product(range(len(l.widths)), repeat=l.loss.shape[0])) for l in layers]
+    for combo in itertools.product(*per_layer):
+        ch = [torch.tensor(c) for c in combo]
+        if total_cost(layers, ch) <= budget:
+            best = min(best, total_loss(layers, ch))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocator_meets_budget_and_is_near_brute_force(seed):
+    layers = _random_layers(seed, [(32, 3), (64, 3)])
+    least = total_cost(layers, [torch.zeros(3, dtype=torch.long)] * 2)
+    most = total_cost(layers, [torch.full((3,), 3)] * 2)
+    g = torch.Generator().manual_seed(100 + seed)
+    for frac in torch.rand(4, generator=g).tolist():
+        budget = least + frac * (most - least)
+        choice = solve(layers, budget)
+        assert total_cost(layers, choice) <= budget
+        got, opt = total_loss(layers, choice), _brute_force(layers, budget)
+        assert got >= opt - 1e-9
+        # the Lagrangian bound: within the largest single-channel loss step of the optimum
+        step = max(float((l.loss[:, :-1] - l.loss[:, 1:]).max()) for l in layers)
+        assert got <= opt + step + 1e-9
+
+
+def test_allocator_is_exact_on_hull_vertices_and_refuses_impossible_budgets():
+    layers = _random_layers(0, [(32, 3), (64, 3)])
+    for lam in (0.0, 1e-4, 1e-3, 1e-2, 1.0):  # the relaxation's own solutions are optimal at their cost
+        ch = [torch.argmin(l.loss + lam * l.cost, dim=1) for l in layers]
+        budget = total_cost(layers, ch)
+        assert total_loss(layers, solve(layers, budget)) == pytest.approx(_brute_force(layers, budget))
+    least = total_cost(layers, [torch.zeros(3, dtype=torch.long)] * 2)
+    with pytest.raises(BudgetError, match="below the smallest"):
+        solve(layers, least - 1)
+
+
+def test_allocator_spends_the_whole_budget_on_a_large_model():
+    layers = _random_layers(1, [(576, 576)] * 4 + [(1536, 576), (576, 1536)])
+    least = total_cost(layers, [torch.zeros(l.loss.shape[0], dtype=torch.long) for l in layers])
+    budget = least * 1.4
+    got = total_cost(layers, solve(layers, budget))
+    assert budget - channel_cost_bits(FP16, 1536) <= got <= budget
+
+
+def _correlated_inputs(n: int, d: int, g: torch.Generator) -> torch.Tensor:
+    mix = torch.randn(d // 4, d, generator=g)
+    x = torch.randn(n, d // 4, generator=g) @ mix + 0.3 * torch.randn(n, d, generator=g)
+    return x * (torch.rand(d, generator=g) * 3 + 0.2)  # uneven channel scales
+
+
+def test_compensation_lowers_held_out_output_error():
+    g = torch.Generator().manual_seed(0)
+    out_f, in_f = 96, 64
+    W = torch.randn(out_f, in_f, generator=g) * 0.05
+    calib, held = _correlated_inputs(8192, in_f, g).split(4096)  # one distribution, two samples
+    H = calib.T @ calib / calib.shape[0]
+    widths = torch.tensor([2, 3] * (in_f // 2))
+    err = {}
+    for comp in (False, True):
+        Q = quantize_compensated(W, H, widths, n_sparse=8, kmeans_iters=30, compensate=comp).dequantize()
+        err[comp] = float((held @ (W - Q).T).pow(2).mean())
+    assert err[True] < 0.8 * err[False], err
+
+
+def test_compensated_parts_pack_and_keep_fp16_columns_and_sparse_exact():
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(64, 48, generator=g)
+    x = _correlated_inputs(1024, 48, g)
+    widths = torch.tensor([2, 3, 4, FP16] * 12)
+    parts = quantize_compensated(W, x.T @ x, widths, n_sparse=10, kmeans_iters=20)
+    assert sorted(parts.groups) == [2, 3, 4]
+    assert torch.equal(parts.outlier_channels, (widths == FP16).nonzero().squeeze(1))
+    assert parts.sparse_vals.numel() == 10
+    for b, (ch, idx, cb) in parts.groups.items():
+        assert (cb[:, 1:] >= cb[:, :-1]).all() and int(idx.max()) < 2**b
+    layer = pack_linear(parts, None)
+    assert isinstance(layer, CMPQLinear)
+    torch.testing.assert_close(layer.dequantize(torch.float32), parts.dequantize().half().float())
+
+
+def test_compensated_refuses_bad_input():
+    W = torch.randn(8, 4)
+    with pytest.raises(ValueError, match="NaN"):
+        quantize_compensated(W.clone().fill_(float("nan")), torch.eye(4), torch.full((4,), 2), 0)
+    with pytest.raises(ValueError, match="Hessian has shape"):
+        quantize_compensated(W, torch.eye(3), torch.full((4,), 2), 0)
+    with pytest.raises(ValueError, match="channel widths"):
+        quantize_compensated(W, torch.eye(4), torch.full((3,), 2), 0)
+
+
+def test_layer_options_loss_falls_with_width():
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(64, 32, generator=g)
+    opts = layer_options(W, torch.rand(32, generator=g) + 0.1, (2, 3, 4), n_sparse=0, iters=20)
+    assert opts.widths == (2, 3, 4, FP16)
+    assert (opts.loss[:, :-1] >= opts.loss[:, 1:]).all()
+    assert (opts.loss[:, -1] == 0).all()
