@@ -87,11 +87,15 @@ def grid(a: argparse.Namespace) -> list[dict]:
     m, out = set(a.methods), []
     if "fp16" in m:
         out.append(cell("fp16", 16, "FP16"))
-    if "cmpq" in m:  # usually imported from the core sweep, so free
-        out += [cell("cmpq", b, "CMPQ") for b in a.cmpq_budgets]
-    for meth, series, gs in (("rtn", "RTN g128", 128), ("gptq", "GPTQ g128", 128), ("awq", "AWQ g128", 128)):
+    if "cmpq" in m:  # the default (compensated) at effective budgets, then the paper's method at nominal ones
+        out += [cell("cmpq", b, "CMPQ", opts={"algorithm": "compensated"}) for b in a.cmpq_budgets]
+        out += [cell("cmpq", b, "CMPQ-paper", opts={"algorithm": "paper"}) for b in a.paper_budgets]
+    for meth in ("rtn", "gptq", "awq"):
         if meth in m:
-            out += [cell(meth, b, series, gs) for b in a.bits]
+            # g64 as well, so the baselines' curves reach ~4.5 effective bits (never g32 on SmolLM2:
+            # its GGUF weights were 4-bit in blocks of 32 before we see them)
+            for gs in a.group_sizes:
+                out += [cell(meth, b, f"{meth.upper()} g{gs}", gs) for b in a.bits]
     if "llmmq" in m:
         out += [cell("llmmq", b, "LLM-MQ (layer-wise IntProg)") for b in a.llmmq_budgets]
     if "hqq" in m:
@@ -104,8 +108,28 @@ def grid(a: argparse.Namespace) -> list[dict]:
     return out
 
 
+COMPENSATED_ABLATIONS = {  # each new part of the default, off (or changed), one at a time
+    "no compensation": {"compensate": False},
+    "no token weighting": {"token_weighting": "none"},
+    "no fine-tuning": {"finetune_epochs": 0},
+    "widths 1-4": {"widths": [1, 2, 3, 4]},
+    "no FP16 columns": {"fp16_columns": False},
+}
+
+
 def ablations() -> list[dict]:
-    """Paper Tables 6, 1, 7, 4, 5 on this model (defaults otherwise: kmeans, c4, 128 windows)."""
+    """The default's parts at 2.5, 3.36 and 4.3 effective bits; then the paper's Tables 6, 1, 7, 4, 5
+    on this model with the paper's method (defaults otherwise: kmeans, c4, 128 windows)."""
+    out = [cell("cmpq", b, f"CMPQ {k}", opts={"algorithm": "compensated", **o}, table="ablation")
+           for b in (3.36, 2.5, 4.3) for k, o in COMPENSATED_ABLATIONS.items()]
+    paper = ablations_paper()
+    for c in paper:  # the paper's ablations run the paper's method
+        c.update(cell("cmpq", c["bits"], c["series"].replace("CMPQ", "CMPQ-paper", 1),
+                      opts={"algorithm": "paper", **c["options"]}, table="ablation"))
+    return out + paper
+
+
+def ablations_paper() -> list[dict]:
     out = []
     for bits in (3, 4):
         out += [cell("cmpq", bits, f"CMPQ {k}", opts=o, table="ablation") for k, o in OUTLIER_ABLATIONS.items()]
@@ -605,7 +629,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4], help="rtn, gptq, awq, hqq bit widths")
-    ap.add_argument("--cmpq-budgets", type=float, nargs="+", default=[2, 2.2, 2.5, 3, 3.2, 3.5, 4])
+    ap.add_argument("--cmpq-budgets", type=float, nargs="+", default=[2.3, 2.5, 2.8, 3, 3.36, 3.6, 4, 4.3, 4.6],
+                    help="the default algorithm's budgets: effective bits, every byte counted")
+    ap.add_argument("--paper-budgets", type=float, nargs="+", default=[2, 2.2, 2.5, 3, 3.2, 3.5, 4],
+                    help="the paper's method: nominal bits")
+    ap.add_argument("--group-sizes", type=int, nargs="+", default=[128, 64], help="rtn, gptq, awq group sizes")
     ap.add_argument("--llmmq-budgets", type=float, nargs="+", default=[2, 2.5, 3, 3.5, 4])
     ap.add_argument("--ablations", action="store_true", help="add the paper's ablations (Tables 1, 4, 5, 6, 7)")
     ap.add_argument("--quick", action="store_true", help="CPU smoke: few short windows (defaults below shrink)")

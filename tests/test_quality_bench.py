@@ -49,7 +49,8 @@ def model_dir(tmp_path_factory):
 
 
 def _args(src: Path, out: Path, *extra: str) -> list[str]:
-    return ["--model", str(src), "--quick", "--methods", "fp16", "rtn", "--bits", "3", "4", "--datasets", "offline",
+    return ["--model", str(src), "--quick", "--methods", "fp16", "rtn", "--bits", "3", "4", "--group-sizes", "128",
+            "--datasets", "offline",
             "--calib", "offline", "--nsamples", "2", "--calib-seqlen", "32", "--seqlen", "32", "--threads", "1",
             "--out-dir", str(out), *extra]
 
@@ -133,7 +134,7 @@ def test_worker_honors_deadline(tmp_path, model_dir, capsys):
     # the parent's half: the JSON skeleton and a queue whose deadline is already over
     assert q.main(_args(model_dir, out, "--methods", "fp16")) == 0
     res = json.loads((out / "quality-tiny.json").read_text())
-    cells = [c for c in q.grid(q.argparse.Namespace(methods=["rtn"], bits=[3], cmpq_budgets=[], llmmq_budgets=[],
+    cells = [c for c in q.grid(q.argparse.Namespace(methods=["rtn"], bits=[3], group_sizes=[128], cmpq_budgets=[], paper_budgets=[], llmmq_budgets=[],
                                                      ablations=False))]
     qpath = out / "quality-tiny.queue.json"
     units = [{"cells": u, "worker": None, "status": [None] * len(u)} for u in q.units_of(cells)]
@@ -148,7 +149,7 @@ def test_worker_honors_deadline(tmp_path, model_dir, capsys):
 
 def test_units_group_llmmq():
     q = _quality()
-    a = q.argparse.Namespace(methods=["fp16", "rtn", "llmmq", "hqq"], bits=[3], cmpq_budgets=[],
+    a = q.argparse.Namespace(methods=["fp16", "rtn", "llmmq", "hqq"], bits=[3], group_sizes=[128], cmpq_budgets=[], paper_budgets=[],
                              llmmq_budgets=[2, 3, 4], ablations=False)
     units = q.units_of(q.grid(a))
     assert [[c["method"] for c in u] for u in units] == [["fp16"], ["rtn"], ["llmmq"] * 3, ["hqq"], ["hqq"]]
