@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -250,6 +251,18 @@ def quantize(
     model.cmpq_tokenizer = tokenizer  # so cmpq.save(model, dir) can write it
     # removed by cmpq.save (rank 0's job when several processes ran)
     model.cmpq_checkpoint_dir = ckpt.path if ckpt is not None and (dist is None or dist.main) else None
+    from cmpq.model.blocks import coverage
+
+    frac, left = coverage(model)
+    qc["quantized_fraction"] = round(frac, 6)
+    if left:
+        shown = ", ".join(left[:6]) + (f" and {len(left) - 6} more" if len(left) > 6 else "")
+        warnings.warn(f"cmpq left {len(left)} matrix parameter(s) inside the decoder blocks in full precision "
+                      f"({100 * (1 - frac):.1f}% of the blocks' matrix weights): {shown}. They are not "
+                      f"nn.Linear layers (e.g. fused mixture-of-experts weights), which cmpq does not "
+                      f"quantize yet; the effective bits above count only the quantized linears",
+                      stacklevel=2)
     if log:
-        log(f"quantized {sum(isinstance(m, CMPQLinear) for m in model.modules())} linears in {total:.1f}s")
+        log(f"quantized {sum(isinstance(m, CMPQLinear) for m in model.modules())} linears in {total:.1f}s; "
+            f"{100 * frac:.1f}% of the decoder blocks' matrix weights")
     return model
