@@ -97,6 +97,11 @@ class CMPQConfig:
             raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
         if self.allocator not in ALLOCATOR_NAMES:
             raise ValueError(f"unknown allocator {self.allocator!r}; choose from {ALLOCATOR_NAMES}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer (it fixes the calibration windows), got {self.seed!r}")
+        for name in ("compensate", "fp16_columns"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("kmeans_iters", "nsamples", "seqlen", "calib_batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:

@@ -62,3 +62,32 @@ def test_quantize_default_meets_effective_budget(tiny_folder, tmp_path, capsys, 
     err = capsys.readouterr().err
     assert "smallest" in err and "bits per weight" in err
     assert not (tmp_path / "y").exists()
+
+
+def test_plain_loader_refuses_cmpq_folders_and_missing_weights(tiny_folder, tmp_path, capsys, monkeypatch):
+    """Issue 13, item 1: never a random-weight model from a folder that is not a plain model."""
+    import shutil
+
+    import safetensors.torch as st
+
+    from cmpq.model.loading import load_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_folder), "--bits", "3", "--algorithm", "paper", "--output", str(out),
+                 "--calib", "offline", "--nsamples", "2", "--seqlen", "32", "--device", "cpu"]) == 0
+    with pytest.raises(ValueError, match="cmpq-quantized folder"):
+        load_model(str(out))
+    assert main(["quantize", str(out), "--bits", "3", "--output", str(tmp_path / "again")]) == 2
+    assert "cmpq-quantized folder" in capsys.readouterr().err
+    (out / "cmpq_manifest.json").unlink()
+    with pytest.raises(ValueError, match="manifest is missing"):
+        load_model(str(out))
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_folder, plain)
+    f = next(plain.glob("*.safetensors"))
+    sd = st.load_file(f)
+    sd.pop("model.layers.1.mlp.down_proj.weight")
+    st.save_file(sd, f, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing"):
+        load_model(str(plain))

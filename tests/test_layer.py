@@ -158,3 +158,12 @@ def test_channel_packing_roundtrip_row_ranges_and_no_channel_padding():
         unpack_channels(pk, 3, 96, 5, 10)
     with pytest.raises(ValueError, match="words per channel"):
         unpack_channels(pack_channels(torch.zeros(64, 3, dtype=torch.long), 2), 2, 100)
+
+
+@pytest.mark.parametrize("bad", [{"seed": None}, {"seed": -1}, {"seed": 1.5}, {"compensate": "no"},
+                                 {"bits": 17}, {"bits": 1.0}, {"bits": float("nan")}, {"widths": (0, 2)},
+                                 {"token_weighting": "fisher"}, {"damp": 0}, {"finetune_epochs": -1},
+                                 {"finetune_lr": 0}, {"algorithm": "magic"}])
+def test_config_refuses_bad_fields(bad):
+    with pytest.raises(ValueError):
+        CMPQConfig(**bad)

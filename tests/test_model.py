@@ -209,3 +209,4 @@ def test_time_split_has_phases(tiny_llama, calib_ids):
     assert set(by_phase) == {"allocation", "kmeans", "outlier_search", "packing"}
     assert all(v >= 0 for v in by_phase.values()) and by_phase["kmeans"] > 0
     assert sum(by_phase.values()) <= split["quantize_linears"] + 0.05  # the phases are parts of it
+

@@ -8,6 +8,8 @@ since a loader that kept the weights packed would hide them from the quantizer.
 
 from __future__ import annotations
 
+import json
+
 import importlib.util
 from pathlib import Path
 
@@ -54,18 +56,60 @@ def load_model(name_or_path: str, dtype: torch.dtype | None = None, device: str 
     device = torch.device(device)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     where, gguf = resolve_model_path(name_or_path)
+    refuse_quantized_folder(where, name_or_path)
     kw = {"gguf_file": gguf} if gguf else {}
     try:
         tok = AutoTokenizer.from_pretrained(where, **kw)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
+        model, info = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, output_loading_info=True, **kw)
     except OSError as e:
         raise FileNotFoundError(
             f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]} "
             "(a local folder, a .gguf file, a reachable hub id, or 'smollm2-135m')"
         ) from None
+    check_loading_info(info, name_or_path)
     model.to(device).eval()
     check_plain_linears(model, name_or_path)
     return model, tok
+
+
+def refuse_quantized_folder(where: str, name: str) -> None:
+    """A cmpq output (or one that lost its manifest) is not a plain model: loading it as one would
+    give random weights where the packed ones are."""
+    from cmpq.storage.io import MANIFEST
+
+    folder = Path(where)
+    if not folder.is_dir():
+        return
+    if (folder / MANIFEST).is_file():
+        raise ValueError(f"{name} is a cmpq-quantized folder, not a plain model: load it with cmpq.load (or "
+                         f"`cmpq eval`/`cmpq generate`); to quantize again, start from the original model")
+    cfg = folder / "config.json"
+    if cfg.is_file():
+        try:
+            qc = json.loads(cfg.read_text()).get("quantization_config") or {}
+        except (ValueError, UnicodeDecodeError):
+            return  # transformers reports a broken config itself
+        if isinstance(qc, dict) and qc.get("quant_method"):
+            what = "cmpq folder whose manifest is missing" if qc["quant_method"] == "cmpq" else \
+                f"{qc['quant_method']}-quantized model"
+            raise ValueError(f"{name} is a {what} (config.json has a quantization_config), not plain "
+                             f"weights cmpq can quantize or evaluate as such")
+
+
+def check_loading_info(info: dict, name: str) -> None:
+    """Refuse a model whose checkpoint lacks weights (transformers would initialise them at random)
+    or holds weights the architecture does not know."""
+    missing, unexpected = list(info.get("missing_keys") or []), list(info.get("unexpected_keys") or [])
+    mismatched = list(info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        bad = [str(k) for k in (missing + mismatched)]
+        raise ValueError(f"{name}: {len(bad)} weight(s) missing or of the wrong shape in the checkpoint "
+                         f"({', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}); transformers would fill them "
+                         f"with random values, so cmpq refuses the model")
+    if unexpected:
+        raise ValueError(f"{name}: the checkpoint holds {len(unexpected)} weight(s) the architecture does not use "
+                         f"({', '.join(map(str, unexpected[:5]))}{' ...' if len(unexpected) > 5 else ''}); is it the "
+                         f"right folder?")
 
 
 def load_skeleton(name_or_path: str):
