@@ -184,7 +184,7 @@ def quantize(
 
     ckpt = None
     if checkpoint_dir is not None:
-        from cmpq.storage.checkpoint import BlockCheckpoint, model_sha256, tokens_sha256
+        from cmpq.storage.checkpoint import BlockCheckpoint, model_sha256, tokens_sha256, weights_sha256
 
         identity = {
             "cmpq_version": __version__,
@@ -193,6 +193,7 @@ def quantize(
             "calibration_shape": list(windows.ids.shape),
             "calibration_sha256": tokens_sha256(windows.ids),
             "model_config_sha256": model_sha256(model),
+            "model_weights_sha256": weights_sha256(model),  # the run must continue the same weights
             "compute_dtype": str(next(model.parameters()).dtype),
             "device_type": device.type,
         }

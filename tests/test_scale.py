@@ -87,6 +87,18 @@ def test_api_refuses_existing_checkpoint_and_offload_is_identical(tiny_llama, ca
     assert not (tmp_path / "c").exists()
 
 
+def test_resume_refuses_other_weights_of_the_same_architecture(tiny_llama, calib_ids, tmp_path):
+    """Issue 13, item 2: the run identity covers the weights, not only the config."""
+    from transformers import LlamaForCausalLM
+
+    cfg = cmpq.CMPQConfig(bits=3.2, algorithm="paper", nsamples=4, seqlen=64, calib_batch_size=2)
+    other = LlamaForCausalLM(tiny_llama.config).eval()  # same config, other random weights
+    cmpq.quantize(tiny_llama, None, cfg, calib=calib_ids, device="cpu", log=None, checkpoint_dir=tmp_path / "c")
+    with pytest.raises(CheckpointMismatch):
+        cmpq.quantize(other, None, cfg, calib=calib_ids, device="cpu", log=None, checkpoint_dir=tmp_path / "c",
+                      resume=True)
+
+
 def test_parse_bytes():
     assert parse_bytes("8GiB") == 8 * 2**30
     assert parse_bytes("8 gib") == 8 * 2**30

@@ -57,6 +57,18 @@ def model_sha256(model: nn.Module) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def weights_sha256(model: nn.Module) -> str:
+    """Hash of every parameter and buffer (name, dtype, shape, bytes): a resumed run must continue the
+    same weights, not merely the same architecture. Hashes what is in memory, so any source format
+    (safetensors, GGUF, hub) counts the same; about 1 s per GB on one core."""
+    h = hashlib.sha256()
+    for name, t in list(model.state_dict().items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.device.type != "meta":
+            h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _fsync(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
