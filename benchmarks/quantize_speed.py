@@ -119,7 +119,7 @@ def run(path: Path, out: Path, device: torch.device, nsamples: int, seqlen: int,
     if dist is not None and not dist.main:
         return None
     t0 = time.perf_counter()
-    cmpq.save(model, out, tokenizer=tok)
+    cmpq.save(model, out, tokenizer=tok, overwrite=True)
     save_s = time.perf_counter() - t0
     qc = model.config.quantization_config
     return {"method": "cmpq", "processes": qc.get("processes", 1), "load_s": round(load_s, 2),

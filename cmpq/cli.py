@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -118,8 +119,23 @@ def _spawn_torchrun(a: argparse.Namespace) -> int:
 
 def _quantize_checks(a: argparse.Namespace, out: Path, partial: Path, cap) -> str | None:
     """Why this quantize command cannot start, or None."""
+    src = Path(a.model).expanduser()
+    if src.exists() and (src.resolve() == out.resolve() or src.resolve().is_relative_to(out.resolve())):
+        return f"the output {out} is (or holds) the input model; choose another output path"
     if out.exists() and not a.overwrite:
         return f"{out} exists; pass --overwrite to replace it"
+    if out.exists() and a.method == "cmpq":
+        from cmpq.storage.io import check_replaceable
+
+        try:
+            check_replaceable(out.resolve())
+        except FileExistsError as e:
+            return str(e)
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot write under {parent} (permission denied); choose another output path"
     if a.method != "cmpq":
         if a.resume or cap is not None or a.offload_activations:
             return "--resume, --max-gpu-memory and --offload-activations are for --method cmpq"
@@ -179,7 +195,7 @@ def _quantize(a: argparse.Namespace, dist) -> int:
                   resume=a.resume, offload_activations=a.offload_activations, max_gpu_memory=cap, dist=dist)
     if dist is not None and not dist.main:
         return 0  # every rank holds the same model; rank 0 writes it
-    cmpq.save(model, out, tokenizer=tok)
+    cmpq.save(model, out, tokenizer=tok, overwrite=a.overwrite)
     print(f"saved {out}")
     return cmd_info(argparse.Namespace(model=str(out), layers=False, json=False))
 

@@ -145,7 +145,7 @@ def test_quality_quick_is_resumable(tmp_path, monkeypatch):
     src = tmp_path / "tiny"
     tiny().save_pretrained(src)
     _tokenizer().save_pretrained(src)
-    args = ["--model", str(src), "--quick", "--methods", "fp16", "rtn", "gptq", "--bits", "3", "--datasets", "offline",
+    args = ["--model", str(src), "--quick", "--methods", "fp16", "rtn", "gptq", "--bits", "3", "--group-sizes", "128", "--datasets", "offline",
             "--calib", "offline", "--nsamples", "2", "--calib-seqlen", "32", "--seqlen", "32", "--out-dir", str(tmp_path)]
     assert q.main(args) == 0
     res = json.loads((tmp_path / "quality-tiny.json").read_text())

@@ -91,3 +91,38 @@ def test_plain_loader_refuses_cmpq_folders_and_missing_weights(tiny_folder, tmp_
     st.save_file(sd, f, metadata={"format": "pt"})
     with pytest.raises(ValueError, match="missing"):
         load_model(str(plain))
+
+
+def test_output_is_never_the_input_nor_an_unrelated_folder(tiny_folder, tmp_path, capsys, monkeypatch):
+    """Issue 13, item 3: --overwrite replaces only a previous cmpq output; the input is never the output."""
+    import cmpq
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = ["--bits", "3", "--algorithm", "paper", "--calib", "offline", "--nsamples", "2", "--seqlen", "32",
+            "--device", "cpu"]
+    assert main(["quantize", str(tiny_folder), "--output", str(tiny_folder), "--overwrite", *args]) == 2
+    assert "input" in capsys.readouterr().err
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    assert main(["quantize", str(tiny_folder), "--output", str(user), "--overwrite", *args]) == 2
+    assert "not a cmpq output" in capsys.readouterr().err
+    assert (user / "notes.txt").read_text() == "keep me"
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    assert main(["quantize", str(tiny_folder), "--output", str(afile), "--overwrite", *args]) == 2
+    assert afile.read_text() == "x"
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_folder), "--output", str(out), *args]) == 0
+    assert main(["quantize", str(tiny_folder), "--output", str(out), "--overwrite", *args]) == 0  # a cmpq output
+    # debris of a killed save is cleaned, and a kill between the renames is recovered
+    (tmp_path / ".q.tmp-dead").mkdir()
+    old = tmp_path / ".q.old-dead"
+    old.mkdir()
+    out.rename(old / "x")
+    model = cmpq.load(old / "x", device="cpu")
+    with pytest.warns(UserWarning, match="restored"):
+        with pytest.raises(FileExistsError):
+            cmpq.save(model, out)  # refuses by default, after putting the old copy back
+    assert (out / "cmpq_manifest.json").is_file()
+    assert not list(tmp_path.glob(".q.*"))

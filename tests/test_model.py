@@ -127,7 +127,7 @@ def test_failed_save_leaves_nothing(tiny_llama, calib_ids, tmp_path, monkeypatch
 
     monkeypatch.setattr(io, "_fsync_tree", boom)
     with pytest.raises(OSError, match="disk full"):
-        cmpq.save(q, tmp_path / "m")
+        cmpq.save(q, tmp_path / "m", overwrite=True)
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == before  # old folder intact
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # temp folder removed
 

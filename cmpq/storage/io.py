@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -88,9 +89,40 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool = True) -> Path:
+def recover_debris(out: Path) -> list[str]:
+    """Clean up after a save that was killed: remove its temp folders, and when ``out`` is gone but a
+    replaced copy survives (a kill between the two renames), put that copy back. Returns what was done."""
+    done = []
+    if not out.parent.is_dir():
+        return done
+    for old in sorted(out.parent.glob(f".{out.name}.old-*")):
+        if (old / "x").is_dir() and not out.exists():
+            os.replace(old / "x", out)
+            done.append(f"restored {out} from an interrupted replace ({old.name})")
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in sorted(out.parent.glob(f".{out.name}.tmp-*")):
+        shutil.rmtree(tmp, ignore_errors=True)
+        done.append(f"removed {tmp.name}, left by an interrupted save")
+    return done
+
+
+def check_replaceable(out: Path) -> None:
+    """Only a previous cmpq output may be replaced: never a plain file, a user folder or a model."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a cmpq output folder; refusing to replace it")
+    if not (out / MANIFEST).is_file():
+        raise FileExistsError(f"{out} exists and is not a cmpq output (no {MANIFEST}); refusing to replace it. "
+                              f"Choose another output path")
+
+
+def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
     """Write ``model`` (quantized by cmpq) to ``out_dir`` atomically: temp folder, then rename.
 
+    An existing ``out_dir`` is refused unless ``overwrite``, and even then only a previous cmpq
+    output is replaced (atomically: a loadable model is at ``out_dir`` or beside it at every
+    instant, and the next save puts it back). Debris of killed saves is cleaned first.
     The run's checkpoint folder (``cmpq.quantize(checkpoint_dir=...)``) is deleted once the folder
     is in place: only then is the work it holds safe elsewhere.
     """
@@ -101,8 +133,11 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool 
     layers = {n: m for n, m in model.named_modules() if isinstance(m, CMPQLinear)}
     if not layers or not isinstance(qc, dict) or qc.get("quant_method") != "cmpq":
         raise ValueError("model holds no CMPQ layers; quantize it with cmpq.quantize first")
+    for line in recover_debris(out):
+        warnings.warn(line, stacklevel=2)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
+        raise FileExistsError(f"{out} exists; pass overwrite=True to replace a previous cmpq output")
+    check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
