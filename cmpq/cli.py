@@ -375,9 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--token-weighting", choices=("gradient", "none"), default=D.token_weighting,
                    help="compensated: weight calibration tokens by output-gradient norm (default: %(default)s)")
     q.add_argument("--no-compensation", action="store_true", help="compensated: no error feedback (ablation)")
-    q.add_argument("--finetune-epochs", type=int, default=D.finetune_epochs,
+    q.add_argument("--finetune-epochs", type=int, default=None,
                    help="epochs of codebook fine-tuning against the full-precision model, indices fixed "
-                        "(default: %(default)s)")
+                        f"(default: {D.finetune_epochs} for compensated, 0 for paper)")
     q.add_argument("--quantizer", choices=("kmeans", "uniform"), default="kmeans")
     q.add_argument("--act-outlier-frac", type=float, default=0.0045)
     q.add_argument("--weight-outlier-frac", type=float, default=0.0005)

@@ -51,7 +51,9 @@ class CMPQConfig:
     alloc_kmeans_iters: int = 25  # k-means iterations when measuring each width's distortion
     # either algorithm: distil the stored values (codebooks, FP16 parts, biases) from the
     # full-precision model on the calibration windows, indices fixed (cmpq.model.distill); 0: off
-    finetune_epochs: int = 0
+    # None: 2 for the compensated algorithm (SmolLM2 CPU study: 37.98 -> 35.04 WikiText-2 at 3.36 bits),
+    # 0 for the paper's method, so its rows stay the paper's
+    finetune_epochs: int | None = None
     finetune_lr: float = 5e-3  # Adam step relative to each layer's RMS value
     extra: dict = field(default_factory=dict)
 
@@ -80,6 +82,8 @@ class CMPQConfig:
             raise ValueError(f"token_weighting must be one of {TOKEN_WEIGHTINGS}, got {self.token_weighting!r}")
         if not isinstance(self.damp, (int, float)) or not math.isfinite(self.damp) or not 0 < self.damp < 1:
             raise ValueError(f"damp must be in (0, 1), got {self.damp!r}")
+        if self.finetune_epochs is None:
+            self.finetune_epochs = 2 if self.algorithm == "compensated" else 0
         if not isinstance(self.finetune_epochs, int) or self.finetune_epochs < 0:
             raise ValueError(f"finetune_epochs must be a non-negative integer, got {self.finetune_epochs!r}")
         if not isinstance(self.finetune_lr, (int, float)) or not math.isfinite(self.finetune_lr) \

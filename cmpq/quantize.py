@@ -157,8 +157,9 @@ def quantize(
     if cfg.finetune_epochs:
         from cmpq.model.distill import teacher_states
 
-        with phases.phase("finetune", device):
-            teacher = teacher_states(model, windows.ids, device)
+        t0 = time.perf_counter()
+        teacher = teacher_states(model, windows.ids, device)
+        finetune_s = time.perf_counter() - t0
     make_stats = lambda name, lin: SquaredNorm(lin.in_features, lin.weight.device)  # noqa: E731
     if cfg.algorithm == "compensated":
         if dist is not None:
@@ -221,8 +222,9 @@ def quantize(
     if teacher is not None:
         from cmpq.model.distill import finetune
 
-        with phases.phase("finetune", device):
-            tuned = finetune(model, windows.ids, teacher, device, cfg.finetune_epochs, cfg.finetune_lr, log)
+        t0 = time.perf_counter()
+        tuned = finetune(model, windows.ids, teacher, device, cfg.finetune_epochs, cfg.finetune_lr, log)
+        finetune_s += time.perf_counter() - t0
     total = time.perf_counter() - start
     qc = {
         "quant_method": "cmpq",
@@ -239,6 +241,7 @@ def quantize(
     }
     if tuned is not None:
         qc["finetune"] = {k: round(v, 5) for k, v in tuned.items()}
+        qc["time_split_seconds"]["finetune"] = round(finetune_s, 2)
     if device.type == "cuda":
         qc["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     if dist is not None:
