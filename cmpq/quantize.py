@@ -17,6 +17,7 @@ from cmpq.algorithm.layer import quantize_weights
 from cmpq.config import CMPQConfig
 from cmpq.data.tokens import Windows, calibration_windows
 from cmpq.model.calibration import SquaredNorm, walk_blocks
+from cmpq.model.experts import expand_fused_experts, fill_unrouted, sibling_key
 from cmpq.model.blocks import set_module
 from cmpq.model.memory import enforce_cap, kmeans_chunk, parse_bytes, plan_memory
 from cmpq.nn.linear import CMPQLinear, pack_linear
@@ -48,10 +49,11 @@ def _install(block: nn.Module, name: str, lin: nn.Linear, parts) -> None:
     set_module(block, name, q)
 
 
-def _paper_block(cfg: CMPQConfig):
+def _paper_block(cfg: CMPQConfig, log=None):
     """The paper's step for one block: all its linears clustered together (``quantize_weights``)."""
 
     def quantize_block(i: int, block: nn.Module, linears: dict, stats: dict) -> None:
+        fill_unrouted(stats, "sqsum", log, i)
         names = list(linears)
         all_parts = quantize_weights([linears[n].weight.data for n in names], [stats[n].sqsum for n in names], cfg,
                                      [f"block {i} {n}" for n in names])
@@ -85,10 +87,14 @@ def _compensated_steps(model: nn.Module, windows: Windows, cfg: CMPQConfig, devi
     key_of = {id(lin): (i, n) for i, b in enumerate(blocks) for n, lin in find_linears(b).items()}
 
     def make_stats(name: str, lin: nn.Linear) -> WeightedHessian:
-        tw = sens[key_of[id(lin)]].token_weight if cfg.token_weighting == "gradient" else None
+        # experts see a routed subset of the tokens, in an order the walk does not share with the
+        # sensitivity pass: their Hessians are unweighted
+        weighted = cfg.token_weighting == "gradient" and sibling_key(name) is None
+        tw = sens[key_of[id(lin)]].token_weight if weighted else None
         return WeightedHessian(lin.in_features, lin.weight.device, tw)
 
     def quantize_block(i: int, block: nn.Module, linears: dict, stats: dict) -> None:
+        fill_unrouted(stats, "sum", log, i)
         for name, lin in linears.items():
             with phases.phase("compensation", lin.weight.device):
                 parts = quantize_compensated(
@@ -140,6 +146,9 @@ def quantize(
     windows = resolve_calibration(tokenizer, calib, cfg)
     if log:
         log(f"calibration: {windows.description}")
+    n_moe = expand_fused_experts(model)
+    if n_moe and log:
+        log(f"{n_moe} mixture-of-experts layers: each expert's matrices are quantized as linears")
     if dist is not None:
         from cmpq.storage.checkpoint import tokens_sha256
 
@@ -167,7 +176,7 @@ def quantize(
                                       "run the compensated algorithm on one device")
         make_stats, quantize_block = _compensated_steps(model, windows, cfg, device, log)
     else:
-        quantize_block = _paper_block(cfg)
+        quantize_block = _paper_block(cfg, log)
 
     chunk = contextlib.nullcontext()
     if max_gpu_memory is not None:

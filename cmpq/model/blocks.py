@@ -54,7 +54,7 @@ def is_router(block: nn.Module, name: str) -> bool:
     """A mixture-of-experts router (``gate``/``router`` beside an ``experts`` module): it stays in full
     precision, as in every quantizer of the field; it is tiny and picks which weights run at all."""
     parent, _, leaf = name.rpartition(".")
-    if leaf not in ("gate", "router"):
+    if leaf not in ("gate", "router", "shared_expert_gate"):
         return False
     owner = block.get_submodule(parent) if parent else block
     return hasattr(owner, "experts")

@@ -47,9 +47,14 @@ def measure(
     _, blocks = find_blocks(model)
     linears = {(i, n): lin for i, b in enumerate(blocks) for n, lin in find_linears(b).items()}
     n_tokens = ids.numel()
+    from cmpq.model.experts import sibling_key
+
+    # experts see a routed subset of the tokens: no per-token weights for them (and none of the
+    # memory: a model with thousands of expert matrices would need gigabytes)
     out: dict[tuple[int, str], LinearSensitivity] = {
         k: LinearSensitivity(torch.zeros(lin.in_features, dtype=torch.float64, device=device),
-                             torch.zeros(n_tokens, dtype=torch.float32), lin.out_features)
+                             torch.zeros(0 if sibling_key(k[1]) else n_tokens, dtype=torch.float32),
+                             lin.out_features)
         for k, lin in linears.items()
     }
     home = next(model.parameters()).device
@@ -64,10 +69,11 @@ def measure(
 
             def on_grad(g, key=key):
                 x = pending.pop(key)
-                w = g.detach().float().pow(2).sum(-1)  # [B, T]
+                w = g.detach().float().pow(2).sum(-1).reshape(-1)  # per token ([B, T], or routed tokens)
                 s = out[key]
-                s.hdiag += torch.einsum("bt,bti->i", w.double(), x.double().pow(2))
-                s.token_weight[offset[0] : offset[0] + w.numel()] = w.reshape(-1).cpu()
+                s.hdiag += torch.einsum("t,ti->i", w.double(), x.reshape(-1, x.shape[-1]).double().pow(2))
+                if s.token_weight.numel():
+                    s.token_weight[offset[0] : offset[0] + w.numel()] = w.reshape(-1).cpu()
 
             if output.requires_grad:
                 output.register_hook(on_grad)

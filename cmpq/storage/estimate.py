@@ -42,6 +42,9 @@ def empty_layer(out_f: int, in_f: int, cfg: CMPQConfig, bias: bool = False) -> C
 def estimate(model: nn.Module, cfg: CMPQConfig) -> dict:
     """``bits_summary`` of ``model`` (any device, meta included) as CMPQ with ``cfg`` would store it,
     plus the bytes of everything left in 16 bits (embeddings, norms, ``lm_head``)."""
+    from cmpq.model.experts import expand_fused_experts
+
+    expand_fused_experts(model)  # experts count as the linears cmpq makes of them
     prefix, blocks = find_blocks(model)
     layers, quantized = [], set()
     numel = 0

@@ -249,6 +249,9 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
     qcfg = config.quantization_config
     del config.quantization_config  # keep transformers' own quantizers out of the way
     model = _empty_model(path, config)
+    from cmpq.model.experts import expand_fused_experts
+
+    expand_fused_experts(model)  # expert matrices are stored as linears (cmpq.model.experts)
     model.config.quantization_config = qcfg
     for name, info in manifest["layers"].items():
         counts = {int(b): n for b, n in info["channels"].items()}
