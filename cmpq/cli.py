@@ -280,7 +280,8 @@ def cmd_info(a: argparse.Namespace) -> int:
     layers = man["layers"]
     bits = bits_summary(layers.values())
     n_w, nominal = bits["quantized_weights"], bits["nominal_bits"]
-    q_ch = {b: sum(l["channels"].get(b, 0) for l in layers.values()) for b in ("2", "3", "4")}
+    widths = sorted({b for l in layers.values() for b in l["channels"]}, key=int)
+    q_ch = {b: sum(l["channels"].get(b, 0) for l in layers.values()) for b in widths}
     kinds: dict[str, int] = {}
     for l in layers.values():
         for k, v in l["bytes"].items():
@@ -303,17 +304,22 @@ def cmd_info(a: argparse.Namespace) -> int:
         "weights_file_bytes": weights_disk,
         "folder_bytes": disk,
         "calibration": qc.get("calibration"),
+        "algorithm": qc.get("algorithm", "paper"),
+        "quantized_fraction": qc.get("quantized_fraction"),
     }
     if a.json:
         print(json.dumps({"summary": summary, "layers": layers}, indent=1))
         return 0
-    print(f"{path}  (cmpq format v{man['format_version']}, budget {qc.get('bits')} bits, quantizer {qc.get('quantizer')})")
+    print(f"{path}  (cmpq format v{man['format_version']}, algorithm {summary['algorithm']}, budget {qc.get('bits')} "
+          f"bits, quantizer {qc.get('quantizer')})")
+    if summary["quantized_fraction"] is not None:
+        print(f"decoder blocks' matrix weights quantized: {100 * summary['quantized_fraction']:.2f}%")
     print(f"calibration: {qc.get('calibration')}")
     print(f"quantized linears: {len(layers)}, {n_w:,} weights")
     print(f"nominal bits (paper's Avg. Bit): {nominal:.3f}")
     print(f"effective bits per weight (every byte counted): {summary['effective_bits']:.3f}")
-    print(f"channels 2/3/4-bit: {q_ch['2']}/{q_ch['3']}/{q_ch['4']}, outlier channels {summary['outlier_channels']}, "
-          f"sparse outliers {summary['sparse_outliers']}")
+    print(f"channels {'/'.join(widths)}-bit: {'/'.join(str(q_ch[b]) for b in widths)}, FP16 channels "
+          f"{summary['outlier_channels']}, sparse outliers {summary['sparse_outliers']}")
     print("bytes: " + ", ".join(f"{k} {v:,}" for k, v in kinds.items()))
     print(f"quantized linears: {qbytes:,} B vs {2 * n_w:,} B in FP16 ({qbytes / (2 * n_w):.1%}); "
           f"weights file {weights_disk:,} B; folder {disk:,} B")
