@@ -151,3 +151,43 @@ def uniform_codebook(x: torch.Tensor, k: int, keep: torch.Tensor | None = None) 
     lo, hi = torch.where(none, 0.0, lo), torch.where(none, 0.0, hi)
     t = torch.linspace(0, 1, k, device=x.device)
     return lo[:, None] + (hi - lo)[:, None] * t[None, :]
+
+
+def kmeans_1d_exact(x: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
+    """Globally optimal 1-D k-means of one vector ``x`` ``[n]``: (centroids ``[k]`` ascending, SSE).
+
+    Dynamic programming over the sorted values (optimal clusters are contiguous runs): ``D[c][i]``,
+    the least SSE of the first ``i`` values in ``c`` clusters, is ``min_j D[c-1][j] + SSE(j, i)``, with
+    ``SSE`` of a run from prefix sums. O(k n^2) time and O(n^2) memory in float64, vectorized per
+    cluster count: an oracle for tests and studies (Wu 1991; Ckmeans.1d.dp is the O(k n) form with
+    monotone split points), not the production path, which is Lloyd's iteration in ``kmeans_1d``.
+    """
+    xs = torch.sort(x.detach().double().reshape(-1)).values
+    n = xs.numel()
+    if n == 0 or k < 1:
+        raise ValueError(f"need values and k >= 1, got n={n}, k={k}")
+    k_eff = min(k, n)
+    s1 = torch.cat([xs.new_zeros(1), xs.cumsum(0)])
+    s2 = torch.cat([xs.new_zeros(1), (xs * xs).cumsum(0)])
+    j = torch.arange(n + 1, dtype=torch.float64)
+    cnt = (j[None, :] - j[:, None]).clamp(min=1)  # [j, i]: values j..i-1
+    sum1 = s1[None, :] - s1[:, None]
+    cost = (s2[None, :] - s2[:, None]) - sum1 * sum1 / cnt
+    cost = torch.where(j[None, :] > j[:, None], cost.clamp(min=0), torch.inf)
+    D = cost[0].clone()  # one cluster: values 0..i-1
+    arg = []
+    for _ in range(1, k_eff):
+        tot = D[:, None] + cost
+        D, a = tot.min(dim=0)
+        arg.append(a)
+    # walk back the split points
+    bounds, i = [n], n
+    for a in reversed(arg):
+        i = int(a[i])
+        bounds.append(i)
+    bounds.append(0)
+    bounds = bounds[::-1]
+    cent = torch.stack([xs[lo:hi].mean() for lo, hi in zip(bounds[:-1], bounds[1:])])
+    if k_eff < k:  # fewer distinct slots than k: repeat the last centroid, as kmeans_1d does
+        cent = torch.cat([cent, cent[-1:].expand(k - k_eff)])
+    return cent.float(), float(D[n])
