@@ -352,11 +352,18 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmpq_version() -> str:
+    from cmpq import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cmpq.config import CMPQConfig
 
     D = CMPQConfig()  # defaults come from the config dataclass
     p = argparse.ArgumentParser(prog="cmpq", description="Channel-wise Mixed-Precision Quantization for causal LMs")
+    p.add_argument("--version", action="version", version=f"cmpq {cmpq_version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model and save it (CMPQ: packed; baselines: fake-quantized)")
@@ -457,6 +464,12 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     try:
         return args.fn(args)
+    except BrokenPipeError:  # `cmpq info --json | head`: the reader left; not an error of ours
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so the interpreter's final flush is quiet
+        except OSError:
+            pass
+        return 0
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

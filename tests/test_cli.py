@@ -126,3 +126,21 @@ def test_output_is_never_the_input_nor_an_unrelated_folder(tiny_folder, tmp_path
             cmpq.save(model, out)  # refuses by default, after putting the old copy back
     assert (out / "cmpq_manifest.json").is_file()
     assert not list(tmp_path.glob(".q.*"))
+
+
+def test_version_and_closed_pipe(tmp_path):
+    """`cmpq --version` exists; `cmpq info --json | head -1` ends without a traceback."""
+    import subprocess
+    import sys
+
+    import cmpq
+
+    r = subprocess.run([sys.executable, "-m", "cmpq.cli", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and cmpq.__version__ in r.stdout
+    p = subprocess.Popen([sys.executable, "-m", "cmpq.cli", "estimate", "--help"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.read(10)
+    p.stdout.close()  # the reader leaves early
+    err = p.stderr.read().decode()
+    p.wait()
+    assert "Traceback" not in err
