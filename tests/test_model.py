@@ -210,3 +210,31 @@ def test_time_split_has_phases(tiny_llama, calib_ids):
     assert all(v >= 0 for v in by_phase.values()) and by_phase["kmeans"] > 0
     assert sum(by_phase.values()) <= split["quantize_linears"] + 0.05  # the phases are parts of it
 
+
+
+def test_bit_flip_is_refused_and_manifest_shapes_are_checked_before_allocating(tiny_llama, calib_ids, tmp_path):
+    """Issue 13, items 5 and 6: a flipped bit in packed data fails the checksum; a manifest claiming
+    huge layers is refused from the file's header, before any buffer of that size exists."""
+    import resource
+
+    path = cmpq.save(quantize_tiny(tiny_llama, calib_ids), tmp_path / "m")
+    f = path / "model.safetensors"
+    good = f.read_bytes()
+    sd = load_file(f)
+    name = next(k for k in sd if k.endswith("q3_packed"))
+    t = sd[name].clone()
+    t.view(-1)[0] ^= 1 << 7
+    sd[name] = t
+    save_file(sd, f, metadata={"cmpq_format_version": "2"})
+    with pytest.raises(CorruptModelError, match="checksum"):
+        cmpq.load(path, device="cpu")
+    cmpq.load(path, device="cpu", verify=False)  # the opt-out reads it
+    f.write_bytes(good)
+    man = json.loads((path / "cmpq_manifest.json").read_text())
+    for info in list(man["layers"].values())[:4]:
+        info["out_features"] = 2**28
+    (path / "cmpq_manifest.json").write_text(json.dumps(man))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CorruptModelError, match="disagree|shape"):
+        cmpq.load(path, device="cpu")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB: far below 2^28 rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -153,6 +154,7 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool 
             "format_version": FORMAT_VERSION,
             "tied": tied,
             "layers": {n: layer_summary(m) for n, m in layers.items()},
+            "sha256": {n: tensor_sha256(t) for n, t in sorted(tensors.items())},  # checked on load
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # written last: marks completeness
         _fsync_tree(tmp)
@@ -220,14 +222,21 @@ def _empty_model(path: Path, config):
         return AutoModelForCausalLM.from_config(config)
 
 
+def tensor_sha256(t: torch.Tensor) -> str:
+    """Checksum of a tensor's bytes (dtype and shape are checked separately)."""
+    return hashlib.sha256(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
 def load(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-         device_map: str | dict | None = None, max_memory: str | dict | None = None) -> nn.Module:
+         device_map: str | dict | None = None, max_memory: str | dict | None = None,
+         verify: bool = True) -> nn.Module:
     """Load a folder written by :func:`save` into a model holding ``CMPQLinear`` layers.
 
     ``dtype`` is the compute dtype of the unquantized parts (default: float16 on GPU, float32 on CPU).
     ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"`` or ``{module: device}``; with
     ``max_memory`` such as ``{0: "20GiB", 1: "20GiB"}``) spreads the model over several devices with
-    accelerate instead of moving it to ``device`` (see ``cmpq.model.device_map``).
+    accelerate instead of moving it to ``device`` (see ``cmpq.model.device_map``). ``verify``
+    checks every tensor against the SHA-256 in the manifest (about 1 s per GB on one core).
     """
     from safetensors import safe_open
     from transformers import AutoConfig
@@ -255,8 +264,10 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
     model.config.quantization_config = qcfg
     for name, info in manifest["layers"].items():
         counts = {int(b): n for b, n in info["channels"].items()}
+        # on the meta device: a manifest that lies about shapes costs nothing before the check
+        # against the file below
         layer = CMPQLinear(info["in_features"], info["out_features"], counts, info["outlier_channels"],
-                           info["sparse_outliers"], info["bias"])
+                           info["sparse_outliers"], info["bias"], device="meta")
         set_module(model, name, layer)
 
     expected = model.state_dict()
@@ -271,6 +282,12 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
             if meta.get("cmpq_format_version") != str(FORMAT_VERSION):
                 raise CorruptModelError(f"{f}: cmpq_format_version {meta.get('cmpq_format_version')!r} unsupported")
             names = set(st.keys())
+            for name in names:
+                ref = expected.get(name)
+                shape = tuple(st.get_slice(name).get_shape())
+                if ref is not None and shape != tuple(ref.shape):
+                    raise CorruptModelError(f"{f}: tensor {name} has shape {shape}, expected {tuple(ref.shape)} "
+                                            f"(the manifest and the weights disagree)")
             for name in names:
                 tensors[name] = st.get_tensor(name)
     except CorruptModelError:
@@ -293,6 +310,15 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
             raise CorruptModelError(f"{f}: tensor {name} holds NaN or Inf")
     for name, info in manifest["layers"].items():
         _check_layer(name, tensors, info)
+    sums = manifest.get("sha256")
+    if verify and sums is not None:
+        for name, t in tensors.items():
+            if sums.get(name) != tensor_sha256(t):
+                raise CorruptModelError(f"{f}: tensor {name} does not match its checksum in {MANIFEST}: the file "
+                                        f"is damaged (load with verify=False to read it anyway)")
+    elif verify:
+        warnings.warn(f"{path}: written without checksums (cmpq before 2026-12-02); its data is not verified",
+                      stacklevel=2)
 
     model.load_state_dict(tensors, strict=False, assign=True)
     if tied:
