@@ -13,8 +13,24 @@ import torch
 
 def _device(arg: str | None) -> torch.device:
     if arg:
-        return torch.device(arg)
+        try:
+            dev = torch.device(arg)
+        except RuntimeError:
+            raise ValueError(f"--device {arg!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {arg}: this machine has no CUDA device (torch {torch.__version__}); use --device cpu")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {arg}: only {torch.cuda.device_count()} CUDA device(s) here")
+        return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _positive(a: argparse.Namespace, *names: str, minimum: int = 1) -> None:
+    """Refuse out-of-range integer options up front, naming the option."""
+    for n in names:
+        v = getattr(a, n, None)
+        if v is not None and v < minimum:
+            raise ValueError(f"--{n.replace('_', '-')} must be at least {minimum}, got {v}")
 
 
 def is_cmpq_folder(path: str) -> bool:
@@ -209,6 +225,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if a.max_memory and not a.device_map:
         print("error: --max-memory goes with --device-map", file=sys.stderr)
         return 2
+    _positive(a, "seqlen", minimum=2)  # a window needs a token to predict
+    _positive(a, "batch_size", "max_windows")
     if a.device_map:
         from cmpq.model.device_map import parse_max_memory
 
@@ -337,6 +355,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     import cmpq
     from cmpq.generate import generate
+
+    if not a.prompt.strip():
+        raise ValueError("the prompt is empty")
+    _positive(a, "max_new_tokens")
+    if a.temperature < 0 or not 0 < a.top_p <= 1:
+        raise ValueError(f"--temperature must be >= 0 and --top-p in (0, 1], got {a.temperature}, {a.top_p}")
 
     dev = _device(a.device)
     if is_cmpq_folder(a.model):  # fused kernels on GPU, no dense cache

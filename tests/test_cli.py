@@ -144,3 +144,22 @@ def test_version_and_closed_pipe(tmp_path):
     err = p.stderr.read().decode()
     p.wait()
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["eval", "X", "--seqlen", "1"], "--seqlen must be at least 2"),
+    (["eval", "X", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["eval", "X", "--max-windows", "0"], "--max-windows must be at least 1"),
+    (["generate", "X", ""], "prompt is empty"),
+    (["generate", "X", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["generate", "X", "hi", "--max-new-tokens", "-3"], "--max-new-tokens must be at least 1"),
+])
+def test_bad_options_get_a_message_not_a_traceback(argv, msg, capsys):
+    assert main(argv) == 2
+    assert msg in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_cuda_is_refused(tiny_folder, capsys):
+    assert main(["eval", str(tiny_folder), "--device", "cuda", "--datasets", "offline"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
