@@ -96,6 +96,9 @@ def grid(a: argparse.Namespace) -> list[dict]:
             # its GGUF weights were 4-bit in blocks of 32 before we see them)
             for gs in a.group_sizes:
                 out += [cell(meth, b, f"{meth.upper()} g{gs}", gs) for b in a.bits]
+            if meth == "gptq":  # with the token weighting CMPQ's default uses (fairness)
+                out += [cell(meth, b, "GPTQ g128 + token weighting", 128, opts={"token_weighting": "gradient"})
+                        for b in a.bits]
     if "llmmq" in m:
         out += [cell("llmmq", b, "LLM-MQ (layer-wise IntProg)") for b in a.llmmq_budgets]
     if "hqq" in m:

@@ -360,3 +360,21 @@ def test_hessian_first_token_weight():
     acc2 = HessianAccumulator(8, first_token_weight=5.0)
     acc2.add(flat)  # 2-D input: no sequence axis, no first token
     torch.testing.assert_close(acc2.sum, flat.T @ flat)
+
+
+def test_gptq_with_token_weighting_runs_and_differs(tiny_llama, calib_ids):
+    """GPTQ gets CMPQ's gradient token weighting as an option (the fairness row of issue 10)."""
+    import copy
+
+    from cmpq.baselines.runners import quantize_baseline
+
+    a, b = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
+    ra = quantize_baseline(a, None, "gptq", 3, 32, calib=calib_ids, device="cpu", log=None)
+    rb = quantize_baseline(b, None, "gptq", 3, 32, calib=calib_ids, device="cpu", log=None, token_weighting="gradient")
+    assert rb["token_weighting"] == "gradient" and ra["effective_bits"] == rb["effective_bits"]
+    wa = a.model.layers[1].mlp.down_proj.weight
+    wb = b.model.layers[1].mlp.down_proj.weight
+    assert not torch.equal(wa, wb)
+    with pytest.raises(ValueError, match="token_weighting"):
+        quantize_baseline(copy.deepcopy(tiny_llama), None, "gptq", 3, 32, calib=calib_ids, device="cpu", log=None,
+                          token_weighting="fisher")

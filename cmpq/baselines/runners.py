@@ -166,20 +166,34 @@ class _PooledHessian:
 
 def _run_gptq(model, windows, bits, group_size, device, tally, extras, log, *, damp: float = 0.01,
               block_size: int = 128, act_order: bool = False, static_groups: bool = False,
-              share_hessians: bool = True, first_token_weight: float = 1.0, batch_size: int = 8, **_) -> None:
+              share_hessians: bool = True, first_token_weight: float = 1.0, batch_size: int = 8,
+              token_weighting: str = "none", **_) -> None:
     """GPTQ with all linears of a block hooked in one pass (the paper's default, not true-sequential).
 
     Linears fed the same tensor (q/k/v, gate/up) share one Hessian and are solved as one matrix (their
     rows stacked): GPTQ treats rows independently, so this is the same result with fewer accumulations,
     Cholesky factorizations and column loops (``share_hessians=False``: one per linear, as the reference).
     ``first_token_weight`` (not the reference's; default 1 = off): see :class:`HessianAccumulator`.
+    ``token_weighting="gradient"``: the Hessian that CMPQ's default uses, each token weighted by
+    ``||dL/dy_t||^2`` from one backward pass of the full-precision model (cmpq.model.sensitivity),
+    so GPTQ gets the same help (one Hessian per linear then).
     """
+    if token_weighting not in ("none", "gradient"):
+        raise ValueError(f"token_weighting must be 'none' or 'gradient', got {token_weighting!r}")
     solves = [0]
+    weights = None
+    if token_weighting == "gradient":
+        from cmpq.model import sensitivity
+        from cmpq.model.blocks import find_blocks, find_linears
+
+        sens = sensitivity.measure(model, windows.ids, device, log)
+        _, blocks = find_blocks(model)
+        weights = {id(lin): sens[(i, n)].token_weight for i, b in enumerate(blocks) for n, lin in find_linears(b).items()}
 
     def qb(i, block, linears, stats):
         groups: dict[int, list[str]] = {}
         for lin_name in linears:
-            groups.setdefault(id(stats[lin_name].acc), []).append(lin_name)
+            groups.setdefault(id(getattr(stats[lin_name], "acc", stats[lin_name])), []).append(lin_name)
         for names in groups.values():
             lins = [linears[n] for n in names]
             W = torch.cat([lin.weight.data for lin in lins]) if len(lins) > 1 else lins[0].weight.data
@@ -196,13 +210,18 @@ def _run_gptq(model, windows, bits, group_size, device, tally, extras, log, *, d
     pool = [_InputPool()]
 
     def make_stats(name, lin):
+        if weights is not None:
+            from cmpq.model.calibration import WeightedHessian
+
+            return WeightedHessian(lin.in_features, lin.weight.device, weights[id(lin)])
         if name in pool[0].names:  # a new block
             pool[0] = _InputPool()
         pool[0].names.add(name)
         return _PooledHessian(pool[0], lin.in_features, lin.weight.device, share_hessians, first_token_weight)
 
     extras.update(damp=damp, block_size=block_size, act_order=act_order, static_groups=static_groups,
-                  share_hessians=share_hessians, first_token_weight=first_token_weight)
+                  share_hessians=share_hessians, first_token_weight=first_token_weight,
+                  token_weighting=token_weighting)
     walk_blocks(model, windows.ids, make_stats, qb, device=device, batch_size=batch_size, log=log)
     extras["gptq_solves"] = solves[0]
 
@@ -410,7 +429,7 @@ def quantize_baseline(
     ``bits``: an integer 2..4 for rtn/gptq/awq/hqq; any budget in [2, 4] for llmmq. ``group_size``:
     128 (ragged last group kept), or None for one grid per output row (llmmq ignores it). ``calib``:
     as :func:`cmpq.quantize.resolve_calibration` (unused by rtn/hqq). ``opts`` go to the method
-    (gptq: damp, block_size, act_order, static_groups, share_hessians, first_token_weight; awq: max_tokens, grid, clip; llmmq: sensitivity,
+    (gptq: damp, block_size, act_order, static_groups, share_hessians, first_token_weight, token_weighting; awq: max_tokens, grid, clip; llmmq: sensitivity,
     grad_nsamples, act_outlier_frac, weight_outlier_frac, cache).
     """
     from cmpq.quantize import default_device, resolve_calibration
