@@ -149,7 +149,7 @@ def test_quality_quick_is_resumable(tmp_path, monkeypatch):
             "--calib", "offline", "--nsamples", "2", "--calib-seqlen", "32", "--seqlen", "32", "--out-dir", str(tmp_path)]
     assert q.main(args) == 0
     res = json.loads((tmp_path / "quality-tiny.json").read_text())
-    assert len(res["cells"]) == 3 and all("ppl" in c and "effective_bits" in c for c in res["cells"])
+    assert len(res["cells"]) == 4 and all("ppl" in c and "effective_bits" in c for c in res["cells"])
     assert (tmp_path / "quality-tiny.md").is_file() and (tmp_path / "quality-tiny.png").is_file()
 
     calls = []
@@ -157,7 +157,7 @@ def test_quality_quick_is_resumable(tmp_path, monkeypatch):
     monkeypatch.setattr(q.Bench, "run", lambda self, c: calls.append(c) or real(self, c))
     assert q.main(args) == 0
     assert calls == []
-    assert len(json.loads((tmp_path / "quality-tiny.json").read_text())["cells"]) == 3
+    assert len(json.loads((tmp_path / "quality-tiny.json").read_text())["cells"]) == 4
 
 
 @pytest.mark.parametrize("act_order", [False, True])
