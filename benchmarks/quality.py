@@ -66,7 +66,7 @@ ALL_METHODS = ("fp16", "cmpq", "rtn", "gptq", "awq", "llmmq", "hqq", "rtn-pc")
 # H200 seconds per cell (quantize + batched eval of both sets), from core-smollm2-135m.json and
 # the baselines' cost relative to CMPQ; used only to skip cells that would overrun --max-minutes.
 COST_S = {"fp16": 8, "rtn": 9, "rtn-pc": 9, "hqq": 12, "gptq": 25, "awq": 30, "llmmq": 15, "llmmq-first": 80,
-          "cmpq": 35}
+          "cmpq": 35, "cmpq-compensated": 180}  # the latter: a guess from the 2026-12-02 probe (5-8 s per block)
 OUTLIER_ABLATIONS = {  # paper Table 6: the remaining kind of outlier makes up 0.5% of the weights
     "w/o O_q": {"act_outlier_frac": 0.005, "weight_outlier_frac": 0.0},
     "w/o O_act": {"act_outlier_frac": 0.0, "weight_outlier_frac": 0.005},
@@ -341,6 +341,8 @@ def versions() -> dict:
 
 
 def cost_kind(c: dict) -> str:
+    if c["method"] == "cmpq" and c["options"].get("algorithm") == "compensated":
+        return "cmpq-compensated"
     return c["method"] if c["method"] != "rtn" or c["group_size"] else "rtn-pc"
 
 
