@@ -49,7 +49,9 @@ def folder_bits(path: Path) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--bits", type=float, nargs="+", default=[2, 2.2, 2.5, 3, 3.2, 3.5, 4])
+    ap.add_argument("--bits", type=float, nargs="+", default=[2.5, 2.8, 3, 3.36, 3.6, 4, 4.3],
+                    help="budgets: effective bits for the default algorithm, nominal for --algorithm paper")
+    ap.add_argument("--algorithm", choices=("compensated", "paper"), default="compensated")
     ap.add_argument("--datasets", nargs="+", default=["wikitext2", "c4"])
     ap.add_argument("--calib", default="c4")
     ap.add_argument("--nsamples", type=int, default=128)
@@ -72,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
 
     for bits in a.bits:
         model = copy.deepcopy(base)
-        cfg = cmpq.CMPQConfig(bits=bits, nsamples=a.nsamples, seqlen=a.seqlen, quantizer=a.quantizer)
+        cfg = cmpq.CMPQConfig(bits=bits, algorithm=a.algorithm, nsamples=a.nsamples, seqlen=a.seqlen,
+                              quantizer=a.quantizer)
         if dev.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         cache_dense_weights(loaded)
         ppl = {ds: perplexity(loaded, w.ids, label=f"cmpq {bits} {ds}") for ds, w in windows.items()}
         del loaded
-        row = {"method": "cmpq", "bits": bits, **info, "ppl": ppl, "quantize_seconds": round(qtime, 2),
+        row = {"method": "cmpq", "algorithm": a.algorithm, "bits": bits, **info, "ppl": ppl, "quantize_seconds": round(qtime, 2),
                "time_split_seconds": qc["time_split_seconds"], "peak_gpu_memory_gib": peak,
                "calibration": qc["calibration"]}
         rows.append(row)

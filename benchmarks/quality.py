@@ -247,7 +247,8 @@ def import_core(result: dict, path: Path, sig: dict) -> int:
     for r in core["rows"]:
         if r["method"] != "cmpq" or not r.get("calibration", "").startswith(f"{sig['calib']}: {sig['nsamples']} x {sig['calib_seqlen']} tokens, seed {sig['seed']}"):
             continue  # CMPQ with default settings and this run's calibration only
-        c = cell("cmpq", r["bits"], "CMPQ")
+        alg = r.get("algorithm", "paper")  # core rows before 2026-12-02 ran the paper's method
+        c = cell("cmpq", r["bits"], "CMPQ" if alg == "compensated" else "CMPQ-paper", opts={"algorithm": alg})
         if c["key"] in have:
             continue
         c.update({k: r.get(k) for k in ("nominal_bits", "effective_bits", "ppl", "quantize_seconds",
