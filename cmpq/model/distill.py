@@ -171,7 +171,17 @@ def finetune(
             swapped.append((model, name, t))
     if not swapped:
         raise ValueError("no CMPQLinear layers to fine-tune; quantize the model first")
-    place = _Placement(model, device)
+    try:
+        place = _Placement(model, device)
+    except torch.OutOfMemoryError:
+        for root, name, t in swapped:
+            set_module(root, name, t.layer)
+        model.to("cpu")
+        for p in frozen:
+            p.requires_grad_(True)
+        raise RuntimeError("codebook fine-tuning needs the whole model on the device (about 6 bytes per "
+                           "quantized weight while it runs) and it does not fit; quantize with "
+                           "finetune_epochs=0 (--finetune-epochs 0) or on a device with more memory") from None
     # Adam's step is absolute; layers differ in scale, so each layer's step is ``lr`` times the
     # root-mean-square of its own stored values
     groups = [{"params": list(t.parameters()), "lr": lr * float(t.values.detach().pow(2).mean().sqrt().clamp(min=1e-8))}
