@@ -204,7 +204,7 @@ def _quantize(a: argparse.Namespace, dist) -> int:
                           weight_outlier_frac=a.weight_outlier_frac, quantizer=a.quantizer, nsamples=a.nsamples,
                           seqlen=a.seqlen, seed=a.seed, calib_batch_size=a.calib_batch_size,
                           token_weighting=a.token_weighting, compensate=not a.no_compensation,
-                          finetune_epochs=a.finetune_epochs)
+                          finetune_epochs=a.finetune_epochs, skip_modules=tuple(a.skip_modules))
     device = dist.device if dist is not None else _device(a.device)
     model, tok = load_model(a.model, device="cpu", dtype=torch.float16 if device.type == "cuda" else torch.float32)
     cmpq.quantize(model, tok, cfg, calib=a.calib, device=device, checkpoint_dir=None if a.no_checkpoint else partial,
@@ -415,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--finetune-epochs", type=int, default=None,
                    help="epochs of codebook fine-tuning against the full-precision model, indices fixed "
                         f"(default: {D.finetune_epochs} for compensated, 0 for paper)")
+    q.add_argument("--skip-modules", nargs="+", default=[], metavar="PATTERN",
+                   help="block linears to leave dense, fnmatch patterns over qualified names, e.g. "
+                        "'*.mlp.down_proj' 'model.layers.0.*' (default: none)")
     q.add_argument("--quantizer", choices=("kmeans", "uniform"), default="kmeans")
     q.add_argument("--act-outlier-frac", type=float, default=0.0045)
     q.add_argument("--weight-outlier-frac", type=float, default=0.0005)

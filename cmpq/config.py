@@ -55,6 +55,8 @@ class CMPQConfig:
     # 0 for the paper's method, so its rows stay the paper's
     finetune_epochs: int | None = None
     finetune_lr: float = 5e-3  # Adam step relative to each layer's RMS value
+    # block linears to leave dense, as fnmatch patterns over qualified names ("*.mlp.down_proj")
+    skip_modules: tuple = ()
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -75,6 +77,9 @@ class CMPQConfig:
             self.bits = b
         else:
             self.bits = check_budget(self.bits)
+        if isinstance(self.skip_modules, str) or not all(isinstance(p, str) for p in self.skip_modules):
+            raise ValueError(f"skip_modules must be a list of name patterns, got {self.skip_modules!r}")
+        self.skip_modules = tuple(self.skip_modules)
         self.widths = tuple(sorted(set(int(w) for w in self.widths)))
         if not self.widths or any(not 1 <= w <= MAX_WIDTH for w in self.widths):
             raise ValueError(f"widths must be integers in 1..{MAX_WIDTH}, got {self.widths!r}")
@@ -114,4 +119,5 @@ class CMPQConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["widths"] = list(d["widths"])  # as it reads back from JSON
+        d["skip_modules"] = list(d["skip_modules"])
         return d

@@ -18,7 +18,7 @@ from cmpq.config import CMPQConfig
 from cmpq.data.tokens import Windows, calibration_windows
 from cmpq.model.calibration import SquaredNorm, walk_blocks
 from cmpq.model.experts import expand_fused_experts, fill_unrouted, sibling_key
-from cmpq.model.blocks import set_module
+from cmpq.model.blocks import mark_skipped, set_module
 from cmpq.model.memory import enforce_cap, kmeans_chunk, parse_bytes, plan_memory
 from cmpq.nn.linear import CMPQLinear, pack_linear
 from cmpq.storage.io import FORMAT_VERSION
@@ -147,6 +147,11 @@ def quantize(
     if log:
         log(f"calibration: {windows.description}")
     n_moe = expand_fused_experts(model)
+    skipped = mark_skipped(model, cfg.skip_modules)
+    if cfg.skip_modules and not skipped:
+        raise ValueError(f"skip_modules {list(cfg.skip_modules)} match no linear in the decoder blocks")
+    if skipped and log:
+        log(f"left dense on request: {len(skipped)} linears ({', '.join(skipped[:4])}{' ...' if len(skipped) > 4 else ''})")
     if n_moe and log:
         log(f"{n_moe} mixture-of-experts layers: each expert's matrices are quantized as linears")
     if dist is not None:

@@ -66,7 +66,26 @@ def find_linears(block: nn.Module) -> dict[str, nn.Linear]:
     for name, mod in list(block.named_modules()):
         if type(mod).__name__ == "Conv1D" and hasattr(mod, "nf"):
             set_module(block, name, _as_linear(mod))
-    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear) and not is_router(block, n)}
+    return {n: m for n, m in block.named_modules()
+            if isinstance(m, nn.Linear) and not is_router(block, n) and not getattr(m, "cmpq_skip", False)}
+
+
+def mark_skipped(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
+    """Mark the block linears whose qualified names match a pattern (``fnmatch``, e.g.
+    ``"*.mlp.down_proj"`` or ``"model.layers.0.*"``) to stay dense; returns their names."""
+    import fnmatch
+
+    if not patterns:
+        return []
+    prefix, blocks = find_blocks(model)
+    hit = []
+    for i, block in enumerate(blocks):
+        for n, m in block.named_modules():
+            full = f"{prefix}.{i}.{n}"
+            if isinstance(m, nn.Linear) and any(fnmatch.fnmatchcase(full, p) for p in patterns):
+                m.cmpq_skip = True
+                hit.append(full)
+    return hit
 
 
 def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -95,9 +114,9 @@ def move_except(model: nn.Module, skip: nn.Module, device) -> None:
 def coverage(model: nn.Module) -> tuple[float, list[str]]:
     """(fraction of the decoder blocks' matrix weights held by CMPQ layers, names of the parameters
     with two or more dimensions inside the blocks left as they were; routers are left on purpose and
-    not counted). Mixture-of-experts layers of
-    transformers 5 keep their experts as fused 3-D parameters, not ``nn.Linear``: they show up here,
-    so nothing stays in full precision without a word."""
+    not counted; linears skipped on purpose count as unquantized but are not named). A matrix cmpq
+    does not know how to quantize (an unknown expert layout, say) shows up here, so nothing stays
+    in full precision without a word."""
     from cmpq.nn.linear import CMPQLinear
 
     prefix, blocks = find_blocks(model)
@@ -111,8 +130,10 @@ def coverage(model: nn.Module) -> tuple[float, list[str]]:
                 inside_q.add(name)
         for name, p in block.named_parameters():
             owner = name.rpartition(".")[0]
+            skipped = getattr(block.get_submodule(owner) if owner else block, "cmpq_skip", False)
             if p.dim() >= 2 and owner not in inside_q and not is_router(block, owner):
                 left += p.numel()
-                names.append(f"{prefix}.{i}.{name}")
+                if not skipped:  # left dense on purpose (skip_modules): counted, not reported
+                    names.append(f"{prefix}.{i}.{name}")
     total = done + left
     return (done / total if total else 1.0), names
