@@ -53,7 +53,7 @@ def measure(
     # memory: a model with thousands of expert matrices would need gigabytes)
     out: dict[tuple[int, str], LinearSensitivity] = {
         k: LinearSensitivity(torch.zeros(lin.in_features, dtype=torch.float64, device=device),
-                             torch.zeros(0 if sibling_key(k[1]) else n_tokens, dtype=torch.float32),
+                             torch.zeros(0 if sibling_key(k[1]) else n_tokens, dtype=torch.float32, device=device),
                              lin.out_features)
         for k, lin in linears.items()
     }
@@ -73,7 +73,7 @@ def measure(
                 s = out[key]
                 s.hdiag += torch.einsum("t,ti->i", w.double(), x.reshape(-1, x.shape[-1]).double().pow(2))
                 if s.token_weight.numel():
-                    s.token_weight[offset[0] : offset[0] + w.numel()] = w.reshape(-1).cpu()
+                    s.token_weight[offset[0] : offset[0] + w.numel()] = w  # on the device: no sync per hook
 
             if output.requires_grad:
                 output.register_hook(on_grad)
@@ -119,5 +119,5 @@ def measure(
     for k, s in out.items():
         if not torch.isfinite(s.hdiag).all() or not torch.isfinite(s.token_weight).all():
             raise FloatingPointError(f"block {k[0]} {k[1]}: gradients overflowed in the sensitivity pass")
-        s.hdiag = s.hdiag.cpu()
+        s.hdiag, s.token_weight = s.hdiag.cpu(), s.token_weight.cpu()  # one copy each, at the end
     return out
