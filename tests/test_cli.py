@@ -128,8 +128,9 @@ def test_output_is_never_the_input_nor_an_unrelated_folder(tiny_folder, tmp_path
     assert not list(tmp_path.glob(".q.*"))
 
 
-def test_version_and_closed_pipe(tmp_path):
-    """`cmpq --version` exists; `cmpq info --json | head -1` ends without a traceback."""
+def test_version_and_closed_pipe(tiny_folder):
+    """`cmpq --version` exists; a reader that leaves early (`cmpq estimate ... | head -1`) ends the
+    command quietly, exit 0, no traceback. stdout raises BrokenPipeError on its first write."""
     import subprocess
     import sys
 
@@ -137,13 +138,16 @@ def test_version_and_closed_pipe(tmp_path):
 
     r = subprocess.run([sys.executable, "-m", "cmpq.cli", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and cmpq.__version__ in r.stdout
-    p = subprocess.Popen([sys.executable, "-m", "cmpq.cli", "estimate", "--help"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
-    p.stdout.read(10)
-    p.stdout.close()  # the reader leaves early
-    err = p.stderr.read().decode()
-    p.wait()
-    assert "Traceback" not in err
+    code = ("import sys\n"
+            "class Closed:\n"
+            "    def write(self, s): raise BrokenPipeError(32, 'Broken pipe')\n"
+            "    def flush(self): pass\n"
+            "sys.stdout = Closed()\n"
+            "from cmpq.cli import main\n"
+            f"sys.exit(main(['estimate', {str(tiny_folder)!r}, '--bits', '3', '--algorithm', 'paper']))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("argv,msg", [

@@ -60,7 +60,8 @@ def model_sha256(model: nn.Module) -> str:
 def weights_sha256(model: nn.Module) -> str:
     """Hash of every parameter and buffer (name, dtype, shape, bytes): a resumed run must continue the
     same weights, not merely the same architecture. Hashes what is in memory, so any source format
-    (safetensors, GGUF, hub) counts the same; about 1 s per GB on one core."""
+    (safetensors, GGUF, hub) counts the same; 1.9 s per GiB on one core of the 2-core dev machine
+    (measured 2026-12-02)."""
     h = hashlib.sha256()
     for name, t in list(model.state_dict().items()):
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
