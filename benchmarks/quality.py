@@ -274,9 +274,13 @@ def write_markdown(result: dict, path: Path) -> None:
         rows = [c for c in result["cells"] if c.get("table", "main") == table and "ppl" in c]
         if not rows:
             continue
-        if table == "ablation":  # the reference: CMPQ's defaults (1%/1% 2/4-bit mix at 3 bits, kmeans, both outliers)
-            rows += [{**c, "series": "CMPQ default"} for c in result["cells"]
-                     if c["method"] == "cmpq" and c.get("table", "main") == "main" and c["bits"] in (2, 3, 4)]
+        if table == "ablation":  # the references: the default at the budgets its parts are ablated at,
+            # and the paper's method at the integer budgets its ablations use
+            abl = {c["bits"] for c in result["cells"] if c.get("table") == "ablation" and c["series"].startswith("CMPQ ")}
+            rows += [{**c, "series": f"{c['series']} default"} for c in result["cells"]
+                     if c["method"] == "cmpq" and c.get("table", "main") == "main" and "ppl" in c
+                     and ((c["series"] == "CMPQ" and c["bits"] in abl)
+                          or (c["series"] == "CMPQ-paper" and c["bits"] in (2, 3, 4)))]
         rows.sort(key=lambda c: (c["series"], c["bits"]))
         lines.append(f"\n## {title}\n\n" + head)
         for c in rows:
