@@ -19,6 +19,7 @@ from cmpq.data.tokens import Windows, calibration_windows
 from cmpq.model.calibration import SquaredNorm, walk_blocks
 from cmpq.model.experts import expand_fused_experts, fill_unrouted, sibling_key
 from cmpq.model.blocks import mark_skipped, set_module
+from cmpq.model.run_state import remember
 from cmpq.model.memory import enforce_cap, kmeans_chunk, parse_bytes, plan_memory
 from cmpq.nn.linear import CMPQLinear, pack_linear
 from cmpq.storage.io import FORMAT_VERSION
@@ -266,9 +267,8 @@ def quantize(
             per_rank = [round(v, 3) for v in gather_floats(qc["peak_gpu_memory_gib"], dist)]
             qc["peak_gpu_memory_gib"], qc["peak_gpu_memory_gib_per_process"] = max(per_rank), per_rank
     model.config.quantization_config = qc
-    model.cmpq_tokenizer = tokenizer  # so cmpq.save(model, dir) can write it
-    # removed by cmpq.save (rank 0's job when several processes ran)
-    model.cmpq_checkpoint_dir = ckpt.path if ckpt is not None and (dist is None or dist.main) else None
+    # for cmpq.save: the tokenizer to write, and the checkpoint to remove (rank 0's job when several ran)
+    remember(model, tokenizer, ckpt.path if ckpt is not None and (dist is None or dist.main) else None)
     from cmpq.model.blocks import coverage
 
     frac, left = coverage(model)

@@ -189,7 +189,7 @@ def test_device_map_eval_equals_single_device(quantized, tmp_path, capsys):
           "model.norm": "cpu", "lm_head": "cpu"}
     spread = cmpq.load(quantized, device_map=dm)
     assert all(hasattr(b, "_hf_hook") for b in spread.model.layers)
-    assert spread.cmpq_device_map == dm
+    assert spread.hf_device_map == dm  # accelerate's own record
     assert perplexity(spread, ids, log=None) == ref
 
     # the CLI: --device-map auto gives the plain evaluation's perplexity

@@ -103,7 +103,6 @@ def dispatch(model: nn.Module, device_map: str | dict = "auto", max_memory: str 
         for m in model.modules():
             if isinstance(m, CMPQLinear):
                 m.register_forward_pre_hook(_set_cuda_device)
-    model.cmpq_device_map = dm
     return model.eval()
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cmpq.model import run_state
 from cmpq.model.blocks import find_blocks, set_module
 from cmpq.nn.linear import CMPQLinear
 
@@ -147,7 +148,7 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool 
         # the bytes of identical models differ from run to run.
         save_file(tensors, str(tmp / WEIGHTS), metadata={"cmpq_format_version": str(FORMAT_VERSION)})
         model.config.save_pretrained(tmp)
-        tok = tokenizer if tokenizer is not None else getattr(model, "cmpq_tokenizer", None)
+        tok = tokenizer if tokenizer is not None else run_state.state(model).tokenizer
         if tok is not None:
             tok.save_pretrained(tmp)
         manifest = {
@@ -168,10 +169,10 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    ckpt = getattr(model, "cmpq_checkpoint_dir", None)
+    ckpt = run_state.state(model).checkpoint_dir
     if ckpt is not None:
         shutil.rmtree(ckpt, ignore_errors=True)
-        model.cmpq_checkpoint_dir = None
+        run_state.forget_checkpoint(model)
     return out
 
 
