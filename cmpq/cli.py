@@ -239,7 +239,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if a.device_map:
         from cmpq.model.device_map import describe
 
-        where = f"device map {describe(model.cmpq_device_map)}"
+        where = f"device map {describe(model.hf_device_map)}"
     results = {}
     t0 = time.perf_counter()
     for ds in a.datasets:
@@ -256,11 +256,33 @@ def cmd_eval(a: argparse.Namespace) -> int:
         rep = {"model": a.model, "kind": kind, "device": where, "results": results,
                "load_seconds": round(load_s, 2), "eval_seconds": round(eval_s, 2)}
         if a.device_map:
-            rep["device_map"] = {k: str(v) for k, v in model.cmpq_device_map.items()}
+            rep["device_map"] = {k: str(v) for k, v in model.hf_device_map.items()}
         if torch.cuda.is_available():
             rep["peak_gpu_memory_gib"] = {f"cuda:{i}": round(torch.cuda.max_memory_allocated(i) / 2**30, 3)
                                           for i in range(torch.cuda.device_count())}
         Path(a.json).write_text(json.dumps(rep, indent=1))
+    return 0
+
+
+def cmd_lm_eval(a: argparse.Namespace) -> int:
+    """lm-evaluation-harness tasks on a cmpq folder (or any model ``quantize`` takes)."""
+    from cmpq.integrations.lm_eval import resolve_tasks, run_tasks, table
+
+    _positive(a, "num_fewshot", minimum=0)
+    _positive(a, "batch_size", "max_length")
+    if a.limit is not None and a.limit <= 0:
+        raise ValueError(f"--limit must be positive, got {a.limit:g}")
+    resolve_tasks(a.tasks, a.include_path)  # a typo fails before the model loads
+    model, tok, kind = load_any(a.model, _device(a.device))
+    res = run_tasks(model, tok, a.tasks, include_path=a.include_path, limit=a.limit, num_fewshot=a.num_fewshot,
+                    batch_size=a.batch_size, max_length=a.max_length, seed=a.seed)
+    print(f"model: {a.model} ({kind})")
+    print(table(res))
+    if a.json:
+        rep = {"model": a.model, "kind": kind, "results": res["results"], "versions": res.get("versions"),
+               "n-shot": res.get("n-shot"), "config": {"limit": a.limit, "num_fewshot": a.num_fewshot,
+                                                       "batch_size": a.batch_size, "seed": a.seed}}
+        Path(a.json).write_text(json.dumps(rep, indent=1, default=str))
     return 0
 
 
@@ -468,6 +490,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="one kernel launch for the CMPQ linears that share an input (q/k/v, gate/up)")
     gp.add_argument("--device", default=None)
     gp.set_defaults(fn=cmd_generate)
+
+    le = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on a cmpq folder (needs the lm-eval extra)")
+    le.add_argument("model", help="cmpq folder, or any model 'quantize' takes (evaluated unquantized)")
+    le.add_argument("--tasks", nargs="+", required=True, help="lm-eval task names, e.g. hellaswag arc_easy")
+    le.add_argument("--include-path", default=None, metavar="DIR",
+                    help="folder of extra task YAML files (local data sets; offline, the only tasks that run)")
+    le.add_argument("--limit", type=float, default=None, help="documents per task (an int) or a fraction (< 1)")
+    le.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
+    le.add_argument("--batch-size", type=int, default=1, help="default: %(default)s")
+    le.add_argument("--max-length", type=int, default=None, help="context length (default: the model's)")
+    le.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    le.add_argument("--device", default=None)
+    le.add_argument("--json", default=None, metavar="FILE", help="also write the results to this file")
+    le.set_defaults(fn=cmd_lm_eval)
 
     es = sub.add_parser("estimate", help="effective bits and size of a CMPQ model for given budgets, before quantizing")
     es.add_argument("model")
