@@ -19,7 +19,7 @@ def _random_layers(seed: int, shapes: list[tuple[int, int]]) -> list[LayerOption
     layers = []
     for out_f, n in shapes:
         widths = (2, 3, 4, FP16)
-        cost = torch.tensor([channel_cost_bits(b, out_f) for b in widths], dtype=torch.float64)
+        cost = torch.tensor([channel_cost_bits(b, out_f, n) for b in widths], dtype=torch.float64)
         # loss falls with width, convexly on average, with noise: like k-means distortion
         base = torch.rand(n, 1, generator=g, dtype=torch.float64) * 10
         loss = base * torch.tensor([1.0, 0.3, 0.08, 0.0], dtype=torch.float64) * (
@@ -72,7 +72,7 @@ def test_allocator_spends_the_whole_budget_on_a_large_model():
     least = total_cost(layers, [torch.zeros(l.loss.shape[0], dtype=torch.long) for l in layers])
     budget = least * 1.4
     got = total_cost(layers, solve(layers, budget))
-    assert budget - channel_cost_bits(FP16, 1536) <= got <= budget
+    assert budget - channel_cost_bits(FP16, 1536, 576) <= got <= budget
 
 
 def _correlated_inputs(n: int, d: int, g: torch.Generator) -> torch.Tensor:

@@ -34,7 +34,10 @@ def test_tunable_linear_is_the_layer_and_writes_back_exactly(tiny_llama, calib_i
         t.values[lo:hi] += torch.linspace(0, 1e-3, hi - lo)
     w1 = t.values[t.where].detach()
     out = t.write_back()
-    torch.testing.assert_close(out.dequantize(torch.float32), w1.half().float())
+    # stored in 8-bit codes (format v3): each entry moves by at most half a grid step (plus FP16
+    # rounding); a wrong remap would move weights by a whole entry spacing, ~70x more
+    step = float(getattr(out, f"q{b}_codebook_affine")[:, 1].float().max())
+    torch.testing.assert_close(out.dequantize(torch.float32), w1.half().float(), atol=step / 2 + 1e-4, rtol=0)
     cb = out.group(b)[2].float()
     assert (cb[:, 1:] >= cb[:, :-1]).all(), "codebooks must stay ascending"
 
@@ -42,7 +45,7 @@ def test_tunable_linear_is_the_layer_and_writes_back_exactly(tiny_llama, calib_i
 def test_finetune_lowers_kl_and_keeps_indices(tiny_llama, calib_ids):
     teacher_model = copy.deepcopy(tiny_llama)
     states = teacher_states(tiny_llama, calib_ids, torch.device("cpu"))
-    model = _quantized(tiny_llama, calib_ids)
+    model = _quantized(tiny_llama, calib_ids, bits=3.5)  # enough error for the epochs' KL to fall clearly
     layers = {n: m for n, m in model.named_modules() if isinstance(m, CMPQLinear)}
     channels = {n: [m.group(b)[0].clone() for b in m.bit_widths] for n, m in layers.items()}
     bytes_before = {n: m.storage_bytes() for n, m in layers.items()}

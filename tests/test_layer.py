@@ -6,6 +6,7 @@ import torch
 from cmpq.algorithm.layer import quantize_weight, quantize_weights
 from cmpq.config import CMPQConfig
 from cmpq.nn.linear import CMPQLinear, pack_linear
+from cmpq.storage.codebook import storable
 from cmpq.storage.packing import pack_indices, packed_shape, unpack_indices
 
 
@@ -54,7 +55,7 @@ def test_weight_outliers_are_the_largest_first_pass_errors_and_exact():
     first_cb = fcb[(fch == col).nonzero()[0, 0]].float()
     keep = torch.ones(w.shape[0], dtype=torch.bool)
     keep[p.sparse_rows[p.sparse_cols == col]] = False
-    refit = kmeans_1d(w[:, col][keep][None], 2**b, init=first_cb[None])[0].half()
+    refit = storable(kmeans_1d(w[:, col][keep][None], 2**b, init=first_cb[None]))[0].half()
     assert torch.equal(cb[(ch == col).nonzero()[0, 0]], refit)
     assert not torch.equal(refit, first_cb.half())
     key = p.sparse_rows * w.shape[1] + p.sparse_cols

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 import cmpq
 from cmpq.model.blocks import UnsupportedModel, find_blocks
 from cmpq.nn.linear import CMPQLinear
-from cmpq.storage.io import CorruptModelError, set_compute_dtype
+from cmpq.storage.io import FORMAT_VERSION, CorruptModelError, set_compute_dtype
 
 
 def quantize_tiny(model, ids, bits=3.2):
@@ -105,10 +105,11 @@ def test_missing_manifest_and_wrong_version_are_refused(saved):
     (saved / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CorruptModelError, match="format_version"):
         cmpq.load(saved, device="cpu")
-    cfg["quantization_config"]["format_version"] = 1  # the old channel-blocked packing
-    (saved / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CorruptModelError, match="quantize the model again"):
-        cmpq.load(saved, device="cpu")
+    for old in (1, 2):  # the channel-blocked packing; FP16 codebooks and int32 ids
+        cfg["quantization_config"]["format_version"] = old
+        (saved / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(CorruptModelError, match="quantize the model again"):
+            cmpq.load(saved, device="cpu")
     (saved / "cmpq_manifest.json").unlink()
     with pytest.raises(CorruptModelError, match="manifest"):
         cmpq.load(saved, device="cpu")
@@ -225,7 +226,7 @@ def test_bit_flip_is_refused_and_manifest_shapes_are_checked_before_allocating(t
     t = sd[name].clone()
     t.view(-1)[0] ^= 1 << 7
     sd[name] = t
-    save_file(sd, f, metadata={"cmpq_format_version": "2"})
+    save_file(sd, f, metadata={"cmpq_format_version": str(FORMAT_VERSION)})
     with pytest.raises(CorruptModelError, match="checksum"):
         cmpq.load(path, device="cpu")
     cmpq.load(path, device="cpu", verify=False)  # the opt-out reads it

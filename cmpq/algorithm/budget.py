@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cmpq.storage.codebook import id_dtype
+
 FP16 = 16  # the option "keep this channel as an FP16 column"
 
 
@@ -41,18 +43,25 @@ class LayerOptions:
     fixed: float = 0.0
 
 
-def channel_cost_bits(width: int, out_features: int, codebook_bits: int = 16, id_bits: int = 32) -> int:
-    """Stored bits of one channel of an ``out_features``-row layer at ``width`` (format v2): its
-    packed indices (blocks of 32 rows), its ``2**width``-entry codebook and its channel id; or, for
-    ``FP16``, the column and its id."""
+def _int_bits(n: int) -> int:
+    """Bits of one stored id in ``[0, n]`` (format v3 picks int16 where it fits, else int32)."""
+    return 8 * torch.empty(0, dtype=id_dtype(n)).element_size()
+
+
+def channel_cost_bits(width: int, out_features: int, in_features: int) -> int:
+    """Stored bits of one channel of an ``out_features x in_features`` layer at ``width`` (format
+    v3): its packed indices (blocks of 32 rows), its ``2**width`` 8-bit codebook codes with their
+    FP16 minimum and step, and its channel id; or, for ``FP16``, the column and its id."""
+    ids = _int_bits(in_features)
     if width == FP16:
-        return 16 * out_features + id_bits
-    return 32 * width * (-(-out_features // 32)) + codebook_bits * 2**width + id_bits
+        return 16 * out_features + ids
+    return 32 * width * (-(-out_features // 32)) + 8 * 2**width + 32 + ids
 
 
-def sparse_cost_bits(out_features: int, n_sparse: int) -> int:
-    """Stored bits of a layer's sparse outliers: int32 CSR row pointers, int32 columns, FP16 values."""
-    return 32 * (out_features + 1) + n_sparse * (32 + 16)
+def sparse_cost_bits(out_features: int, n_sparse: int, in_features: int) -> int:
+    """Stored bits of a layer's sparse outliers: CSR row pointers (int16 up to 32,767 outliers),
+    column ids (int16 up to 32,767 inputs) and FP16 values."""
+    return _int_bits(n_sparse) * (out_features + 1) + n_sparse * (_int_bits(in_features) + 16)
 
 
 class BudgetError(ValueError):

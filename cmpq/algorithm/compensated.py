@@ -35,11 +35,12 @@ from cmpq.algorithm.budget import FP16
 from cmpq.algorithm.kmeans import assign_nearest, kmeans_1d
 from cmpq.algorithm.layer import QuantizedParts
 from cmpq.baselines.gptq import _inverse_hessian_cholesky
+from cmpq.storage.codebook import storable
 
 
 def _codebooks(x: torch.Tensor, k: int, keep: torch.Tensor | None, iters: int,
                init: torch.Tensor | None = None) -> torch.Tensor:
-    return kmeans_1d(x, k, keep, max_iter=iters, init=init).half().float()  # what is stored is what is used
+    return storable(kmeans_1d(x, k, keep, max_iter=iters, init=init))  # what is stored is what is used
 
 
 def initial_codebooks(W: torch.Tensor, widths: torch.Tensor, iters: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:

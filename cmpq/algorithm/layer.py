@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from cmpq.algorithm.allocation import get_allocator
 from cmpq.algorithm.phases import phase
 from cmpq.algorithm.kmeans import assign_nearest, kmeans_1d, uniform_codebook
+from cmpq.storage.codebook import storable
 from cmpq.config import CMPQConfig
 
 BIT_WIDTHS = (2, 3, 4)
@@ -47,12 +48,12 @@ class QuantizedParts:
 
 def _codebooks(x: torch.Tensor, k: int, keep: torch.Tensor | None, cfg: CMPQConfig,
                init: torch.Tensor | None = None) -> torch.Tensor:
-    """FP16-representable centroids ``[rows, k]`` for each row of ``x`` (``init``: warm start)."""
+    """Storable centroids ``[rows, k]`` for each row of ``x`` (``init``: warm start)."""
     if cfg.quantizer == "uniform":
         cb = uniform_codebook(x, k, keep)
     else:
         cb = kmeans_1d(x, k, keep, max_iter=cfg.kmeans_iters, init=init)
-    return cb.half().float()  # round once so assignment uses exactly the stored values
+    return storable(cb)  # round once (8-bit codes, cmpq.storage.codebook) so assignment uses the stored values
 
 
 @dataclass

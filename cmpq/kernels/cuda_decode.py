@@ -224,9 +224,10 @@ def repack(layer) -> CudaLayout:
     corr = layer.sparse_val.float() - _quantized_values(layer, rows, col.long())
     lay = CudaLayout(
         key=key, groups=groups,
-        outlier_channels=layer.outlier_channels.contiguous(),
+        outlier_channels=layer.outlier_channels.to(torch.int32).contiguous(),  # format v3 stores int16 where it fits
         outlier_weight_t=layer.outlier_weight.t().contiguous(),
-        sparse_crow=crow.contiguous(), sparse_col=col.contiguous(), sparse_corr=corr.contiguous(),
+        sparse_crow=crow.to(torch.int32).contiguous(), sparse_col=col.to(torch.int32).contiguous(),
+        sparse_corr=corr.contiguous(),
         bias=None if layer.bias is None else layer.bias.float().contiguous(),
     )
     layer._cuda_layout = lay

@@ -99,7 +99,7 @@ def repack(layer, rows_per_step: int = 2048) -> MmaLayout:
     qs, tbls, chls, cs = [], [], [], [0]
     for kind in KINDS:
         if kind == 16:
-            ch = layer.outlier_channels
+            ch = layer.outlier_channels.to(torch.int32)
             n = ch.numel()
         else:
             n = layer.group(kind)[0].numel() if kind in layer.bit_widths else 0

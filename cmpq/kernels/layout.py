@@ -66,7 +66,7 @@ def prefill_index(layer) -> PrefillIndex:
     cached = getattr(layer, "_prefill_index", None)
     if cached is not None and cached.key == key:
         return cached
-    perm = torch.cat([layer.group(b)[0] for b in layer.bit_widths] + [layer.outlier_channels]).long()
+    perm = torch.cat([layer.group(b)[0].long() for b in layer.bit_widths] + [layer.outlier_channels.long()])
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)
     crow, col = layer.sparse_crow, layer.sparse_col
@@ -90,7 +90,7 @@ def _quantized_values(layer, rows: torch.Tensor, cols: torch.Tensor) -> torch.Te
         if ch.numel() == 0:
             continue
         where[ch.long()] = torch.arange(ch.numel(), device=dev)
-        sel = torch.isin(cols, ch)
+        sel = torch.isin(cols, ch.long())
         j = where[cols[sel].long()]
         r = rows[sel]
         idx = torch.zeros_like(j)
@@ -100,7 +100,7 @@ def _quantized_values(layer, rows: torch.Tensor, cols: torch.Tensor) -> torch.Te
         val[sel] = cb[j, idx].float()
     if layer.outlier_channels.numel():
         where[layer.outlier_channels.long()] = torch.arange(layer.outlier_channels.numel(), device=dev)
-        sel = torch.isin(cols, layer.outlier_channels)
+        sel = torch.isin(cols, layer.outlier_channels.long())
         val[sel] = layer.outlier_weight[rows[sel], where[cols[sel].long()]].float()
     return val
 
@@ -133,10 +133,10 @@ def prepare(layer) -> KernelLayout:
     layout = KernelLayout(
         key=key,
         groups=groups,
-        outlier_channels=layer.outlier_channels.contiguous(),
+        outlier_channels=layer.outlier_channels.to(torch.int32).contiguous(),  # kernels read int32 ids
         outlier_weight_t=layer.outlier_weight.t().contiguous(),
-        sparse_crow=crow.contiguous(),
-        sparse_col=col.contiguous(),
+        sparse_crow=crow.to(torch.int32).contiguous(),
+        sparse_col=col.to(torch.int32).contiguous(),
         sparse_corr=corr.contiguous(),
         sparse_val=layer.sparse_val.contiguous(),
         sparse_flat=idx.sparse_flat,

@@ -46,11 +46,11 @@ def random_layer(
     start = 0
     for b in layer.bit_widths:
         n = counts[b]
-        ch, pk, cb = layer.group(b)
-        ch.copy_(perm[start:start + n].to(torch.int32))
+        ch, pk = getattr(layer, f"q{b}_channels"), getattr(layer, f"q{b}_packed")
+        ch.copy_(perm[start:start + n].to(ch.dtype))
         start += n
         scale = 0.02 * (1 + torch.rand(n, 1, generator=gen))
-        cb.copy_((torch.sort(torch.randn(n, 2**b, generator=gen), dim=1).values * scale).half())
+        layer.set_codebook(b, (torch.sort(torch.randn(n, 2**b, generator=gen), dim=1).values * scale).to(dev))
         if n == 0:
             continue
         if pack:
@@ -61,7 +61,7 @@ def random_layer(
             if tail:  # zero the padding lanes of the last block, as pack_channels does
                 words[:, -b:] &= (1 << tail) - 1
             pk.copy_(words)
-    layer.outlier_channels.copy_(perm[start:].to(torch.int32))
+    layer.outlier_channels.copy_(perm[start:].to(layer.outlier_channels.dtype))
     layer.outlier_weight.copy_((0.2 * rand(out_features, n_outlier_channels)).half())
     if n_sparse:
         quantized = perm[:start]  # sparse outliers never fall in outlier columns
@@ -74,8 +74,8 @@ def random_layer(
         order = torch.argsort(rows * in_features + cols)
         rows, cols = rows[order], cols[order]
         layer.sparse_crow.copy_(torch.cat([torch.zeros(1, dtype=torch.long),
-                                           torch.bincount(rows, minlength=out_features).cumsum(0)]).to(torch.int32))
-        layer.sparse_col.copy_(cols.to(torch.int32))
+                                           torch.bincount(rows, minlength=out_features).cumsum(0)]).to(layer.sparse_crow.dtype))
+        layer.sparse_col.copy_(cols.to(layer.sparse_col.dtype))
         layer.sparse_val.copy_((0.5 * torch.randn(n_sparse, generator=gen)).half())
     if bias:
         layer.bias.copy_((0.1 * rand(out_features)).half())

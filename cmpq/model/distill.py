@@ -124,7 +124,7 @@ class TunableLinear(nn.Module):
             rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order).contiguous())
             idx = layer.group_indices(b)  # [out, n]
             idx = rank.gather(1, idx.T).T  # old slot -> new slot, per channel
-            setattr(layer, f"q{b}_codebook", new.half())
+            layer.set_codebook(b, new)
             setattr(layer, f"q{b}_packed", pack_channels(idx.contiguous(), b))
         lo, hi = self.slices["outlier_weight"]
         layer.outlier_weight = v[lo:hi].view_as(layer.outlier_weight).half()

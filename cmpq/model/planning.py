@@ -45,7 +45,7 @@ def smallest_bits(model: nn.Module, cfg: CMPQConfig) -> float:
     for block in blocks:
         for lin in find_linears(block).values():
             out_f, in_f = lin.out_features, lin.in_features
-            bits += in_f * channel_cost_bits(min(cfg.widths), out_f) + sparse_cost_bits(out_f, n_sparse(lin, cfg))
+            bits += in_f * channel_cost_bits(min(cfg.widths), out_f, in_f) + sparse_cost_bits(out_f, n_sparse(lin, cfg), in_f)
             numel += out_f * in_f
     return bits / max(numel, 1)
 

@@ -9,6 +9,8 @@ from torch import nn
 from typing import TYPE_CHECKING
 
 from cmpq.nn import fuse, opaque
+from cmpq.storage import codebook
+from cmpq.storage.codebook import id_dtype
 from cmpq.storage.packing import packed_shape, unpack_channels
 
 if TYPE_CHECKING:
@@ -44,15 +46,17 @@ class CMPQLinear(nn.Module):
                 f"channel counts {counts} + {n_outlier_channels} outlier channels != in_features {in_features}"
             )
         kw = dict(device=device)
+        ids = id_dtype(in_features)  # format v3: the smallest integer types that fit (docs/format.md)
         for b in self.bit_widths:
             n = counts[b]
-            self.register_buffer(f"q{b}_channels", torch.empty(n, dtype=torch.int32, **kw))
+            self.register_buffer(f"q{b}_channels", torch.empty(n, dtype=ids, **kw))
             self.register_buffer(f"q{b}_packed", torch.empty(packed_shape(n, out_features, b), dtype=torch.int32, **kw))
-            self.register_buffer(f"q{b}_codebook", torch.empty(n, 2**b, dtype=torch.float16, **kw))
-        self.register_buffer("outlier_channels", torch.empty(n_outlier_channels, dtype=torch.int32, **kw))
+            self.register_buffer(f"q{b}_codebook", torch.empty(n, 2**b, dtype=torch.uint8, **kw))
+            self.register_buffer(f"q{b}_codebook_affine", torch.zeros(n, 2, dtype=torch.float16, **kw))
+        self.register_buffer("outlier_channels", torch.empty(n_outlier_channels, dtype=ids, **kw))
         self.register_buffer("outlier_weight", torch.empty(out_features, n_outlier_channels, dtype=torch.float16, **kw))
-        self.register_buffer("sparse_crow", torch.zeros(out_features + 1, dtype=torch.int32, **kw))
-        self.register_buffer("sparse_col", torch.empty(n_sparse, dtype=torch.int32, **kw))
+        self.register_buffer("sparse_crow", torch.zeros(out_features + 1, dtype=id_dtype(n_sparse), **kw))
+        self.register_buffer("sparse_col", torch.empty(n_sparse, dtype=ids, **kw))
         self.register_buffer("sparse_val", torch.empty(n_sparse, dtype=torch.float16, **kw))
         if bias:
             self.register_buffer("bias", torch.empty(out_features, dtype=dtype, **kw))
@@ -68,8 +72,16 @@ class CMPQLinear(nn.Module):
         return {b: getattr(self, f"q{b}_channels").numel() for b in self.bit_widths}
 
     def group(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(channels, packed indices, codebook) of the b-bit group."""
-        return getattr(self, f"q{b}_channels"), getattr(self, f"q{b}_packed"), getattr(self, f"q{b}_codebook")
+        """(channels int32, packed indices, codebook FP16 ``[n, 2**b]``) of the b-bit group: the stored
+        narrow ids and 8-bit codes decoded, the form every kernel's load-time layout starts from."""
+        return (getattr(self, f"q{b}_channels").to(torch.int32), getattr(self, f"q{b}_packed"),
+                codebook.decode(getattr(self, f"q{b}_codebook"), getattr(self, f"q{b}_codebook_affine")))
+
+    def set_codebook(self, b: int, cb: torch.Tensor) -> None:
+        """Store FP codebooks ``[n, 2**b]`` of the b-bit group (encoded to 8-bit codes + affine)."""
+        codes, affine = codebook.encode(cb)
+        setattr(self, f"q{b}_codebook", codes)
+        setattr(self, f"q{b}_codebook_affine", affine)
 
     def group_indices(self, b: int, r0: int = 0, r1: int | None = None) -> torch.Tensor:
         """Codebook indices ``[r1 - r0, n_b]`` (int64) of the b-bit group for output rows ``r0:r1``."""
@@ -83,11 +95,11 @@ class CMPQLinear(nn.Module):
     def storage_bytes(self) -> dict[str, int]:
         """Bytes of every stored tensor but the bias, by kind."""
         out: dict[str, int] = {"indices": 0, "codebooks": 0, "channel_ids": 0}
+        nbytes = lambda name: (lambda x: x.numel() * x.element_size())(getattr(self, name))  # noqa: E731
         for b in self.bit_widths:
-            ch, pk, cb = self.group(b)
-            out["indices"] += pk.numel() * pk.element_size()
-            out["codebooks"] += cb.numel() * cb.element_size()
-            out["channel_ids"] += ch.numel() * ch.element_size()
+            out["indices"] += nbytes(f"q{b}_packed")
+            out["codebooks"] += nbytes(f"q{b}_codebook") + nbytes(f"q{b}_codebook_affine")
+            out["channel_ids"] += nbytes(f"q{b}_channels")
         out["outlier_columns"] = sum(t.numel() * t.element_size() for t in (self.outlier_channels, self.outlier_weight))
         out["sparse_outliers"] = sum(
             t.numel() * t.element_size() for t in (self.sparse_crow, self.sparse_col, self.sparse_val)
@@ -186,16 +198,17 @@ def pack_linear(parts: "QuantizedParts", bias: torch.Tensor | None) -> CMPQLinea
         dtype=torch.float16,
         device=dev,
     )
+    ids = id_dtype(parts.in_features)
     for b, (ch, idx, cb) in parts.groups.items():
-        setattr(layer, f"q{b}_channels", ch.to(torch.int32))
+        setattr(layer, f"q{b}_channels", ch.to(ids))
         setattr(layer, f"q{b}_packed", pack_channels(idx, b))
-        setattr(layer, f"q{b}_codebook", cb.half())
-    layer.outlier_channels = parts.outlier_channels.to(torch.int32)
+        layer.set_codebook(b, cb)
+    layer.outlier_channels = parts.outlier_channels.to(ids)
     layer.outlier_weight = parts.outlier_weight.half()
     crow = torch.zeros(parts.out_features + 1, dtype=torch.int64, device=dev)
     crow[1:] = torch.bincount(parts.sparse_rows, minlength=parts.out_features).cumsum(0)
-    layer.sparse_crow = crow.to(torch.int32)
-    layer.sparse_col = parts.sparse_cols.to(torch.int32)
+    layer.sparse_crow = crow.to(id_dtype(parts.sparse_vals.numel()))
+    layer.sparse_col = parts.sparse_cols.to(ids)
     layer.sparse_val = parts.sparse_vals.half()
     if bias is not None:
         layer.bias = bias.detach().half().clone()

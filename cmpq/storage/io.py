@@ -17,7 +17,7 @@ from cmpq.model import run_state
 from cmpq.model.blocks import find_blocks, set_module
 from cmpq.nn.linear import CMPQLinear
 
-FORMAT_VERSION = 2  # 2: indices packed channel by channel (1: along the channels; re-quantize)
+FORMAT_VERSION = 3  # 3: 8-bit codebooks, narrow ids; 2: FP16 codebooks, int32 ids; 1: indices along the channels
 WEIGHTS = "model.safetensors"
 MANIFEST = "cmpq_manifest.json"
 
@@ -200,9 +200,9 @@ def _check_layer(name: str, t: dict[str, torch.Tensor], info: dict) -> None:
             raise CorruptModelError(f"{label}: channel id out of range [0, {in_f})")
         seen += torch.bincount(ch.long(), minlength=in_f)[:in_f] if ch.numel() else 0
         if b:
-            cb = t[f"{name}.q{b}_codebook"]
-            if not torch.isfinite(cb).all():
-                raise CorruptModelError(f"{name}.q{b}_codebook: holds NaN or Inf")
+            aff = t[f"{name}.q{b}_codebook_affine"]
+            if not torch.isfinite(aff).all() or (aff[:, 1] < 0).any():
+                raise CorruptModelError(f"{name}.q{b}_codebook_affine: holds NaN, Inf or a negative step")
     if not torch.equal(seen, torch.ones_like(seen)):
         raise CorruptModelError(f"{name}: channel ids do not cover 0..{in_f - 1} exactly once")
     crow, col, val = t[f"{name}.sparse_crow"], t[f"{name}.sparse_col"], t[f"{name}.sparse_val"]
@@ -253,7 +253,9 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
         raise CorruptModelError(f"{path}/config.json: quantization_config.quant_method is not 'cmpq'")
     for where, v in (("config.json", qc.get("format_version")), (MANIFEST, manifest.get("format_version"))):
         if v != FORMAT_VERSION:
-            hint = " (written by cmpq 0.1, which packed indices along the channels: quantize the model again)" if v == 1 else ""
+            hint = {1: " (written by cmpq 0.1, which packed indices along the channels: quantize the model again)",
+                    2: " (FP16 codebooks and int32 ids, written before format v3: quantize the model again with "
+                       "this cmpq, or load it with the cmpq that wrote it)"}.get(v, "")
             raise CorruptModelError(f"{path}/{where}: format_version {v!r} unsupported (this cmpq reads {FORMAT_VERSION}){hint}")
 
     config = AutoConfig.from_pretrained(path)
