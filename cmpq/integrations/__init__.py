@@ -1,0 +1,1 @@
+"""Integrations with other libraries (each module imports only its own library)."""
