@@ -2,8 +2,8 @@
 
 It is everything needed to build the model skeleton before reading a tensor, so it lives in
 ``config.json``: a folder holding only the config and the safetensors file (as from the Hub) can be
-loaded by ``cmpq.load`` and by ``transformers.AutoModelForCausalLM.from_pretrained``. Older folders
-(before 2026-12) kept it only in ``cmpq_manifest.json``; ``cmpq.load`` still reads those.
+loaded by ``cmpq.load`` and by ``transformers.AutoModelForCausalLM.from_pretrained``. Folders written
+before it was there keep it only in ``cmpq_manifest.json``; ``cmpq.load`` still reads those.
 """
 
 from __future__ import annotations
