@@ -172,3 +172,29 @@ def test_transformers_without_cmpq_refuses_the_folder(folder, tmp_path):
         assert "REFUSED RuntimeError" in r.stdout and "ignore_mismatched_sizes" in r.stdout, r.stdout
         assert "Unknown quantization type, got cmpq" in r.stderr
         assert "mlp.down_proj.weight" in r.stderr and "MISMATCH" in r.stderr  # the load report names the markers
+
+
+def test_sharded_save_pretrained_is_read_by_both(folder, calib_ids, tmp_path):
+    AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).save_pretrained(tmp_path / "sp",
+                                                                                      max_shard_size="40KB")
+    shards = sorted((tmp_path / "sp").glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "sp" / "model.safetensors.index.json").is_file()
+    merged = {k: v for s in shards for k, v in load_file(s).items()}
+    assert_same_tensors(tensors(folder), merged)
+    ref = cmpq.load(folder, device="cpu")(calib_ids).logits
+    assert torch.equal(quiet_load(tmp_path / "sp")(calib_ids).logits, ref)
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "sp", dtype=torch.float32)(calib_ids).logits, ref)
+
+
+def test_cmpq_info_reads_a_save_pretrained_folder(folder, tmp_path, capsys):
+    from cmpq.cli import main
+
+    AutoModelForCausalLM.from_pretrained(folder).save_pretrained(tmp_path / "sp")
+    reports = []
+    for path in (folder, tmp_path / "sp"):
+        assert main(["info", str(path), "--json"]) == 0
+        r = json.loads(capsys.readouterr().out)
+        for k in ("model", "folder_bytes", "weights_file_bytes"):  # the folders differ in files and headers
+            r["summary"].pop(k)
+        reports.append(r)
+    assert reports[0] == reports[1]  # computed from the layout, the manifest's figures exactly

@@ -286,6 +286,36 @@ def weight_files(path: Path) -> list[Path]:
     raise CorruptModelError(f"{path}: missing {WEIGHTS}")
 
 
+def is_cmpq_folder(path: str | Path) -> bool:
+    """A folder ``cmpq.save`` wrote (it has the manifest) or ``save_pretrained`` wrote (no manifest,
+    ``quant_method: "cmpq"`` in config.json)."""
+    path = Path(path).expanduser()
+    if (path / MANIFEST).is_file():
+        return True
+    try:
+        qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == "cmpq"
+
+
+def folder_summary(path: str | Path) -> tuple[dict, dict, int]:
+    """(quantization_config, per-layer summaries as ``layer_summary`` gives them, bytes of the weight
+    files) of a folder: the manifest's summaries, or computed from the layout (``save_pretrained``
+    folders have no manifest; the shapes fix every byte count)."""
+    from cmpq.storage.layout import build_layer
+
+    path = Path(path).expanduser()
+    qc = _read_json(path / "config.json", "the model config").get("quantization_config") or {}
+    manifest = _read_json(path / MANIFEST, "the cmpq manifest") if (path / MANIFEST).is_file() else None
+    layers = read_layout(path, qc, manifest)
+    if manifest is not None:
+        summaries = manifest["layers"]
+    else:
+        summaries = {n: layer_summary(build_layer(info)) for n, info in layers.items()}  # meta: nothing allocated
+    return qc, summaries, sum(f.stat().st_size for f in weight_files(path))
+
+
 def load(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
          device_map: str | dict | None = None, max_memory: str | dict | None = None,
          verify: bool = True) -> nn.Module:
@@ -334,7 +364,8 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
     else:  # the model's own tying (save_pretrained stores a tied tensor once, as save does)
         tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     tensors: dict[str, torch.Tensor] = {}
-    for f in weight_files(path):
+    files = weight_files(path)
+    for f in files:
         try:
             with safe_open(str(f), framework="pt") as st:
                 meta = st.metadata() or {}
@@ -353,7 +384,7 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
             raise
         except Exception as e:
             raise CorruptModelError(f"{f}: unreadable or truncated safetensors file ({type(e).__name__}: {e})") from None
-    f = path / WEIGHTS if len(weight_files(path)) == 1 else path / WEIGHTS_INDEX
+    f = files[0] if len(files) == 1 else path / WEIGHTS_INDEX
     missing = [k for k in expected if k not in tensors and k not in tied and k not in markers]
     unexpected = [k for k in tensors if k not in expected]
     if missing:
