@@ -198,3 +198,12 @@ def test_cmpq_info_reads_a_save_pretrained_folder(folder, tmp_path, capsys):
             r["summary"].pop(k)
         reports.append(r)
     assert reports[0] == reports[1]  # computed from the layout, the manifest's figures exactly
+
+
+def test_quantizing_on_load_is_refused(tmp_path):
+    """cmpq needs calibration data: from_pretrained cannot quantize a plain model on the fly."""
+    from cmpq.integrations.transformers import CMPQHfConfig
+
+    build("llama").save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="pre-quantized"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "plain", quantization_config=CMPQHfConfig(bits=3))
