@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from cmpq.algorithm.layer import QuantizedParts
 
 BIT_WIDTHS = (2, 3, 4)
-# Name of the empty marker every layer stores (docs/format.md, "Marker"). It is where a dense loader looks
+# Name of the empty marker every layer stores (docs/format.md, "The `weight` marker"): where a dense loader looks
 # for this layer's weight, so one that does not know cmpq finds a shape it cannot use and refuses the
 # file instead of initialising the weight at random.
 MARKER = "weight"

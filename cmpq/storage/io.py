@@ -57,8 +57,8 @@ def storage_dtype(model: nn.Module) -> torch.dtype:
 
 
 def tensors_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """State dict with 32-bit floats cast to the storage dtype and tied tensors stored once (the
-    second name maps to the first in the returned dict)."""
+    """(tensors to write, tied): the state dict with 32-bit floats cast to the storage dtype, a tied
+    tensor under its first name only; ``tied`` maps each dropped name to the name kept."""
     dtype = storage_dtype(model)
     out, seen, tied = {}, {}, {}
     for name, t in model.state_dict().items():
@@ -162,7 +162,8 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool 
         # the bytes of identical models differ from run to run.
         save_file(tensors, str(tmp / WEIGHTS), metadata={"cmpq_format_version": str(FORMAT_VERSION)})
         # the layout goes in config.json, so the config and the weights alone make a loadable folder
-        _update_quant_config(model.config, layers=model_layout(model), storage_dtype=str(storage_dtype(model)).removeprefix("torch."))
+        _update_quant_config(model.config, layers=model_layout(model),
+                             storage_dtype=str(storage_dtype(model)).removeprefix("torch."))
         model.config.save_pretrained(tmp)
         tok = tokenizer if tokenizer is not None else getattr(model, "cmpq_tokenizer", None)
         if tok is not None:
@@ -255,9 +256,11 @@ def read_layout(path: Path, qc: dict, manifest: dict | None) -> dict:
                                         f"quantization_config; not a complete cmpq model folder")
             return check_layout(manifest.get("layers"), f"{path}/{MANIFEST}")
         check_layout(layers, f"{path}/config.json")
+        if manifest is not None:
+            check_layout(manifest.get("layers"), f"{path}/{MANIFEST}")
     except LayoutError as e:
         raise CorruptModelError(str(e)) from None
-    if manifest is not None and not same_layout(layers, manifest.get("layers") or {}):
+    if manifest is not None and not same_layout(layers, manifest["layers"]):
         raise CorruptModelError(f"{path}: config.json's quantization_config.layers and {MANIFEST} disagree "
                                 f"on the quantized layers")
     return layers
