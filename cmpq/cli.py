@@ -34,9 +34,9 @@ def _positive(a: argparse.Namespace, *names: str, minimum: int = 1) -> None:
 
 
 def is_cmpq_folder(path: str) -> bool:
-    from cmpq.storage.io import MANIFEST
+    from cmpq.storage import io
 
-    return (Path(path).expanduser() / MANIFEST).is_file()
+    return io.is_cmpq_folder(path)
 
 
 def load_any(name: str, device: torch.device, device_map: str | None = None, max_memory: str | None = None):
@@ -309,15 +309,14 @@ def cmd_estimate(a: argparse.Namespace) -> int:
 
 
 def cmd_info(a: argparse.Namespace) -> int:
-    from cmpq.storage.io import MANIFEST, WEIGHTS, bits_summary
+    from cmpq.storage.io import FORMAT_VERSION, MANIFEST, bits_summary, folder_summary
 
     path = Path(a.model).expanduser()
     if not is_cmpq_folder(str(path)):
-        print(f"error: {path} is not a cmpq model folder (no {MANIFEST})", file=sys.stderr)
+        print(f"error: {path} is not a cmpq model folder (no {MANIFEST}, no quant_method 'cmpq' in config.json)",
+              file=sys.stderr)
         return 2
-    man = json.loads((path / MANIFEST).read_text())
-    qc = json.loads((path / "config.json").read_text()).get("quantization_config", {})
-    layers = man["layers"]
+    qc, layers, weights_disk = folder_summary(path)
     bits = bits_summary(layers.values())
     n_w, nominal = bits["quantized_weights"], bits["nominal_bits"]
     widths = sorted({b for l in layers.values() for b in l["channels"]}, key=int)
@@ -328,7 +327,6 @@ def cmd_info(a: argparse.Namespace) -> int:
             kinds[k] = kinds.get(k, 0) + v
     qbytes = sum(kinds.values())
     disk = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-    weights_disk = (path / WEIGHTS).stat().st_size
     summary = {
         "model": str(path),
         "budget": qc.get("bits"),
@@ -350,7 +348,7 @@ def cmd_info(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps({"summary": summary, "layers": layers}, indent=1))
         return 0
-    print(f"{path}  (cmpq format v{man['format_version']}, algorithm {summary['algorithm']}, budget {qc.get('bits')} "
+    print(f"{path}  (cmpq format v{qc.get('format_version', FORMAT_VERSION)}, algorithm {summary['algorithm']}, budget {qc.get('bits')} "
           f"bits, quantizer {qc.get('quantizer')})")
     if summary["quantized_fraction"] is not None:
         print(f"decoder blocks' matrix weights quantized: {100 * summary['quantized_fraction']:.2f}%")

@@ -273,6 +273,11 @@ def quantize(
 
     frac, left = coverage(model)
     qc["quantized_fraction"] = round(frac, 6)
+    from cmpq.storage.io import storage_dtype
+    from cmpq.storage.layout import model_layout
+
+    qc["storage_dtype"] = str(storage_dtype(model)).removeprefix("torch.")  # before from_pretrained recasts
+    qc["layers"] = model_layout(model)  # the skeleton: what from_pretrained needs before any tensor
     if left:
         shown = ", ".join(left[:6]) + (f" and {len(left) - 6} more" if len(left) > 6 else "")
         warnings.warn(f"cmpq left {len(left)} matrix parameter(s) inside the decoder blocks in full precision "

@@ -110,8 +110,14 @@ def test_missing_manifest_and_wrong_version_are_refused(saved):
         (saved / "config.json").write_text(json.dumps(cfg))
         with pytest.raises(CorruptModelError, match="quantize the model again"):
             cmpq.load(saved, device="cpu")
-    (saved / "cmpq_manifest.json").unlink()
-    with pytest.raises(CorruptModelError, match="manifest"):
+    cfg["quantization_config"]["format_version"] = FORMAT_VERSION
+    (saved / "config.json").write_text(json.dumps(cfg))
+    (saved / "cmpq_manifest.json").unlink()  # as save_pretrained writes it: the layout is in config.json
+    with pytest.warns(UserWarning, match="no checksums"):
+        cmpq.load(saved, device="cpu")
+    del cfg["quantization_config"]["layers"]  # and as older cmpq wrote it, less its manifest
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CorruptModelError, match="missing cmpq_manifest.json and no 'layers'"):
         cmpq.load(saved, device="cpu")
     with pytest.raises(FileNotFoundError):
         cmpq.load(saved / "nope")

@@ -72,7 +72,8 @@ def test_api_refuses_existing_checkpoint_and_offload_is_identical(tiny_llama, ca
     base = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
     a = cmpq.quantize(tiny_llama, None, cfg, calib=calib_ids, device="cpu", log=None, checkpoint_dir=tmp_path / "c")
     sa = {k: v.clone() for k, v in a.state_dict().items()}
-    tiny_llama.load_state_dict(base, strict=False)
+    # the dense weights of quantized layers would meet their empty `weight` markers (a size mismatch)
+    tiny_llama.load_state_dict({k: v for k, v in base.items() if sa.get(k, v).shape == v.shape}, strict=False)
     with pytest.raises(CheckpointMismatch, match="resume"):
         cmpq.quantize(tiny_llama, None, cfg, calib=calib_ids, device="cpu", log=None, checkpoint_dir=tmp_path / "c")
 

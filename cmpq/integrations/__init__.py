@@ -1,1 +1,1 @@
-"""Bridges to other tools: transformers, lm-evaluation-harness."""
+"""Bridges to other tools: transformers, lm-evaluation-harness (each module imports only its own library)."""

@@ -73,8 +73,8 @@ def load_model(name_or_path: str, dtype: torch.dtype | None = None, device: str 
 
 
 def refuse_quantized_folder(where: str, name: str) -> None:
-    """A cmpq output (or one that lost its manifest) is not a plain model: loading it as one would
-    give random weights where the packed ones are."""
+    """A cmpq output (with or without its manifest: ``save_pretrained`` writes none) is not a plain
+    model: loading it as one would give random weights where the packed ones are."""
     from cmpq.storage.io import MANIFEST
 
     folder = Path(where)
@@ -90,8 +90,7 @@ def refuse_quantized_folder(where: str, name: str) -> None:
         except (ValueError, UnicodeDecodeError):
             return  # transformers reports a broken config itself
         if isinstance(qc, dict) and qc.get("quant_method"):
-            what = "cmpq folder whose manifest is missing" if qc["quant_method"] == "cmpq" else \
-                f"{qc['quant_method']}-quantized model"
+            what = "cmpq-quantized folder" if qc["quant_method"] == "cmpq" else f"{qc['quant_method']}-quantized model"
             raise ValueError(f"{name} is a {what} (config.json has a quantization_config), not plain "
                              f"weights cmpq can quantize or evaluate as such")
 

@@ -17,6 +17,14 @@ if TYPE_CHECKING:
     from cmpq.algorithm.layer import QuantizedParts
 
 BIT_WIDTHS = (2, 3, 4)
+# Name of the empty marker every layer stores (docs/format.md, "The `weight` marker"): where a dense loader looks
+# for this layer's weight, so one that does not know cmpq finds a shape it cannot use and refuses the
+# file instead of initialising the weight at random.
+MARKER = "weight"
+
+
+def marker_tensor(device: torch.device | str | None = None) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8, device=device)
 
 
 class CMPQLinear(nn.Module):
@@ -25,6 +33,10 @@ class CMPQLinear(nn.Module):
     Buffers follow docs/format.md one to one, so ``state_dict`` is the on-disk form. ``forward`` is
     exactly ``x @ W_hat^T + bias``; a fused kernel is used when one is registered for the input's
     device and shape, else the weight is dequantized (pure PyTorch, any device).
+
+    ``weight`` is an empty ``uint8`` marker, not the weight (that is ``dequantize()``): stored under
+    the name a dense loader expects, it makes plain transformers refuse a cmpq file (shape mismatch)
+    rather than load it as random weights.
     """
 
     def __init__(
@@ -58,6 +70,7 @@ class CMPQLinear(nn.Module):
         self.register_buffer("sparse_crow", torch.zeros(out_features + 1, dtype=id_dtype(n_sparse), **kw))
         self.register_buffer("sparse_col", torch.empty(n_sparse, dtype=ids, **kw))
         self.register_buffer("sparse_val", torch.empty(n_sparse, dtype=torch.float16, **kw))
+        self.register_buffer(MARKER, marker_tensor(device))
         if bias:
             self.register_buffer("bias", torch.empty(out_features, dtype=dtype, **kw))
         else:

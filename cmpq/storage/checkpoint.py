@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from cmpq.model.blocks import find_linears, set_module
-from cmpq.nn.linear import CMPQLinear
+from cmpq.nn.linear import MARKER, CMPQLinear, marker_tensor
 
 STATE = "state.json"
 
@@ -99,6 +99,7 @@ def _layer_from_tensors(t: dict[str, torch.Tensor]) -> CMPQLinear:
     n_out = t["outlier_channels"].numel()
     layer = CMPQLinear(sum(counts.values()) + n_out, t["sparse_crow"].numel() - 1, counts, n_out,
                        t["sparse_val"].numel(), "bias" in t)
+    t.setdefault(MARKER, marker_tensor())  # blocks saved before the marker existed
     layer.load_state_dict(t)
     return layer
 

@@ -15,10 +15,12 @@ from torch import nn
 
 from cmpq.model import run_state
 from cmpq.model.blocks import find_blocks, set_module
-from cmpq.nn.linear import CMPQLinear
+from cmpq.nn.linear import MARKER, CMPQLinear, marker_tensor
+from cmpq.storage.layout import LayoutError, check_layout, install, layer_layout, model_layout, same_layout
 
 FORMAT_VERSION = 3  # 3: 8-bit codebooks, narrow ids; 2: FP16 codebooks, int32 ids; 1: indices along the channels
 WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # save_pretrained, above max_shard_size
 MANIFEST = "cmpq_manifest.json"
 
 
@@ -29,14 +31,36 @@ class CorruptModelError(ValueError):
 # -- saving ---------------------------------------------------------------------------------------
 
 
-def _storage_dtype(model: nn.Module) -> torch.dtype:
-    dt = getattr(model.config, "torch_dtype", None) or getattr(model.config, "dtype", None)
+def quant_config(config) -> dict | None:
+    """``config.quantization_config`` as a plain dict: after ``cmpq.quantize`` it is a dict, after
+    ``from_pretrained`` the registered config object (``cmpq.integrations.transformers``)."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is not None and not isinstance(qc, dict) and hasattr(qc, "to_dict"):
+        qc = qc.to_dict()
+    return qc if isinstance(qc, dict) else None
+
+
+def _update_quant_config(config, **fields) -> None:
+    qc = config.quantization_config
+    for k, v in fields.items():
+        if isinstance(qc, dict):
+            qc[k] = v
+        else:
+            setattr(qc, k, v)
+
+
+def storage_dtype(model: nn.Module) -> torch.dtype:
+    """16-bit type of the unquantized tensors on disk: the one recorded at save time, else the
+    model's (a model loaded in float32 still saves the tensors it was given, bit for bit)."""
+    qc = quant_config(model.config) or {}
+    dt = qc.get("storage_dtype") or getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
     return torch.bfloat16 if str(dt).endswith("bfloat16") else torch.float16
 
 
-def _tensors_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """State dict with 32-bit floats cast to 16-bit and tied tensors stored once."""
-    dtype = _storage_dtype(model)
+def tensors_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors to write, tied): the state dict with 32-bit floats cast to the storage dtype, a tied
+    tensor under its first name only; ``tied`` maps each dropped name to the name kept."""
+    dtype = storage_dtype(model)
     out, seen, tied = {}, {}, {}
     for name, t in model.state_dict().items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
@@ -51,18 +75,9 @@ def _tensors_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
 
 
 def layer_summary(layer: CMPQLinear) -> dict:
-    by_kind = layer.storage_bytes()
-    return {
-        "in_features": layer.in_features,
-        "out_features": layer.out_features,
-        "bias": layer.bias is not None,
-        "channels": {str(b): n for b, n in layer.counts().items()},
-        "outlier_channels": layer.outlier_channels.numel(),
-        "sparse_outliers": layer.sparse_val.numel(),
-        "nominal_bits": layer.nominal_bits(),
-        "effective_bits": layer.effective_bits(),
-        "bytes": by_kind,
-    }
+    """The layer's layout plus its bit and byte figures (works on the meta device too)."""
+    return {**layer_layout(layer), "nominal_bits": layer.nominal_bits(), "effective_bits": layer.effective_bits(),
+            "bytes": layer.storage_bytes()}
 
 
 def bits_summary(layers) -> dict:
@@ -131,9 +146,9 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool 
     from safetensors.torch import save_file
 
     out = Path(out_dir).expanduser().resolve()
-    qc = getattr(model.config, "quantization_config", None)
+    qc = quant_config(model.config)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, CMPQLinear)}
-    if not layers or not isinstance(qc, dict) or qc.get("quant_method") != "cmpq":
+    if not layers or qc is None or qc.get("quant_method") != "cmpq":
         raise ValueError("model holds no CMPQ layers; quantize it with cmpq.quantize first")
     for line in recover_debris(out):
         warnings.warn(line, stacklevel=2)
@@ -143,10 +158,13 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        tensors, tied = _tensors_to_save(model)
+        tensors, tied = tensors_to_save(model)
         # One metadata key: safetensors writes its metadata map in hash order, so two keys would make
         # the bytes of identical models differ from run to run.
         save_file(tensors, str(tmp / WEIGHTS), metadata={"cmpq_format_version": str(FORMAT_VERSION)})
+        # the layout goes in config.json, so the config and the weights alone make a loadable folder
+        _update_quant_config(model.config, layers=model_layout(model),
+                             storage_dtype=str(storage_dtype(model)).removeprefix("torch."))
         model.config.save_pretrained(tmp)
         tok = tokenizer if tokenizer is not None else run_state.state(model).tokenizer
         if tok is not None:
@@ -191,7 +209,7 @@ def _read_json(path: Path, what: str) -> dict:
 def _check_layer(name: str, t: dict[str, torch.Tensor], info: dict) -> None:
     """Consistency of one packed layer; raises naming the offending tensor."""
     out_f, in_f = info["out_features"], info["in_features"]
-    seen = torch.zeros(in_f, dtype=torch.int64)
+    seen = torch.zeros(in_f, dtype=torch.int64, device=t[f"{name}.outlier_channels"].device)
     groups = [(int(b), t[f"{name}.q{b}_channels"]) for b in info["channels"]]
     groups.append((0, t[f"{name}.outlier_channels"]))
     for b, ch in groups:
@@ -228,17 +246,95 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
+def read_layout(path: Path, qc: dict, manifest: dict | None) -> dict:
+    """The layer layout of a folder: ``quantization_config["layers"]`` (current folders) or the
+    manifest's (older ones); both present must agree."""
+    layers = qc.get("layers")
+    try:
+        if layers is None:
+            if manifest is None:
+                raise CorruptModelError(f"{path}: missing {MANIFEST} and no 'layers' in config.json's "
+                                        f"quantization_config; not a complete cmpq model folder")
+            return check_layout(manifest.get("layers"), f"{path}/{MANIFEST}")
+        check_layout(layers, f"{path}/config.json")
+        if manifest is not None:
+            check_layout(manifest.get("layers"), f"{path}/{MANIFEST}")
+    except LayoutError as e:
+        raise CorruptModelError(str(e)) from None
+    if manifest is not None and not same_layout(layers, manifest["layers"]):
+        raise CorruptModelError(f"{path}: config.json's quantization_config.layers and {MANIFEST} disagree "
+                                f"on the quantized layers")
+    return layers
+
+
+def check_format_version(where: str, v: object) -> None:
+    if v != FORMAT_VERSION:
+        hint = {1: " (written by cmpq 0.1, which packed indices along the channels: quantize the model again)",
+                2: " (FP16 codebooks and int32 ids, written before format v3: quantize the model again with "
+                   "this cmpq, or load it with the cmpq that wrote it)"}.get(v, "")
+        raise CorruptModelError(f"{where}: format_version {v!r} unsupported (this cmpq reads {FORMAT_VERSION}){hint}")
+
+
+def weight_files(path: Path) -> list[Path]:
+    """``model.safetensors``, or the shards ``model.safetensors.index.json`` lists (``save_pretrained``
+    shards above ``max_shard_size``)."""
+    if (path / WEIGHTS).is_file():
+        return [path / WEIGHTS]
+    index = path / WEIGHTS_INDEX
+    if index.is_file():
+        shards = sorted(set(_read_json(index, "the shard index").get("weight_map", {}).values()))
+        if not shards or any(Path(s).name != s for s in shards):
+            raise CorruptModelError(f"{index}: weight_map must name shard files in this folder")
+        for s in shards:
+            if not (path / s).is_file():
+                raise CorruptModelError(f"{path}: missing {s} (listed in {WEIGHTS_INDEX})")
+        return [path / s for s in shards]
+    raise CorruptModelError(f"{path}: missing {WEIGHTS}")
+
+
+def is_cmpq_folder(path: str | Path) -> bool:
+    """A folder ``cmpq.save`` wrote (it has the manifest) or ``save_pretrained`` wrote (no manifest,
+    ``quant_method: "cmpq"`` in config.json)."""
+    path = Path(path).expanduser()
+    if (path / MANIFEST).is_file():
+        return True
+    try:
+        qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == "cmpq"
+
+
+def folder_summary(path: str | Path) -> tuple[dict, dict, int]:
+    """(quantization_config, per-layer summaries as ``layer_summary`` gives them, bytes of the weight
+    files) of a folder: the manifest's summaries, or computed from the layout (``save_pretrained``
+    folders have no manifest; the shapes fix every byte count)."""
+    from cmpq.storage.layout import build_layer
+
+    path = Path(path).expanduser()
+    qc = _read_json(path / "config.json", "the model config").get("quantization_config") or {}
+    manifest = _read_json(path / MANIFEST, "the cmpq manifest") if (path / MANIFEST).is_file() else None
+    layers = read_layout(path, qc, manifest)
+    if manifest is not None:
+        summaries = manifest["layers"]
+    else:
+        summaries = {n: layer_summary(build_layer(info)) for n, info in layers.items()}  # meta: nothing allocated
+    return qc, summaries, sum(f.stat().st_size for f in weight_files(path))
+
+
 def load(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
          device_map: str | dict | None = None, max_memory: str | dict | None = None,
          verify: bool = True) -> nn.Module:
-    """Load a folder written by :func:`save` into a model holding ``CMPQLinear`` layers.
+    """Load a cmpq folder (written by :func:`save` or by ``save_pretrained`` of a model
+    ``from_pretrained`` loaded) into a model holding ``CMPQLinear`` layers.
 
     ``dtype`` is the compute dtype of the unquantized parts (default: float16 on GPU, float32 on CPU).
     ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"`` or ``{module: device}``; with
     ``max_memory`` such as ``{0: "20GiB", 1: "20GiB"}``) spreads the model over several devices with
     accelerate instead of moving it to ``device`` (see ``cmpq.model.device_map``). ``verify``
     checks every tensor against the SHA-256 in the manifest (1.9 s per GiB on one core of the 2-core
-    dev machine, measured 2026-12-02).
+    dev machine, measured 2026-12-02); a folder without a manifest (``save_pretrained`` writes none)
+    has no checksums, which ``verify`` reports with a warning.
     """
     from safetensors import safe_open
     from transformers import AutoConfig
@@ -246,59 +342,56 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
     path = Path(path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"no such model folder: {path}")
-    manifest = _read_json(path / MANIFEST, "the cmpq manifest")
     cfg_json = _read_json(path / "config.json", "the model config")
     qc = cfg_json.get("quantization_config") or {}
     if qc.get("quant_method") != "cmpq":
         raise CorruptModelError(f"{path}/config.json: quantization_config.quant_method is not 'cmpq'")
-    for where, v in (("config.json", qc.get("format_version")), (MANIFEST, manifest.get("format_version"))):
-        if v != FORMAT_VERSION:
-            hint = {1: " (written by cmpq 0.1, which packed indices along the channels: quantize the model again)",
-                    2: " (FP16 codebooks and int32 ids, written before format v3: quantize the model again with "
-                       "this cmpq, or load it with the cmpq that wrote it)"}.get(v, "")
-            raise CorruptModelError(f"{path}/{where}: format_version {v!r} unsupported (this cmpq reads {FORMAT_VERSION}){hint}")
+    check_format_version(f"{path}/config.json", qc.get("format_version"))
+    manifest = _read_json(path / MANIFEST, "the cmpq manifest") if (path / MANIFEST).is_file() else None
+    if manifest is not None:
+        check_format_version(f"{path}/{MANIFEST}", manifest.get("format_version"))
+    layers = read_layout(path, qc, manifest)
 
     config = AutoConfig.from_pretrained(path)
     qcfg = config.quantization_config
     del config.quantization_config  # keep transformers' own quantizers out of the way
     model = _empty_model(path, config)
-    from cmpq.model.experts import expand_fused_experts
-
-    expand_fused_experts(model)  # expert matrices are stored as linears (cmpq.model.experts)
     model.config.quantization_config = qcfg
-    for name, info in manifest["layers"].items():
-        counts = {int(b): n for b, n in info["channels"].items()}
-        # on the meta device: a manifest that lies about shapes costs nothing before the check
-        # against the file below
-        layer = CMPQLinear(info["in_features"], info["out_features"], counts, info["outlier_channels"],
-                           info["sparse_outliers"], info["bias"], device="meta")
-        set_module(model, name, layer)
+    # on the meta device: a layout that lies about shapes costs nothing before the check against the file below
+    try:
+        install(model, layers, f"{path}/config.json")
+    except LayoutError as e:
+        raise CorruptModelError(str(e)) from None
 
     expected = model.state_dict()
-    tied = manifest.get("tied", {})
-    f = path / WEIGHTS
-    if not f.is_file():
-        raise CorruptModelError(f"{path}: missing {WEIGHTS}")
+    markers = {f"{n}.{MARKER}" for n in layers}  # absent from folders written before it existed
+    if manifest is not None:
+        tied = manifest.get("tied", {})
+    else:  # the model's own tying (save_pretrained stores a tied tensor once, as save does)
+        tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     tensors: dict[str, torch.Tensor] = {}
-    try:
-        with safe_open(str(f), framework="pt") as st:
-            meta = st.metadata() or {}
-            if meta.get("cmpq_format_version") != str(FORMAT_VERSION):
-                raise CorruptModelError(f"{f}: cmpq_format_version {meta.get('cmpq_format_version')!r} unsupported")
-            names = set(st.keys())
-            for name in names:
-                ref = expected.get(name)
-                shape = tuple(st.get_slice(name).get_shape())
-                if ref is not None and shape != tuple(ref.shape):
-                    raise CorruptModelError(f"{f}: tensor {name} has shape {shape}, expected {tuple(ref.shape)} "
-                                            f"(the manifest and the weights disagree)")
-            for name in names:
-                tensors[name] = st.get_tensor(name)
-    except CorruptModelError:
-        raise
-    except Exception as e:
-        raise CorruptModelError(f"{f}: unreadable or truncated safetensors file ({type(e).__name__}: {e})") from None
-    missing = [k for k in expected if k not in tensors and k not in tied]
+    files = weight_files(path)
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                meta = st.metadata() or {}
+                if meta.get("cmpq_format_version") != str(FORMAT_VERSION):
+                    raise CorruptModelError(f"{f}: cmpq_format_version {meta.get('cmpq_format_version')!r} unsupported")
+                names = set(st.keys())
+                for name in names:
+                    ref = expected.get(name)
+                    shape = tuple(st.get_slice(name).get_shape())
+                    if ref is not None and shape != tuple(ref.shape):
+                        raise CorruptModelError(f"{f}: tensor {name} has shape {shape}, expected {tuple(ref.shape)} "
+                                                f"(the layout and the weights disagree)")
+                for name in names:
+                    tensors[name] = st.get_tensor(name)
+        except CorruptModelError:
+            raise
+        except Exception as e:
+            raise CorruptModelError(f"{f}: unreadable or truncated safetensors file ({type(e).__name__}: {e})") from None
+    f = files[0] if len(files) == 1 else path / WEIGHTS_INDEX
+    missing = [k for k in expected if k not in tensors and k not in tied and k not in markers]
     unexpected = [k for k in tensors if k not in expected]
     if missing:
         raise CorruptModelError(f"{f}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
@@ -308,22 +401,25 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
         ref = expected[name]
         if tuple(t.shape) != tuple(ref.shape):
             raise CorruptModelError(f"{f}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
-        if ref.dtype in (torch.int32, torch.float16) and t.dtype != ref.dtype and name.rsplit(".", 1)[0] in manifest["layers"]:
+        if name.rsplit(".", 1)[0] in layers and t.dtype != ref.dtype:
             raise CorruptModelError(f"{f}: tensor {name} has dtype {t.dtype}, expected {ref.dtype}")
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CorruptModelError(f"{f}: tensor {name} holds NaN or Inf")
-    for name, info in manifest["layers"].items():
+    for name, info in layers.items():
         _check_layer(name, tensors, info)
-    sums = manifest.get("sha256")
+    sums = manifest.get("sha256") if manifest is not None else None
     if verify and sums is not None:
         for name, t in tensors.items():
             if sums.get(name) != tensor_sha256(t):
                 raise CorruptModelError(f"{f}: tensor {name} does not match its checksum in {MANIFEST}: the file "
                                         f"is damaged (load with verify=False to read it anyway)")
     elif verify:
-        warnings.warn(f"{path}: written without checksums (cmpq before 2026-12-02); its data is not verified",
-                      stacklevel=2)
+        why = "written without checksums (cmpq before 2026-12-02)" if manifest is not None else \
+            f"no {MANIFEST} (save_pretrained writes none), so no checksums"
+        warnings.warn(f"{path}: {why}; its data is not verified", stacklevel=2)
 
+    for name in markers - tensors.keys():
+        tensors[name] = marker_tensor()
     model.load_state_dict(tensors, strict=False, assign=True)
     if tied:
         model.tie_weights()

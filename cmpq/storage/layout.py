@@ -1,0 +1,102 @@
+"""The layer layout: which linears are ``CMPQLinear`` and the shape of each, as ``quantization_config["layers"]``.
+
+It is everything needed to build the model skeleton before reading a tensor, so it lives in
+``config.json``: a folder holding only the config and the safetensors file (as from the Hub) can be
+loaded by ``cmpq.load`` and by ``transformers.AutoModelForCausalLM.from_pretrained``. Folders written
+before it was there keep it only in ``cmpq_manifest.json``; ``cmpq.load`` still reads those.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from cmpq.nn.linear import CMPQLinear
+
+# per layer: {"in_features", "out_features", "bias", "channels": {"<bits>": n}, "outlier_channels", "sparse_outliers"}
+FIELDS = ("in_features", "out_features", "bias", "channels", "outlier_channels", "sparse_outliers")
+
+
+class LayoutError(ValueError):
+    """A layout that cannot describe a model (wrong types, unknown module names)."""
+
+
+def layer_layout(layer: CMPQLinear) -> dict[str, Any]:
+    return {
+        "in_features": layer.in_features,
+        "out_features": layer.out_features,
+        "bias": layer.bias is not None,
+        "channels": {str(b): n for b, n in layer.counts().items()},
+        "outlier_channels": layer.outlier_channels.numel(),
+        "sparse_outliers": layer.sparse_val.numel(),
+    }
+
+
+def model_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Layout of every ``CMPQLinear`` in ``model``, by qualified name."""
+    return {n: layer_layout(m) for n, m in model.named_modules() if isinstance(m, CMPQLinear)}
+
+
+def _count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def check_layout(layers: object, where: str) -> dict[str, dict[str, Any]]:
+    """``layers`` as read from JSON, checked field by field (``where`` names the file in errors)."""
+    if not isinstance(layers, dict) or not layers:
+        raise LayoutError(f"{where}: 'layers' must map module names to layer shapes, got {type(layers).__name__}")
+    for name, info in layers.items():
+        if not isinstance(info, dict) or set(FIELDS) - set(info):
+            raise LayoutError(f"{where}: layer {name} must have the fields {', '.join(FIELDS)}")
+        ch = info["channels"]
+        if not isinstance(ch, dict) or not all(k.isdigit() and 1 <= int(k) <= 8 and _count(v) for k, v in ch.items()):
+            raise LayoutError(f"{where}: layer {name}: 'channels' must map bit widths 1..8 to channel counts, got {ch!r}")
+        for k in ("in_features", "out_features", "outlier_channels", "sparse_outliers"):
+            if not _count(info[k]):
+                raise LayoutError(f"{where}: layer {name}: {k} must be a non-negative integer, got {info[k]!r}")
+        if not isinstance(info["bias"], bool):
+            raise LayoutError(f"{where}: layer {name}: bias must be true or false, got {info['bias']!r}")
+        if sum(ch.values()) + info["outlier_channels"] != info["in_features"]:
+            raise LayoutError(f"{where}: layer {name}: channel counts {ch} plus {info['outlier_channels']} outlier "
+                              f"channels do not add up to in_features {info['in_features']}")
+    return layers
+
+
+def same_layout(a: dict, b: dict) -> bool:
+    """Two layouts (or a layout and the manifest's richer per-layer summary) describe the same layers."""
+    return a.keys() == b.keys() and all({k: a[n][k] for k in FIELDS} == {k: b[n][k] for k in FIELDS} for n in a)
+
+
+def build_layer(info: dict[str, Any], device: torch.device | str = "meta") -> CMPQLinear:
+    """An empty ``CMPQLinear`` of that shape (on the meta device by default: nothing is allocated
+    until the tensors are read and checked)."""
+    counts = {int(b): n for b, n in info["channels"].items()}
+    return CMPQLinear(info["in_features"], info["out_features"], counts, info["outlier_channels"],
+                      info["sparse_outliers"], info["bias"], device=device)
+
+
+def expected_tensors(layers: dict[str, dict[str, Any]]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every tensor the layout's layers store."""
+    out = {}
+    for name, info in layers.items():
+        for k, t in build_layer(info).state_dict().items():
+            out[f"{name}.{k}"] = (tuple(t.shape), t.dtype)
+    return out
+
+
+def install(model: nn.Module, layers: dict[str, dict[str, Any]], where: str) -> None:
+    """Replace the linears named by ``layers`` with empty ``CMPQLinear`` on the meta device; fused
+    experts are first expanded to per-expert linears, as cmpq stores them (``cmpq.model.experts``)."""
+    from cmpq.model.blocks import set_module
+    from cmpq.model.experts import expand_fused_experts
+
+    expand_fused_experts(model)
+    for name in layers:
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise LayoutError(f"{where}: layer {name} is not a module of {type(model).__name__}; the folder was "
+                              f"quantized from another architecture") from None
+        set_module(model, name, build_layer(layers[name]))
