@@ -18,7 +18,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 import cmpq
 from cmpq.nn.linear import MARKER, CMPQLinear
-from cmpq.storage.io import CorruptModelError
+from cmpq.storage.io import FORMAT_VERSION, CorruptModelError
 
 from test_families import build
 from tiny_models import one_thread  # noqa: F401
@@ -111,7 +111,7 @@ def test_older_folder_is_refused_by_from_pretrained_and_read_by_cmpq_load(folder
     sd = tensors(folder)
     assert markers <= sd.keys()
     sd = {k: v for k, v in sd.items() if k not in markers}
-    save_file(sd, folder / "model.safetensors", metadata={"cmpq_format_version": "2"})
+    save_file(sd, folder / "model.safetensors", metadata={"cmpq_format_version": str(FORMAT_VERSION)})
     man = json.loads((folder / "cmpq_manifest.json").read_text())
     man["sha256"] = {k: v for k, v in man["sha256"].items() if k in sd}
     (folder / "cmpq_manifest.json").write_text(json.dumps(man))
@@ -141,7 +141,7 @@ def test_from_pretrained_checks_the_header_against_the_layout(folder):
 def test_from_pretrained_refuses_damaged_tensors_by_name(folder, damage, message):
     sd = tensors(folder)
     damage(sd)
-    save_file(sd, folder / "model.safetensors", metadata={"cmpq_format_version": "2"})
+    save_file(sd, folder / "model.safetensors", metadata={"cmpq_format_version": str(FORMAT_VERSION)})
     with pytest.raises(CorruptModelError, match=message):
         AutoModelForCausalLM.from_pretrained(folder)
 

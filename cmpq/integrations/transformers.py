@@ -37,7 +37,7 @@ from cmpq.storage.io import (
 from cmpq.storage.layout import LayoutError, check_layout, expected_tensors, install, model_layout, same_layout
 
 METHOD = "cmpq"
-_ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int32: "I32",
+_ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int32: "I32", torch.int16: "I16",
               torch.uint8: "U8"}
 
 
