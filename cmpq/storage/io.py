@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -15,6 +16,7 @@ from torch import nn
 
 from cmpq.model.blocks import find_blocks, set_module
 from cmpq.nn.linear import CMPQLinear
+from cmpq.storage.packing import SUPPORTED_BITS
 
 FORMAT_VERSION = 2  # 2: indices packed channel by channel (1: along the channels; re-quantize)
 WEIGHTS = "model.safetensors"
@@ -177,14 +179,70 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool 
 
 # -- loading --------------------------------------------------------------------------------------
 
+# Every manifest field the loader or `cmpq info` reads, per quantized linear; all are counts.
+_LAYER_COUNTS = ("in_features", "out_features", "outlier_channels", "sparse_outliers")
+_MAX_DIM = 2**31 - 1  # channel ids and row pointers are int32 in this format
+
 
 def _read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; anything else (missing, not UTF-8, not JSON, a list) is refused."""
     if not path.is_file():
         raise CorruptModelError(f"{path.parent}: missing {path.name} ({what}); not a complete cmpq model folder")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CorruptModelError(f"{path}: not valid JSON ({e})") from None
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CorruptModelError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise CorruptModelError(f"{path}: holds a JSON {type(data).__name__}, expected an object ({what})")
+    return data
+
+
+def _is_count(v: object, top: int = _MAX_DIM) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= top
+
+
+def _check_layer_entry(name: str, info: object, where: Path) -> None:
+    """One manifest layer entry: types and ranges, before any of it reaches a constructor (where a
+    string or a negative count would fail with an error that names neither the file nor the layer)."""
+    what = f"{where}: layer {name!r}"
+    if not isinstance(info, dict):
+        raise CorruptModelError(f"{what}: expected an object, got {type(info).__name__}")
+    for k in _LAYER_COUNTS:
+        if not _is_count(info.get(k)):
+            raise CorruptModelError(f"{what}: {k} must be an integer in [0, 2^31), got {info.get(k)!r}")
+    if not info["in_features"] or not info["out_features"]:
+        raise CorruptModelError(f"{what}: in_features and out_features must be positive")
+    if not isinstance(info.get("bias"), bool):
+        raise CorruptModelError(f"{what}: bias must be true or false, got {info.get('bias')!r}")
+    ch = info.get("channels")
+    widths = {str(b) for b in SUPPORTED_BITS}
+    if not isinstance(ch, dict) or not all(b in widths and _is_count(n) for b, n in ch.items()):
+        raise CorruptModelError(f"{what}: channels must map widths {min(widths)}..{max(widths)} to counts, got {ch!r}")
+    if sum(ch.values()) + info["outlier_channels"] != info["in_features"]:
+        raise CorruptModelError(f"{what}: channel counts {ch} plus {info['outlier_channels']} outlier channels "
+                                f"are not in_features {info['in_features']}")
+    if info["sparse_outliers"] > info["in_features"] * info["out_features"]:
+        raise CorruptModelError(f"{what}: more sparse outliers ({info['sparse_outliers']}) than weights")
+    for k in ("nominal_bits", "effective_bits"):  # read by `cmpq info`
+        v = info.get(k)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+            raise CorruptModelError(f"{what}: {k} must be a non-negative number, got {v!r}")
+    b = info.get("bytes")
+    if not isinstance(b, dict) or not all(isinstance(k, str) and _is_count(v, 2**62) for k, v in b.items()):
+        raise CorruptModelError(f"{what}: bytes must map kinds to byte counts, got {b!r}")
+
+
+def check_manifest(manifest: dict, where: Path) -> None:
+    """Refuse a manifest whose structure is not what :func:`save` writes, naming the field."""
+    layers = manifest.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise CorruptModelError(f"{where}: 'layers' is missing or not a non-empty object")
+    for key in ("tied", "sha256"):
+        v = manifest.get(key, {})
+        if not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values()):
+            raise CorruptModelError(f"{where}: '{key}' must map tensor names to strings, got {type(v).__name__}")
+    for name, info in layers.items():
+        _check_layer_entry(name, info, where)
 
 
 def _check_layer(name: str, t: dict[str, torch.Tensor], info: dict) -> None:
@@ -222,60 +280,63 @@ def _empty_model(path: Path, config):
         return AutoModelForCausalLM.from_config(config)
 
 
-def tensor_sha256(t: torch.Tensor) -> str:
-    """Checksum of a tensor's bytes (dtype and shape are checked separately)."""
-    return hashlib.sha256(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+def _skeleton(path: Path) -> nn.Module:
+    """The config's architecture on the meta device, experts expanded, ``quantization_config`` kept.
 
-
-def load(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-         device_map: str | dict | None = None, max_memory: str | dict | None = None,
-         verify: bool = True) -> nn.Module:
-    """Load a folder written by :func:`save` into a model holding ``CMPQLinear`` layers.
-
-    ``dtype`` is the compute dtype of the unquantized parts (default: float16 on GPU, float32 on CPU).
-    ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"`` or ``{module: device}``; with
-    ``max_memory`` such as ``{0: "20GiB", 1: "20GiB"}``) spreads the model over several devices with
-    accelerate instead of moving it to ``device`` (see ``cmpq.model.device_map``). ``verify``
-    checks every tensor against the SHA-256 in the manifest (1.9 s per GiB on one core of the 2-core
-    dev machine, measured 2026-12-02).
-    """
-    from safetensors import safe_open
+    transformers raises many types (ValueError, KeyError, TypeError, AttributeError...) for a config it
+    cannot build; each becomes a :class:`CorruptModelError` naming config.json and the cause."""
+    import transformers
     from transformers import AutoConfig
 
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"no such model folder: {path}")
-    manifest = _read_json(path / MANIFEST, "the cmpq manifest")
-    cfg_json = _read_json(path / "config.json", "the model config")
-    qc = cfg_json.get("quantization_config") or {}
-    if qc.get("quant_method") != "cmpq":
-        raise CorruptModelError(f"{path}/config.json: quantization_config.quant_method is not 'cmpq'")
-    for where, v in (("config.json", qc.get("format_version")), (MANIFEST, manifest.get("format_version"))):
-        if v != FORMAT_VERSION:
-            hint = " (written by cmpq 0.1, which packed indices along the channels: quantize the model again)" if v == 1 else ""
-            raise CorruptModelError(f"{path}/{where}: format_version {v!r} unsupported (this cmpq reads {FORMAT_VERSION}){hint}")
-
-    config = AutoConfig.from_pretrained(path)
-    qcfg = config.quantization_config
-    del config.quantization_config  # keep transformers' own quantizers out of the way
-    model = _empty_model(path, config)
     from cmpq.model.experts import expand_fused_experts
 
+    try:
+        config = AutoConfig.from_pretrained(path)
+        qcfg = config.quantization_config
+        del config.quantization_config  # keep transformers' own quantizers out of the way
+        model = _empty_model(path, config)
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        first = (str(e).splitlines() or [""])[0][:300]
+        raise CorruptModelError(f"{path}/config.json: transformers {transformers.__version__} cannot build the "
+                                f"model it describes ({type(e).__name__}: {first})") from None
     expand_fused_experts(model)  # expert matrices are stored as linears (cmpq.model.experts)
     model.config.quantization_config = qcfg
-    for name, info in manifest["layers"].items():
+    return model
+
+
+def _place_layers(model: nn.Module, layers: dict, where: Path) -> None:
+    """Put a meta ``CMPQLinear`` where each manifest layer says, after checking that the config's
+    architecture has a linear of that shape and bias there (a manifest from another model, or a
+    config edited since, would otherwise load and fail, or compute garbage, at the first forward)."""
+    arch = f"the {type(model).__name__} of config.json"
+    for name, info in layers.items():
+        try:
+            old = model.get_submodule(name) if name else None
+        except AttributeError:
+            old = None
+        w = getattr(old, "weight", None)
+        if old is None or isinstance(old, CMPQLinear) or not isinstance(w, torch.Tensor) or w.dim() != 2 \
+                or next(old.children(), None) is not None:
+            raise CorruptModelError(f"{where}: layer {name!r} is not a linear layer of {arch}")
+        shape = (info["out_features"], info["in_features"])
+        if sorted(w.shape) != sorted(shape) or (getattr(old, "bias", None) is not None) != info["bias"]:
+            raise CorruptModelError(f"{where}: layer {name!r} is {shape[0]}x{shape[1]} (bias {info['bias']}) in the "
+                                    f"manifest but {tuple(w.shape)} (bias {getattr(old, 'bias', None) is not None}) "
+                                    f"in {arch}: the manifest and the config disagree")
         counts = {int(b): n for b, n in info["channels"].items()}
         # on the meta device: a manifest that lies about shapes costs nothing before the check
-        # against the file below
-        layer = CMPQLinear(info["in_features"], info["out_features"], counts, info["outlier_channels"],
-                           info["sparse_outliers"], info["bias"], device="meta")
-        set_module(model, name, layer)
+        # against the file's header
+        set_module(model, name, CMPQLinear(info["in_features"], info["out_features"], counts, info["outlier_channels"],
+                                           info["sparse_outliers"], info["bias"], device="meta"))
 
-    expected = model.state_dict()
-    tied = manifest.get("tied", {})
-    f = path / WEIGHTS
+
+def _read_tensors(f: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors file ``f``, header shapes checked against ``expected`` before
+    any data is read (so a manifest or header that lies costs nothing)."""
+    from safetensors import safe_open
+
     if not f.is_file():
-        raise CorruptModelError(f"{path}: missing {WEIGHTS}")
+        raise CorruptModelError(f"{f.parent}: missing {f.name}")
     tensors: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(f), framework="pt") as st:
@@ -293,42 +354,115 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
                 tensors[name] = st.get_tensor(name)
     except CorruptModelError:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own and several builtin types
         raise CorruptModelError(f"{f}: unreadable or truncated safetensors file ({type(e).__name__}: {e})") from None
+    return tensors
+
+
+def _check_names(f: Path, tensors: dict, expected: dict, tied: dict) -> None:
+    """The file holds exactly the tensors the architecture expects, less the tied ones, and each tied
+    entry points at a stored tensor of the right shape."""
     missing = [k for k in expected if k not in tensors and k not in tied]
     unexpected = [k for k in tensors if k not in expected]
     if missing:
         raise CorruptModelError(f"{f}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if unexpected:
         raise CorruptModelError(f"{f}: unexpected tensor {unexpected[0]}")
+    for name, src in tied.items():
+        if name not in expected or name in tensors or src not in tensors or tensors[src].shape != expected[name].shape:
+            raise CorruptModelError(f"{f.parent / MANIFEST}: tied entry {name} -> {src} does not name a stored "
+                                    f"tensor of {name}'s shape")
+
+
+def _check_dtypes(f: Path, tensors: dict, expected: dict, layers: dict) -> None:
+    """Dtypes, which the SHA-256 (over bytes) does not cover: a header edit from F16 to BF16 changes
+    every value without touching a byte of data. Packed layers' tensors and non-float tensors have
+    one possible dtype each; the other floating tensors were all written in one 16-bit dtype
+    (``_tensors_to_save``), so one that differs from the rest is refused."""
+    loose: dict[torch.dtype, str] = {}
     for name, t in tensors.items():
         ref = expected[name]
-        if tuple(t.shape) != tuple(ref.shape):
-            raise CorruptModelError(f"{f}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
-        if ref.dtype in (torch.int32, torch.float16) and t.dtype != ref.dtype and name.rsplit(".", 1)[0] in manifest["layers"]:
-            raise CorruptModelError(f"{f}: tensor {name} has dtype {t.dtype}, expected {ref.dtype}")
+        if name.rpartition(".")[0] in layers or not ref.is_floating_point():
+            if t.dtype != ref.dtype:
+                raise CorruptModelError(f"{f}: tensor {name} has dtype {t.dtype}, expected {ref.dtype}")
+        elif t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise CorruptModelError(f"{f}: tensor {name} has dtype {t.dtype}, expected a floating dtype")
+        else:
+            loose.setdefault(t.dtype, name)
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CorruptModelError(f"{f}: tensor {name} holds NaN or Inf")
-    for name, info in manifest["layers"].items():
-        _check_layer(name, tensors, info)
-    sums = manifest.get("sha256")
+    if len(loose) > 1:
+        raise CorruptModelError(f"{f}: unquantized tensors in several dtypes ("
+                                + ", ".join(f"{n}: {d}" for d, n in loose.items()) + "); cmpq writes them in one")
+
+
+def _verify_sums(f: Path, tensors: dict, sums: dict | None, verify: bool) -> None:
     if verify and sums is not None:
         for name, t in tensors.items():
             if sums.get(name) != tensor_sha256(t):
                 raise CorruptModelError(f"{f}: tensor {name} does not match its checksum in {MANIFEST}: the file "
                                         f"is damaged (load with verify=False to read it anyway)")
     elif verify:
-        warnings.warn(f"{path}: written without checksums (cmpq before 2026-12-02); its data is not verified",
-                      stacklevel=2)
+        warnings.warn(f"{f.parent}: written without checksums (cmpq before 2026-12-02); its data is not verified",
+                      stacklevel=3)
+
+
+def _tie(model: nn.Module, tied: dict) -> None:
+    model.tie_weights()
+    for name, src in tied.items():  # tie_weights only knows the usual pairs; make sure of all
+        mod, _, attr = name.rpartition(".")
+        smod, _, sattr = src.rpartition(".")
+        if getattr(model.get_submodule(mod), attr).is_meta:
+            setattr(model.get_submodule(mod), attr, getattr(model.get_submodule(smod), sattr))
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """Checksum of a tensor's bytes (dtype and shape are checked separately)."""
+    return hashlib.sha256(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def load(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+         device_map: str | dict | None = None, max_memory: str | dict | None = None,
+         verify: bool = True) -> nn.Module:
+    """Load a folder written by :func:`save` into a model holding ``CMPQLinear`` layers.
+
+    ``dtype`` is the compute dtype of the unquantized parts (default: float16 on GPU, float32 on CPU).
+    ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"`` or ``{module: device}``; with
+    ``max_memory`` such as ``{0: "20GiB", 1: "20GiB"}``) spreads the model over several devices with
+    accelerate instead of moving it to ``device`` (see ``cmpq.model.device_map``). ``verify``
+    checks every tensor against the SHA-256 in the manifest (1.9 s per GiB on one core of the 2-core
+    dev machine, measured 2026-12-02). Every other check of docs/format.md ("Loading checks") runs
+    either way; a damaged folder raises :class:`CorruptModelError` naming the file and the part.
+    """
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"no such model folder: {path}")
+    manifest = _read_json(path / MANIFEST, "the cmpq manifest")
+    cfg_json = _read_json(path / "config.json", "the model config")
+    qc = cfg_json.get("quantization_config") or {}
+    if not isinstance(qc, dict) or qc.get("quant_method") != "cmpq":
+        raise CorruptModelError(f"{path}/config.json: quantization_config.quant_method is not 'cmpq'")
+    for where, v in (("config.json", qc.get("format_version")), (MANIFEST, manifest.get("format_version"))):
+        if v != FORMAT_VERSION:
+            hint = " (written by cmpq 0.1, which packed indices along the channels: quantize the model again)" if v == 1 else ""
+            raise CorruptModelError(f"{path}/{where}: format_version {v!r} unsupported (this cmpq reads {FORMAT_VERSION}){hint}")
+    check_manifest(manifest, path / MANIFEST)
+    layers, tied = manifest["layers"], manifest.get("tied", {})
+
+    model = _skeleton(path)
+    _place_layers(model, layers, path / MANIFEST)
+    expected = model.state_dict()
+    f = path / WEIGHTS
+    tensors = _read_tensors(f, expected)
+    _check_names(f, tensors, expected, tied)
+    _check_dtypes(f, tensors, expected, layers)
+    for name, info in layers.items():
+        _check_layer(name, tensors, info)
+    _verify_sums(f, tensors, manifest.get("sha256"), verify)
 
     model.load_state_dict(tensors, strict=False, assign=True)
     if tied:
-        model.tie_weights()
-        for name, src in tied.items():  # tie_weights only knows the usual pairs; make sure of all
-            mod, _, attr = name.rpartition(".")
-            smod, _, sattr = src.rpartition(".")
-            if getattr(model.get_submodule(mod), attr).is_meta:
-                setattr(model.get_submodule(mod), attr, getattr(model.get_submodule(smod), sattr))
+        _tie(model, tied)
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
         raise CorruptModelError(f"{f}: no data for {still_meta[0]}")
