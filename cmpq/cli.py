@@ -152,6 +152,11 @@ def _quantize_checks(a: argparse.Namespace, out: Path, partial: Path, cap) -> st
         parent = parent.parent
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"cannot write under {parent} (permission denied); choose another output path"
+    from cmpq.model.loading import seqlen_problem
+
+    too_long = seqlen_problem(a.model, a.seqlen)
+    if too_long:
+        return too_long
     if a.method != "cmpq":
         if a.resume or cap is not None or a.offload_activations:
             return "--resume, --max-gpu-memory and --offload-activations are for --method cmpq"
@@ -182,6 +187,15 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         distributed.finish()
 
 
+def _check_output_space(model, cfg, out: Path) -> None:
+    """Refuse before quantizing when the output's file system cannot hold the result (sizes from
+    ``cmpq.storage.estimate``, exact from shapes), rather than after hours of work."""
+    from cmpq.storage.estimate import estimate
+    from cmpq.storage.io import SPACE_MARGIN, check_free_space
+
+    check_free_space(out.resolve().parent, estimate(model, cfg)["total_bytes"] + SPACE_MARGIN, f"the output {out}")
+
+
 def _quantize(a: argparse.Namespace, dist) -> int:
     import cmpq
     from cmpq.model.loading import load_model
@@ -207,11 +221,18 @@ def _quantize(a: argparse.Namespace, dist) -> int:
                           finetune_epochs=a.finetune_epochs, skip_modules=tuple(a.skip_modules))
     device = dist.device if dist is not None else _device(a.device)
     model, tok = load_model(a.model, device="cpu", dtype=torch.float16 if device.type == "cuda" else torch.float32)
+    _check_output_space(model, cfg, out)
     cmpq.quantize(model, tok, cfg, calib=a.calib, device=device, checkpoint_dir=None if a.no_checkpoint else partial,
                   resume=a.resume, offload_activations=a.offload_activations, max_gpu_memory=cap, dist=dist)
     if dist is not None and not dist.main:
         return 0  # every rank holds the same model; rank 0 writes it
-    cmpq.save(model, out, tokenizer=tok, overwrite=a.overwrite)
+    try:
+        cmpq.save(model, out, tokenizer=tok, overwrite=a.overwrite)
+    except OSError as e:
+        if partial.exists():  # the work survives in the checkpoint: say how to get it back
+            raise OSError(e.errno, f"{_os_message(e)}; the quantized blocks are kept in {partial}: free "
+                                   f"some space and run the same command with --resume") from e
+        raise
     print(f"saved {out}")
     return cmd_info(argparse.Namespace(model=str(out), layers=False, json=False))
 
@@ -231,6 +252,11 @@ def cmd_eval(a: argparse.Namespace) -> int:
         from cmpq.model.device_map import parse_max_memory
 
         parse_max_memory(a.max_memory)  # bad strings fail before loading
+    from cmpq.model.loading import seqlen_problem
+
+    too_long = seqlen_problem(a.model, a.seqlen)
+    if too_long:
+        raise ValueError(too_long)
     device = _device(a.device)
     t0 = time.perf_counter()
     model, tok, kind = load_any(a.model, device, a.device_map, a.max_memory)
@@ -287,14 +313,16 @@ def cmd_estimate(a: argparse.Namespace) -> int:
 
 
 def cmd_info(a: argparse.Namespace) -> int:
-    from cmpq.storage.io import MANIFEST, WEIGHTS, bits_summary
+    from cmpq.storage.io import MANIFEST, WEIGHTS, bits_summary, check_manifest, read_json
 
     path = Path(a.model).expanduser()
     if not is_cmpq_folder(str(path)):
         print(f"error: {path} is not a cmpq model folder (no {MANIFEST})", file=sys.stderr)
         return 2
-    man = json.loads((path / MANIFEST).read_text())
-    qc = json.loads((path / "config.json").read_text()).get("quantization_config", {})
+    man = read_json(path / MANIFEST, "the cmpq manifest")
+    check_manifest(man, path / MANIFEST)  # what follows reads its fields
+    qc = read_json(path / "config.json", "the model config").get("quantization_config")
+    qc = qc if isinstance(qc, dict) else {}
     layers = man["layers"]
     bits = bits_summary(layers.values())
     n_w, nominal = bits["quantized_weights"], bits["nominal_bits"]
@@ -328,7 +356,7 @@ def cmd_info(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps({"summary": summary, "layers": layers}, indent=1))
         return 0
-    print(f"{path}  (cmpq format v{man['format_version']}, algorithm {summary['algorithm']}, budget {qc.get('bits')} "
+    print(f"{path}  (cmpq format v{man.get('format_version')}, algorithm {summary['algorithm']}, budget {qc.get('bits')} "
           f"bits, quantizer {qc.get('quantizer')})")
     if summary["quantized_fraction"] is not None:
         print(f"decoder blocks' matrix weights quantized: {100 * summary['quantized_fraction']:.2f}%")
@@ -500,6 +528,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permissions, I/O errors: the system's words and the file
+        print(f"error: {_os_message(e)}", file=sys.stderr)
+        return 2
+
+
+def _os_message(e: OSError) -> str:
+    """``OSError(28, "No space left", "f")`` -> "No space left: f" (not "[Errno 28] ...")."""
+    msg = e.strerror or str(e)
+    return f"{msg}: {e.filename}" if e.filename else msg
 
 
 if __name__ == "__main__":

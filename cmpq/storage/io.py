@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -120,6 +122,31 @@ def check_replaceable(out: Path) -> None:
                               f"Choose another output path")
 
 
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+SPACE_MARGIN = 16 << 20  # bytes beyond the tensors: config, manifest, tokenizer files, the header
+
+
+def as_os_error(e: BaseException) -> OSError | None:
+    """The OSError behind a failed write: safetensors (Rust) reports ENOSPC as a ``SafetensorError``
+    whose text ends in "(os error 28)"; Python's own writes raise ``OSError`` directly."""
+    if isinstance(e, OSError):
+        return e
+    m = _OS_ERROR.search(str(e))
+    return OSError(int(m.group(1)), os.strerror(int(m.group(1)))) if m else None
+
+
+def check_free_space(folder: Path, need: int, what: str) -> None:
+    """Refuse up front when the file system holding ``folder`` (or its nearest existing parent)
+    has less than ``need`` bytes free, so a long run does not end in a half-written folder."""
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"not enough space for {what}: needs about {need / 2**20:,.0f} MiB, "
+                                    f"{free / 2**20:,.0f} MiB free under {probe}")
+
+
 def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
     """Write ``model`` (quantized by cmpq) to ``out_dir`` atomically: temp folder, then rename.
 
@@ -141,10 +168,13 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool 
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True to replace a previous cmpq output")
     check_replaceable(out)
+    tensors, tied = _tensors_to_save(model)
+    check_free_space(out.parent, sum(t.numel() * t.element_size() for t in tensors.values()) + SPACE_MARGIN,
+                     f"saving {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old = None
     try:
-        tensors, tied = _tensors_to_save(model)
         # One metadata key: safetensors writes its metadata map in hash order, so two keys would make
         # the bytes of identical models differ from run to run.
         save_file(tensors, str(tmp / WEIGHTS), metadata={"cmpq_format_version": str(FORMAT_VERSION)})
@@ -167,9 +197,19 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool 
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if old is not None:  # replacing: put the previous output back if it was moved aside
+            if not out.exists() and (old / "x").is_dir():
+                os.replace(old / "x", out)
+            if not (old / "x").exists():
+                shutil.rmtree(old, ignore_errors=True)
+        os_err = as_os_error(e)
+        if os_err is None or isinstance(e, FileExistsError):
+            raise
+        before = f"the previous {out.name} is intact" if out.exists() else f"{out.name} was not created"
+        raise OSError(os_err.errno, f"cannot save {out}: {os_err.strerror or os_err} ({before}, nothing partial "
+                                    f"left)") from e
     ckpt = getattr(model, "cmpq_checkpoint_dir", None)
     if ckpt is not None:
         shutil.rmtree(ckpt, ignore_errors=True)
@@ -184,7 +224,7 @@ _LAYER_COUNTS = ("in_features", "out_features", "outlier_channels", "sparse_outl
 _MAX_DIM = 2**31 - 1  # channel ids and row pointers are int32 in this format
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str) -> dict:
     """A JSON object from ``path``; anything else (missing, not UTF-8, not JSON, a list) is refused."""
     if not path.is_file():
         raise CorruptModelError(f"{path.parent}: missing {path.name} ({what}); not a complete cmpq model folder")
@@ -437,8 +477,8 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
     path = Path(path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"no such model folder: {path}")
-    manifest = _read_json(path / MANIFEST, "the cmpq manifest")
-    cfg_json = _read_json(path / "config.json", "the model config")
+    manifest = read_json(path / MANIFEST, "the cmpq manifest")
+    cfg_json = read_json(path / "config.json", "the model config")
     qc = cfg_json.get("quantization_config") or {}
     if not isinstance(qc, dict) or qc.get("quant_method") != "cmpq":
         raise CorruptModelError(f"{path}/config.json: quantization_config.quant_method is not 'cmpq'")
