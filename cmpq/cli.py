@@ -152,11 +152,6 @@ def _quantize_checks(a: argparse.Namespace, out: Path, partial: Path, cap) -> st
         parent = parent.parent
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"cannot write under {parent} (permission denied); choose another output path"
-    from cmpq.model.loading import seqlen_problem
-
-    too_long = seqlen_problem(a.model, a.seqlen)
-    if too_long:
-        return too_long
     if a.method != "cmpq":
         if a.resume or cap is not None or a.offload_activations:
             return "--resume, --max-gpu-memory and --offload-activations are for --method cmpq"
@@ -187,6 +182,17 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         distributed.finish()
 
 
+def _check_model_input(a: argparse.Namespace) -> None:
+    """Before loading any weights: the model is there, is not a quantized one, and has positions
+    for ``--seqlen``."""
+    from cmpq.model.loading import refuse_quantized_folder, resolve_model_path, seqlen_problem
+
+    refuse_quantized_folder(resolve_model_path(a.model)[0], a.model)
+    too_long = seqlen_problem(a.model, a.seqlen)
+    if too_long:
+        raise ValueError(too_long)
+
+
 def _check_output_space(model, cfg, out: Path) -> None:
     """Refuse before quantizing when the output's file system cannot hold the result (sizes from
     ``cmpq.storage.estimate``, exact from shapes), rather than after hours of work."""
@@ -213,6 +219,7 @@ def _quantize(a: argparse.Namespace, dist) -> int:
             print(f"error: {why}", file=sys.stderr)
         return 2
     if a.method != "cmpq":
+        _check_model_input(a)
         return _quantize_baseline(a, out, _device(a.device))
     cfg = cmpq.CMPQConfig(bits=a.bits, algorithm=a.algorithm, act_outlier_frac=a.act_outlier_frac,
                           weight_outlier_frac=a.weight_outlier_frac, quantizer=a.quantizer, nsamples=a.nsamples,
@@ -220,6 +227,7 @@ def _quantize(a: argparse.Namespace, dist) -> int:
                           token_weighting=a.token_weighting, compensate=not a.no_compensation,
                           finetune_epochs=a.finetune_epochs, skip_modules=tuple(a.skip_modules))
     device = dist.device if dist is not None else _device(a.device)
+    _check_model_input(a)
     model, tok = load_model(a.model, device="cpu", dtype=torch.float16 if device.type == "cuda" else torch.float32)
     _check_output_space(model, cfg, out)
     cmpq.quantize(model, tok, cfg, calib=a.calib, device=device, checkpoint_dir=None if a.no_checkpoint else partial,
@@ -252,12 +260,12 @@ def cmd_eval(a: argparse.Namespace) -> int:
         from cmpq.model.device_map import parse_max_memory
 
         parse_max_memory(a.max_memory)  # bad strings fail before loading
+    device = _device(a.device)
     from cmpq.model.loading import seqlen_problem
 
     too_long = seqlen_problem(a.model, a.seqlen)
     if too_long:
         raise ValueError(too_long)
-    device = _device(a.device)
     t0 = time.perf_counter()
     model, tok, kind = load_any(a.model, device, a.device_map, a.max_memory)
     load_s = time.perf_counter() - t0
