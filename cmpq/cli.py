@@ -39,7 +39,8 @@ def is_cmpq_folder(path: str) -> bool:
     return (Path(path).expanduser() / MANIFEST).is_file()
 
 
-def load_any(name: str, device: torch.device, device_map: str | None = None, max_memory: str | None = None):
+def load_any(name: str, device: torch.device, device_map: str | None = None, max_memory: str | None = None,
+             verify: bool = True):
     """(model, tokenizer, label) for a cmpq folder or anything ``load_model`` takes.
 
     ``device_map`` spreads the model over the GPUs with accelerate (``cmpq.model.device_map``); packed
@@ -54,9 +55,9 @@ def load_any(name: str, device: torch.device, device_map: str | None = None, max
         from cmpq.nn.linear import cache_dense_weights
 
         if device_map is not None:
-            model = cmpq.load(name, device_map=device_map, max_memory=max_memory)
+            model = cmpq.load(name, device_map=device_map, max_memory=max_memory, verify=verify)
         else:
-            model = cmpq.load(name, device=device)
+            model = cmpq.load(name, device=device, verify=verify)
             cache_dense_weights(model)  # evaluation runs many windows: dequantize each layer once
         return model, AutoTokenizer.from_pretrained(name), "cmpq"
     if device_map is not None:
@@ -267,7 +268,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if too_long:
         raise ValueError(too_long)
     t0 = time.perf_counter()
-    model, tok, kind = load_any(a.model, device, a.device_map, a.max_memory)
+    model, tok, kind = load_any(a.model, device, a.device_map, a.max_memory, verify=not a.no_verify)
     load_s = time.perf_counter() - t0
     where = str(device)
     if a.device_map:
@@ -400,7 +401,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     dev = _device(a.device)
     if is_cmpq_folder(a.model):  # fused kernels on GPU, no dense cache
-        model, tok = cmpq.load(a.model, device=dev), AutoTokenizer.from_pretrained(a.model)
+        model, tok = cmpq.load(a.model, device=dev, verify=not a.no_verify), AutoTokenizer.from_pretrained(a.model)
     else:
         model, tok, _ = load_any(a.model, dev)
     g = generate(model.eval(), tok, a.prompt, a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
@@ -410,6 +411,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
     print(f"\n[{g.new_tokens} new tokens, prompt {g.prompt_tokens}: prefill {g.prefill_s * 1e3:.1f} ms, "
           f"decode {g.tokens_per_s:.1f} tokens/s on {dev}{', CUDA graph' if g.cuda_graph else ''}]", file=sys.stderr)
     return 0
+
+
+NO_VERIFY = ("cmpq folders: skip the per-tensor SHA-256 check (about 1.9 s per GiB on one core); "
+             "the structural checks of docs/format.md still run")
 
 
 def cmpq_version() -> str:
@@ -488,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-memory", default=None, metavar="LIST",
                    help="with --device-map: memory per device for the weights, e.g. 0=20GiB,1=20GiB[,cpu=64GiB]")
     e.add_argument("--json", default=None, help="also write results to this file")
+    e.add_argument("--no-verify", action="store_true", help=NO_VERIFY)
     e.set_defaults(fn=cmd_eval)
 
     gp = sub.add_parser("generate", help="generate text with a KV cache (CUDA graphs on GPU), print tokens/s")
@@ -503,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     gp.add_argument("--fuse", action="store_true",
                     help="one kernel launch for the CMPQ linears that share an input (q/k/v, gate/up)")
     gp.add_argument("--device", default=None)
+    gp.add_argument("--no-verify", action="store_true", help=NO_VERIFY)
     gp.set_defaults(fn=cmd_generate)
 
     es = sub.add_parser("estimate", help="effective bits and size of a CMPQ model for given budgets, before quantizing")

@@ -217,3 +217,18 @@ def test_quantized_folder_without_weights(quantized, capsys):
     assert main(["eval", str(quantized), "--datasets", "offline", "--seqlen", "32", "--device", "cpu"]) == 2
     assert f"missing {WEIGHTS}" in one_line_error(capsys)
     shutil.rmtree(quantized)
+
+
+def test_checksum_failure_names_the_opt_out(quantized, capsys):
+    """A flipped bit in packed indices: refused by its SHA-256; --no-verify reads it (other values)."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(quantized / WEIGHTS)
+    name = next(k for k in sd if k.endswith("q3_packed"))
+    sd[name].view(-1)[0] ^= 1 << 5
+    save_file(sd, quantized / WEIGHTS, metadata={"cmpq_format_version": "2"})
+    argv = ["eval", str(quantized), "--datasets", "offline", "--seqlen", "32", "--max-windows", "1", "--device", "cpu"]
+    assert main(argv) == 2
+    err = one_line_error(capsys)
+    assert name in err and "checksum" in err and "--no-verify" in err
+    assert main([*argv, "--no-verify"]) == 0

@@ -441,7 +441,7 @@ def _verify_sums(f: Path, tensors: dict, sums: dict | None, verify: bool) -> Non
         for name, t in tensors.items():
             if sums.get(name) != tensor_sha256(t):
                 raise CorruptModelError(f"{f}: tensor {name} does not match its checksum in {MANIFEST}: the file "
-                                        f"is damaged (load with verify=False to read it anyway)")
+                                        f"is damaged (verify=False, or --no-verify, reads it anyway)")
     elif verify:
         warnings.warn(f"{f.parent}: written without checksums (cmpq before 2026-12-02); its data is not verified",
                       stacklevel=3)
