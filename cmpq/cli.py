@@ -39,7 +39,8 @@ def is_cmpq_folder(path: str) -> bool:
     return io.is_cmpq_folder(path)
 
 
-def load_any(name: str, device: torch.device, device_map: str | None = None, max_memory: str | None = None):
+def load_any(name: str, device: torch.device, device_map: str | None = None, max_memory: str | None = None,
+             verify: bool = True):
     """(model, tokenizer, label) for a cmpq folder or anything ``load_model`` takes.
 
     ``device_map`` spreads the model over the GPUs with accelerate (``cmpq.model.device_map``); packed
@@ -54,9 +55,9 @@ def load_any(name: str, device: torch.device, device_map: str | None = None, max
         from cmpq.nn.linear import cache_dense_weights
 
         if device_map is not None:
-            model = cmpq.load(name, device_map=device_map, max_memory=max_memory)
+            model = cmpq.load(name, device_map=device_map, max_memory=max_memory, verify=verify)
         else:
-            model = cmpq.load(name, device=device)
+            model = cmpq.load(name, device=device, verify=verify)
             cache_dense_weights(model)  # evaluation runs many windows: dequantize each layer once
         return model, AutoTokenizer.from_pretrained(name), "cmpq"
     if device_map is not None:
@@ -182,6 +183,27 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         distributed.finish()
 
 
+def _check_model_input(a: argparse.Namespace) -> None:
+    """Before loading any weights: the model is there, is not a quantized one, and has positions
+    for ``--seqlen`` when calibration uses it (rtn and hqq take no calibration data)."""
+    from cmpq.baselines.runners import CALIBRATED
+    from cmpq.model.loading import refuse_quantized_folder, resolve_model_path, seqlen_problem
+
+    refuse_quantized_folder(resolve_model_path(a.model)[0], a.model)
+    too_long = seqlen_problem(a.model, a.seqlen) if a.method == "cmpq" or a.method in CALIBRATED else None
+    if too_long:
+        raise ValueError(too_long)
+
+
+def _check_output_space(model, cfg, out: Path) -> None:
+    """Refuse before quantizing when the output's file system cannot hold the result (sizes from
+    ``cmpq.storage.estimate``, exact from shapes), rather than after hours of work."""
+    from cmpq.storage.estimate import estimate
+    from cmpq.storage.io import SPACE_MARGIN, check_free_space
+
+    check_free_space(out.resolve().parent, estimate(model, cfg)["total_bytes"] + SPACE_MARGIN, f"the output {out}")
+
+
 def _quantize(a: argparse.Namespace, dist) -> int:
     import cmpq
     from cmpq.model.loading import load_model
@@ -199,6 +221,7 @@ def _quantize(a: argparse.Namespace, dist) -> int:
             print(f"error: {why}", file=sys.stderr)
         return 2
     if a.method != "cmpq":
+        _check_model_input(a)
         return _quantize_baseline(a, out, _device(a.device))
     cfg = cmpq.CMPQConfig(bits=a.bits, algorithm=a.algorithm, act_outlier_frac=a.act_outlier_frac,
                           weight_outlier_frac=a.weight_outlier_frac, quantizer=a.quantizer, nsamples=a.nsamples,
@@ -206,12 +229,20 @@ def _quantize(a: argparse.Namespace, dist) -> int:
                           token_weighting=a.token_weighting, compensate=not a.no_compensation,
                           finetune_epochs=a.finetune_epochs, skip_modules=tuple(a.skip_modules))
     device = dist.device if dist is not None else _device(a.device)
+    _check_model_input(a)
     model, tok = load_model(a.model, device="cpu", dtype=torch.float16 if device.type == "cuda" else torch.float32)
+    _check_output_space(model, cfg, out)
     cmpq.quantize(model, tok, cfg, calib=a.calib, device=device, checkpoint_dir=None if a.no_checkpoint else partial,
                   resume=a.resume, offload_activations=a.offload_activations, max_gpu_memory=cap, dist=dist)
     if dist is not None and not dist.main:
         return 0  # every rank holds the same model; rank 0 writes it
-    cmpq.save(model, out, tokenizer=tok, overwrite=a.overwrite)
+    try:
+        cmpq.save(model, out, tokenizer=tok, overwrite=a.overwrite)
+    except OSError as e:
+        if partial.exists():  # the work survives in the checkpoint: say how to get it back
+            raise OSError(e.errno, f"{_os_message(e)}; the quantized blocks are kept in {partial}: free "
+                                   f"some space and run the same command with --resume") from e
+        raise
     print(f"saved {out}")
     return cmd_info(argparse.Namespace(model=str(out), layers=False, json=False))
 
@@ -232,8 +263,13 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
         parse_max_memory(a.max_memory)  # bad strings fail before loading
     device = _device(a.device)
+    from cmpq.model.loading import seqlen_problem
+
+    too_long = seqlen_problem(a.model, a.seqlen)
+    if too_long:
+        raise ValueError(too_long)
     t0 = time.perf_counter()
-    model, tok, kind = load_any(a.model, device, a.device_map, a.max_memory)
+    model, tok, kind = load_any(a.model, device, a.device_map, a.max_memory, verify=not a.no_verify)
     load_s = time.perf_counter() - t0
     where = str(device)
     if a.device_map:
@@ -384,7 +420,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     dev = _device(a.device)
     if is_cmpq_folder(a.model):  # fused kernels on GPU, no dense cache
-        model, tok = cmpq.load(a.model, device=dev), AutoTokenizer.from_pretrained(a.model)
+        model, tok = cmpq.load(a.model, device=dev, verify=not a.no_verify), AutoTokenizer.from_pretrained(a.model)
     else:
         model, tok, _ = load_any(a.model, dev)
     g = generate(model.eval(), tok, a.prompt, a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
@@ -394,6 +430,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
     print(f"\n[{g.new_tokens} new tokens, prompt {g.prompt_tokens}: prefill {g.prefill_s * 1e3:.1f} ms, "
           f"decode {g.tokens_per_s:.1f} tokens/s on {dev}{', CUDA graph' if g.cuda_graph else ''}]", file=sys.stderr)
     return 0
+
+
+NO_VERIFY = ("cmpq folders: skip the per-tensor SHA-256 check (about 1.9 s per GiB on one core); "
+             "the structural checks of docs/format.md still run")
 
 
 def cmpq_version() -> str:
@@ -472,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-memory", default=None, metavar="LIST",
                    help="with --device-map: memory per device for the weights, e.g. 0=20GiB,1=20GiB[,cpu=64GiB]")
     e.add_argument("--json", default=None, help="also write results to this file")
+    e.add_argument("--no-verify", action="store_true", help=NO_VERIFY)
     e.set_defaults(fn=cmd_eval)
 
     gp = sub.add_parser("generate", help="generate text with a KV cache (CUDA graphs on GPU), print tokens/s")
@@ -487,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     gp.add_argument("--fuse", action="store_true",
                     help="one kernel launch for the CMPQ linears that share an input (q/k/v, gate/up)")
     gp.add_argument("--device", default=None)
+    gp.add_argument("--no-verify", action="store_true", help=NO_VERIFY)
     gp.set_defaults(fn=cmd_generate)
 
     le = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on a cmpq folder (needs the lm-eval extra)")
@@ -534,6 +576,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permissions, I/O errors: the system's words and the file
+        print(f"error: {_os_message(e)}", file=sys.stderr)
+        return 2
+
+
+def _os_message(e: OSError) -> str:
+    """``OSError(28, "No space left", "f")`` -> "No space left: f" (not "[Errno 28] ...")."""
+    msg = e.strerror or str(e)
+    return f"{msg}: {e.filename}" if e.filename else msg
 
 
 if __name__ == "__main__":

@@ -50,6 +50,14 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def same_ppl(ref: float):
+    """``--device cpu`` computes in float32; ``--device-map`` on a CUDA machine in float16 (on the
+    H200: 266.6421 vs 266.6395, 1e-5 relative; float16 on the CPU, 2-block models: up to 3e-5). A
+    misplaced or skipped module changes it by far more than 5e-4. Without CUDA both sides are
+    float32 on the CPU and must agree exactly."""
+    return pytest.approx(ref, rel=5e-4) if torch.cuda.is_available() else ref
+
+
 def args(base, out, *extra):
     # 8 windows in batches of 2: 4 batches, 2 per process
     return ["quantize", str(base), "--bits", "3", "--algorithm", "paper", "--output", str(out), "--calib", "offline", "--nsamples", "8",
@@ -187,7 +195,7 @@ def test_device_map_eval_equals_single_device(quantized, tmp_path, capsys):
     # every module placed by an explicit map and hooked by accelerate (one CPU here; GPUs on the device)
     dm = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", **{f"model.layers.{i}": "cpu" for i in range(4)},
           "model.norm": "cpu", "lm_head": "cpu"}
-    spread = cmpq.load(quantized, device_map=dm)
+    spread = cmpq.load(quantized, device_map=dm, dtype=torch.float32)  # plain's dtype, also on a GPU machine
     assert all(hasattr(b, "_hf_hook") for b in spread.model.layers)
     assert spread.hf_device_map == dm  # accelerate's own record
     assert perplexity(spread, ids, log=None) == ref
@@ -197,7 +205,7 @@ def test_device_map_eval_equals_single_device(quantized, tmp_path, capsys):
     assert main([*common, "--device", "cpu", "--json", str(tmp_path / "a.json")]) == 0
     assert main([*common, "--device-map", "auto", "--json", str(tmp_path / "b.json")]) == 0
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
-    assert b["results"]["offline"]["ppl"] == a["results"]["offline"]["ppl"]
+    assert b["results"]["offline"]["ppl"] == same_ppl(a["results"]["offline"]["ppl"])
     assert b["device_map"] and b["device"].startswith("device map") and b["eval_seconds"] >= 0
     assert main([*common, "--max-memory", "0=1GiB"]) == 2  # only with --device-map
     assert "--device-map" in capsys.readouterr().err
@@ -235,5 +243,5 @@ def test_plain_model_eval_with_device_map(folder4, tmp_path, one_thread):
     assert main([*common, "--device", "cpu", "--json", str(tmp_path / "a.json")]) == 0
     assert main([*common, "--device-map", "auto", "--max-memory", "cpu=4GiB", "--json", str(tmp_path / "b.json")]) == 0
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
-    assert b["results"]["offline"]["ppl"] == pytest.approx(a["results"]["offline"]["ppl"], rel=1e-6)
+    assert b["results"]["offline"]["ppl"] == same_ppl(a["results"]["offline"]["ppl"])
     assert set(b["device_map"].values()) == {"cpu"}

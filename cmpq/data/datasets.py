@@ -50,9 +50,21 @@ def _hub_allowed() -> bool:
     return not any(os.environ.get(v, "0") not in ("0", "") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
+def read_utf8(path: Path) -> str:
+    """The text of ``path``; a file that is not UTF-8 is refused naming it, the line and the byte
+    (Python's own error names neither the file nor the line)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}: not UTF-8 text (line {line}, byte {e.start}: {e.reason}); re-encode it as "
+                         f"UTF-8 or use an intact copy") from None
+
+
 def read_wikitext_file(path: Path) -> list[str]:
     """Rows of a WikiText raw file; lines are rows (CRLF or LF), the final empty string dropped."""
-    raw = path.read_bytes().decode("utf-8")
+    raw = read_utf8(path)
     rows = raw.replace("\r\n", "\n").split("\n")
     if rows and rows[-1] == "":
         rows.pop()
@@ -61,13 +73,13 @@ def read_wikitext_file(path: Path) -> list[str]:
 
 def read_jsonl(path: Path, field: str = "text") -> list[str]:
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    docs.append(json.loads(line)[field])
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{path}:{n}: not a JSON object with a {field!r} field ({e})") from None
+    # "\n" only: str.splitlines would also cut at U+2028 and others, which JSON strings may hold raw
+    for n, line in enumerate(read_utf8(path).split("\n"), 1):
+        if line.strip():
+            try:
+                docs.append(json.loads(line)[field])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: not a JSON object with a {field!r} field ({e})") from None
     return docs
 
 
@@ -80,7 +92,7 @@ def read_text_file(path: str | Path) -> TextSource:
         return TextSource(p.name, str(p), documents=read_jsonl(p))
     if p.name.startswith("wiki.") and p.suffix == ".raw":
         return TextSource(p.name, str(p), documents=read_wikitext_file(p))
-    return TextSource(p.name, str(p), text=p.read_text(encoding="utf-8"))
+    return TextSource(p.name, str(p), text=read_utf8(p))
 
 
 def offline_corpus(part: str) -> TextSource:

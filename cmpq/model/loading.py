@@ -8,9 +8,9 @@ since a loader that kept the weights packed would hide them from the quantizer.
 
 from __future__ import annotations
 
-import json
-
 import importlib.util
+import json
+import re
 from pathlib import Path
 
 import torch
@@ -36,8 +36,22 @@ def _default_model_path(name: str) -> Path:
     return path
 
 
+# A Hugging Face hub repo id: "name" or "owner/name" (huggingface_hub's rule, less the length limit)
+HUB_ID = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
+                    r"(?:/[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)?$")
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def could_be_hub_id(name: str) -> bool:
+    return bool(HUB_ID.match(name)) and len(name) <= 96
+
+
 def resolve_model_path(name_or_path: str) -> tuple[str, str | None]:
-    """(folder or hub id, gguf file name or None)."""
+    """(folder or hub id, gguf file name or None).
+
+    A local path that is not a model fails here, with what is wrong (missing, or a folder without
+    ``config.json``), instead of reaching transformers, which would try it as a hub id and answer
+    about repo-id syntax or a tokenizer it cannot build."""
     if name_or_path in DEFAULT_MODELS:
         p = _default_model_path(name_or_path)
         return str(p.parent), p.name
@@ -46,7 +60,46 @@ def resolve_model_path(name_or_path: str) -> tuple[str, str | None]:
         if not p.is_file():
             raise FileNotFoundError(f"no such GGUF file: {p}")
         return str(p.parent), p.name
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            hint = "; for a GGUF model give the .gguf file itself" if any(p.glob("*.gguf")) else ""
+            raise FileNotFoundError(f"{p} is a folder with no model in it (no config.json){hint}")
+        return name_or_path, None
+    if p.exists():
+        raise FileNotFoundError(f"{p} is a file, not a model folder or a .gguf file")
+    if not could_be_hub_id(name_or_path):
+        raise FileNotFoundError(f"no such folder or file: {name_or_path} (and {name_or_path!r} is not a hub id, which "
+                                f"reads 'name' or 'owner/name')")
     return name_or_path, None
+
+
+def max_positions(config) -> tuple[str, int] | None:
+    """(config field, value) of the longest sequence the model was built for, whichever name its
+    family uses (multimodal wrappers: in ``text_config``); None when it has no fixed limit."""
+    for c in (config, getattr(config, "text_config", None)):
+        for k in POSITION_KEYS:
+            v = getattr(c, k, None) if c is not None else None
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return k, v
+    return None
+
+
+def seqlen_problem(name_or_path: str, seqlen: int) -> str | None:
+    """Why ``--seqlen`` does not fit the model, or None. transformers models compute garbage past
+    their trained positions (no error), so a perplexity or a calibration there means nothing.
+    Reads only the config; when even that fails, None: loading the model reports the cause."""
+    from transformers import AutoConfig
+
+    try:
+        where, gguf = resolve_model_path(name_or_path)
+        cfg = AutoConfig.from_pretrained(where, **({"gguf_file": gguf} if gguf else {}))
+    except Exception:  # noqa: BLE001 - see the docstring
+        return None
+    limit = max_positions(cfg)
+    if limit is None or seqlen <= limit[1]:
+        return None
+    return (f"--seqlen {seqlen} is longer than the model's {limit[1]} positions ({limit[0]} in its config); "
+            f"its outputs past them are meaningless: use --seqlen {limit[1]} or less")
 
 
 def load_model(name_or_path: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
@@ -62,8 +115,9 @@ def load_model(name_or_path: str, dtype: torch.dtype | None = None, device: str 
         tok = AutoTokenizer.from_pretrained(where, **kw)
         model, info = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, output_loading_info=True, **kw)
     except OSError as e:
+        hub = "" if Path(where).exists() else "no such local folder, and as a hub id: "
         raise FileNotFoundError(
-            f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]} "
+            f"cannot load model {name_or_path!r}: {hub}{str(e).splitlines()[0]} "
             "(a local folder, a .gguf file, a reachable hub id, or 'smollm2-135m')"
         ) from None
     check_loading_info(info, name_or_path)

@@ -76,14 +76,23 @@ def _fsync(path: Path) -> None:
 
 
 def _atomic(path: Path, write) -> None:
+    """Write ``path`` through a temporary name; a failed write (disk full) leaves the checkpoint as it
+    was, and says so: every finished block in it is still good for --resume."""
+    from cmpq.storage.io import as_os_error
+
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
         _fsync(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise
+        os_err = as_os_error(e)
+        if os_err is None:
+            raise
+        raise OSError(os_err.errno, f"cannot write the run checkpoint {path}: {os_err.strerror or os_err} (the "
+                                    f"blocks finished before are kept: free some space and run the same command "
+                                    f"with --resume)") from e
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -16,7 +19,8 @@ from torch import nn
 from cmpq.model import run_state
 from cmpq.model.blocks import find_blocks, set_module
 from cmpq.nn.linear import MARKER, CMPQLinear, marker_tensor
-from cmpq.storage.layout import LayoutError, check_layout, install, layer_layout, model_layout, same_layout
+from cmpq.storage.layout import LayoutError, check_layout, layer_layout, model_layout, same_layout
+from cmpq.storage.packing import SUPPORTED_BITS
 
 FORMAT_VERSION = 3  # 3: 8-bit codebooks, narrow ids; 2: FP16 codebooks, int32 ids; 1: indices along the channels
 WEIGHTS = "model.safetensors"
@@ -134,6 +138,31 @@ def check_replaceable(out: Path) -> None:
                               f"Choose another output path")
 
 
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+SPACE_MARGIN = 16 << 20  # bytes beyond the tensors: config, manifest, tokenizer files, the header
+
+
+def as_os_error(e: BaseException) -> OSError | None:
+    """The OSError behind a failed write: safetensors (Rust) reports ENOSPC as a ``SafetensorError``
+    whose text ends in "(os error 28)"; Python's own writes raise ``OSError`` directly."""
+    if isinstance(e, OSError):
+        return e
+    m = _OS_ERROR.search(str(e))
+    return OSError(int(m.group(1)), os.strerror(int(m.group(1)))) if m else None
+
+
+def check_free_space(folder: Path, need: int, what: str) -> None:
+    """Refuse up front when the file system holding ``folder`` (or its nearest existing parent)
+    has less than ``need`` bytes free, so a long run does not end in a half-written folder."""
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"not enough space for {what}: needs about {need / 2**20:,.0f} MiB, "
+                                    f"{free / 2**20:,.0f} MiB free under {probe}")
+
+
 def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
     """Write ``model`` (quantized by cmpq) to ``out_dir`` atomically: temp folder, then rename.
 
@@ -155,10 +184,13 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool 
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True to replace a previous cmpq output")
     check_replaceable(out)
+    tensors, tied = tensors_to_save(model)
+    check_free_space(out.parent, sum(t.numel() * t.element_size() for t in tensors.values()) + SPACE_MARGIN,
+                     f"saving {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old = None
     try:
-        tensors, tied = tensors_to_save(model)
         # One metadata key: safetensors writes its metadata map in hash order, so two keys would make
         # the bytes of identical models differ from run to run.
         save_file(tensors, str(tmp / WEIGHTS), metadata={"cmpq_format_version": str(FORMAT_VERSION)})
@@ -184,9 +216,19 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool 
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if old is not None:  # replacing: put the previous output back if it was moved aside
+            if not out.exists() and (old / "x").is_dir():
+                os.replace(old / "x", out)
+            if not (old / "x").exists():
+                shutil.rmtree(old, ignore_errors=True)
+        os_err = as_os_error(e)
+        if os_err is None or isinstance(e, FileExistsError):
+            raise
+        before = f"the previous {out.name} is intact" if out.exists() else f"{out.name} was not created"
+        raise OSError(os_err.errno, f"cannot save {out}: {os_err.strerror or os_err} ({before}, nothing partial "
+                                    f"left)") from e
     ckpt = run_state.state(model).checkpoint_dir
     if ckpt is not None:
         shutil.rmtree(ckpt, ignore_errors=True)
@@ -196,14 +238,70 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool 
 
 # -- loading --------------------------------------------------------------------------------------
 
+# Every manifest field the loader or `cmpq info` reads, per quantized linear; all are counts.
+_LAYER_COUNTS = ("in_features", "out_features", "outlier_channels", "sparse_outliers")
+_MAX_DIM = 2**31 - 1  # channel ids and row pointers are int32 in this format
 
-def _read_json(path: Path, what: str) -> dict:
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; anything else (missing, not UTF-8, not JSON, a list) is refused."""
     if not path.is_file():
         raise CorruptModelError(f"{path.parent}: missing {path.name} ({what}); not a complete cmpq model folder")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CorruptModelError(f"{path}: not valid JSON ({e})") from None
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CorruptModelError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise CorruptModelError(f"{path}: holds a JSON {type(data).__name__}, expected an object ({what})")
+    return data
+
+
+def _is_count(v: object, top: int = _MAX_DIM) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= top
+
+
+def _check_layer_entry(name: str, info: object, where: Path) -> None:
+    """One manifest layer entry: types and ranges, before any of it reaches a constructor (where a
+    string or a negative count would fail with an error that names neither the file nor the layer)."""
+    what = f"{where}: layer {name!r}"
+    if not isinstance(info, dict):
+        raise CorruptModelError(f"{what}: expected an object, got {type(info).__name__}")
+    for k in _LAYER_COUNTS:
+        if not _is_count(info.get(k)):
+            raise CorruptModelError(f"{what}: {k} must be an integer in [0, 2^31), got {info.get(k)!r}")
+    if not info["in_features"] or not info["out_features"]:
+        raise CorruptModelError(f"{what}: in_features and out_features must be positive")
+    if not isinstance(info.get("bias"), bool):
+        raise CorruptModelError(f"{what}: bias must be true or false, got {info.get('bias')!r}")
+    ch = info.get("channels")
+    widths = {str(b) for b in SUPPORTED_BITS}
+    if not isinstance(ch, dict) or not all(b in widths and _is_count(n) for b, n in ch.items()):
+        raise CorruptModelError(f"{what}: channels must map widths {min(widths)}..{max(widths)} to counts, got {ch!r}")
+    if sum(ch.values()) + info["outlier_channels"] != info["in_features"]:
+        raise CorruptModelError(f"{what}: channel counts {ch} plus {info['outlier_channels']} outlier channels "
+                                f"are not in_features {info['in_features']}")
+    if info["sparse_outliers"] > info["in_features"] * info["out_features"]:
+        raise CorruptModelError(f"{what}: more sparse outliers ({info['sparse_outliers']}) than weights")
+    for k in ("nominal_bits", "effective_bits"):  # read by `cmpq info`
+        v = info.get(k)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+            raise CorruptModelError(f"{what}: {k} must be a non-negative number, got {v!r}")
+    b = info.get("bytes")
+    if not isinstance(b, dict) or not all(isinstance(k, str) and _is_count(v, 2**62) for k, v in b.items()):
+        raise CorruptModelError(f"{what}: bytes must map kinds to byte counts, got {b!r}")
+
+
+def check_manifest(manifest: dict, where: Path) -> None:
+    """Refuse a manifest whose structure is not what :func:`save` writes, naming the field."""
+    layers = manifest.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise CorruptModelError(f"{where}: 'layers' is missing or not a non-empty object")
+    for key in ("tied", "sha256"):
+        v = manifest.get(key, {})
+        if not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values()):
+            raise CorruptModelError(f"{where}: '{key}' must map tensor names to strings, got {type(v).__name__}")
+    for name, info in layers.items():
+        _check_layer_entry(name, info, where)
 
 
 def _check_layer(name: str, t: dict[str, torch.Tensor], info: dict) -> None:
@@ -241,9 +339,147 @@ def _empty_model(path: Path, config):
         return AutoModelForCausalLM.from_config(config)
 
 
+def _skeleton(path: Path) -> nn.Module:
+    """The config's architecture on the meta device, experts expanded, ``quantization_config`` kept.
+
+    transformers raises many types (ValueError, KeyError, TypeError, AttributeError...) for a config it
+    cannot build; each becomes a :class:`CorruptModelError` naming config.json and the cause."""
+    import transformers
+    from transformers import AutoConfig
+
+    from cmpq.model.experts import expand_fused_experts
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+        qcfg = config.quantization_config
+        del config.quantization_config  # keep transformers' own quantizers out of the way
+        model = _empty_model(path, config)
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        first = (str(e).splitlines() or [""])[0][:300]
+        raise CorruptModelError(f"{path}/config.json: transformers {transformers.__version__} cannot build the "
+                                f"model it describes ({type(e).__name__}: {first})") from None
+    expand_fused_experts(model)  # expert matrices are stored as linears (cmpq.model.experts)
+    model.config.quantization_config = qcfg
+    return model
+
+
+def _place_layers(model: nn.Module, layers: dict, where: Path) -> None:
+    """Put a meta ``CMPQLinear`` where each manifest layer says, after checking that the config's
+    architecture has a linear of that shape and bias there (a manifest from another model, or a
+    config edited since, would otherwise load and fail, or compute garbage, at the first forward)."""
+    arch = f"the {type(model).__name__} of config.json"
+    for name, info in layers.items():
+        try:
+            old = model.get_submodule(name) if name else None
+        except AttributeError:
+            old = None
+        w = getattr(old, "weight", None)
+        if old is None or isinstance(old, CMPQLinear) or not isinstance(w, torch.Tensor) or w.dim() != 2 \
+                or next(old.children(), None) is not None:
+            raise CorruptModelError(f"{where}: layer {name!r} is not a linear layer of {arch}")
+        shape = (info["out_features"], info["in_features"])
+        if sorted(w.shape) != sorted(shape) or (getattr(old, "bias", None) is not None) != info["bias"]:
+            raise CorruptModelError(f"{where}: layer {name!r} is {shape[0]}x{shape[1]} (bias {info['bias']}) in the "
+                                    f"manifest but {tuple(w.shape)} (bias {getattr(old, 'bias', None) is not None}) "
+                                    f"in {arch}: the manifest and the config disagree")
+        counts = {int(b): n for b, n in info["channels"].items()}
+        # on the meta device: a manifest that lies about shapes costs nothing before the check
+        # against the file's header
+        set_module(model, name, CMPQLinear(info["in_features"], info["out_features"], counts, info["outlier_channels"],
+                                           info["sparse_outliers"], info["bias"], device="meta"))
+
+
+def _read_tensors(f: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors file ``f``, header shapes checked against ``expected`` before
+    any data is read (so a manifest or header that lies costs nothing)."""
+    from safetensors import safe_open
+
+    if not f.is_file():
+        raise CorruptModelError(f"{f.parent}: missing {f.name}")
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(f), framework="pt") as st:
+            meta = st.metadata() or {}
+            if meta.get("cmpq_format_version") != str(FORMAT_VERSION):
+                raise CorruptModelError(f"{f}: cmpq_format_version {meta.get('cmpq_format_version')!r} unsupported")
+            names = set(st.keys())
+            for name in names:
+                ref = expected.get(name)
+                shape = tuple(st.get_slice(name).get_shape())
+                if ref is not None and shape != tuple(ref.shape):
+                    raise CorruptModelError(f"{f}: tensor {name} has shape {shape}, expected {tuple(ref.shape)} "
+                                            f"(the manifest and the weights disagree)")
+            for name in names:
+                tensors[name] = st.get_tensor(name)
+    except CorruptModelError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own and several builtin types
+        raise CorruptModelError(f"{f}: unreadable or truncated safetensors file ({type(e).__name__}: {e})") from None
+    return tensors
+
+
+def _check_names(f: Path, tensors: dict, expected: dict, tied: dict, markers: set[str]) -> None:
+    """The file holds exactly the tensors the architecture expects, less the tied ones (and the
+    ``weight`` markers, absent from folders written before they existed), and each tied entry points
+    at a stored tensor of the right shape."""
+    missing = [k for k in expected if k not in tensors and k not in tied and k not in markers]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing:
+        raise CorruptModelError(f"{f}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise CorruptModelError(f"{f}: unexpected tensor {unexpected[0]}")
+    for name, src in tied.items():
+        if name not in expected or name in tensors or src not in tensors or tensors[src].shape != expected[name].shape:
+            raise CorruptModelError(f"{f.parent / MANIFEST}: tied entry {name} -> {src} does not name a stored "
+                                    f"tensor of {name}'s shape")
+
+
+def _check_dtypes(f: Path, tensors: dict, expected: dict, layers: dict) -> None:
+    """Dtypes, which the SHA-256 (over bytes) does not cover: a header edit from F16 to BF16 changes
+    every value without touching a byte of data. Packed layers' tensors and non-float tensors have
+    one possible dtype each; the other floating tensors were all written in one 16-bit dtype
+    (``tensors_to_save``), so one that differs from the rest is refused."""
+    loose: dict[torch.dtype, str] = {}
+    for name, t in tensors.items():
+        ref = expected[name]
+        if name.rpartition(".")[0] in layers or not ref.is_floating_point():
+            if t.dtype != ref.dtype:
+                raise CorruptModelError(f"{f}: tensor {name} has dtype {t.dtype}, expected {ref.dtype}")
+        elif t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise CorruptModelError(f"{f}: tensor {name} has dtype {t.dtype}, expected a floating dtype")
+        else:
+            loose.setdefault(t.dtype, name)
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CorruptModelError(f"{f}: tensor {name} holds NaN or Inf")
+    if len(loose) > 1:
+        raise CorruptModelError(f"{f}: unquantized tensors in several dtypes ("
+                                + ", ".join(f"{n}: {d}" for d, n in loose.items()) + "); cmpq writes them in one")
+
+
+def _verify_sums(f: Path, tensors: dict, sums: dict | None, verify: bool, has_manifest: bool) -> None:
+    if verify and sums is not None:
+        for name, t in tensors.items():
+            if sums.get(name) != tensor_sha256(t):
+                raise CorruptModelError(f"{f}: tensor {name} does not match its checksum in {MANIFEST}: the file "
+                                        f"is damaged (verify=False, or --no-verify, reads it anyway)")
+    elif verify:
+        why = "written without checksums (cmpq before 2026-12-02)" if has_manifest else \
+            f"no {MANIFEST} (save_pretrained writes none), so no checksums"
+        warnings.warn(f"{f.parent}: {why}; its data is not verified", stacklevel=3)
+
+
 def tensor_sha256(t: torch.Tensor) -> str:
     """Checksum of a tensor's bytes (dtype and shape are checked separately)."""
     return hashlib.sha256(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _tie(model: nn.Module, tied: dict) -> None:
+    model.tie_weights()
+    for name, src in tied.items():  # tie_weights only knows the usual pairs; make sure of all
+        mod, _, attr = name.rpartition(".")
+        smod, _, sattr = src.rpartition(".")
+        if getattr(model.get_submodule(mod), attr).is_meta:
+            setattr(model.get_submodule(mod), attr, getattr(model.get_submodule(smod), sattr))
 
 
 def read_layout(path: Path, qc: dict, manifest: dict | None) -> dict:
@@ -282,7 +518,7 @@ def weight_files(path: Path) -> list[Path]:
         return [path / WEIGHTS]
     index = path / WEIGHTS_INDEX
     if index.is_file():
-        shards = sorted(set(_read_json(index, "the shard index").get("weight_map", {}).values()))
+        shards = sorted(set(read_json(index, "the shard index").get("weight_map", {}).values()))
         if not shards or any(Path(s).name != s for s in shards):
             raise CorruptModelError(f"{index}: weight_map must name shard files in this folder")
         for s in shards:
@@ -312,8 +548,10 @@ def folder_summary(path: str | Path) -> tuple[dict, dict, int]:
     from cmpq.storage.layout import build_layer
 
     path = Path(path).expanduser()
-    qc = _read_json(path / "config.json", "the model config").get("quantization_config") or {}
-    manifest = _read_json(path / MANIFEST, "the cmpq manifest") if (path / MANIFEST).is_file() else None
+    qc = read_json(path / "config.json", "the model config").get("quantization_config") or {}
+    manifest = read_json(path / MANIFEST, "the cmpq manifest") if (path / MANIFEST).is_file() else None
+    if manifest is not None:
+        check_manifest(manifest, path / MANIFEST)  # the summaries below read its fields
     layers = read_layout(path, qc, manifest)
     if manifest is not None:
         summaries = manifest["layers"]
@@ -334,100 +572,47 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
     accelerate instead of moving it to ``device`` (see ``cmpq.model.device_map``). ``verify``
     checks every tensor against the SHA-256 in the manifest (1.9 s per GiB on one core of the 2-core
     dev machine, measured 2026-12-02); a folder without a manifest (``save_pretrained`` writes none)
-    has no checksums, which ``verify`` reports with a warning.
+    has no checksums, which ``verify`` reports with a warning. Every other check of docs/format.md
+    ("Loading checks") runs either way; a damaged folder raises :class:`CorruptModelError` naming
+    the file and the part.
     """
-    from safetensors import safe_open
-    from transformers import AutoConfig
-
     path = Path(path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"no such model folder: {path}")
-    cfg_json = _read_json(path / "config.json", "the model config")
+    cfg_json = read_json(path / "config.json", "the model config")
     qc = cfg_json.get("quantization_config") or {}
-    if qc.get("quant_method") != "cmpq":
+    if not isinstance(qc, dict) or qc.get("quant_method") != "cmpq":
         raise CorruptModelError(f"{path}/config.json: quantization_config.quant_method is not 'cmpq'")
     check_format_version(f"{path}/config.json", qc.get("format_version"))
-    manifest = _read_json(path / MANIFEST, "the cmpq manifest") if (path / MANIFEST).is_file() else None
+    manifest = read_json(path / MANIFEST, "the cmpq manifest") if (path / MANIFEST).is_file() else None
     if manifest is not None:
         check_format_version(f"{path}/{MANIFEST}", manifest.get("format_version"))
+        check_manifest(manifest, path / MANIFEST)
     layers = read_layout(path, qc, manifest)
 
-    config = AutoConfig.from_pretrained(path)
-    qcfg = config.quantization_config
-    del config.quantization_config  # keep transformers' own quantizers out of the way
-    model = _empty_model(path, config)
-    model.config.quantization_config = qcfg
-    # on the meta device: a layout that lies about shapes costs nothing before the check against the file below
-    try:
-        install(model, layers, f"{path}/config.json")
-    except LayoutError as e:
-        raise CorruptModelError(str(e)) from None
-
+    model = _skeleton(path)
+    _place_layers(model, layers, path / ("config.json" if qc.get("layers") is not None else MANIFEST))
     expected = model.state_dict()
     markers = {f"{n}.{MARKER}" for n in layers}  # absent from folders written before it existed
     if manifest is not None:
         tied = manifest.get("tied", {})
     else:  # the model's own tying (save_pretrained stores a tied tensor once, as save does)
         tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
-    tensors: dict[str, torch.Tensor] = {}
     files = weight_files(path)
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as st:
-                meta = st.metadata() or {}
-                if meta.get("cmpq_format_version") != str(FORMAT_VERSION):
-                    raise CorruptModelError(f"{f}: cmpq_format_version {meta.get('cmpq_format_version')!r} unsupported")
-                names = set(st.keys())
-                for name in names:
-                    ref = expected.get(name)
-                    shape = tuple(st.get_slice(name).get_shape())
-                    if ref is not None and shape != tuple(ref.shape):
-                        raise CorruptModelError(f"{f}: tensor {name} has shape {shape}, expected {tuple(ref.shape)} "
-                                                f"(the layout and the weights disagree)")
-                for name in names:
-                    tensors[name] = st.get_tensor(name)
-        except CorruptModelError:
-            raise
-        except Exception as e:
-            raise CorruptModelError(f"{f}: unreadable or truncated safetensors file ({type(e).__name__}: {e})") from None
+    tensors: dict[str, torch.Tensor] = {}
+    for wf in files:
+        tensors.update(_read_tensors(wf, expected))
     f = files[0] if len(files) == 1 else path / WEIGHTS_INDEX
-    missing = [k for k in expected if k not in tensors and k not in tied and k not in markers]
-    unexpected = [k for k in tensors if k not in expected]
-    if missing:
-        raise CorruptModelError(f"{f}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    if unexpected:
-        raise CorruptModelError(f"{f}: unexpected tensor {unexpected[0]}")
-    for name, t in tensors.items():
-        ref = expected[name]
-        if tuple(t.shape) != tuple(ref.shape):
-            raise CorruptModelError(f"{f}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
-        if name.rsplit(".", 1)[0] in layers and t.dtype != ref.dtype:
-            raise CorruptModelError(f"{f}: tensor {name} has dtype {t.dtype}, expected {ref.dtype}")
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CorruptModelError(f"{f}: tensor {name} holds NaN or Inf")
+    _check_names(f, tensors, expected, tied, markers)
+    _check_dtypes(f, tensors, expected, layers)
     for name, info in layers.items():
         _check_layer(name, tensors, info)
-    sums = manifest.get("sha256") if manifest is not None else None
-    if verify and sums is not None:
-        for name, t in tensors.items():
-            if sums.get(name) != tensor_sha256(t):
-                raise CorruptModelError(f"{f}: tensor {name} does not match its checksum in {MANIFEST}: the file "
-                                        f"is damaged (load with verify=False to read it anyway)")
-    elif verify:
-        why = "written without checksums (cmpq before 2026-12-02)" if manifest is not None else \
-            f"no {MANIFEST} (save_pretrained writes none), so no checksums"
-        warnings.warn(f"{path}: {why}; its data is not verified", stacklevel=2)
-
+    _verify_sums(f, tensors, manifest.get("sha256") if manifest is not None else None, verify, manifest is not None)
     for name in markers - tensors.keys():
         tensors[name] = marker_tensor()
     model.load_state_dict(tensors, strict=False, assign=True)
     if tied:
-        model.tie_weights()
-        for name, src in tied.items():  # tie_weights only knows the usual pairs; make sure of all
-            mod, _, attr = name.rpartition(".")
-            smod, _, sattr = src.rpartition(".")
-            if getattr(model.get_submodule(mod), attr).is_meta:
-                setattr(model.get_submodule(mod), attr, getattr(model.get_submodule(smod), sattr))
+        _tie(model, tied)
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
         raise CorruptModelError(f"{f}: no data for {still_meta[0]}")
