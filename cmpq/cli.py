@@ -25,6 +25,9 @@ def _device(arg: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
 def _positive(a: argparse.Namespace, *names: str, minimum: int = 1) -> None:
     """Refuse out-of-range integer options up front, naming the option."""
     for n in names:
@@ -351,10 +354,9 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
+    from transformers import TextStreamer
 
-    import cmpq
-    from cmpq.generate import generate
+    from cmpq.generate import generate, load_for_generation
 
     if not a.prompt.strip():
         raise ValueError("the prompt is empty")
@@ -363,16 +365,19 @@ def cmd_generate(a: argparse.Namespace) -> int:
         raise ValueError(f"--temperature must be >= 0 and --top-p in (0, 1], got {a.temperature}, {a.top_p}")
 
     dev = _device(a.device)
-    if is_cmpq_folder(a.model):  # fused kernels on GPU, no dense cache
-        model, tok = cmpq.load(a.model, device=dev), AutoTokenizer.from_pretrained(a.model)
-    else:
-        model, tok, _ = load_any(a.model, dev)
-    g = generate(model.eval(), tok, a.prompt, a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-                 seed=a.seed, cuda_graph=None if not a.no_cuda_graph else False, compile=a.compile,
-                 fuse=a.fuse)
-    print(a.prompt + g.text)
-    print(f"\n[{g.new_tokens} new tokens, prompt {g.prompt_tokens}: prefill {g.prefill_s * 1e3:.1f} ms, "
-          f"decode {g.tokens_per_s:.1f} tokens/s on {dev}{', CUDA graph' if g.cuda_graph else ''}]", file=sys.stderr)
+    model, tok = load_for_generation(a.model, dev, DTYPES[a.dtype] if a.dtype else None)
+    chat = not a.no_chat and bool(getattr(tok, "chat_template", None))
+    if not chat:
+        print(a.prompt, end="", flush=True)  # a completion continues the prompt; a chat answer stands alone
+    # text goes to stdout as it is made; the bar only when the text goes elsewhere (a file, a pipe)
+    streamer = TextStreamer(tok, skip_special_tokens=True)
+    g = generate(model, tok, a.prompt, a.max_new_tokens, chat=not a.no_chat, streamer=streamer,
+                 temperature=a.temperature, top_p=a.top_p, seed=a.seed,
+                 cuda_graph=None if not a.no_cuda_graph else False, compile=a.compile, fuse=a.fuse,
+                 progress=not sys.stdout.isatty())
+    print(f"\n[{g.new_tokens} new tokens, prompt {g.prompt_tokens}{' (chat template)' if g.chat else ''}: "
+          f"prefill {g.prefill_s * 1e3:.1f} ms, decode {g.speed()} on {dev}{', CUDA graph' if g.cuda_graph else ''}]",
+          file=sys.stderr)
     return 0
 
 
@@ -454,7 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="also write results to this file")
     e.set_defaults(fn=cmd_eval)
 
-    gp = sub.add_parser("generate", help="generate text with a KV cache (CUDA graphs on GPU), print tokens/s")
+    gp = sub.add_parser("generate", help="generate text with a KV cache (CUDA graphs on GPU), streamed; "
+                                         "chat template when the tokenizer has one; decode tokens/s")
     gp.add_argument("model", help="cmpq folder, or any model 'quantize' takes")
     gp.add_argument("prompt")
     gp.add_argument("--max-new-tokens", type=int, default=64)
@@ -466,6 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="torch.compile the decode step first (fuses the model's small ops; tens of seconds once)")
     gp.add_argument("--fuse", action="store_true",
                     help="one kernel launch for the CMPQ linears that share an input (q/k/v, gate/up)")
+    gp.add_argument("--no-chat", action="store_true",
+                    help="feed the prompt as it is, not through the tokenizer's chat template")
+    gp.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                    help="compute dtype (default: float16 on GPU, float32 on CPU)")
     gp.add_argument("--device", default=None)
     gp.set_defaults(fn=cmd_generate)
 
