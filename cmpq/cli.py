@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from cmpq.extras import MissingExtra
+
 
 def _device(arg: str | None) -> torch.device:
     if arg:
@@ -507,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
         return 0
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, MissingExtra) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

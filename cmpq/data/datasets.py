@@ -96,6 +96,10 @@ def offline_corpus(part: str) -> TextSource:
 def _hub(name: str, split: str) -> TextSource:
     if not _hub_allowed():
         raise DataUnavailable("hub access disabled by HF_HUB_OFFLINE/HF_DATASETS_OFFLINE")
+    from cmpq.extras import available
+
+    if not available("datasets"):
+        raise DataUnavailable("hub: needs the datasets package: pip install 'cmpq[datasets]'")
     import datasets
 
     try:

@@ -49,6 +49,16 @@ def resolve_model_path(name_or_path: str) -> tuple[str, str | None]:
     return name_or_path, None
 
 
+def _gguf_kwargs(gguf: str | None, name: str) -> dict:
+    """``from_pretrained`` arguments for a GGUF file, once we know transformers can read it."""
+    if not gguf:
+        return {}
+    from cmpq.extras import require
+
+    require("gguf", f"reading {name} (a GGUF file)")
+    return {"gguf_file": gguf}
+
+
 def load_model(name_or_path: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """(model, tokenizer) in eval mode on ``device``; dtype defaults to fp16 on GPU, fp32 on CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -57,7 +67,7 @@ def load_model(name_or_path: str, dtype: torch.dtype | None = None, device: str 
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     where, gguf = resolve_model_path(name_or_path)
     refuse_quantized_folder(where, name_or_path)
-    kw = {"gguf_file": gguf} if gguf else {}
+    kw = _gguf_kwargs(gguf, name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(where, **kw)
         model, info = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, output_loading_info=True, **kw)
@@ -117,7 +127,7 @@ def load_skeleton(name_or_path: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     where, gguf = resolve_model_path(name_or_path)
-    kw = {"gguf_file": gguf} if gguf else {}
+    kw = _gguf_kwargs(gguf, name_or_path)
     try:
         cfg = AutoConfig.from_pretrained(where, **kw)
     except OSError as e:
