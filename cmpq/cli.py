@@ -249,7 +249,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     for ds in a.datasets:
         w = eval_windows(tok, ds, a.seqlen, nsamples=a.max_windows)
-        print(f"{ds}: {w.description}")
+        print(w.description)  # it starts with the data set's name
         t1 = time.perf_counter()
         results[ds] = {"ppl": perplexity(model, w.ids, a.batch_size, label=ds), "data": w.description,
                        "windows": int(w.ids.shape[0]), "seconds": round(time.perf_counter() - t1, 2)}

@@ -8,9 +8,11 @@ since a loader that kept the weights packed would hide them from the quantizer.
 
 from __future__ import annotations
 
-import json
-
+import contextlib
+import functools
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import torch
@@ -59,6 +61,30 @@ def _gguf_kwargs(gguf: str | None, name: str) -> dict:
     return {"gguf_file": gguf}
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """Silence transformers' own progress bars while a model loads ("Loading weights", and the GGUF
+    reader's "Converting and de-quantizing GGUF tensors..."): they say nothing the user needs and
+    interleave with cmpq's output. Restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    gguf_mod = sys.modules.get("transformers.modeling_gguf_pytorch_utils")
+    if gguf_mod is None and importlib.util.find_spec("gguf") is not None:
+        import transformers.modeling_gguf_pytorch_utils as gguf_mod
+    orig = getattr(gguf_mod, "tqdm", None)
+    if orig is not None:  # it calls tqdm.auto directly, not through transformers' switch
+        gguf_mod.tqdm = functools.partial(orig, disable=True)
+    try:
+        yield
+    finally:
+        if orig is not None:
+            gguf_mod.tqdm = orig
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(name_or_path: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """(model, tokenizer) in eval mode on ``device``; dtype defaults to fp16 on GPU, fp32 on CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -69,8 +95,9 @@ def load_model(name_or_path: str, dtype: torch.dtype | None = None, device: str 
     refuse_quantized_folder(where, name_or_path)
     kw = _gguf_kwargs(gguf, name_or_path)
     try:
-        tok = AutoTokenizer.from_pretrained(where, **kw)
-        model, info = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, output_loading_info=True, **kw)
+        with quiet_loading():
+            tok = AutoTokenizer.from_pretrained(where, **kw)
+            model, info = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, output_loading_info=True, **kw)
     except OSError as e:
         raise FileNotFoundError(
             f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]} "

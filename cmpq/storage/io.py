@@ -29,7 +29,7 @@ class CorruptModelError(ValueError):
 
 
 def _storage_dtype(model: nn.Module) -> torch.dtype:
-    dt = getattr(model.config, "torch_dtype", None) or getattr(model.config, "dtype", None)
+    dt = getattr(model.config, "dtype", None)  # `torch_dtype` is deprecated (a warning on every read)
     return torch.bfloat16 if str(dt).endswith("bfloat16") else torch.float16
 
 
