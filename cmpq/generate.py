@@ -129,7 +129,8 @@ def _generate_ids(model, input_ids, max_new_tokens, temperature, top_p, cuda_gra
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def forward(ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        # transformers >= 5.24 caches write where the cache's own counter says; older ones need cache_position
+        # 5.x static caches write where their own counter (a tensor, advanced in place, so also inside a
+        # CUDA graph) says; 4.x ones where cache_position says. Only the old argument name takes it.
         kw = {"cache_position": pos} if name == "past_key_values" else {}
         return model(input_ids=ids, position_ids=pos[None], use_cache=True, **{name: cache}, **kw).logits[:, -1]
 
@@ -150,7 +151,7 @@ def _generate_ids(model, input_ids, max_new_tokens, temperature, top_p, cuda_gra
         return forward(ids_buf, pos_buf)
 
     step = eager_step
-    warmed = False  # a warm-up step wrote position n0 (and moved a counting cache on): prefill again after
+    warmed = False  # a warm-up step wrote position n0 and moved the cache's counter on: reset, prefill again
     if compile:
         compiled = torch.compile(eager_step, dynamic=False)
         try:
