@@ -268,7 +268,8 @@ def uses_fused_kernels(device: torch.device, dtype: torch.dtype) -> bool:
 def load_for_generation(name: str, device: torch.device, dtype: torch.dtype | None = None):
     """(model, tokenizer) ready to generate: a cmpq folder keeps its packed layers where fused
     kernels run and dequantizes each layer once elsewhere (``cache_dense_weights``: fp32/fp16
-    memory, ~30x faster on CPU than dequantizing per token); anything else loads as a plain model."""
+    memory; SmolLM2-135M at 3.4 bits decodes 8.9 vs 0.41 tokens/s on one CPU thread, measured
+    2026-12-02); anything else loads as a plain model."""
     from transformers import AutoTokenizer
 
     from cmpq.model.loading import load_model
