@@ -594,6 +594,8 @@ def run_worker(a: argparse.Namespace) -> int:
                 break
             qq["units"][u]["worker"] = i
             atomic_write(qpath, json.dumps(qq))
+        # said before any work, so a worker that dies in its first cell has still said which cells it held
+        print(f"taking {', '.join(label(c) for c in qq['units'][u]['cells'])}", flush=True)
         for k, c in enumerate(qq["units"][u]["cells"]):
             kind = cost_kind(c)
             if kind == "llmmq" and not bench.llmmq_cache:
