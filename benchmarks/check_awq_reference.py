@@ -58,7 +58,6 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

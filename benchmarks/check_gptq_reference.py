@@ -26,15 +26,26 @@ def correlated_inputs(n: int, d: int, g: torch.Generator) -> torch.Tensor:
     return (torch.randn(n, d, generator=g) @ mix) * scale
 
 
+def _load_reference(ref_dir: str, name: str):
+    """Module ``name`` of the reference checkout, by path (so the checkout need not go on sys.path)."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ref_dir, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ref-dir", required=True)
     ap.add_argument("--out", default="benchmarks/results/gptq-vs-reference.json")
     a = ap.parse_args()
-    sys.path.insert(0, a.ref_dir)
     torch.cuda.synchronize = lambda *args, **kw: None  # the reference calls it unconditionally
-    from gptq import GPTQ  # noqa: E402  (the reference)
-    from quant import Quantizer  # noqa: E402
+    Quantizer = _load_reference(a.ref_dir, "quant").Quantizer  # first: gptq.py imports it as `quant`
+    GPTQ = _load_reference(a.ref_dir, "gptq").GPTQ
 
     g = torch.Generator().manual_seed(0)
     rows = []

@@ -8,14 +8,7 @@ loaded model is evaluated, so the figures are those of what a user would ship.
 
 from __future__ import annotations
 
-import os
 import sys
-
-# Run as a script, this folder would be on sys.path and benchmarks/kernels.py would shadow the
-# `kernels` package that transformers looks for.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-
 import argparse
 import copy
 import datetime

@@ -25,10 +25,6 @@ import time
 
 import torch
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-# benchmarks/kernels.py would shadow the "kernels" package that transformers probes for
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-sys.path.insert(0, os.path.join(_HERE, ".."))
 import cmpq  # noqa: E402
 from cmpq.generate import generate_ids  # noqa: E402
 

@@ -8,15 +8,12 @@ corpus bundled with Python and labels every figure as such.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import torch
 
-_spec = importlib.util.spec_from_file_location("core_sweep", Path(__file__).resolve().parent / "core_sweep.py")
-core_sweep = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(core_sweep)  # by path: this folder must not go on sys.path (see core_sweep.py)
+import core_sweep  # this folder is on sys.path when run as a script
 
 
 def main() -> None:

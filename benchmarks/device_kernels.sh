@@ -10,7 +10,7 @@
 #            (next to the grid, it shows where the dispatch should switch from mma to prefill)
 #   small    SmolLM2-135M's layer shapes, dispatch and prefill, 1/4/16 tokens, 3 bits -> kernels-135m-h200.*
 # JSON and tests.log land in $OUT (the device returns at most 8 files: logs and Markdown stay in $LOGS;
-# `python benchmarks/kernels.py --table-only --out X.json` rebuilds a table). Usage: bash benchmarks/device_kernels.sh   (CMPQ_KERNELS_LIMIT_S, default 570)
+# `python benchmarks/kernel_bench.py --table-only --out X.json` rebuilds a table). Usage: bash benchmarks/device_kernels.sh   (CMPQ_KERNELS_LIMIT_S, default 570)
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -57,19 +57,19 @@ PY
   then export CMPQ_DECODE_VARIANT=v4s; fi
 fi
 if want grid; then
-  timeout $(( $(left) > 200 ? 180 : $(left) / 2 )) $PY benchmarks/kernels.py --models 7B,70B,13B --batches 1,4,8,16 \
+  timeout $(( $(left) > 200 ? 180 : $(left) / 2 )) $PY benchmarks/kernel_bench.py --models 7B,70B,13B --batches 1,4,8,16 \
     --max-minutes 2 --out "$OUT/kernels-h200.json" >"$LOGS/grid.log" 2>&1
   echo "[$(el)s] grid rc=$?"
 fi
 if want prefill; then
-  timeout $(( $(left) > 240 ? 200 : $(left) / 2 )) $PY benchmarks/kernels.py --impl prefill --models 7B,70B,13B \
+  timeout $(( $(left) > 240 ? 200 : $(left) / 2 )) $PY benchmarks/kernel_bench.py --impl prefill --models 7B,70B,13B \
     --batches 4,8,16,64,512,2048 --max-minutes 2.5 --out "$OUT/kernels-prefill-h200.json" >"$LOGS/prefill.log" 2>&1
   echo "[$(el)s] prefill rc=$?"; grep -E "^\| 7B 4096x11008 \| 3.0" "$OUT/kernels-prefill-h200.md" 2>/dev/null
 fi
 if want small; then
-  timeout $(( $(left) - 5 )) $PY benchmarks/kernels.py --models 135M --bits 3 --batches 1,4,16 \
+  timeout $(( $(left) - 5 )) $PY benchmarks/kernel_bench.py --models 135M --bits 3 --batches 1,4,16 \
     --out "$OUT/kernels-135m-h200.json" >"$LOGS/small.log" 2>&1
-  timeout $(( $(left) - 5 )) $PY benchmarks/kernels.py --impl prefill --models 135M --bits 3 --batches 1,4,16,128 \
+  timeout $(( $(left) - 5 )) $PY benchmarks/kernel_bench.py --impl prefill --models 135M --bits 3 --batches 1,4,16,128 \
     --out "$OUT/kernels-135m-prefill-h200.json" >>"$LOGS/small.log" 2>&1
   echo "[$(el)s] small rc=$?"; grep -E "^\| 135M" "$OUT"/kernels-135m-*.md 2>/dev/null
 fi

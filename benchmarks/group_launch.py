@@ -2,7 +2,7 @@
 
 Llama-2-7B's q/k/v (3 x 4096x4096) and gate/up (2 x 11008x4096), 13B's and 70B's q/k/v-shaped
 groups, 3 bits, random layers in the layout ``quantize`` produces: ``kernel_v4.decode_group`` vs
-``kernel_v4.decode`` per layer, both timed as in benchmarks/kernels.py (CUDA graph over rotating
+``kernel_v4.decode`` per layer, both timed as in benchmarks/kernel_bench.py (CUDA graph over rotating
 sets > 192 MiB, median of do_bench). Writes ``--out`` (JSON) and prints a table.
 Usage (GPU): python benchmarks/group_launch.py --out benchmarks/results/group-launch-h200.json
 """
@@ -14,12 +14,10 @@ import datetime
 import json
 import math
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from benchmarks.kernels import ROTATE_BYTES, layer_bytes, time_graph  # noqa: E402
+from kernel_bench import ROTATE_BYTES, layer_bytes, time_graph  # noqa: E402
 from cmpq.kernels import kernel_v4  # noqa: E402
 from cmpq.kernels.testing import mix_counts, random_layer  # noqa: E402
 

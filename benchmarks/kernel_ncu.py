@@ -1,12 +1,10 @@
 """Tiny driver for ncu: one 4096x11008 3-bit layer, two calls per variant (the first builds its plan;
 ncu -k/-c picks the kernels). One-token variants by name; ``mma4`` is the tensor-core kernel at 4
 tokens. Used by kernel_variants.sh and device_ncu.sh."""
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from cmpq.kernels import cuda_decode  # noqa: E402
 from cmpq.kernels.testing import mix_counts, random_layer  # noqa: E402
 

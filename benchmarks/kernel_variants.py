@@ -2,7 +2,7 @@
 
 One token: every variant; more tokens: v3b and "mma" (kernel_mma.cu, tensor cores; the v4 variants are
 one-token kernels). Method as
-benchmarks/kernels.py: median of do_bench over a CUDA graph that rotates weight/input sets
+benchmarks/kernel_bench.py: median of do_bench over a CUDA graph that rotates weight/input sets
 (> 192 MiB, nothing in L2). Every (layer, variant) is checked against the float64 reference first;
 a wrong variant is reported and not timed. Writes ``$OUT/kernel_variants.json`` and ``.md``; the
 table is printed last. ``--budget`` (s) stops adding points when the wall clock runs out.
@@ -23,8 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from benchmarks.kernels import ROTATE_BYTES, SHAPES, copy_bandwidth, layer_bytes, time_graph  # noqa: E402
+from kernel_bench import ROTATE_BYTES, SHAPES, copy_bandwidth, layer_bytes, time_graph  # noqa: E402
 from cmpq.kernels import cuda_decode, kernel_mma, kernel_v4  # noqa: E402
 from cmpq.kernels.testing import mix_counts, random_layer  # noqa: E402
 

@@ -3,14 +3,6 @@ on Llama-2-7B/70B-shaped random layers. Prints a table and writes JSON."""
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as a script, this folder would be on sys.path and benchmarks/kernels.py would shadow the
-# `kernels` package that transformers looks for.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-
 import argparse
 import datetime
 import json

@@ -27,13 +27,6 @@ serial ones when > 1).
 from __future__ import annotations
 
 import os
-import sys
-
-# Run as a script, this folder would be on sys.path and benchmarks/kernels.py would shadow the
-# `kernels` package that transformers looks for.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-
 import argparse
 import contextlib
 import copy
@@ -605,6 +598,8 @@ def run_worker(a: argparse.Namespace) -> int:
                 break
             qq["units"][u]["worker"] = i
             atomic_write(qpath, json.dumps(qq))
+        # said before any work, so a worker that dies in its first cell has still said which cells it held
+        print(f"taking {', '.join(label(c) for c in qq['units'][u]['cells'])}", flush=True)
         for k, c in enumerate(qq["units"][u]["cells"]):
             kind = cost_kind(c)
             if kind == "llmmq" and not bench.llmmq_cache:

@@ -25,10 +25,6 @@ from __future__ import annotations
 
 import os
 import sys
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]  # benchmarks/kernels.py shadows `kernels`
-
 import argparse
 import datetime
 import hashlib

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from cmpq.extras import MissingExtra
+
 
 def _device(arg: str | None) -> torch.device:
     if arg:
@@ -23,6 +25,9 @@ def _device(arg: str | None) -> torch.device:
             raise ValueError(f"--device {arg}: only {torch.cuda.device_count()} CUDA device(s) here")
         return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def _positive(a: argparse.Namespace, *names: str, minimum: int = 1) -> None:
@@ -280,7 +285,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     for ds in a.datasets:
         w = eval_windows(tok, ds, a.seqlen, nsamples=a.max_windows)
-        print(f"{ds}: {w.description}")
+        print(w.description)  # it starts with the data set's name
         t1 = time.perf_counter()
         results[ds] = {"ppl": perplexity(model, w.ids, a.batch_size, label=ds), "data": w.description,
                        "windows": int(w.ids.shape[0]), "seconds": round(time.perf_counter() - t1, 2)}
@@ -407,10 +412,9 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
+    from transformers import TextStreamer
 
-    import cmpq
-    from cmpq.generate import generate
+    from cmpq.generate import generate, load_for_generation
 
     if not a.prompt.strip():
         raise ValueError("the prompt is empty")
@@ -419,16 +423,19 @@ def cmd_generate(a: argparse.Namespace) -> int:
         raise ValueError(f"--temperature must be >= 0 and --top-p in (0, 1], got {a.temperature}, {a.top_p}")
 
     dev = _device(a.device)
-    if is_cmpq_folder(a.model):  # fused kernels on GPU, no dense cache
-        model, tok = cmpq.load(a.model, device=dev, verify=not a.no_verify), AutoTokenizer.from_pretrained(a.model)
-    else:
-        model, tok, _ = load_any(a.model, dev)
-    g = generate(model.eval(), tok, a.prompt, a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-                 seed=a.seed, cuda_graph=None if not a.no_cuda_graph else False, compile=a.compile,
-                 fuse=a.fuse)
-    print(a.prompt + g.text)
-    print(f"\n[{g.new_tokens} new tokens, prompt {g.prompt_tokens}: prefill {g.prefill_s * 1e3:.1f} ms, "
-          f"decode {g.tokens_per_s:.1f} tokens/s on {dev}{', CUDA graph' if g.cuda_graph else ''}]", file=sys.stderr)
+    model, tok = load_for_generation(a.model, dev, DTYPES[a.dtype] if a.dtype else None, verify=not a.no_verify)
+    chat = not a.no_chat and bool(getattr(tok, "chat_template", None))
+    if not chat:
+        print(a.prompt, end="", flush=True)  # a completion continues the prompt; a chat answer stands alone
+    # text goes to stdout as it is made; the bar only when the text goes elsewhere (a file, a pipe)
+    streamer = TextStreamer(tok, skip_special_tokens=True)
+    g = generate(model, tok, a.prompt, a.max_new_tokens, chat=not a.no_chat, streamer=streamer,
+                 temperature=a.temperature, top_p=a.top_p, seed=a.seed,
+                 cuda_graph=None if not a.no_cuda_graph else False, compile=a.compile, fuse=a.fuse,
+                 progress=not sys.stdout.isatty())
+    print(f"\n[{g.new_tokens} new tokens, prompt {g.prompt_tokens}{' (chat template)' if g.chat else ''}: "
+          f"prefill {g.prefill_s * 1e3:.1f} ms, decode {g.speed()} on {dev}{', CUDA graph' if g.cuda_graph else ''}]",
+          file=sys.stderr)
     return 0
 
 
@@ -515,7 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-verify", action="store_true", help=NO_VERIFY)
     e.set_defaults(fn=cmd_eval)
 
-    gp = sub.add_parser("generate", help="generate text with a KV cache (CUDA graphs on GPU), print tokens/s")
+    gp = sub.add_parser("generate", help="generate text with a KV cache (CUDA graphs on GPU), streamed; "
+                                         "chat template when the tokenizer has one; decode tokens/s")
     gp.add_argument("model", help="cmpq folder, or any model 'quantize' takes")
     gp.add_argument("prompt")
     gp.add_argument("--max-new-tokens", type=int, default=64)
@@ -527,6 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="torch.compile the decode step first (fuses the model's small ops; tens of seconds once)")
     gp.add_argument("--fuse", action="store_true",
                     help="one kernel launch for the CMPQ linears that share an input (q/k/v, gate/up)")
+    gp.add_argument("--no-chat", action="store_true",
+                    help="feed the prompt as it is, not through the tokenizer's chat template")
+    gp.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                    help="compute dtype (default: float16 on GPU, float32 on CPU)")
     gp.add_argument("--device", default=None)
     gp.add_argument("--no-verify", action="store_true", help=NO_VERIFY)
     gp.set_defaults(fn=cmd_generate)
@@ -573,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
         return 0
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, MissingExtra) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, permissions, I/O errors: the system's words and the file

@@ -96,3 +96,97 @@ def test_generate_with_fuse_same_tokens(quantized, calib_ids):
     b, *_ = generate_ids(quantized, ids, 6, fuse=True)  # on CPU the kernel does not apply: plumbing only
     assert torch.equal(a, b)
     assert all(m._group is None for m in quantized.modules() if isinstance(m, CMPQLinear))
+
+
+# -- `cmpq generate` as people use it: streaming, chat template, honest speed --------------------
+
+CHAT = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}{% if add_generation_prompt %}A:{% endif %}"
+
+
+@pytest.fixture
+def cmpq_folder(folder4, tmp_path, calib_ids):
+    """A saved cmpq model with a character tokenizer (no chat template)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder4).eval()
+    tok = AutoTokenizer.from_pretrained(folder4)
+    cmpq.quantize(model, tok, cmpq.CMPQConfig(bits=3, algorithm="paper", nsamples=4, seqlen=64),
+                  calib=calib_ids, device="cpu", log=None)
+    return cmpq.save(model, tmp_path / "q", tokenizer=tok)
+
+
+class _Recorder:
+    """A streamer (put/end) that notes how many forward passes had run at each token."""
+
+    def __init__(self, model):
+        self.forwards, self.seen, self.ended = 0, [], 0
+        model.register_forward_hook(lambda *_: setattr(self, "forwards", self.forwards + 1))
+
+    def put(self, ids):
+        self.seen.append((ids.reshape(-1).tolist(), self.forwards))
+
+    def end(self):
+        self.ended += 1
+
+
+def test_streamer_gets_each_token_as_it_is_made(quantized, calib_ids):
+    rec = _Recorder(quantized)
+    out, *_ = generate_ids(quantized, calib_ids[:1, :8], 5, streamer=rec)
+    new = out[0, 8:].tolist()
+    assert [t for ids, _ in rec.seen for t in ids] == new  # one token per put, in order
+    assert [f for _, f in rec.seen] == list(range(1, len(new) + 1))  # k-th token put after k forwards, not at the end
+    assert rec.ended == 1
+
+
+def test_cli_generate_streams_and_reports_decode_speed(cmpq_folder, capsys):
+    from cmpq.cli import main
+
+    assert main(["generate", str(cmpq_folder), "hi", "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out.startswith("hi")  # no template: the prompt is continued
+    assert "prompt 2:" in cap.err and "tokens/s" in cap.err and "chat template" not in cap.err
+    assert main(["generate", str(cmpq_folder), "hi", "--max-new-tokens", "1", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "1 new tokens" in err and "decode n/a" in err and "tokens/s" not in err
+
+
+def test_cli_generate_applies_chat_template_unless_no_chat(cmpq_folder, capsys):
+    from transformers import AutoTokenizer
+
+    from cmpq.cli import main
+
+    tok = AutoTokenizer.from_pretrained(cmpq_folder)
+    tok.chat_template = CHAT
+    tok.save_pretrained(cmpq_folder)
+    assert main(["generate", str(cmpq_folder), "hi", "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    cap = capsys.readouterr()
+    assert f"prompt {len('<hi>A:')} (chat template)" in cap.err and not cap.out.startswith("hi")
+    assert main(["generate", str(cmpq_folder), "hi", "--max-new-tokens", "2", "--device", "cpu", "--no-chat"]) == 0
+    cap = capsys.readouterr()
+    assert "prompt 2:" in cap.err and cap.out.startswith("hi")
+
+
+def test_cli_generate_refuses_more_tokens_than_the_context(cmpq_folder, capsys):
+    from cmpq.cli import main
+
+    assert main(["generate", str(cmpq_folder), "hi", "--max-new-tokens", "255", "--device", "cpu"]) == 2
+    assert "--max-new-tokens 254 or less" in capsys.readouterr().err
+
+
+def test_generation_on_cpu_keeps_dense_weights(cmpq_folder):
+    from cmpq.generate import load_for_generation
+
+    model, _ = load_for_generation(str(cmpq_folder), torch.device("cpu"))
+    layers = [m for m in model.modules() if isinstance(m, CMPQLinear)]
+    assert layers and all(m.cache_dense for m in layers)
+    model(torch.tensor([[40, 41]]))
+    assert all(m._dense_cache is not None for m in layers)  # dequantized once, reused for every token
+
+
+def test_speed_is_decode_phase_only():
+    from cmpq.generate import Generation
+
+    one = Generation("", [1], 3, 1, 0.1, 1e-6, False)
+    assert one.tokens_per_s is None and one.speed() == "n/a"  # no decode phase: not 1 / 1e-6
+    five = Generation("", [1] * 5, 3, 5, 0.1, 2.0, False)
+    assert five.tokens_per_s == pytest.approx(2.0) and five.speed() == "2.0 tokens/s"  # 4 tokens in the loop

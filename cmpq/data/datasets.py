@@ -83,16 +83,30 @@ def read_jsonl(path: Path, field: str = "text") -> list[str]:
     return docs
 
 
+def describe_path(p: Path) -> str:
+    """How a data file is named in descriptions, which end up in saved models and reports: relative
+    to ``CMPQ_DATA_DIR`` when inside it, else the file name. Never an absolute path, which would
+    say where the quantizing machine kept its files and nothing about the data."""
+    d = _data_dir()
+    if d is not None:
+        try:
+            return f"${DATA_ENV}/{p.resolve().relative_to(d.resolve()).as_posix()}"
+        except ValueError:
+            pass
+    return p.name
+
+
 def read_text_file(path: str | Path) -> TextSource:
     """A local file: ``.jsonl`` (one ``{"text": ...}`` per line) or plain text."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"data file not found: {p}")
+    where = describe_path(p)
     if p.suffix in (".jsonl", ".json"):
-        return TextSource(p.name, str(p), documents=read_jsonl(p))
+        return TextSource(p.name, where, documents=read_jsonl(p))
     if p.name.startswith("wiki.") and p.suffix == ".raw":
-        return TextSource(p.name, str(p), documents=read_wikitext_file(p))
-    return TextSource(p.name, str(p), text=read_utf8(p))
+        return TextSource(p.name, where, documents=read_wikitext_file(p))
+    return TextSource(p.name, where, text=read_utf8(p))
 
 
 def offline_corpus(part: str) -> TextSource:
@@ -108,6 +122,10 @@ def offline_corpus(part: str) -> TextSource:
 def _hub(name: str, split: str) -> TextSource:
     if not _hub_allowed():
         raise DataUnavailable("hub access disabled by HF_HUB_OFFLINE/HF_DATASETS_OFFLINE")
+    from cmpq.extras import available
+
+    if not available("datasets"):
+        raise DataUnavailable("hub: needs the datasets package: pip install 'cmpq[datasets]'")
     import datasets
 
     try:

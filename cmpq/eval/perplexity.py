@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cmpq.progress import bar
+
 
 @torch.no_grad()
 def perplexity(
@@ -30,6 +32,7 @@ def perplexity(
     nll_sum, count = 0.0, 0
     n = windows.shape[0]
     t0 = time.perf_counter()
+    pbar = bar(n, label or "perplexity", "window", enabled=log is not None)
     for i in range(0, n, batch_size):
         ids = windows[i : i + batch_size].to(device)
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
@@ -40,6 +43,8 @@ def perplexity(
         nll_sum += nll.item()
         count += ids[:, 1:].numel()
         done = min(i + batch_size, n)
+        pbar.update(done - i)
         if log and (done == n or done % max(1, n // 8) < batch_size):
             log(f"  {label} {done}/{n} windows, ppl so far {math.exp(nll_sum / count):.3f} ({time.perf_counter() - t0:.0f}s)")
+    pbar.close()
     return math.exp(nll_sum / count)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from cmpq.model.blocks import find_blocks, find_linears, move_except
+from cmpq.progress import bar
 
 if TYPE_CHECKING:
     from cmpq.model.distributed import Dist
@@ -218,6 +219,8 @@ def walk_blocks(
                 log(f"resumed after block {start}/{len(blocks)}")
         caught = [(_host(h, device) if offload_activations else h.to(device), kw) for h, kw in caught]
         times.catch = time.perf_counter() - t0
+        pbar = bar(len(blocks), "blocks", "block", enabled=log is not None)
+        pbar.update(start)
         for i in range(start, len(blocks)):
             block = blocks[i]
             block.to(device)
@@ -273,8 +276,10 @@ def walk_blocks(
                     checkpoint.save(i, block, hidden)
                 del hidden
                 times.extra["checkpoint"] = times.extra.get("checkpoint", 0.0) + time.perf_counter() - t3
+            pbar.update(1)
             if log:
                 log(f"block {i + 1}/{len(blocks)} done ({time.perf_counter() - t0:.1f}s)")
+        pbar.close()
     finally:
         model.config.use_cache = use_cache
     return times

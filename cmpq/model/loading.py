@@ -8,9 +8,12 @@ since a loader that kept the weights packed would hide them from the quantizer.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -102,6 +105,40 @@ def seqlen_problem(name_or_path: str, seqlen: int) -> str | None:
             f"its outputs past them are meaningless: use --seqlen {limit[1]} or less")
 
 
+def _gguf_kwargs(gguf: str | None, name: str) -> dict:
+    """``from_pretrained`` arguments for a GGUF file, once we know transformers can read it."""
+    if not gguf:
+        return {}
+    from cmpq.extras import require
+
+    require("gguf", f"reading {name} (a GGUF file)")
+    return {"gguf_file": gguf}
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Silence transformers' own progress bars while a model loads ("Loading weights", and the GGUF
+    reader's "Converting and de-quantizing GGUF tensors..."): they say nothing the user needs and
+    interleave with cmpq's output. Restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    gguf_mod = sys.modules.get("transformers.modeling_gguf_pytorch_utils")
+    if gguf_mod is None and importlib.util.find_spec("gguf") is not None:
+        import transformers.modeling_gguf_pytorch_utils as gguf_mod
+    orig = getattr(gguf_mod, "tqdm", None)
+    if orig is not None:  # it calls tqdm.auto directly, not through transformers' switch
+        gguf_mod.tqdm = functools.partial(orig, disable=True)
+    try:
+        yield
+    finally:
+        if orig is not None:
+            gguf_mod.tqdm = orig
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(name_or_path: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """(model, tokenizer) in eval mode on ``device``; dtype defaults to fp16 on GPU, fp32 on CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -110,10 +147,11 @@ def load_model(name_or_path: str, dtype: torch.dtype | None = None, device: str 
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     where, gguf = resolve_model_path(name_or_path)
     refuse_quantized_folder(where, name_or_path)
-    kw = {"gguf_file": gguf} if gguf else {}
+    kw = _gguf_kwargs(gguf, name_or_path)
     try:
-        tok = AutoTokenizer.from_pretrained(where, **kw)
-        model, info = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, output_loading_info=True, **kw)
+        with quiet_loading():
+            tok = AutoTokenizer.from_pretrained(where, **kw)
+            model, info = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, output_loading_info=True, **kw)
     except OSError as e:
         hub = "" if Path(where).exists() else "no such local folder, and as a hub id: "
         raise FileNotFoundError(
@@ -170,7 +208,7 @@ def load_skeleton(name_or_path: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     where, gguf = resolve_model_path(name_or_path)
-    kw = {"gguf_file": gguf} if gguf else {}
+    kw = _gguf_kwargs(gguf, name_or_path)
     try:
         cfg = AutoConfig.from_pretrained(where, **kw)
     except OSError as e:

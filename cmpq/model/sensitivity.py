@@ -95,6 +95,9 @@ def measure(
             raise RuntimeError(
                 "the sensitivity pass needs the whole model on the device and it does not fit; "
                 "use token_weighting='none' with algorithm='paper', or a device with more memory") from None
+        from cmpq.progress import bar
+
+        pbar = bar(ids.shape[0], "calibration (sensitivity)", "window", enabled=log is not None)
         for i in range(ids.shape[0]):
             x = ids[i : i + 1].to(device)
             with torch.enable_grad():
@@ -107,8 +110,10 @@ def measure(
                 loss.backward()
             offset[0] += x.numel()
             pending.clear()
+            pbar.update(1)
             if log and (i + 1) % max(1, ids.shape[0] // 4) == 0:
                 log(f"sensitivity: {i + 1}/{ids.shape[0]} windows")
+        pbar.close()
     finally:
         for h in hooks:
             h.remove()

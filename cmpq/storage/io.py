@@ -57,7 +57,7 @@ def storage_dtype(model: nn.Module) -> torch.dtype:
     """16-bit type of the unquantized tensors on disk: the one recorded at save time, else the
     model's (a model loaded in float32 still saves the tensors it was given, bit for bit)."""
     qc = quant_config(model.config) or {}
-    dt = qc.get("storage_dtype") or getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    dt = qc.get("storage_dtype") or getattr(model.config, "dtype", None)  # `torch_dtype` is deprecated
     return torch.bfloat16 if str(dt).endswith("bfloat16") else torch.float16
 
 

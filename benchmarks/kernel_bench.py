@@ -4,7 +4,7 @@ Each point is the median (``triton.testing.do_bench``) of a CUDA graph that runs
 several weight/input sets in turn (so nothing sits in L2), divided by the number of sets; the graph
 also removes Python launch overhead, as in a graph-captured decode loop. The device-to-device copy
 bandwidth is measured in the same run; "bw" is (packed layer + activations + output bytes) / time
-as a fraction of it. Usage: ``python benchmarks/kernels.py [--out PATH] [--quick]
+as a fraction of it. Usage: ``python benchmarks/kernel_bench.py [--out PATH] [--quick]
 [--impl dispatch|cuda|triton|prefill] [--models 7B,70B] [--bits 3] [--batches 1,4,16] [--sweep]
 [--max-minutes M]``. ``--impl dispatch`` (default) times exactly what ``CMPQLinear.forward`` runs
 (``cmpq.kernels.dispatch``: the CUDA decode kernels chosen by ``cuda_decode``'s defaults up to 16
@@ -28,7 +28,6 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from cmpq.kernels import cuda_decode  # noqa: E402
 from cmpq.kernels.lut_gemv import decode as triton_decode  # noqa: E402
 from cmpq.kernels.testing import mix_counts, random_layer  # noqa: E402
