@@ -28,6 +28,7 @@ def _device(arg: str | None) -> torch.device:
 
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_DTYPE_LABEL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def _positive(a: argparse.Namespace, *names: str, minimum: int = 1) -> None:
@@ -45,8 +46,9 @@ def is_cmpq_folder(path: str) -> bool:
 
 
 def load_any(name: str, device: torch.device, device_map: str | None = None, max_memory: str | None = None,
-             verify: bool = True):
-    """(model, tokenizer, label) for a cmpq folder or anything ``load_model`` takes.
+             verify: bool = True, dtype: torch.dtype | None = None):
+    """(model, tokenizer, label) for a cmpq folder or anything ``load_model`` takes; ``dtype`` is the
+    compute dtype (default float16 on GPU, float32 on CPU).
 
     ``device_map`` spreads the model over the GPUs with accelerate (``cmpq.model.device_map``); packed
     layers then stay packed (no dense cache: the point is a model too large for one GPU).
@@ -60,22 +62,23 @@ def load_any(name: str, device: torch.device, device_map: str | None = None, max
         from cmpq.nn.linear import cache_dense_weights
 
         if device_map is not None:
-            model = cmpq.load(name, device_map=device_map, max_memory=max_memory, verify=verify)
+            model = cmpq.load(name, device_map=device_map, max_memory=max_memory, verify=verify, dtype=dtype)
         else:
-            model = cmpq.load(name, device=device, verify=verify)
+            model = cmpq.load(name, device=device, verify=verify, dtype=dtype)
             cache_dense_weights(model)  # evaluation runs many windows: dequantize each layer once
         return model, AutoTokenizer.from_pretrained(name), "cmpq"
     if device_map is not None:
         from cmpq.model.device_map import dispatch
 
-        model, tok = load_model(name, device="cpu", dtype=torch.float16 if torch.cuda.is_available() else torch.float32)
+        dtype = dtype or (torch.float16 if torch.cuda.is_available() else torch.float32)
+        model, tok = load_model(name, device="cpu", dtype=dtype)
         model = dispatch(model, device_map, max_memory)
-        return model, tok, "fp16" if torch.cuda.is_available() else "fp32"
-    model, tok = load_model(name, device=device)
+        return model, tok, _DTYPE_LABEL[dtype]
+    model, tok = load_model(name, device=device, dtype=dtype)
     base = getattr(model.config, "cmpq_baseline", None)
     if isinstance(base, dict):  # a fake-quantized baseline folder: a plain HF model
         return model, tok, f"{base.get('quant_method')} {base.get('bits')}-bit (fake-quantized)"
-    return model, tok, "fp16" if device.type == "cuda" else "fp32"
+    return model, tok, _DTYPE_LABEL[next(model.parameters()).dtype]
 
 
 def _quantize_baseline(a: argparse.Namespace, out: Path, device: torch.device) -> int:
@@ -274,7 +277,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if too_long:
         raise ValueError(too_long)
     t0 = time.perf_counter()
-    model, tok, kind = load_any(a.model, device, a.device_map, a.max_memory, verify=not a.no_verify)
+    model, tok, kind = load_any(a.model, device, a.device_map, a.max_memory, verify=not a.no_verify,
+                                dtype=DTYPES[a.dtype] if a.dtype else None)
     load_s = time.perf_counter() - t0
     where = str(device)
     if a.device_map:
@@ -314,7 +318,7 @@ def cmd_lm_eval(a: argparse.Namespace) -> int:
     if a.limit is not None and a.limit <= 0:
         raise ValueError(f"--limit must be positive, got {a.limit:g}")
     resolve_tasks(a.tasks, a.include_path)  # a typo fails before the model loads
-    model, tok, kind = load_any(a.model, _device(a.device))
+    model, tok, kind = load_any(a.model, _device(a.device), dtype=DTYPES[a.dtype] if a.dtype else None)
     res = run_tasks(model, tok, a.tasks, include_path=a.include_path, limit=a.limit, num_fewshot=a.num_fewshot,
                     batch_size=a.batch_size, max_length=a.max_length, seed=a.seed)
     print(f"model: {a.model} ({kind})")
@@ -513,6 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows (quick runs)")
     e.add_argument("--batch-size", type=int, default=1)
     e.add_argument("--device", default=None)
+    e.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                   help="compute dtype of the unquantized parts (default: float16 on GPU, float32 on CPU)")
     e.add_argument("--device-map", default=None, metavar="MAP",
                    help="spread the model over the GPUs with accelerate: auto (= balanced), balanced, sequential, "
                         "or a JSON file/object {module: device}; for models larger than one GPU")
@@ -554,6 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
     le.add_argument("--max-length", type=int, default=None, help="context length (default: the model's)")
     le.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     le.add_argument("--device", default=None)
+    le.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                    help="compute dtype of the unquantized parts (default: float16 on GPU, float32 on CPU)")
     le.add_argument("--json", default=None, metavar="FILE", help="also write the results to this file")
     le.set_defaults(fn=cmd_lm_eval)
 

@@ -167,3 +167,15 @@ def test_bad_options_get_a_message_not_a_traceback(argv, msg, capsys):
 def test_cuda_device_without_cuda_is_refused(tiny_folder, capsys):
     assert main(["eval", str(tiny_folder), "--device", "cuda", "--datasets", "offline"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_eval_dtype_option(tiny_folder, tmp_path):
+    """--dtype picks the compute dtype: bfloat16 gives its own (close, not identical) perplexity."""
+    res = {}
+    for dt in ("float32", "bfloat16"):
+        assert main(["eval", str(tiny_folder), "--datasets", "offline", "--seqlen", "64", "--max-windows", "2",
+                     "--device", "cpu", "--dtype", dt, "--json", str(tmp_path / f"{dt}.json")]) == 0
+        res[dt] = json.loads((tmp_path / f"{dt}.json").read_text())
+    assert res["float32"]["kind"] == "fp32" and res["bfloat16"]["kind"] == "bf16"
+    p32, p16 = (res[d]["results"]["offline"]["ppl"] for d in ("float32", "bfloat16"))
+    assert p32 != p16 and abs(p32 - p16) / p32 < 0.05

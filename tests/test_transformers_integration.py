@@ -207,3 +207,36 @@ def test_quantizing_on_load_is_refused(tmp_path):
     build("llama").save_pretrained(tmp_path / "plain")
     with pytest.raises(ValueError, match="pre-quantized"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "plain", quantization_config=CMPQHfConfig(bits=3))
+
+
+def test_cmpq_load_takes_a_hub_id_through_the_cache(folder, monkeypatch):
+    """A repo id that is not a local folder is fetched with huggingface_hub (its normal cache);
+    offline and uncached, the error says it was tried as a hub id."""
+    import huggingface_hub
+
+    from cmpq.cli import main
+
+    calls = []
+
+    def fake_snapshot(repo_id, allow_patterns=None, **kw):
+        calls.append(repo_id)
+        assert "*.safetensors" in allow_patterns
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, name, **kw: str(folder / name))
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    want = cmpq.load(folder, device="cpu")(ids).logits
+    got = cmpq.load("someone/tiny-cmpq", device="cpu")(ids).logits
+    assert calls == ["someone/tiny-cmpq"] and torch.equal(got, want)
+    from cmpq.storage.io import is_cmpq_folder
+
+    assert is_cmpq_folder("someone/tiny-cmpq")
+
+
+def test_cmpq_load_offline_unknown_hub_id_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="as a hub id"):
+        cmpq.load("nobody-here/no-such-model", device="cpu")
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        cmpq.load("/definitely/not/here", device="cpu")

@@ -530,8 +530,17 @@ def weight_files(path: Path) -> list[Path]:
 
 def is_cmpq_folder(path: str | Path) -> bool:
     """A folder ``cmpq.save`` wrote (it has the manifest) or ``save_pretrained`` wrote (no manifest,
-    ``quant_method: "cmpq"`` in config.json)."""
-    path = Path(path).expanduser()
+    ``quant_method: "cmpq"`` in config.json); for a hub repo id, its config.json (cache or hub) says."""
+    from cmpq.model.loading import could_be_hub_id
+
+    name, path = str(path), Path(path).expanduser()
+    if not path.exists() and could_be_hub_id(name):
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(name, "config.json")).parent
+        except Exception:  # noqa: BLE001 - unreachable or not a repo: not a cmpq folder we can read
+            return False
     if (path / MANIFEST).is_file():
         return True
     try:
@@ -560,6 +569,26 @@ def folder_summary(path: str | Path) -> tuple[dict, dict, int]:
     return qc, summaries, sum(f.stat().st_size for f in weight_files(path))
 
 
+def local_folder(path: str | Path) -> Path:
+    """``path`` itself, or, for a hub repo id that is not a local folder, its snapshot in the
+    Hugging Face cache (downloaded when the hub is reachable; offline, the cached copy)."""
+    from cmpq.model.loading import could_be_hub_id
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p
+    if not could_be_hub_id(str(path)):
+        raise FileNotFoundError(f"no such model folder: {p}")
+    from huggingface_hub import snapshot_download
+
+    try:  # config, weights, tokenizer: what a cmpq folder holds
+        got = snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+    except Exception as e:  # noqa: BLE001 - the hub client raises many types (offline, 404, auth, network)
+        raise FileNotFoundError(f"no such local folder {p}, and as a hub id: {type(e).__name__}: "
+                                f"{(str(e).splitlines() or [''])[0][:200]}") from None
+    return Path(got)
+
+
 def load(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
          device_map: str | dict | None = None, max_memory: str | dict | None = None,
          verify: bool = True) -> nn.Module:
@@ -576,9 +605,7 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
     ("Loading checks") runs either way; a damaged folder raises :class:`CorruptModelError` naming
     the file and the part.
     """
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"no such model folder: {path}")
+    path = local_folder(path)
     cfg_json = read_json(path / "config.json", "the model config")
     qc = cfg_json.get("quantization_config") or {}
     if not isinstance(qc, dict) or qc.get("quant_method") != "cmpq":
