@@ -234,7 +234,8 @@ def _quantize(a: argparse.Namespace, dist) -> int:
     cfg = cmpq.CMPQConfig(bits=a.bits, algorithm=a.algorithm, act_outlier_frac=a.act_outlier_frac,
                           weight_outlier_frac=a.weight_outlier_frac, quantizer=a.quantizer, nsamples=a.nsamples,
                           seqlen=a.seqlen, seed=a.seed, calib_batch_size=a.calib_batch_size,
-                          token_weighting=a.token_weighting, compensate=not a.no_compensation,
+                          token_weighting=a.token_weighting, row_weighting=a.row_weighting,
+                          compensate=not a.no_compensation,
                           finetune_epochs=a.finetune_epochs, skip_modules=tuple(a.skip_modules))
     device = dist.device if dist is not None else _device(a.device)
     _check_model_input(a)
@@ -482,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     q.add_argument("--token-weighting", choices=("gradient", "none"), default=D.token_weighting,
                    help="compensated: weight calibration tokens by output-gradient norm (default: %(default)s)")
+    q.add_argument("--row-weighting", choices=("gradient", "none"), default=D.row_weighting,
+                   help="compensated: weight output rows in every codebook fit by their gradient energy "
+                        "(SqueezeLLM-style; default: %(default)s)")
     q.add_argument("--no-compensation", action="store_true", help="compensated: no error feedback (ablation)")
     q.add_argument("--finetune-epochs", type=int, default=None,
                    help="epochs of codebook fine-tuning against the full-precision model, indices fixed "

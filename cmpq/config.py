@@ -45,6 +45,7 @@ class CMPQConfig:
     widths: tuple = (2, 3, 4)
     fp16_columns: bool = True
     token_weighting: str = "gradient"  # "gradient": ||dL/dy_t||^2 per token (cmpq.model.sensitivity); "none"
+    row_weighting: str = "none"  # "gradient": k-means weights per output row, sum_t g_tr^2 (SqueezeLLM-style)
     compensate: bool = True  # GPTQ-style error feedback (False: ablation)
     damp: float = 0.01  # Hessian dampening, relative to its mean diagonal
     block_size: int = 128  # lazy-update block; codebooks are fitted per block
@@ -85,6 +86,8 @@ class CMPQConfig:
             raise ValueError(f"widths must be integers in 1..{MAX_WIDTH}, got {self.widths!r}")
         if self.token_weighting not in TOKEN_WEIGHTINGS:
             raise ValueError(f"token_weighting must be one of {TOKEN_WEIGHTINGS}, got {self.token_weighting!r}")
+        if self.row_weighting not in TOKEN_WEIGHTINGS:
+            raise ValueError(f"row_weighting must be one of {TOKEN_WEIGHTINGS}, got {self.row_weighting!r}")
         if not isinstance(self.damp, (int, float)) or not math.isfinite(self.damp) or not 0 < self.damp < 1:
             raise ValueError(f"damp must be in (0, 1), got {self.damp!r}")
         if self.finetune_epochs is None:

@@ -80,8 +80,9 @@ def _compensated_steps(model: nn.Module, windows: Windows, cfg: CMPQConfig, devi
     phases.add("sensitivity", time.perf_counter() - t0)
     with phases.phase("allocation", device):
         hdiag = {k: s.hdiag for k, s in sens.items()}
+        rows = {k: s.row_weight for k, s in sens.items()} if cfg.row_weighting == "gradient" else None
         if cfg.allocator == "distortion":
-            plan = plan_widths(model, hdiag, cfg, device, log)
+            plan = plan_widths(model, hdiag, cfg, device, log, rows)
         else:
             plan = {k: algorithm1_widths(h, cfg) for k, h in hdiag.items()}
     _, blocks = find_blocks(model)
@@ -100,7 +101,8 @@ def _compensated_steps(model: nn.Module, windows: Windows, cfg: CMPQConfig, devi
             with phases.phase("compensation", lin.weight.device):
                 parts = quantize_compensated(
                     lin.weight.data, stats[name].H, plan[(i, name)], n_sparse(lin, cfg), cfg.kmeans_iters,
-                    cfg.damp, cfg.block_size, cfg.compensate, name=f"block {i} {name}")
+                    cfg.damp, cfg.block_size, cfg.compensate, name=f"block {i} {name}",
+                    row_weight=None if rows is None else rows[(i, name)])
             stats[name].sum = None  # the Hessian can go before the next one is built
             _install(block, name, lin, parts)
 

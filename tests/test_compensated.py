@@ -128,3 +128,25 @@ def test_layer_options_loss_falls_with_width():
     assert opts.widths == (2, 3, 4, FP16)
     assert (opts.loss[:, :-1] >= opts.loss[:, 1:]).all()
     assert (opts.loss[:, -1] == 0).all()
+
+
+def test_row_weighting_lowers_the_weighted_output_error():
+    """Rows that matter more (``row_weight``) get codebooks fitted to them: the output error weighted
+    the same way falls on held-out inputs, and the plain error may rise."""
+    g = torch.Generator().manual_seed(4)
+    out_f, in_f = 128, 32
+    W = torch.randn(out_f, in_f, generator=g) * 0.05
+    W[: out_f // 8] *= 4  # a few large rows, which plain k-means would favour...
+    calib, held = _correlated_inputs(8192, in_f, g).split(4096)
+    H = calib.T @ calib / calib.shape[0]
+    rw = torch.ones(out_f)
+    rw[out_f // 8:] = 50.0  # ...but the loss says the small ones matter
+    widths = torch.full((in_f,), 2)
+    err = {}
+    for name, w in (("plain", None), ("weighted", rw)):
+        # without error feedback, so the codebooks alone decide (feedback shrinks both errors ~10x here)
+        Q = quantize_compensated(W, H, widths, n_sparse=0, kmeans_iters=30, row_weight=w, compensate=False).dequantize()
+        err[name] = float(((held @ (W - Q).T).pow(2) * rw).mean())
+    assert err["weighted"] < 0.6 * err["plain"], err
+    with pytest.raises(ValueError, match="row_weight"):
+        quantize_compensated(W, H, widths, 0, row_weight=torch.ones(3))

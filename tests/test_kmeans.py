@@ -160,3 +160,19 @@ def test_exact_kmeans_matches_brute_force_and_bounds_lloyd():
             got = float(((x[r, :, None] - lloyd[r, None, :]) ** 2).min(dim=1).values.double().sum())
             assert opt <= got * (1 + 1e-6)
             assert got <= opt * 1.5, (k, r, got, opt)  # a loose regression bound: see studies/kmeans_gap.py
+
+
+def test_weighted_kmeans_equals_repeated_values():
+    """Integer weights mean repeated values: weighted k-means on x with weight m must give the
+    centroids of plain k-means on x with each value repeated m times (same warm start)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 40, generator=g)
+    m = torch.randint(1, 5, (40,), generator=g)
+    rep = torch.repeat_interleave(x, m, dim=1)
+    init = torch.sort(torch.randn(5, 4, generator=g), 1).values
+    w = kmeans_1d(x, 4, weight=m.float(), init=init, max_iter=50)
+    r = kmeans_1d(rep, 4, init=init, max_iter=50)
+    torch.testing.assert_close(w, r, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(kmeans_1d(x, 4, weight=m.float()), kmeans_1d(x, 4))
+    with pytest.raises(ValueError, match="weight must have shape"):
+        kmeans_1d(x, 4, weight=torch.ones(3))

@@ -39,25 +39,27 @@ from cmpq.storage.codebook import storable
 
 
 def _codebooks(x: torch.Tensor, k: int, keep: torch.Tensor | None, iters: int,
-               init: torch.Tensor | None = None) -> torch.Tensor:
-    return storable(kmeans_1d(x, k, keep, max_iter=iters, init=init))  # what is stored is what is used
+               init: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
+    # what is stored is what is used
+    return storable(kmeans_1d(x, k, keep, max_iter=iters, init=init, weight=weight))
 
 
-def initial_codebooks(W: torch.Tensor, widths: torch.Tensor, iters: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def initial_codebooks(W: torch.Tensor, widths: torch.Tensor, iters: int,
+                      row_weight: torch.Tensor | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """width -> (columns, codebooks ``[n_b, 2**b]``) fitted on the original columns, one vectorized
     k-means call per width: the sparse-outlier search uses them, and every lazy block warm-starts
     from them (k-means calls are launch-bound; a warm start needs few iterations)."""
     out = {}
     for b in sorted(set(widths.tolist()) - {FP16}):
         cols = (widths == b).nonzero().squeeze(1)
-        out[b] = (cols, _codebooks(W[:, cols].T.float().contiguous(), 2**b, None, iters))
+        out[b] = (cols, _codebooks(W[:, cols].T.float().contiguous(), 2**b, None, iters, weight=row_weight))
     return out
 
 
 def select_sparse(W: torch.Tensor, hdiag: torch.Tensor, books: dict[int, tuple[torch.Tensor, torch.Tensor]],
-                  n_sparse: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, cols) of the ``n_sparse`` quantized-column weights with the largest ``H_jj * err^2``,
-    ``err`` against the column's initial codebook."""
+                  n_sparse: int, row_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the ``n_sparse`` quantized-column weights with the largest ``H_jj * err^2``
+    (times the row's weight, if given), ``err`` against the column's initial codebook."""
     dev = W.device
     e = torch.empty(0, dtype=torch.long, device=dev)
     if n_sparse <= 0 or not books:
@@ -67,6 +69,8 @@ def select_sparse(W: torch.Tensor, hdiag: torch.Tensor, books: dict[int, tuple[t
     for cols, cb in books.values():
         x = W[:, cols].T.float().contiguous()
         err = (x - cb.gather(1, assign_nearest(x, cb))).pow(2) * hdiag[cols, None]
+        if row_weight is not None:
+            err = err * row_weight[None, :]
         v, j = torch.topk(err.reshape(-1), min(n_sparse, err.numel()))
         scores.append(v)
         flat.append(cols[j // out_f] * out_f + j % out_f)
@@ -89,10 +93,13 @@ def quantize_compensated(
     block_size: int = 128,
     compensate: bool = True,
     name: str = "weight",
+    row_weight: torch.Tensor | None = None,
 ) -> QuantizedParts:
     """Quantize ``weight`` ``[out, in]`` with per-channel ``widths`` (``FP16``: keep the column) and
     Hessian ``H`` ``[in, in]``; ``compensate=False`` skips the error feedback (same codebooks and
-    outliers, each column on its own) for ablations."""
+    outliers, each column on its own) for ablations. ``row_weight`` ``[out]`` (positive) weights
+    the output rows in every codebook fit and in the sparse-outlier choice: GPTQ's error feedback
+    works row by row, so it is unchanged, but a codebook is shared by all rows of its channel."""
     out_f, in_f = weight.shape
     dev = weight.device
     if H.shape != (in_f, in_f):
@@ -112,8 +119,14 @@ def quantize_compensated(
     H.diagonal().masked_fill_(dead, 1.0)
     W.masked_fill_(dead, 0.0)
 
-    init = initial_codebooks(W, widths, kmeans_iters)
-    rows, cols = select_sparse(W, diag, init, n_sparse)
+    rw = None
+    if row_weight is not None:
+        if row_weight.shape != (out_f,) or not torch.isfinite(row_weight).all() or (row_weight < 0).any():
+            raise ValueError(f"{name}: row_weight must be {out_f} finite non-negative values")
+        rw = row_weight.to(device=dev, dtype=torch.float32)
+        rw = rw / rw.mean().clamp(min=1e-30) + 1e-6  # mean 1; no row entirely ignored
+    init = initial_codebooks(W, widths, kmeans_iters, rw)
+    rows, cols = select_sparse(W, diag, init, n_sparse, rw)
     start = torch.zeros(in_f, max([2**b for b in init] or [1]), device=dev)  # warm start per column
     for b, (c, cb) in init.items():
         start[c, : 2**b] = cb
@@ -143,7 +156,7 @@ def quantize_compensated(
         for b in sorted(set(wb.tolist()) - {FP16}):
             r = (wb == b).nonzero().squeeze(1)
             k = 2**b
-            cb = _codebooks(W1[r], k, ~EX[r], REFIT_ITERS, init=start[i1:i2][r, :k])
+            cb = _codebooks(W1[r], k, ~EX[r], REFIT_ITERS, init=start[i1:i2][r, :k], weight=rw)
             cent[r, :k] = cb
             cent[r, k:] = cb[:, -1:]  # never selected (mids are inf there); keeps gathers in range
             if k > 1:

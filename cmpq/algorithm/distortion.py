@@ -17,22 +17,28 @@ from cmpq.algorithm.kmeans import assign_nearest, kmeans_1d
 from cmpq.storage.codebook import storable
 
 
-def channel_sse(weight: torch.Tensor, bits: int, iters: int) -> torch.Tensor:
-    """``SSE_j`` ``[in]`` of each column of ``weight`` ``[out, in]`` with a ``2**bits`` k-means codebook."""
+def channel_sse(weight: torch.Tensor, bits: int, iters: int, row_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``SSE_j`` ``[in]`` of each column of ``weight`` ``[out, in]`` with a ``2**bits`` k-means codebook
+    (rows weighted by ``row_weight`` ``[out]``, mean 1, when given)."""
     x = weight.detach().float().T.contiguous()
-    cb = storable(kmeans_1d(x, 2**bits, max_iter=iters))
-    return (x - cb.gather(1, assign_nearest(x, cb))).pow(2).sum(dim=1).double()
+    cb = storable(kmeans_1d(x, 2**bits, max_iter=iters, weight=row_weight))
+    err = (x - cb.gather(1, assign_nearest(x, cb))).pow(2)
+    return (err if row_weight is None else err * row_weight[None, :]).sum(dim=1).double()
 
 
 def layer_options(weight: torch.Tensor, hdiag: torch.Tensor, widths: tuple[int, ...], n_sparse: int,
-                  iters: int = 25, fp16: bool = True) -> LayerOptions:
+                  iters: int = 25, fp16: bool = True, row_weight: torch.Tensor | None = None) -> LayerOptions:
     """Costs (bits, format v3) and expected losses of each candidate width for every channel."""
     out_f, in_f = weight.shape
     if hdiag.shape != (in_f,):
         raise ValueError(f"sensitivity has shape {tuple(hdiag.shape)}, expected ({in_f},)")
     h = hdiag.to(weight.device).double().clamp(min=0) / (2 * out_f)
+    rw = None
+    if row_weight is not None:  # mean 1, so the loss scale (and the price per bit) is unchanged
+        rw = row_weight.to(device=weight.device, dtype=torch.float32)
+        rw = rw / rw.mean().clamp(min=1e-30) + 1e-6
     opts = sorted(set(widths) | ({FP16} if fp16 else set()), key=lambda b: channel_cost_bits(b, out_f, in_f))
     loss = torch.stack([torch.zeros(in_f, dtype=torch.float64, device=weight.device) if b == FP16
-                        else h * channel_sse(weight, b, iters) for b in opts], dim=1)
+                        else h * channel_sse(weight, b, iters, rw) for b in opts], dim=1)
     cost = torch.tensor([channel_cost_bits(b, out_f, in_f) for b in opts], dtype=torch.float64)
     return LayerOptions(tuple(opts), cost, loss.cpu(), float(sparse_cost_bits(out_f, n_sparse, in_f)))

@@ -23,11 +23,13 @@ CHUNK_ELEMENTS = 1 << 25  # rows are processed in chunks of about this many valu
 
 def kmeans_1d(
     x: torch.Tensor, k: int, keep: torch.Tensor | None = None, max_iter: int = 100,
-    init: torch.Tensor | None = None,
+    init: torch.Tensor | None = None, weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Centroids ``[rows, k]`` (float32, ascending) of each row of ``x`` ``[rows, n]``.
 
     ``keep`` (bool, same shape) marks the values that take part; the others are ignored.
+    ``weight`` (``[n]``, shared by the rows, or ``[rows, n]``; positive) makes it weighted k-means:
+    each value pulls its centroid in proportion to its weight (weighted prefix sums, same cost).
     Rows with fewer distinct kept values than ``k`` get repeated centroids; rows with none get zeros.
     ``init`` (``[rows, k]``) replaces the two default starts by one warm start: CMPQ's second pass
     starts from the first pass's codebooks, since removing 0.05% of the values moves them little.
@@ -39,17 +41,22 @@ def kmeans_1d(
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     rows, n = x.shape
+    if weight is not None:
+        if weight.shape == (n,):
+            weight = weight.expand(rows, n)
+        if weight.shape != x.shape:
+            raise ValueError(f"weight must have shape ({n},) or {tuple(x.shape)}, got {tuple(weight.shape)}")
     step = max(1, CHUNK_ELEMENTS // max(n, 1))
     out = [
         _kmeans_chunk(x[i : i + step], k, None if keep is None else keep[i : i + step], max_iter,
-                      None if init is None else init[i : i + step])
+                      None if init is None else init[i : i + step], None if weight is None else weight[i : i + step])
         for i in range(0, rows, step)
     ]
     return torch.cat(out) if out else x.new_zeros(0, k, dtype=torch.float32)
 
 
 def _kmeans_chunk(x: torch.Tensor, k: int, keep: torch.Tensor | None, max_iter: int,
-                  init: torch.Tensor | None = None) -> torch.Tensor:
+                  init: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
     rows, n = x.shape
     dev = x.device
     if n == 0:
@@ -57,16 +64,21 @@ def _kmeans_chunk(x: torch.Tensor, k: int, keep: torch.Tensor | None, max_iter: 
     x = x.float()
     if keep is None:
         keep = torch.ones_like(x, dtype=torch.bool)
-    xs, _ = torch.sort(torch.where(keep, x, torch.inf), dim=1)
+    xs, order = torch.sort(torch.where(keep, x, torch.inf), dim=1)
     nvalid = keep.sum(dim=1)  # [rows]
     valid = torch.arange(n, device=dev) < nvalid[:, None]
     xz = torch.where(valid, xs, 0.0).double()
     zero = torch.zeros(rows, 1, dtype=torch.float64, device=dev)
-    csum = torch.cat([zero, xz.cumsum(dim=1)], dim=1)  # prefix sums of kept values, [rows, n+1]
+    if weight is None:
+        wz = valid.double()
+    else:
+        wz = torch.where(valid, weight.to(dev).double().gather(1, order), 0.0)
+    csum = torch.cat([zero, (wz * xz).cumsum(dim=1)], dim=1)  # prefix sums of (weighted) kept values
+    cw = torch.cat([zero, wz.cumsum(dim=1)], dim=1)  # and of their weights (counts when unweighted)
     if k == 1:
-        return (csum[:, -1:] / nvalid[:, None].clamp(min=1)).float()
+        return (csum[:, -1:] / cw[:, -1:].clamp(min=1e-300)).float()
     if init is not None:
-        return _lloyd(xs, csum, nvalid, torch.sort(init.float(), dim=1).values, max_iter)[0]
+        return _lloyd(xs, csum, cw, nvalid, torch.sort(init.float(), dim=1).values, max_iter)[0]
 
     # Finite samples have many Lloyd fixed points; which one we reach depends on the start. Start from
     # the mid-quantiles (equal mass per cluster) and from their average with evenly spaced levels
@@ -79,7 +91,7 @@ def _kmeans_chunk(x: torch.Tensor, k: int, keep: torch.Tensor | None, max_iter: 
     even = lo_v[:, None] + (hi_v - lo_v)[:, None] * q[None, :].float()
     best, best_sse = None, None
     for start in (quantiles, 0.5 * (quantiles + even)):
-        cent, sse = _lloyd(xs, csum, nvalid, start, max_iter)
+        cent, sse = _lloyd(xs, csum, cw, nvalid, start, max_iter)
         if best is None:
             best, best_sse = cent, sse
         else:
@@ -89,8 +101,10 @@ def _kmeans_chunk(x: torch.Tensor, k: int, keep: torch.Tensor | None, max_iter: 
     return best
 
 
-def _lloyd(xs: torch.Tensor, csum: torch.Tensor, nvalid: torch.Tensor, cent: torch.Tensor, max_iter: int):
-    """Lloyd iterations on sorted rows; returns (centroids, within-cluster SSE minus a row constant)."""
+def _lloyd(xs: torch.Tensor, csum: torch.Tensor, cw: torch.Tensor, nvalid: torch.Tensor, cent: torch.Tensor,
+           max_iter: int):
+    """Lloyd iterations on sorted rows; returns (centroids, within-cluster (weighted) SSE minus a row
+    constant). ``csum``/``cw``: prefix sums of the weighted values and of the weights."""
     rows, n = xs.shape
     dev = xs.device
     first_lo = torch.zeros(rows, 1, dtype=torch.long, device=dev)
@@ -102,7 +116,8 @@ def _lloyd(xs: torch.Tensor, csum: torch.Tensor, nvalid: torch.Tensor, cent: tor
         hi = torch.cat([bnd, nvalid[:, None]], dim=1)
         cnt = hi - lo
         sums = csum.gather(1, hi) - csum.gather(1, lo)
-        new = torch.where(cnt > 0, (sums / cnt.clamp(min=1)).float(), cent)
+        wts = cw.gather(1, hi) - cw.gather(1, lo)
+        new = torch.where((cnt > 0) & (wts > 0), (sums / wts.clamp(min=1e-300)).float(), cent)
 
         # Re-seed one empty cluster per row at the kept value farthest from its centroid.
         empty = (cnt == 0) & (nvalid[:, None] > 0)
@@ -126,7 +141,8 @@ def _lloyd(xs: torch.Tensor, csum: torch.Tensor, nvalid: torch.Tensor, cent: tor
     lo = torch.cat([first_lo, bnd], dim=1)
     hi = torch.cat([bnd, nvalid[:, None]], dim=1)
     sums = csum.gather(1, hi) - csum.gather(1, lo)
-    sse = -(sums**2 / (hi - lo).clamp(min=1)).sum(dim=1)
+    wts = cw.gather(1, hi) - cw.gather(1, lo)
+    sse = -(sums**2 / wts.clamp(min=1e-300)).sum(dim=1)
     return cent.float(), sse
 
 

@@ -62,8 +62,10 @@ def check_reachable(model: nn.Module, cfg: CMPQConfig) -> None:
 
 @torch.no_grad()
 def plan_widths(model: nn.Module, hdiag: dict[tuple[int, str], torch.Tensor], cfg: CMPQConfig,
-                device: torch.device, log: Callable[[str], None] | None = None) -> dict[tuple[int, str], torch.Tensor]:
-    """Width per input channel (``FP16`` for an FP16 column) of every block linear."""
+                device: torch.device, log: Callable[[str], None] | None = None,
+                row_weight: dict[tuple[int, str], torch.Tensor] | None = None) -> dict[tuple[int, str], torch.Tensor]:
+    """Width per input channel (``FP16`` for an FP16 column) of every block linear (``row_weight``:
+    per-output-row k-means weights, ``cfg.row_weighting="gradient"``)."""
     _, blocks = find_blocks(model)
     keys, options = [], []
     numel = 0
@@ -71,7 +73,8 @@ def plan_widths(model: nn.Module, hdiag: dict[tuple[int, str], torch.Tensor], cf
         for name, lin in find_linears(block).items():
             w = lin.weight.detach().to(device)
             options.append(layer_options(w, hdiag[(i, name)], cfg.widths, n_sparse(lin, cfg),
-                                         cfg.alloc_kmeans_iters, cfg.fp16_columns))
+                                         cfg.alloc_kmeans_iters, cfg.fp16_columns,
+                                         None if row_weight is None else row_weight.get((i, name))))
             keys.append((i, name))
             numel += lin.weight.numel()
     budget = cfg.bits * numel

@@ -13,6 +13,11 @@ language-model loss (summed over tokens). For every linear of every decoder bloc
   ``j`` with squared error ``SSE_j`` costs about ``hdiag[j] * SSE_j / (2 * out)`` of loss. These
   numbers are in the units of the loss for every layer, so one price per bit can be shared by the
   whole model (``cmpq.algorithm.budget``).
+* ``row_weight[r] = sum_t g_tr^2``, the same gradient energy per output row. A codebook is shared
+  by all rows of its channel; SqueezeLLM (Kim et al. 2023) fits it with each weight's Fisher
+  information as its k-means weight. With the Fisher term ``sum_t g_tr^2 x_tj^2`` approximated as
+  separable, one channel's weights differ only by ``row_weight[r]``, which is what the
+  compensated algorithm's ``row_weighting="gradient"`` uses.
 
 The whole model runs on ``device`` for the pass (one window at a time, parameters frozen); a
 model that does not fit there gets a clear error naming the way out.
@@ -34,6 +39,7 @@ class LinearSensitivity:
     hdiag: torch.Tensor  # float64 [in]: sum_t w_t x_tj^2
     token_weight: torch.Tensor  # float32 [tokens], in calibration order (CPU)
     out_features: int
+    row_weight: torch.Tensor | None = None  # float64 [out]: sum_t g_tr^2, how much each output row matters
 
 
 def measure(
@@ -54,7 +60,7 @@ def measure(
     out: dict[tuple[int, str], LinearSensitivity] = {
         k: LinearSensitivity(torch.zeros(lin.in_features, dtype=torch.float64, device=device),
                              torch.zeros(0 if sibling_key(k[1]) else n_tokens, dtype=torch.float32, device=device),
-                             lin.out_features)
+                             lin.out_features, torch.zeros(lin.out_features, dtype=torch.float64, device=device))
         for k, lin in linears.items()
     }
     home = next(model.parameters()).device
@@ -69,8 +75,10 @@ def measure(
 
             def on_grad(g, key=key):
                 x = pending.pop(key)
-                w = g.detach().float().pow(2).sum(-1).reshape(-1)  # per token ([B, T], or routed tokens)
+                g2 = g.detach().float().pow(2)
+                w = g2.sum(-1).reshape(-1)  # per token ([B, T], or routed tokens)
                 s = out[key]
+                s.row_weight += g2.reshape(-1, g2.shape[-1]).sum(0).double()
                 s.hdiag += torch.einsum("t,ti->i", w.double(), x.reshape(-1, x.shape[-1]).double().pow(2))
                 if s.token_weight.numel():
                     s.token_weight[offset[0] : offset[0] + w.numel()] = w  # on the device: no sync per hook
@@ -122,7 +130,8 @@ def measure(
         model.config.use_cache = use_cache
         model.to(home)
     for k, s in out.items():
-        if not torch.isfinite(s.hdiag).all() or not torch.isfinite(s.token_weight).all():
+        if not torch.isfinite(s.hdiag).all() or not torch.isfinite(s.token_weight).all() \
+                or not torch.isfinite(s.row_weight).all():
             raise FloatingPointError(f"block {k[0]} {k[1]}: gradients overflowed in the sensitivity pass")
-        s.hdiag, s.token_weight = s.hdiag.cpu(), s.token_weight.cpu()  # one copy each, at the end
+        s.hdiag, s.token_weight, s.row_weight = s.hdiag.cpu(), s.token_weight.cpu(), s.row_weight.cpu()
     return out
