@@ -98,12 +98,46 @@ def _quantize_baseline(a: argparse.Namespace, out: Path, device: torch.device) -
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
     model.hf_quantizer = None  # a GGUF source leaves its (non-serializable) loader; the weights are dense now
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    _write_folder(out, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)))
     print(f"saved {out} ({a.method}, fake-quantized weights; effective bits per weight "
           f"{report['effective_bits']:.3f} if packed)")
     return 0
+
+
+def _is_baseline_output(out: Path) -> bool:
+    """A folder ``--method rtn|gptq|awq|...`` wrote (its config.json carries ``cmpq_baseline``)."""
+    try:
+        return "cmpq_baseline" in json.loads((out / "config.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+
+
+def _write_folder(out: Path, write) -> None:
+    """``write(tmp)`` into a temp folder beside ``out``, then swap it in: a reader sees the old
+    folder or the new one, never a mix, and a failure leaves the old one as it was. The temp and
+    old-copy names are those ``cmpq.save`` uses, so ``recover_debris`` cleans up after a kill."""
+    import shutil
+    import tempfile
+
+    from cmpq.storage.io import recover_debris
+
+    out = out.resolve()
+    for line in recover_debris(out):
+        print(f"warning: {line}", file=sys.stderr)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _strip_nproc(argv: list[str]) -> list[str]:
@@ -149,11 +183,12 @@ def _quantize_checks(a: argparse.Namespace, out: Path, partial: Path, cap) -> st
         return f"the output {out} is (or holds) the input model; choose another output path"
     if out.exists() and not a.overwrite:
         return f"{out} exists; pass --overwrite to replace it"
-    if out.exists() and a.method == "cmpq":
+    if out.exists():
         from cmpq.storage.io import check_replaceable
 
         try:
-            check_replaceable(out.resolve())
+            if a.method == "cmpq" or not _is_baseline_output(out):
+                check_replaceable(out.resolve())  # a cmpq output; for a baseline also a previous baseline's
         except FileExistsError as e:
             return str(e)
     parent = out.resolve().parent

@@ -180,3 +180,30 @@ def test_gptq_static_groups_runner():
     r = quantize_baseline(m, None, "gptq", 3, group_size=32, calib=IDS, device="cpu", log=None, act_order=True,
                           static_groups=True)
     assert r["static_groups"] and r["effective_bits"] == pytest.approx(3 + 32 / 32)  # no g_idx with static groups
+
+
+def test_cli_baseline_output_is_written_atomically_and_never_over_user_files(tmp_path, monkeypatch, capsys):
+    from transformers import PreTrainedModel
+
+    from cmpq.cli import main
+
+    src = tmp_path / "tiny"
+    tiny().save_pretrained(src)
+    _tokenizer().save_pretrained(src)
+    args = ["quantize", str(src), "--method", "rtn", "--bits", "3", "--group-size", "64", "--device", "cpu"]
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    assert main([*args, "-o", str(user), "--overwrite"]) == 2  # a user folder is never replaced
+    assert (user / "notes.txt").read_text() == "keep me" and sorted(p.name for p in user.iterdir()) == ["notes.txt"]
+    out = tmp_path / "rtn"
+    assert main([*args, "-o", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # a save that dies half way leaves the previous output as it was and no temp folder
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", lambda self, d, **kw: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    assert main([*args, "--bits", "4", "-o", str(out), "--overwrite"]) == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".rtn.")] == []
+    monkeypatch.undo()
+    assert main([*args, "--bits", "4", "-o", str(out), "--overwrite"]) == 0  # a previous baseline output is replaced
+    assert json.loads((out / "config.json").read_text())["cmpq_baseline"]["bits"] == 4
