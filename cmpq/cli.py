@@ -90,7 +90,7 @@ def _quantize_baseline(a: argparse.Namespace, out: Path, device: torch.device) -
     from cmpq.baselines.runners import quantize_baseline
     from cmpq.model.loading import load_model
 
-    model, tok = load_model(a.model, device="cpu", dtype=torch.float16 if device.type == "cuda" else torch.float32)
+    model, tok = load_model(a.model, device="cpu", dtype=_compute_dtype(a, device))
     opts = {"act_order": True} if a.act_order else {}
     gs = None if a.group_size <= 0 else a.group_size
     report = quantize_baseline(model, tok, a.method, a.bits, group_size=gs, calib=a.calib, nsamples=a.nsamples,
@@ -102,6 +102,13 @@ def _quantize_baseline(a: argparse.Namespace, out: Path, device: torch.device) -
     print(f"saved {out} ({a.method}, fake-quantized weights; effective bits per weight "
           f"{report['effective_bits']:.3f} if packed)")
     return 0
+
+
+def _compute_dtype(a: argparse.Namespace, device: torch.device) -> torch.dtype:
+    """``--dtype``, else float16 on GPU and float32 on CPU: the dtype the model is calibrated in."""
+    if getattr(a, "dtype", None):
+        return DTYPES[a.dtype]
+    return torch.float16 if device.type == "cuda" else torch.float32
 
 
 def _is_baseline_output(out: Path) -> bool:
@@ -274,7 +281,7 @@ def _quantize(a: argparse.Namespace, dist) -> int:
                           finetune_epochs=a.finetune_epochs, skip_modules=tuple(a.skip_modules))
     device = dist.device if dist is not None else _device(a.device)
     _check_model_input(a)
-    model, tok = load_model(a.model, device="cpu", dtype=torch.float16 if device.type == "cuda" else torch.float32)
+    model, tok = load_model(a.model, device="cpu", dtype=_compute_dtype(a, device))
     _check_output_space(model, cfg, out)
     cmpq.quantize(model, tok, cfg, calib=a.calib, device=device, checkpoint_dir=None if a.no_checkpoint else partial,
                   resume=a.resume, offload_activations=a.offload_activations, max_gpu_memory=cap, dist=dist)
@@ -518,6 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     q.add_argument("--token-weighting", choices=("gradient", "none"), default=D.token_weighting,
                    help="compensated: weight calibration tokens by output-gradient norm (default: %(default)s)")
+    q.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                   help="dtype the model is calibrated in (default: float16 on GPU, float32 on CPU; packed "
+                        "layers are stored the same either way)")
     q.add_argument("--row-weighting", choices=("gradient", "none"), default=D.row_weighting,
                    help="compensated: weight output rows in every codebook fit by their gradient energy "
                         "(SqueezeLLM-style; default: %(default)s)")

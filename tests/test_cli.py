@@ -179,3 +179,18 @@ def test_eval_dtype_option(tiny_folder, tmp_path):
     assert res["float32"]["kind"] == "fp32" and res["bfloat16"]["kind"] == "bf16"
     p32, p16 = (res[d]["results"]["offline"]["ppl"] for d in ("float32", "bfloat16"))
     assert p32 != p16 and abs(p32 - p16) / p32 < 0.05
+
+
+def test_quantize_dtype_option(tiny_folder, tmp_path):
+    """--dtype bfloat16 calibrates in bfloat16 and stores the unquantized tensors in it."""
+    from safetensors import safe_open
+
+    out = tmp_path / "qb"
+    assert main(["quantize", str(tiny_folder), "--bits", "3", "--algorithm", "paper", "--output", str(out),
+                 "--calib", "offline", "--nsamples", "2", "--seqlen", "32", "--device", "cpu",
+                 "--dtype", "bfloat16"]) == 0
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert f.get_tensor("model.norm.weight").dtype == torch.bfloat16
+    assert main(["eval", str(out), "--datasets", "offline", "--seqlen", "32", "--max-windows", "1",
+                 "--device", "cpu", "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["results"]["offline"]["ppl"] > 1
