@@ -21,18 +21,18 @@ def _codebooks(seed: int, n: int, k: int, scale: float, shift: float) -> torch.T
 @pytest.mark.parametrize("scale,shift", [(0.02, 0.0), (0.5, 0.0), (0.02, -3.0), (1.0, 0.5)])
 def test_encode_moves_entries_by_at_most_half_a_step(k, scale, shift):
     cb = _codebooks(k, 400, k, scale, shift)
-    codes, affine = encode(cb)
-    assert codes.dtype == torch.uint8 and affine.dtype == torch.float16 and affine.shape == (400, 2)
-    got = decode(codes, affine, torch.float32)
-    step = affine[:, 1].float()
+    codes, bounds = encode(cb)
+    assert codes.dtype == torch.uint8 and bounds.dtype == torch.float16 and bounds.shape == (400, 2)
+    got = decode(codes, bounds, torch.float32)
+    step = (bounds[:, 1].float() - bounds[:, 0].float()) / 255
     # half a grid step, plus the FP16 rounding of the decoded value the kernels use
     bound = step[:, None] / 2 + cb.abs() * 2**-10 + 1e-7
     assert ((got - cb).abs() <= bound).all()
     assert (got[:, 1:] >= got[:, :-1]).all(), "ascending codebooks stay ascending"
     # and 256 levels across the range: far finer than the entries themselves
-    # (the minimum is rounded down to FP16, by up to one FP16 spacing of it, and the step up)
-    span = cb[:, -1] - cb[:, 0] + cb[:, 0].abs() * 2**-10
-    assert (step <= span / 255 * (1 + 2**-9) + 1e-7).all()
+    # (the bounds are rounded outward to FP16, by up to one FP16 spacing each)
+    span = cb[:, -1] - cb[:, 0] + (cb[:, 0].abs() + cb[:, -1].abs()) * 2**-10
+    assert (step <= span / 255 + 1e-7).all()
 
 
 @pytest.mark.parametrize("k", [2, 4, 8, 16])

@@ -263,7 +263,7 @@ def test_pristine_copy_loads_identical(pristine, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["model.norm.weight", "model.embed_tokens.weight",
-                                  "model.layers.0.mlp.down_proj.q3_codebook_affine"])
+                                  "model.layers.0.mlp.down_proj.q3_codebook_bounds"])
 @pytest.mark.parametrize("dtype", ["BF16", "I16", "U16"])
 def test_same_width_dtype_in_the_header_is_refused(name, dtype, pristine, tmp_path):
     """The checksums cover bytes, not dtypes: F16 read as BF16 passes them with every value changed.

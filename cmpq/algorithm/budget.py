@@ -51,7 +51,7 @@ def _int_bits(n: int) -> int:
 def channel_cost_bits(width: int, out_features: int, in_features: int) -> int:
     """Stored bits of one channel of an ``out_features x in_features`` layer at ``width`` (format
     v3): its packed indices (blocks of 32 rows), its ``2**width`` 8-bit codebook codes with their
-    FP16 minimum and step, and its channel id; or, for ``FP16``, the column and its id."""
+    FP16 minimum and maximum, and its channel id; or, for ``FP16``, the column and its id."""
     ids = _int_bits(in_features)
     if width == FP16:
         return 16 * out_features + ids

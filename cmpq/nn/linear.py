@@ -64,7 +64,7 @@ class CMPQLinear(nn.Module):
             self.register_buffer(f"q{b}_channels", torch.empty(n, dtype=ids, **kw))
             self.register_buffer(f"q{b}_packed", torch.empty(packed_shape(n, out_features, b), dtype=torch.int32, **kw))
             self.register_buffer(f"q{b}_codebook", torch.empty(n, 2**b, dtype=torch.uint8, **kw))
-            self.register_buffer(f"q{b}_codebook_affine", torch.zeros(n, 2, dtype=torch.float16, **kw))
+            self.register_buffer(f"q{b}_codebook_bounds", torch.zeros(n, 2, dtype=torch.float16, **kw))
         self.register_buffer("outlier_channels", torch.empty(n_outlier_channels, dtype=ids, **kw))
         self.register_buffer("outlier_weight", torch.empty(out_features, n_outlier_channels, dtype=torch.float16, **kw))
         self.register_buffer("sparse_crow", torch.zeros(out_features + 1, dtype=id_dtype(n_sparse), **kw))
@@ -88,13 +88,13 @@ class CMPQLinear(nn.Module):
         """(channels int32, packed indices, codebook FP16 ``[n, 2**b]``) of the b-bit group: the stored
         narrow ids and 8-bit codes decoded, the form every kernel's load-time layout starts from."""
         return (getattr(self, f"q{b}_channels").to(torch.int32), getattr(self, f"q{b}_packed"),
-                codebook.decode(getattr(self, f"q{b}_codebook"), getattr(self, f"q{b}_codebook_affine")))
+                codebook.decode(getattr(self, f"q{b}_codebook"), getattr(self, f"q{b}_codebook_bounds")))
 
     def set_codebook(self, b: int, cb: torch.Tensor) -> None:
-        """Store FP codebooks ``[n, 2**b]`` of the b-bit group (encoded to 8-bit codes + affine)."""
-        codes, affine = codebook.encode(cb)
+        """Store FP codebooks ``[n, 2**b]`` of the b-bit group (encoded to 8-bit codes + FP16 bounds)."""
+        codes, bounds = codebook.encode(cb)
         setattr(self, f"q{b}_codebook", codes)
-        setattr(self, f"q{b}_codebook_affine", affine)
+        setattr(self, f"q{b}_codebook_bounds", bounds)
 
     def group_indices(self, b: int, r0: int = 0, r1: int | None = None) -> torch.Tensor:
         """Codebook indices ``[r1 - r0, n_b]`` (int64) of the b-bit group for output rows ``r0:r1``."""
@@ -111,7 +111,7 @@ class CMPQLinear(nn.Module):
         nbytes = lambda name: (lambda x: x.numel() * x.element_size())(getattr(self, name))  # noqa: E731
         for b in self.bit_widths:
             out["indices"] += nbytes(f"q{b}_packed")
-            out["codebooks"] += nbytes(f"q{b}_codebook") + nbytes(f"q{b}_codebook_affine")
+            out["codebooks"] += nbytes(f"q{b}_codebook") + nbytes(f"q{b}_codebook_bounds")
             out["channel_ids"] += nbytes(f"q{b}_channels")
         out["outlier_columns"] = sum(t.numel() * t.element_size() for t in (self.outlier_channels, self.outlier_weight))
         out["sparse_outliers"] = sum(

@@ -316,9 +316,9 @@ def _check_layer(name: str, t: dict[str, torch.Tensor], info: dict) -> None:
             raise CorruptModelError(f"{label}: channel id out of range [0, {in_f})")
         seen += torch.bincount(ch.long(), minlength=in_f)[:in_f] if ch.numel() else 0
         if b:
-            aff = t[f"{name}.q{b}_codebook_affine"]
-            if not torch.isfinite(aff).all() or (aff[:, 1] < 0).any():
-                raise CorruptModelError(f"{name}.q{b}_codebook_affine: holds NaN, Inf or a negative step")
+            bnd = t[f"{name}.q{b}_codebook_bounds"]
+            if not torch.isfinite(bnd).all() or (bnd[:, 1] < bnd[:, 0]).any():
+                raise CorruptModelError(f"{name}.q{b}_codebook_bounds: holds NaN or Inf, or a max below its min")
     if not torch.equal(seen, torch.ones_like(seen)):
         raise CorruptModelError(f"{name}: channel ids do not cover 0..{in_f - 1} exactly once")
     crow, col, val = t[f"{name}.sparse_crow"], t[f"{name}.sparse_col"], t[f"{name}.sparse_val"]
