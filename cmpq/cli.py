@@ -98,7 +98,12 @@ def _quantize_baseline(a: argparse.Namespace, out: Path, device: torch.device) -
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
     model.hf_quantizer = None  # a GGUF source leaves its (non-serializable) loader; the weights are dense now
-    _write_folder(out, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)))
+    from cmpq.storage.io import recover_debris, write_folder
+
+    out = out.resolve()
+    for line in recover_debris(out):
+        print(f"warning: {line}", file=sys.stderr)
+    write_folder(out, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)))
     print(f"saved {out} ({a.method}, fake-quantized weights; effective bits per weight "
           f"{report['effective_bits']:.3f} if packed)")
     return 0
@@ -117,34 +122,6 @@ def _is_baseline_output(out: Path) -> bool:
         return "cmpq_baseline" in json.loads((out / "config.json").read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         return False
-
-
-def _write_folder(out: Path, write) -> None:
-    """``write(tmp)`` into a temp folder beside ``out``, then swap it in: a reader sees the old
-    folder or the new one, never a mix, and a failure leaves the old one as it was. The temp and
-    old-copy names are those ``cmpq.save`` uses, so ``recover_debris`` cleans up after a kill."""
-    import shutil
-    import tempfile
-
-    from cmpq.storage.io import recover_debris
-
-    out = out.resolve()
-    for line in recover_debris(out):
-        print(f"warning: {line}", file=sys.stderr)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _strip_nproc(argv: list[str]) -> list[str]:

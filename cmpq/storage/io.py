@@ -11,13 +11,14 @@ import re
 import shutil
 import tempfile
 import warnings
+from typing import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from cmpq.model import run_state
-from cmpq.model.blocks import find_blocks, set_module
+from cmpq.model.blocks import set_module
 from cmpq.nn.linear import MARKER, CMPQLinear, marker_tensor
 from cmpq.storage.layout import LayoutError, check_layout, layer_layout, model_layout, same_layout
 from cmpq.storage.packing import SUPPORTED_BITS
@@ -163,6 +164,39 @@ def check_free_space(folder: Path, need: int, what: str) -> None:
                                     f"{free / 2**20:,.0f} MiB free under {probe}")
 
 
+def write_folder(out: Path, write: Callable[[Path], None], what: str = "save") -> None:
+    """``write(tmp)`` into a temp folder beside ``out``, then swap it in, so a loadable folder is at
+    ``out`` (or, between the two renames, beside it, where ``recover_debris`` finds it) at every
+    instant; a failure leaves the previous ``out`` as it was and nothing partial. An ``OSError``
+    (a full disk) is re-raised saying so. Callers check first that ``out`` may be replaced."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old = None
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:  # replacing: put the previous output back if it was moved aside
+            if not out.exists() and (old / "x").is_dir():
+                os.replace(old / "x", out)
+            if not (old / "x").exists():
+                shutil.rmtree(old, ignore_errors=True)
+        os_err = as_os_error(e)
+        if os_err is None or isinstance(e, FileExistsError):
+            raise
+        before = f"the previous {out.name} is intact" if out.exists() else f"{out.name} was not created"
+        raise OSError(os_err.errno, f"cannot {what} {out}: {os_err.strerror or os_err} ({before}, nothing "
+                                    f"partial left)") from e
+
+
 def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
     """Write ``model`` (quantized by cmpq) to ``out_dir`` atomically: temp folder, then rename.
 
@@ -187,10 +221,8 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool 
     tensors, tied = tensors_to_save(model)
     check_free_space(out.parent, sum(t.numel() * t.element_size() for t in tensors.values()) + SPACE_MARGIN,
                      f"saving {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    old = None
-    try:
+
+    def write(tmp: Path) -> None:
         # One metadata key: safetensors writes its metadata map in hash order, so two keys would make
         # the bytes of identical models differ from run to run.
         save_file(tensors, str(tmp / WEIGHTS), metadata={"cmpq_format_version": str(FORMAT_VERSION)})
@@ -208,27 +240,8 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool 
             "sha256": {n: tensor_sha256(t) for n, t in sorted(tensors.items())},  # checked on load
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # written last: marks completeness
-        _fsync_tree(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:  # replacing: put the previous output back if it was moved aside
-            if not out.exists() and (old / "x").is_dir():
-                os.replace(old / "x", out)
-            if not (old / "x").exists():
-                shutil.rmtree(old, ignore_errors=True)
-        os_err = as_os_error(e)
-        if os_err is None or isinstance(e, FileExistsError):
-            raise
-        before = f"the previous {out.name} is intact" if out.exists() else f"{out.name} was not created"
-        raise OSError(os_err.errno, f"cannot save {out}: {os_err.strerror or os_err} ({before}, nothing partial "
-                                    f"left)") from e
+
+    write_folder(out, write, "save")
     ckpt = run_state.state(model).checkpoint_dir
     if ckpt is not None:
         shutil.rmtree(ckpt, ignore_errors=True)
@@ -306,7 +319,7 @@ def check_manifest(manifest: dict, where: Path) -> None:
 
 def _check_layer(name: str, t: dict[str, torch.Tensor], info: dict) -> None:
     """Consistency of one packed layer; raises naming the offending tensor."""
-    out_f, in_f = info["out_features"], info["in_features"]
+    in_f = info["in_features"]
     seen = torch.zeros(in_f, dtype=torch.int64, device=t[f"{name}.outlier_channels"].device)
     groups = [(int(b), t[f"{name}.q{b}_channels"]) for b in info["channels"]]
     groups.append((0, t[f"{name}.outlier_channels"]))
@@ -321,7 +334,7 @@ def _check_layer(name: str, t: dict[str, torch.Tensor], info: dict) -> None:
                 raise CorruptModelError(f"{name}.q{b}_codebook_bounds: holds NaN or Inf, or a max below its min")
     if not torch.equal(seen, torch.ones_like(seen)):
         raise CorruptModelError(f"{name}: channel ids do not cover 0..{in_f - 1} exactly once")
-    crow, col, val = t[f"{name}.sparse_crow"], t[f"{name}.sparse_col"], t[f"{name}.sparse_val"]
+    crow, col = t[f"{name}.sparse_crow"], t[f"{name}.sparse_col"]
     if crow[0] != 0 or (crow[1:] < crow[:-1]).any() or crow[-1] != col.numel():
         raise CorruptModelError(f"{name}.sparse_crow: row pointers not monotone from 0 to nnz={col.numel()}")
     if col.numel() and (col.min() < 0 or col.max() >= in_f):
