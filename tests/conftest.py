@@ -42,15 +42,12 @@ def calib_ids():
 @pytest.fixture
 def folder4(tmp_path):
     """A 4-block tiny Llama with a character tokenizer, saved as a local folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tiny_models import char_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=200, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    vocab = {chr(i): i for i in range(32, 127)} | {"[UNK]": 0}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path / "base")
+    char_tokenizer().save_pretrained(tmp_path / "base")
     return tmp_path / "base"

@@ -6,19 +6,13 @@ import pytest
 import torch
 
 from cmpq.cli import main
+from tiny_models import char_tokenizer
 
 
 @pytest.fixture
 def tiny_folder(tmp_path, tiny_llama):
-    from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {chr(i): i for i in range(32, 127)} | {"[UNK]": 0}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
     tiny_llama.save_pretrained(tmp_path / "base")
-    fast.save_pretrained(tmp_path / "base")
+    char_tokenizer().save_pretrained(tmp_path / "base")
     return tmp_path / "base"
 
 

@@ -166,8 +166,7 @@ def test_nproc_starts_torchrun(folder4, tmp_path, monkeypatch, capsys):
 @pytest.fixture
 def quantized(calib_ids, tmp_path, one_thread):
     """A 4-block tiny Llama (tied embeddings) quantized and saved with a character tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=200, num_hidden_layers=4,
@@ -176,11 +175,9 @@ def quantized(calib_ids, tmp_path, one_thread):
     cfg = cmpq.CMPQConfig(bits=3, algorithm="paper", nsamples=4, seqlen=64, calib_batch_size=2)
     cmpq.quantize(model, None, cfg, calib=calib_ids, device="cpu", log=None)
 
-    vocab = {chr(i): i for i in range(32, 127)} | {"[UNK]": 0}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return cmpq.save(model, tmp_path / "q", tokenizer=PreTrainedTokenizerFast(tokenizer_object=tok,
-                                                                                    unk_token="[UNK]"))
+    from tiny_models import char_tokenizer
+
+    return cmpq.save(model, tmp_path / "q", tokenizer=char_tokenizer())
 
 
 def test_device_map_eval_equals_single_device(quantized, tmp_path, capsys):

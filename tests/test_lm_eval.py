@@ -18,6 +18,7 @@ pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install
 
 import cmpq  # noqa: E402
 from cmpq.cli import main  # noqa: E402
+from tiny_models import char_tokenizer  # noqa: E402
 
 DOCS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France.",
         "Quantized weights fit in less memory."]
@@ -25,13 +26,7 @@ DOCS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of
 
 @pytest.fixture
 def quantized(tmp_path, tiny_llama, calib_ids):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {chr(i): i for i in range(32, 127)} | {"[UNK]": 0, "</s>": 1}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="</s>")
+    tok = char_tokenizer(eos=True)
     cfg = cmpq.CMPQConfig(bits=4.5, nsamples=4, seqlen=64, finetune_epochs=0)
     cmpq.quantize(tiny_llama, tok, cfg, calib=calib_ids, log=None)
     out = tmp_path / "q"

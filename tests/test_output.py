@@ -2,10 +2,8 @@
 eval line, no absolute paths in saved metadata, transformers' loading bars kept quiet."""
 
 import io
-import json
 
 import pytest
-import torch
 
 import cmpq
 from cmpq.cli import main
@@ -50,13 +48,9 @@ def test_quantize_and_eval_show_bars_on_a_terminal(tiny_llama, calib_ids, monkey
 
 
 def test_calibration_description_has_no_absolute_path(tiny_llama, tmp_path, monkeypatch):
-    from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tiny_models import char_tokenizer
 
-    vocab = {chr(i): i for i in range(32, 127)} | {"[UNK]": 0}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]")
+    tok = char_tokenizer()
     data = tmp_path / "data"
     (data / "wikitext-2-raw").mkdir(parents=True)
     (data / "wikitext-2-raw" / "wiki.train.raw").write_text("some calibration text, repeated. " * 200)

@@ -28,3 +28,15 @@ def clone(m: LlamaForCausalLM) -> LlamaForCausalLM:
     c = LlamaForCausalLM(m.config).eval()
     c.load_state_dict(m.state_dict())
     return c
+
+
+def char_tokenizer(eos: bool = False):
+    """One token per printable ASCII character (ids 32..126, ``[UNK]`` 0), built offline; with
+    ``eos``, ``</s>`` as id 1 (lm-eval and chat-free generation need an end token)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i for i in range(32, 127)} | {"[UNK]": 0} | ({"</s>": 1} if eos else {})
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", **({"eos_token": "</s>"} if eos else {}))
