@@ -76,7 +76,7 @@ def _compensated_steps(model: nn.Module, windows: Windows, cfg: CMPQConfig, devi
     if cfg.allocator == "distortion":
         check_reachable(model, cfg)  # before any work
     t0 = time.perf_counter()
-    sens = sensitivity.measure(model, windows.ids, device, log)
+    sens = sensitivity.measure(model, windows.ids, device, log, rows=cfg.row_weighting == "gradient")
     phases.add("sensitivity", time.perf_counter() - t0)
     with phases.phase("allocation", device):
         hdiag = {k: s.hdiag for k, s in sens.items()}

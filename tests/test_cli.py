@@ -188,3 +188,13 @@ def test_quantize_dtype_option(tiny_folder, tmp_path):
     assert main(["eval", str(out), "--datasets", "offline", "--seqlen", "32", "--max-windows", "1",
                  "--device", "cpu", "--json", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["results"]["offline"]["ppl"] > 1
+
+
+def test_quantize_with_row_weighting(tiny_folder, tmp_path):
+    """--row-weighting gradient runs end to end (sensitivity rows -> allocation -> codebooks) and is recorded."""
+    out = tmp_path / "rw"
+    assert main(["quantize", str(tiny_folder), "--bits", "4", "--output", str(out), "--calib", "offline",
+                 "--nsamples", "2", "--seqlen", "32", "--device", "cpu", "--finetune-epochs", "0",
+                 "--row-weighting", "gradient"]) == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["row_weighting"] == "gradient" and abs(qc["bits"] - 4) < 1e-9

@@ -148,5 +148,5 @@ def test_row_weighting_lowers_the_weighted_output_error():
         Q = quantize_compensated(W, H, widths, n_sparse=0, kmeans_iters=30, row_weight=w, compensate=False).dequantize()
         err[name] = float(((held @ (W - Q).T).pow(2) * rw).mean())
     assert err["weighted"] < 0.6 * err["plain"], err
-    with pytest.raises(ValueError, match="row_weight"):
+    with pytest.raises(ValueError, match="row weights"):
         quantize_compensated(W, H, widths, 0, row_weight=torch.ones(3))

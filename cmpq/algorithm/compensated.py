@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from cmpq.algorithm.budget import FP16
-from cmpq.algorithm.kmeans import assign_nearest, kmeans_1d
+from cmpq.algorithm.kmeans import assign_nearest, kmeans_1d, mean_one_weights
 from cmpq.algorithm.layer import QuantizedParts
 from cmpq.baselines.gptq import _inverse_hessian_cholesky
 from cmpq.storage.codebook import storable
@@ -119,12 +119,7 @@ def quantize_compensated(
     H.diagonal().masked_fill_(dead, 1.0)
     W.masked_fill_(dead, 0.0)
 
-    rw = None
-    if row_weight is not None:
-        if row_weight.shape != (out_f,) or not torch.isfinite(row_weight).all() or (row_weight < 0).any():
-            raise ValueError(f"{name}: row_weight must be {out_f} finite non-negative values")
-        rw = row_weight.to(device=dev, dtype=torch.float32)
-        rw = rw / rw.mean().clamp(min=1e-30) + 1e-6  # mean 1; no row entirely ignored
+    rw = None if row_weight is None else mean_one_weights(row_weight, out_f, dev, name)
     init = initial_codebooks(W, widths, kmeans_iters, rw)
     rows, cols = select_sparse(W, diag, init, n_sparse, rw)
     start = torch.zeros(in_f, max([2**b for b in init] or [1]), device=dev)  # warm start per column

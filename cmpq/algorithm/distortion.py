@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from cmpq.algorithm.budget import FP16, LayerOptions, channel_cost_bits, sparse_cost_bits
-from cmpq.algorithm.kmeans import assign_nearest, kmeans_1d
+from cmpq.algorithm.kmeans import assign_nearest, kmeans_1d, mean_one_weights
 from cmpq.storage.codebook import storable
 
 
@@ -33,10 +33,8 @@ def layer_options(weight: torch.Tensor, hdiag: torch.Tensor, widths: tuple[int, 
     if hdiag.shape != (in_f,):
         raise ValueError(f"sensitivity has shape {tuple(hdiag.shape)}, expected ({in_f},)")
     h = hdiag.to(weight.device).double().clamp(min=0) / (2 * out_f)
-    rw = None
-    if row_weight is not None:  # mean 1, so the loss scale (and the price per bit) is unchanged
-        rw = row_weight.to(device=weight.device, dtype=torch.float32)
-        rw = rw / rw.mean().clamp(min=1e-30) + 1e-6
+    # mean 1, so the loss scale (and the price per bit) is unchanged
+    rw = None if row_weight is None else mean_one_weights(row_weight, out_f, weight.device)
     opts = sorted(set(widths) | ({FP16} if fp16 else set()), key=lambda b: channel_cost_bits(b, out_f, in_f))
     loss = torch.stack([torch.zeros(in_f, dtype=torch.float64, device=weight.device) if b == FP16
                         else h * channel_sse(weight, b, iters, rw) for b in opts], dim=1)

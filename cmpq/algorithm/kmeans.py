@@ -21,6 +21,16 @@ import torch
 CHUNK_ELEMENTS = 1 << 25  # rows are processed in chunks of about this many values to bound memory
 
 
+def mean_one_weights(raw: torch.Tensor, n: int, device: torch.device, name: str = "weight") -> torch.Tensor:
+    """k-means weights ``[n]`` (float32, mean 1, none zero) from raw non-negative ones, e.g. a layer's
+    per-output-row gradient energy: the scale is irrelevant to a fit, and mean 1 keeps weighted
+    distortions in the units of unweighted ones."""
+    if raw.shape != (n,) or not torch.isfinite(raw).all() or (raw < 0).any():
+        raise ValueError(f"{name}: row weights must be {n} finite non-negative values")
+    w = raw.to(device=device, dtype=torch.float32)
+    return w / w.mean().clamp(min=1e-30) + 1e-6
+
+
 def kmeans_1d(
     x: torch.Tensor, k: int, keep: torch.Tensor | None = None, max_iter: int = 100,
     init: torch.Tensor | None = None, weight: torch.Tensor | None = None,

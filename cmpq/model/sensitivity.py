@@ -47,8 +47,10 @@ def measure(
     ids: torch.Tensor,
     device: torch.device | str,
     log: Callable[[str], None] | None = None,
+    rows: bool = False,
 ) -> dict[tuple[int, str], LinearSensitivity]:
-    """Sensitivity of every block linear, keyed by (block index, linear name), from windows ``ids``."""
+    """Sensitivity of every block linear, keyed by (block index, linear name), from windows ``ids``
+    (``rows``: also each output row's gradient energy, for ``row_weighting="gradient"``)."""
     device = torch.device(device)
     _, blocks = find_blocks(model)
     linears = {(i, n): lin for i, b in enumerate(blocks) for n, lin in find_linears(b).items()}
@@ -60,7 +62,8 @@ def measure(
     out: dict[tuple[int, str], LinearSensitivity] = {
         k: LinearSensitivity(torch.zeros(lin.in_features, dtype=torch.float64, device=device),
                              torch.zeros(0 if sibling_key(k[1]) else n_tokens, dtype=torch.float32, device=device),
-                             lin.out_features, torch.zeros(lin.out_features, dtype=torch.float64, device=device))
+                             lin.out_features,
+                             torch.zeros(lin.out_features, dtype=torch.float64, device=device) if rows else None)
         for k, lin in linears.items()
     }
     home = next(model.parameters()).device
@@ -78,7 +81,8 @@ def measure(
                 g2 = g.detach().float().pow(2)
                 w = g2.sum(-1).reshape(-1)  # per token ([B, T], or routed tokens)
                 s = out[key]
-                s.row_weight += g2.reshape(-1, g2.shape[-1]).sum(0).double()
+                if s.row_weight is not None:
+                    s.row_weight += g2.reshape(-1, g2.shape[-1]).sum(0).double()
                 s.hdiag += torch.einsum("t,ti->i", w.double(), x.reshape(-1, x.shape[-1]).double().pow(2))
                 if s.token_weight.numel():
                     s.token_weight[offset[0] : offset[0] + w.numel()] = w  # on the device: no sync per hook
@@ -131,7 +135,9 @@ def measure(
         model.to(home)
     for k, s in out.items():
         if not torch.isfinite(s.hdiag).all() or not torch.isfinite(s.token_weight).all() \
-                or not torch.isfinite(s.row_weight).all():
+                or (s.row_weight is not None and not torch.isfinite(s.row_weight).all()):
             raise FloatingPointError(f"block {k[0]} {k[1]}: gradients overflowed in the sensitivity pass")
-        s.hdiag, s.token_weight, s.row_weight = s.hdiag.cpu(), s.token_weight.cpu(), s.row_weight.cpu()
+        s.hdiag, s.token_weight = s.hdiag.cpu(), s.token_weight.cpu()  # one copy each, at the end
+        if s.row_weight is not None:
+            s.row_weight = s.row_weight.cpu()
     return out
