@@ -21,7 +21,6 @@ from cmpq.model import run_state
 from cmpq.model.blocks import set_module
 from cmpq.nn.linear import MARKER, CMPQLinear, marker_tensor
 from cmpq.storage.layout import LayoutError, check_layout, layer_layout, model_layout, same_layout
-from cmpq.storage.packing import SUPPORTED_BITS
 
 FORMAT_VERSION = 3  # 3: 8-bit codebooks, narrow ids; 2: FP16 codebooks, int32 ids; 1: indices along the channels
 WEIGHTS = "model.safetensors"
@@ -251,11 +250,6 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool 
 
 # -- loading --------------------------------------------------------------------------------------
 
-# Every manifest field the loader or `cmpq info` reads, per quantized linear; all are counts.
-_LAYER_COUNTS = ("in_features", "out_features", "outlier_channels", "sparse_outliers")
-_MAX_DIM = 2**31 - 1  # channel ids and row pointers are int32 in this format
-
-
 def read_json(path: Path, what: str) -> dict:
     """A JSON object from ``path``; anything else (missing, not UTF-8, not JSON, a list) is refused."""
     if not path.is_file():
@@ -269,38 +263,17 @@ def read_json(path: Path, what: str) -> dict:
     return data
 
 
-def _is_count(v: object, top: int = _MAX_DIM) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= top
-
-
-def _check_layer_entry(name: str, info: object, where: Path) -> None:
-    """One manifest layer entry: types and ranges, before any of it reaches a constructor (where a
-    string or a negative count would fail with an error that names neither the file nor the layer)."""
+def _check_summary(name: str, info: dict, where: Path) -> None:
+    """The manifest's per-layer summary fields, which `cmpq info` reads (the layout fields are
+    ``check_layout``'s)."""
     what = f"{where}: layer {name!r}"
-    if not isinstance(info, dict):
-        raise CorruptModelError(f"{what}: expected an object, got {type(info).__name__}")
-    for k in _LAYER_COUNTS:
-        if not _is_count(info.get(k)):
-            raise CorruptModelError(f"{what}: {k} must be an integer in [0, 2^31), got {info.get(k)!r}")
-    if not info["in_features"] or not info["out_features"]:
-        raise CorruptModelError(f"{what}: in_features and out_features must be positive")
-    if not isinstance(info.get("bias"), bool):
-        raise CorruptModelError(f"{what}: bias must be true or false, got {info.get('bias')!r}")
-    ch = info.get("channels")
-    widths = {str(b) for b in SUPPORTED_BITS}
-    if not isinstance(ch, dict) or not all(b in widths and _is_count(n) for b, n in ch.items()):
-        raise CorruptModelError(f"{what}: channels must map widths {min(widths)}..{max(widths)} to counts, got {ch!r}")
-    if sum(ch.values()) + info["outlier_channels"] != info["in_features"]:
-        raise CorruptModelError(f"{what}: channel counts {ch} plus {info['outlier_channels']} outlier channels "
-                                f"are not in_features {info['in_features']}")
-    if info["sparse_outliers"] > info["in_features"] * info["out_features"]:
-        raise CorruptModelError(f"{what}: more sparse outliers ({info['sparse_outliers']}) than weights")
-    for k in ("nominal_bits", "effective_bits"):  # read by `cmpq info`
+    for k in ("nominal_bits", "effective_bits"):
         v = info.get(k)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
             raise CorruptModelError(f"{what}: {k} must be a non-negative number, got {v!r}")
     b = info.get("bytes")
-    if not isinstance(b, dict) or not all(isinstance(k, str) and _is_count(v, 2**62) for k, v in b.items()):
+    if not isinstance(b, dict) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                                          and 0 <= v < 2**62 for k, v in b.items()):
         raise CorruptModelError(f"{what}: bytes must map kinds to byte counts, got {b!r}")
 
 
@@ -313,8 +286,12 @@ def check_manifest(manifest: dict, where: Path) -> None:
         v = manifest.get(key, {})
         if not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values()):
             raise CorruptModelError(f"{where}: '{key}' must map tensor names to strings, got {type(v).__name__}")
+    try:
+        check_layout(layers, str(where))
+    except LayoutError as e:
+        raise CorruptModelError(str(e)) from None
     for name, info in layers.items():
-        _check_layer_entry(name, info, where)
+        _check_summary(name, info, where)
 
 
 def _check_layer(name: str, t: dict[str, torch.Tensor], info: dict) -> None:
@@ -497,17 +474,16 @@ def _tie(model: nn.Module, tied: dict) -> None:
 
 def read_layout(path: Path, qc: dict, manifest: dict | None) -> dict:
     """The layer layout of a folder: ``quantization_config["layers"]`` (current folders) or the
-    manifest's (older ones); both present must agree."""
+    manifest's (older ones); both present must agree. A manifest must have passed
+    ``check_manifest`` (which checks its layout) first."""
     layers = qc.get("layers")
+    if layers is None:
+        if manifest is None:
+            raise CorruptModelError(f"{path}: missing {MANIFEST} and no 'layers' in config.json's "
+                                    f"quantization_config; not a complete cmpq model folder")
+        return manifest["layers"]
     try:
-        if layers is None:
-            if manifest is None:
-                raise CorruptModelError(f"{path}: missing {MANIFEST} and no 'layers' in config.json's "
-                                        f"quantization_config; not a complete cmpq model folder")
-            return check_layout(manifest.get("layers"), f"{path}/{MANIFEST}")
         check_layout(layers, f"{path}/config.json")
-        if manifest is not None:
-            check_layout(manifest.get("layers"), f"{path}/{MANIFEST}")
     except LayoutError as e:
         raise CorruptModelError(str(e)) from None
     if manifest is not None and not same_layout(layers, manifest["layers"]):

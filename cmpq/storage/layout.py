@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from cmpq.nn.linear import CMPQLinear
+from cmpq.storage.packing import SUPPORTED_BITS
 
 # per layer: {"in_features", "out_features", "bias", "channels": {"<bits>": n}, "outlier_channels", "sparse_outliers"}
 FIELDS = ("in_features", "out_features", "bias", "channels", "outlier_channels", "sparse_outliers")
@@ -39,28 +40,40 @@ def model_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
     return {n: layer_layout(m) for n, m in model.named_modules() if isinstance(m, CMPQLinear)}
 
 
+MAX_COUNT = 2**31 - 1  # ids and row pointers must fit int32 (the widest the format uses)
+
+
 def _count(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_COUNT
 
 
 def check_layout(layers: object, where: str) -> dict[str, dict[str, Any]]:
-    """``layers`` as read from JSON, checked field by field (``where`` names the file in errors)."""
+    """``layers`` as read from JSON (config.json's or the manifest's), checked field by field before
+    any of it reaches a constructor, where a string or a huge count would fail (or allocate) with
+    an error that names neither the file nor the layer. ``where`` names the file in errors."""
     if not isinstance(layers, dict) or not layers:
         raise LayoutError(f"{where}: 'layers' must map module names to layer shapes, got {type(layers).__name__}")
+    widths = {str(b) for b in SUPPORTED_BITS}
     for name, info in layers.items():
+        what = f"{where}: layer {name!r}"
         if not isinstance(info, dict) or set(FIELDS) - set(info):
-            raise LayoutError(f"{where}: layer {name} must have the fields {', '.join(FIELDS)}")
-        ch = info["channels"]
-        if not isinstance(ch, dict) or not all(k.isdigit() and 1 <= int(k) <= 8 and _count(v) for k, v in ch.items()):
-            raise LayoutError(f"{where}: layer {name}: 'channels' must map bit widths 1..8 to channel counts, got {ch!r}")
+            raise LayoutError(f"{what} must have the fields {', '.join(FIELDS)}")
         for k in ("in_features", "out_features", "outlier_channels", "sparse_outliers"):
             if not _count(info[k]):
-                raise LayoutError(f"{where}: layer {name}: {k} must be a non-negative integer, got {info[k]!r}")
+                raise LayoutError(f"{what}: {k} must be an integer in [0, 2^31), got {info[k]!r}")
+        if not info["in_features"] or not info["out_features"]:
+            raise LayoutError(f"{what}: in_features and out_features must be positive")
         if not isinstance(info["bias"], bool):
-            raise LayoutError(f"{where}: layer {name}: bias must be true or false, got {info['bias']!r}")
+            raise LayoutError(f"{what}: bias must be true or false, got {info['bias']!r}")
+        ch = info["channels"]
+        if not isinstance(ch, dict) or not all(k in widths and _count(v) for k, v in ch.items()):
+            raise LayoutError(f"{what}: channels must map widths {min(SUPPORTED_BITS)}..{max(SUPPORTED_BITS)} to "
+                              f"channel counts, got {ch!r}")
         if sum(ch.values()) + info["outlier_channels"] != info["in_features"]:
-            raise LayoutError(f"{where}: layer {name}: channel counts {ch} plus {info['outlier_channels']} outlier "
-                              f"channels do not add up to in_features {info['in_features']}")
+            raise LayoutError(f"{what}: channel counts {ch} plus {info['outlier_channels']} outlier channels "
+                              f"are not in_features {info['in_features']}")
+        if info["sparse_outliers"] > info["in_features"] * info["out_features"]:
+            raise LayoutError(f"{what}: more sparse outliers ({info['sparse_outliers']}) than weights")
     return layers
 
 
