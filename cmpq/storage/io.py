@@ -18,9 +18,8 @@ import torch
 from torch import nn
 
 from cmpq.model import run_state
-from cmpq.model.blocks import set_module
 from cmpq.nn.linear import MARKER, CMPQLinear, marker_tensor
-from cmpq.storage.layout import LayoutError, check_layout, layer_layout, model_layout, same_layout
+from cmpq.storage.layout import LayoutError, check_layout, install, layer_layout, model_layout, same_layout
 
 FORMAT_VERSION = 3  # 3: 8-bit codebooks, narrow ids; 2: FP16 codebooks, int32 ids; 1: indices along the channels
 WEIGHTS = "model.safetensors"
@@ -353,32 +352,6 @@ def _skeleton(path: Path) -> nn.Module:
     return model
 
 
-def _place_layers(model: nn.Module, layers: dict, where: Path) -> None:
-    """Put a meta ``CMPQLinear`` where each manifest layer says, after checking that the config's
-    architecture has a linear of that shape and bias there (a manifest from another model, or a
-    config edited since, would otherwise load and fail, or compute garbage, at the first forward)."""
-    arch = f"the {type(model).__name__} of config.json"
-    for name, info in layers.items():
-        try:
-            old = model.get_submodule(name) if name else None
-        except AttributeError:
-            old = None
-        w = getattr(old, "weight", None)
-        if old is None or isinstance(old, CMPQLinear) or not isinstance(w, torch.Tensor) or w.dim() != 2 \
-                or next(old.children(), None) is not None:
-            raise CorruptModelError(f"{where}: layer {name!r} is not a linear layer of {arch}")
-        shape = (info["out_features"], info["in_features"])
-        if sorted(w.shape) != sorted(shape) or (getattr(old, "bias", None) is not None) != info["bias"]:
-            raise CorruptModelError(f"{where}: layer {name!r} is {shape[0]}x{shape[1]} (bias {info['bias']}) in the "
-                                    f"manifest but {tuple(w.shape)} (bias {getattr(old, 'bias', None) is not None}) "
-                                    f"in {arch}: the manifest and the config disagree")
-        counts = {int(b): n for b, n in info["channels"].items()}
-        # on the meta device: a manifest that lies about shapes costs nothing before the check
-        # against the file's header
-        set_module(model, name, CMPQLinear(info["in_features"], info["out_features"], counts, info["outlier_channels"],
-                                           info["sparse_outliers"], info["bias"], device="meta"))
-
-
 def _read_tensors(f: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every tensor of the safetensors file ``f``, header shapes checked against ``expected`` before
     any data is read (so a manifest or header that lies costs nothing)."""
@@ -607,7 +580,10 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
     layers = read_layout(path, qc, manifest)
 
     model = _skeleton(path)
-    _place_layers(model, layers, path / ("config.json" if qc.get("layers") is not None else MANIFEST))
+    try:
+        install(model, layers, str(path / ("config.json" if qc.get("layers") is not None else MANIFEST)))
+    except LayoutError as e:
+        raise CorruptModelError(str(e)) from None
     expected = model.state_dict()
     markers = {f"{n}.{MARKER}" for n in layers}  # absent from folders written before it existed
     if manifest is not None:

@@ -100,16 +100,30 @@ def expected_tensors(layers: dict[str, dict[str, Any]]) -> dict[str, tuple[tuple
 
 
 def install(model: nn.Module, layers: dict[str, dict[str, Any]], where: str) -> None:
-    """Replace the linears named by ``layers`` with empty ``CMPQLinear`` on the meta device; fused
-    experts are first expanded to per-expert linears, as cmpq stores them (``cmpq.model.experts``)."""
+    """Replace the linears named by ``layers`` with empty ``CMPQLinear`` on the meta device, after
+    checking that the model's architecture has a linear of that shape and bias there (a layout from
+    another model, or a config edited since, would otherwise load and fail, or compute garbage, at
+    the first forward). Fused experts are first expanded to per-expert linears, as cmpq stores them
+    (``cmpq.model.experts``). On the meta device a layout that lies about shapes costs nothing
+    before the weights' header is checked against it."""
     from cmpq.model.blocks import set_module
     from cmpq.model.experts import expand_fused_experts
 
     expand_fused_experts(model)
-    for name in layers:
+    arch = f"the {type(model).__name__} of config.json"
+    for name, info in layers.items():
         try:
-            model.get_submodule(name)
+            old = model.get_submodule(name) if name else None
         except AttributeError:
-            raise LayoutError(f"{where}: layer {name} is not a module of {type(model).__name__}; the folder was "
-                              f"quantized from another architecture") from None
-        set_module(model, name, build_layer(layers[name]))
+            old = None
+        w = getattr(old, "weight", None)
+        if old is None or isinstance(old, CMPQLinear) or not isinstance(w, torch.Tensor) or w.dim() != 2 \
+                or next(old.children(), None) is not None:
+            raise LayoutError(f"{where}: layer {name!r} is not a linear layer of {arch}; the folder was quantized "
+                              f"from another architecture")
+        shape = (info["out_features"], info["in_features"])
+        has_bias = getattr(old, "bias", None) is not None
+        if sorted(w.shape) != sorted(shape) or has_bias != info["bias"]:  # sorted: GPT-2's Conv1D is [in, out]
+            raise LayoutError(f"{where}: layer {name!r} is {shape[0]}x{shape[1]} (bias {info['bias']}) in the "
+                              f"layout but {tuple(w.shape)} (bias {has_bias}) in {arch}: they disagree")
+        set_module(model, name, build_layer(info))
