@@ -24,7 +24,6 @@ EXTRA = "pip install 'cmpq[lm-eval]'"
 
 def _lm_eval():
     try:
-        import lm_eval  # noqa: F401
         from lm_eval import evaluator, tasks
         from lm_eval.models.huggingface import HFLM
     except ImportError as e:
