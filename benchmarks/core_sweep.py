@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import cmpq
+from cmpq.storage.io import FORMAT_VERSION
 from cmpq.data.tokens import eval_windows
 from cmpq.eval.perplexity import perplexity
 from cmpq.model.loading import load_model
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         cache_dense_weights(loaded)
         ppl = {ds: perplexity(loaded, w.ids, label=f"cmpq {bits} {ds}") for ds, w in windows.items()}
         del loaded
-        row = {"method": "cmpq", "algorithm": a.algorithm, "bits": bits, **info, "ppl": ppl, "quantize_seconds": round(qtime, 2),
+        row = {"method": "cmpq", "algorithm": a.algorithm, "format": FORMAT_VERSION, "bits": bits, **info, "ppl": ppl, "quantize_seconds": round(qtime, 2),
                "time_split_seconds": qc["time_split_seconds"], "peak_gpu_memory_gib": peak,
                "calibration": qc["calibration"]}
         rows.append(row)

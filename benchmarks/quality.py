@@ -53,7 +53,7 @@ from cmpq.eval.perplexity import perplexity
 from cmpq.model.loading import load_model, resolve_model_path
 from cmpq.nn.linear import CMPQLinear, cache_dense_weights
 from cmpq.quantize import resolve_calibration
-from cmpq.storage.io import bits_summary, layer_summary
+from cmpq.storage.io import FORMAT_VERSION, bits_summary, layer_summary
 
 ALL_METHODS = ("fp16", "cmpq", "rtn", "gptq", "awq", "llmmq", "hqq", "rtn-pc")
 # H200 seconds per cell (quantize + batched eval of both sets), from core-smollm2-135m.json and
@@ -71,8 +71,34 @@ def cell(method: str, bits: float, series: str, group_size: int | None = None, o
          table: str = "main") -> dict:
     c = {"method": method, "bits": float(bits), "group_size": group_size, "options": opts or {},
          "series": series, "table": table}
-    c["key"] = json.dumps({k: c[k] for k in ("method", "bits", "group_size", "options")}, sort_keys=True)
+    if method == "cmpq":  # a CMPQ cell belongs to one storage format: a new format makes it a new cell
+        c["format"] = FORMAT_VERSION
+    c["key"] = json.dumps({k: c[k] for k in ("method", "bits", "group_size", "options", "format") if k in c},
+                          sort_keys=True)
     return c
+
+
+def storage_format(c: dict) -> int | None:
+    """The cmpq format a CMPQ cell stored (cells from before the field existed stored format 2)."""
+    return c.get("format", 2) if c["method"] == "cmpq" else None
+
+
+def current_cells(cells: list[dict]) -> list[dict]:
+    """Every cell, except a CMPQ cell whose series and budget were re-measured in a newer format:
+    tables and plots show each point once, at the newest format measured."""
+    newest: dict[tuple, int] = {}
+    for c in cells:
+        if c["method"] == "cmpq":
+            k = (c["series"], c["bits"], c.get("table", "main"))
+            newest[k] = max(newest.get(k, 0), storage_format(c))
+    return [c for c in cells if c["method"] != "cmpq"
+            or storage_format(c) == newest[(c["series"], c["bits"], c.get("table", "main"))]]
+
+
+def series_label(c: dict) -> str:
+    """A CMPQ series stored in an older format than the current one says so in its name."""
+    f = storage_format(c)
+    return c["series"] if f is None or f == FORMAT_VERSION else f"{c['series']} (format v{f})"
 
 
 def grid(a: argparse.Namespace) -> list[dict]:
@@ -238,7 +264,7 @@ def import_core(result: dict, path: Path, sig: dict) -> int:
         return 0
     have, n = {c["key"] for c in result["cells"]}, 0
     for r in core["rows"]:
-        if r["method"] != "cmpq" or not r.get("calibration", "").startswith(f"{sig['calib']}: {sig['nsamples']} x {sig['calib_seqlen']} tokens, seed {sig['seed']}"):
+        if r["method"] != "cmpq" or r.get("format", 2) != FORMAT_VERSION or not r.get("calibration", "").startswith(f"{sig['calib']}: {sig['nsamples']} x {sig['calib_seqlen']} tokens, seed {sig['seed']}"):
             continue  # CMPQ with default settings and this run's calibration only
         alg = r.get("algorithm", "paper")  # core rows before 2026-12-02 ran the paper's method
         c = cell("cmpq", r["bits"], "CMPQ" if alg == "compensated" else "CMPQ-paper", opts={"algorithm": alg})
@@ -263,17 +289,19 @@ def write_markdown(result: dict, path: Path) -> None:
              f"{result['signature']['calib_seqlen']} tokens. Evaluation: "
              + "; ".join(f"{k}: {v}" for k, v in result["signature"]["eval"].items()) + ".\n",
              "Baselines are fake-quantized; effective bits count every byte a packed deployment would store.\n"]
+    cells = current_cells(result["cells"])
     for table, title in (("main", "Methods"), ("ablation", "Ablations (CMPQ)")):
-        rows = [c for c in result["cells"] if c.get("table", "main") == table and "ppl" in c]
+        rows = [c for c in cells if c.get("table", "main") == table and "ppl" in c]
         if not rows:
             continue
         if table == "ablation":  # the references: the default at the budgets its parts are ablated at,
             # and the paper's method at the integer budgets its ablations use
-            abl = {c["bits"] for c in result["cells"] if c.get("table") == "ablation" and c["series"].startswith("CMPQ ")}
-            rows += [{**c, "series": f"{c['series']} default"} for c in result["cells"]
+            abl = {c["bits"] for c in cells if c.get("table") == "ablation" and c["series"].startswith("CMPQ ")}
+            rows += [{**c, "series": f"{c['series']} default"} for c in cells
                      if c["method"] == "cmpq" and c.get("table", "main") == "main" and "ppl" in c
                      and ((c["series"] == "CMPQ" and c["bits"] in abl)
                           or (c["series"] == "CMPQ-paper" and c["bits"] in (2, 3, 4)))]
+        rows = [{**c, "series": series_label(c)} for c in rows]
         rows.sort(key=lambda c: (c["series"], c["bits"]))
         lines.append(f"\n## {title}\n\n" + head)
         for c in rows:
@@ -303,7 +331,8 @@ def write_plot(result: dict, path: Path) -> None:
 
     ds = list(result["signature"]["eval"])
     fig, axes = plt.subplots(1, len(ds), figsize=(6.5 * len(ds), 5), squeeze=False)
-    cells = [c for c in result["cells"] if c.get("table", "main") == "main" and "ppl" in c]
+    cells = [{**c, "series": series_label(c)} for c in current_cells(result["cells"])
+             if c.get("table", "main") == "main" and "ppl" in c]
     for ax, d in zip(axes[0], ds):
         series: dict[str, list] = {}
         for c in cells:
