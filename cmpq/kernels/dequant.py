@@ -34,7 +34,7 @@ class _DQ(ctypes.Structure):
                 (n, ctypes.c_int) for n in ("nq", "out", "n", "bits", "off", "is_bf16")]
 
 
-_LIBRARY = cd.KernelLibrary(SRC, "cmpq_dq", _DQ, n_int_args=2)
+_LIBRARY = cd.KernelLibrary(SRC, "cmpq_dq", _DQ, n_int_args=1)
 
 
 def _dequantize_cuda(layer, dtype: torch.dtype) -> torch.Tensor | None:
@@ -54,7 +54,7 @@ def _dequantize_cuda(layer, dtype: torch.dtype) -> torch.Tensor | None:
     for g in lay.groups:
         p = _DQ(g.q.data_ptr(), g.codebook.data_ptr(), wt.data_ptr(), g.nq, out, g.n, g.bits, off,
                 int(dtype == torch.bfloat16))
-        err = lib.cmpq_dq_launch(ctypes.byref(p), -(-out // NTHREADS), g.nq, stream)
+        err = lib.cmpq_dq_launch(ctypes.byref(p), g.nq, stream)
         if err:
             raise RuntimeError(f"cmpq dequant kernel failed: {lib.cmpq_dq_error_string(err).decode()}")
         off += g.n

@@ -3,9 +3,11 @@
 //
 // Reads cuda_decode.repack's layout (per group: q [nq, out, 4] int32, K = 32/b contiguous b-bit
 // fields per word, 4 words = one "quad" of 4K channels per row; codebooks padded to whole quads).
-// Block (row tile of 256, quad): the quad's codebooks go to shared memory, each thread takes one
-// output row, loads its 16 bytes of indices and writes 4K values, one per channel row of Wt. The
-// lanes of a warp hold consecutive output rows, so every store is one contiguous 64-byte run.
+// Block (row tile of R * 256 rows, quad): the quad's codebooks go to shared memory, each thread
+// takes R consecutive output rows, loads their R x 16 bytes of indices and writes, per channel,
+// its R values as one R * 2-byte store. With R = 4 a warp writes 256 contiguous bytes per store
+// (two whole 128-byte lines) where R = 1 wrote 64: a quarter of the store instructions, no
+// partial lines. R = 1 remains for layers whose row count is not a multiple of 4.
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -20,6 +22,45 @@ struct DQ {
   void* wt;            // [in_perm, out]
   int nq, out, n, bits, off, is_bf16;  // n: channels of the group; off: its first row of Wt
 };
+
+template <typename T> __device__ __forceinline__ unsigned short bits_of(float v) {
+  if constexpr (std::is_same<T, __half>::value) return __half_as_ushort(__float2half(v));
+  else return __bfloat16_as_ushort(__float2bfloat16(v));
+}
+
+// R = 4 rows per thread, vector stores (requires out % 4 == 0, so every row quadruple is aligned)
+template <int B, typename T>
+__global__ void __launch_bounds__(NTHREADS) dequant4_kernel(const DQ p) {
+  constexpr int K = 32 / B, V = 1 << B, C = 4 * K, R = 4;
+  __shared__ __half cb[C * V];
+  const int quad = blockIdx.y, r0 = (blockIdx.x * NTHREADS + threadIdx.x) * R;
+  const __half* src = p.cb + (size_t)quad * C * V;
+  for (int i = threadIdx.x; i < C * V; i += NTHREADS) cb[i] = src[i];
+  __syncthreads();
+  if (r0 >= p.out) return;
+  int4 w[R];
+#pragma unroll
+  for (int k = 0; k < R; ++k) w[k] = p.q[(size_t)quad * p.out + r0 + k];
+  const int j0 = quad * C;
+  uint2* wt = reinterpret_cast<uint2*>(p.wt);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int f = 0; f < K; ++f) {
+      const int c = i * K + f, j = j0 + c;
+      if (j < p.n) {
+        unsigned short h[R];
+#pragma unroll
+        for (int k = 0; k < R; ++k) {
+          const unsigned word = i == 0 ? w[k].x : i == 1 ? w[k].y : i == 2 ? w[k].z : w[k].w;
+          h[k] = bits_of<T>(__half2float(cb[c * V + ((word >> (B * f)) & (V - 1))]));
+        }
+        wt[((size_t)(p.off + j) * p.out + r0) / R] =
+            make_uint2(h[0] | ((unsigned)h[1] << 16), h[2] | ((unsigned)h[3] << 16));
+      }
+    }
+  }
+}
 
 template <int B, typename T>
 __global__ void __launch_bounds__(NTHREADS) dequant_kernel(const DQ p) {
@@ -51,18 +92,26 @@ __global__ void __launch_bounds__(NTHREADS) dequant_kernel(const DQ p) {
 }
 
 template <int B>
-static int launch_b(const DQ* p, int gx, int gy, cudaStream_t st) {
-  if (p->is_bf16) dequant_kernel<B, __nv_bfloat16><<<dim3(gx, gy), NTHREADS, 0, st>>>(*p);
-  else dequant_kernel<B, __half><<<dim3(gx, gy), NTHREADS, 0, st>>>(*p);
+static int launch_b(const DQ* p, int gy, cudaStream_t st) {
+  if (p->out % 4 == 0) {
+    const int gx = (p->out / 4 + NTHREADS - 1) / NTHREADS;
+    if (p->is_bf16) dequant4_kernel<B, __nv_bfloat16><<<dim3(gx, gy), NTHREADS, 0, st>>>(*p);
+    else dequant4_kernel<B, __half><<<dim3(gx, gy), NTHREADS, 0, st>>>(*p);
+  } else {
+    const int gx = (p->out + NTHREADS - 1) / NTHREADS;
+    if (p->is_bf16) dequant_kernel<B, __nv_bfloat16><<<dim3(gx, gy), NTHREADS, 0, st>>>(*p);
+    else dequant_kernel<B, __half><<<dim3(gx, gy), NTHREADS, 0, st>>>(*p);
+  }
   return (int)cudaGetLastError();
 }
 
-extern "C" int cmpq_dq_launch(const DQ* p, int gx, int gy, void* stream) {
+// grid: (row tiles, chosen here from out), (quads = gy)
+extern "C" int cmpq_dq_launch(const DQ* p, int gy, void* stream) {
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   switch (p->bits) {
-    case 2: return launch_b<2>(p, gx, gy, st);
-    case 3: return launch_b<3>(p, gx, gy, st);
-    case 4: return launch_b<4>(p, gx, gy, st);
+    case 2: return launch_b<2>(p, gy, st);
+    case 3: return launch_b<3>(p, gy, st);
+    case 4: return launch_b<4>(p, gy, st);
   }
   return -1;
 }
