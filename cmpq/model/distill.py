@@ -26,6 +26,7 @@ from torch import nn
 
 from cmpq.model.blocks import set_module
 from cmpq.nn.linear import CMPQLinear
+from cmpq.storage import codebook
 from cmpq.storage.packing import pack_channels
 
 
@@ -103,8 +104,21 @@ class TunableLinear(nn.Module):
         self.values = nn.Parameter(torch.cat(chunks))
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.float().clone())
 
+    def stored(self) -> torch.Tensor:
+        """``values`` as the format will store them, with a straight-through gradient: codebooks on
+        their 8-bit grids (``codebook.storable``), outlier columns and sparse values in FP16. The
+        loss then measures the model that will be saved, not a finer one that rounding would undo."""
+        v = self.values
+        with torch.no_grad():
+            target = v.half().float()
+            for key, (lo, hi) in self.slices.items():
+                if key.endswith("_codebook") and hi > lo:
+                    k = 1 << int(key[1:key.index("_")])
+                    target[lo:hi] = codebook.storable(v[lo:hi].view(-1, k)).reshape(-1)
+        return v + (target - v).detach()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.values[self.where].to(x.dtype)
+        w = self.stored()[self.where].to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     @torch.no_grad()
@@ -112,14 +126,13 @@ class TunableLinear(nn.Module):
         """Store the trained values in the layer (FP16, codebooks re-sorted ascending with their
         indices remapped, as the format requires) and return it."""
         layer = self.layer
-        v = self.values.detach()
+        v = self.stored().detach()
         for b in layer.bit_widths:
             lo, hi = self.slices[f"q{b}_codebook"]
             ch, _, cb = layer.group(b)
             if not ch.numel():
                 continue
-            new = v[lo:hi].view(cb.shape).half()
-            new, order = new.float().sort(dim=1, stable=True)
+            new, order = v[lo:hi].view(cb.shape).sort(dim=1, stable=True)  # storable already
             rank = torch.empty_like(order)
             rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order).contiguous())
             idx = layer.group_indices(b)  # [out, n]
