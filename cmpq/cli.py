@@ -251,17 +251,20 @@ def _quantize(a: argparse.Namespace, dist) -> int:
         _check_model_input(a)
         return _quantize_baseline(a, out, _device(a.device))
     cfg = cmpq.CMPQConfig(bits=a.bits, algorithm=a.algorithm, act_outlier_frac=a.act_outlier_frac,
-                          weight_outlier_frac=a.weight_outlier_frac, quantizer=a.quantizer, nsamples=a.nsamples,
-                          seqlen=a.seqlen, seed=a.seed, calib_batch_size=a.calib_batch_size,
+                          weight_outlier_frac=a.weight_outlier_frac, quantizer=a.quantizer,
                           token_weighting=a.token_weighting, row_weighting=a.row_weighting,
                           compensate=not a.no_compensation,
                           finetune_epochs=a.finetune_epochs, skip_modules=tuple(a.skip_modules))
     device = dist.device if dist is not None else _device(a.device)
+    options = cmpq.RunOptions(calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
+                              calib_batch_size=a.calib_batch_size, device=None if dist is not None else device,
+                              checkpoint_dir=None if a.no_checkpoint else partial, resume=a.resume,
+                              offload_activations=a.offload_activations, max_gpu_memory=cap, dist=dist,
+                              progress=not a.no_progress)
     _check_model_input(a)
     model, tok = load_model(a.model, device="cpu", dtype=_compute_dtype(a, device))
     _check_output_space(model, cfg, out)
-    cmpq.quantize(model, tok, cfg, calib=a.calib, device=device, checkpoint_dir=None if a.no_checkpoint else partial,
-                  resume=a.resume, offload_activations=a.offload_activations, max_gpu_memory=cap, dist=dist)
+    cmpq.quantize(model, tok, cfg, options)
     if dist is not None and not dist.main:
         return 0  # every rank holds the same model; rank 0 writes it
     try:
@@ -530,6 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-gpu-memory", default=None, metavar="SIZE",
                    help="cap GPU memory, e.g. 8GiB: offloads activations and shrinks k-means chunks as needed, "
                         "or refuses before any work (per GPU with --nproc)")
+    q.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they show only when stderr is a terminal; CMPQ_PROGRESS=0 also turns them off)")
     q.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="quantize with N processes, one per GPU (starts torchrun --standalone --nproc-per-node N; "
                         "same as launching `torchrun --nproc-per-node N -m cmpq.cli quantize ...` yourself); "

@@ -1,4 +1,9 @@
-"""``CMPQConfig``: every setting of a CMPQ run, validated up front so bad input fails before work."""
+"""``CMPQConfig``: the algorithm of a CMPQ run, validated up front so bad input fails before work.
+
+Only what decides the quantized model lives here, and all of it is saved with the model. How a run
+is carried out (calibration data, devices, checkpoints, memory cap, logging) is ``RunOptions``
+(``cmpq.options``); passing one of those here raises a ``TypeError`` that says so.
+"""
 
 from __future__ import annotations
 
@@ -35,10 +40,6 @@ class CMPQConfig:
     allocator: str = "auto"  # "distortion" (compensated) or "algorithm1" (paper); "auto" picks by algorithm
     edge_frac: float = 0.01  # at exactly 3 bits: fraction of channels moved to 2 bits and to 4 bits
     kmeans_iters: int = 100
-    nsamples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
-    calib_batch_size: int = 8  # calibration windows per forward pass
     # compensated algorithm
     # candidate widths per channel, FP16 columns too if fp16_columns. 1 is allowed; the GPU
     # kernels take 2..4 (a layer with 1-bit channels runs through dequantization)
@@ -59,6 +60,18 @@ class CMPQConfig:
     # block linears to leave dense, as fnmatch patterns over qualified names ("*.mlp.down_proj")
     skip_modules: tuple = ()
     extra: dict = field(default_factory=dict)
+
+    def __new__(cls, *args, **kwargs):
+        # Runs before the generated __init__, so a run option gets a pointer to where it went
+        # instead of Python's bare "unexpected keyword argument".
+        from cmpq.options import RUN_OPTION_NAMES
+
+        moved = [k for k in kwargs if k in RUN_OPTION_NAMES]
+        if moved:
+            raise TypeError(f"CMPQConfig got {', '.join(moved)}: a run option, not an algorithm setting; pass it "
+                            f"as cmpq.RunOptions({moved[0]}=...) (options= of cmpq.quantize) or as a keyword of "
+                            f"cmpq.quantize")
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -109,15 +122,11 @@ class CMPQConfig:
             raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
         if self.allocator not in ALLOCATOR_NAMES:
             raise ValueError(f"unknown allocator {self.allocator!r}; choose from {ALLOCATOR_NAMES}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer (it fixes the calibration windows), got {self.seed!r}")
         for name in ("compensate", "fp16_columns"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        for name in ("kmeans_iters", "nsamples", "seqlen", "calib_batch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.kmeans_iters, int) or self.kmeans_iters < 1:
+            raise ValueError(f"kmeans_iters must be a positive integer, got {self.kmeans_iters!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)

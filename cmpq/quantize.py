@@ -6,7 +6,6 @@ import contextlib
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -20,8 +19,9 @@ from cmpq.model.calibration import SquaredNorm, walk_blocks
 from cmpq.model.experts import expand_fused_experts, fill_unrouted, sibling_key
 from cmpq.model.blocks import mark_skipped, set_module
 from cmpq.model.run_state import remember
-from cmpq.model.memory import enforce_cap, kmeans_chunk, parse_bytes, plan_memory
+from cmpq.model.memory import enforce_cap, kmeans_chunk, plan_memory
 from cmpq.nn.linear import CMPQLinear, pack_linear
+from cmpq.options import RunOptions, merge_options
 from cmpq.storage.io import FORMAT_VERSION
 
 
@@ -29,18 +29,19 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def resolve_calibration(tokenizer, calib, cfg: CMPQConfig) -> Windows:
-    """``calib`` may be a data set name, a file path, a ``Windows``, or a token tensor ``[n, seqlen]``."""
+def resolve_calibration(tokenizer, options: RunOptions) -> Windows:
+    """The windows ``options.calib`` names: a data set name, a file path, a ``Windows``, or a token
+    tensor ``[n, seqlen]``; drawn ones are ``options.nsamples`` x ``options.seqlen`` tokens, ``options.seed``."""
+    calib = options.calib
     if isinstance(calib, Windows):
         return calib
     if isinstance(calib, torch.Tensor):
-        if calib.dim() != 2:
-            raise ValueError(f"calibration tokens must be [nsamples, seqlen], got {tuple(calib.shape)}")
         return Windows(calib, f"user tokens {tuple(calib.shape)}")
-    name = calib or "c4"
-    if name in ("c4", "wikitext2", "offline"):
-        return calibration_windows(tokenizer, name, cfg.nsamples, cfg.seqlen, cfg.seed)
-    return calibration_windows(tokenizer, "file", cfg.nsamples, cfg.seqlen, cfg.seed, path=name)
+    if tokenizer is None:
+        raise ValueError("pass a tokenizer, or calibration tokens as a tensor [nsamples, seqlen]")
+    if isinstance(calib, Path):
+        return calibration_windows(tokenizer, "file", options.nsamples, options.seqlen, options.seed, path=str(calib))
+    return calibration_windows(tokenizer, calib, options.nsamples, options.seqlen, options.seed)
 
 
 def _install(block: nn.Module, name: str, lin: nn.Linear, parts) -> None:
@@ -64,7 +65,8 @@ def _paper_block(cfg: CMPQConfig, log=None):
     return quantize_block
 
 
-def _compensated_steps(model: nn.Module, windows: Windows, cfg: CMPQConfig, device: torch.device, log):
+def _compensated_steps(model: nn.Module, windows: Windows, cfg: CMPQConfig, device: torch.device, log,
+                       progress: bool = True):
     """Sensitivity pass and whole-model width plan, then the walk's statistics (token-weighted
     Hessians) and per-block step (``quantize_compensated``)."""
     from cmpq.algorithm.compensated import quantize_compensated
@@ -76,7 +78,8 @@ def _compensated_steps(model: nn.Module, windows: Windows, cfg: CMPQConfig, devi
     if cfg.allocator == "distortion":
         check_reachable(model, cfg)  # before any work
     t0 = time.perf_counter()
-    sens = sensitivity.measure(model, windows.ids, device, log, rows=cfg.row_weighting == "gradient")
+    sens = sensitivity.measure(model, windows.ids, device, log, rows=cfg.row_weighting == "gradient",
+                               progress=progress)
     phases.add("sensitivity", time.perf_counter() - t0)
     with phases.phase("allocation", device):
         hdiag = {k: s.hdiag for k, s in sens.items()}
@@ -114,39 +117,38 @@ def quantize(
     model: nn.Module,
     tokenizer=None,
     config: CMPQConfig | None = None,
-    calib=None,
-    device: torch.device | str | None = None,
-    log: Callable[[str], None] | None = print,
-    checkpoint_dir: str | Path | None = None,
-    resume: bool = False,
-    offload_activations: bool = False,
-    max_gpu_memory: int | str | None = None,
-    dist=None,
+    options: RunOptions | None = None,
+    **run_options,
 ) -> nn.Module:
     """Quantize every linear of every decoder block with CMPQ, in place; returns the model.
 
-    Embeddings, norms and ``lm_head`` are left as they are. The run's settings, calibration
+    ``config`` is the algorithm (``CMPQConfig``, saved with the model); how the run is carried out
+    (calibration, device, checkpoints, memory, logging) is ``options`` (``RunOptions``) or, one by
+    one, the same names as keywords: ``quantize(model, tok, cfg, calib="c4", device="cuda")`` equals
+    ``quantize(model, tok, cfg, RunOptions(calib="c4", device="cuda"))``. Passing both is refused.
+
+    Embeddings, norms and ``lm_head`` are left as they are. The algorithm settings, a calibration
     description and timings end up in ``model.config.quantization_config``.
 
     ``checkpoint_dir`` (the CLI uses ``<output>.partial``) gets every finished block; ``resume``
-    continues from it (an existing one is refused without ``resume``). ``cmpq.save`` removes it
-    once the model is saved. ``offload_activations`` keeps calibration activations on the CPU.
-    ``max_gpu_memory`` (bytes or e.g. ``"8GiB"``) caps the accelerator memory: activations are
-    offloaded and k-means chunks shrink as needed, or the run is refused before any work.
-
-    ``dist`` (``cmpq.model.distributed.Dist``, from ``distributed.init()`` in a torchrun process):
-    run as one of several processes (one per GPU) that quantize the model together; each computes
-    on ``dist.device`` (``device`` is ignored) and ends with the same quantized model. Only rank 0
-    logs and writes the checkpoint; save from rank 0 alone. See ``cmpq.model.distributed``.
+    continues from it. ``cmpq.save`` removes it once the model is saved. With ``dist`` (from
+    ``distributed.init()`` in a torchrun process) this process is one of several (one per GPU) that
+    quantize the model together; each computes on ``dist.device`` and ends with the same quantized
+    model. Only rank 0 logs and writes the checkpoint; save from rank 0 alone. See ``RunOptions``
+    and ``cmpq.model.distributed``.
     """
     cfg = config or CMPQConfig()
-    if dist is not None:
-        device = dist.device
-        log = log if dist.main else None
-    device = torch.device(device) if device is not None else default_device()
-    if tokenizer is None and not isinstance(calib, (Windows, torch.Tensor)):
+    if not isinstance(cfg, CMPQConfig):
+        raise TypeError(f"config must be a cmpq.CMPQConfig, got {type(cfg).__name__}")
+    opts = merge_options(options, run_options)
+    dist = opts.dist
+    log = opts.log if dist is None or dist.main else None
+    progress = opts.progress and log is not None
+    device = opts.compute_device()
+    if tokenizer is None and not isinstance(opts.calib, (Windows, torch.Tensor)):
         raise ValueError("pass a tokenizer, or calibration tokens as a tensor [nsamples, seqlen]")
-    windows = resolve_calibration(tokenizer, calib, cfg)
+    windows = resolve_calibration(tokenizer, opts)
+    calibration = opts.calibration_record(windows)
     if log:
         log(f"calibration: {windows.description}")
     n_moe = expand_fused_experts(model)
@@ -182,18 +184,20 @@ def quantize(
         if dist is not None:
             raise NotImplementedError("several processes (--nproc) run only algorithm 'paper' so far; "
                                       "run the compensated algorithm on one device")
-        make_stats, quantize_block = _compensated_steps(model, windows, cfg, device, log)
+        make_stats, quantize_block = _compensated_steps(model, windows, cfg, device, log, progress)
     else:
         quantize_block = _paper_block(cfg, log)
 
+    batch_size = opts.calib_batch_size
+    offload_activations = opts.offload_activations
     chunk = contextlib.nullcontext()
-    if max_gpu_memory is not None:
-        cap = parse_bytes(max_gpu_memory) if isinstance(max_gpu_memory, str) else int(max_gpu_memory)
-        nsamples = cfg.nsamples
+    if opts.max_gpu_memory is not None:
+        cap = opts.max_gpu_memory
+        nsamples, seqlen = windows.ids.shape
         if dist is not None:  # each process holds the hidden states of its own batches only
-            n_batches = -(-nsamples // cfg.calib_batch_size)
-            nsamples = min(nsamples, -(-n_batches // dist.world_size) * cfg.calib_batch_size)
-        plan = plan_memory(model, cap, nsamples, cfg.seqlen, cfg.calib_batch_size, offload_activations)
+            n_batches = -(-nsamples // batch_size)
+            nsamples = min(nsamples, -(-n_batches // dist.world_size) * batch_size)
+        plan = plan_memory(model, cap, nsamples, seqlen, batch_size, offload_activations)
         offload_activations = plan.offload
         chunk = kmeans_chunk(plan.chunk_elements)
         enforce_cap(device, cap)
@@ -201,26 +205,16 @@ def quantize(
             log(f"GPU memory estimate {plan.estimate.describe()}" + "".join(f"; {n}" for n in plan.notes))
 
     ckpt = None
-    if checkpoint_dir is not None:
-        from cmpq.storage.checkpoint import BlockCheckpoint, model_sha256, tokens_sha256, weights_sha256
+    if opts.checkpoint_dir is not None:
+        from cmpq.storage.checkpoint import BlockCheckpoint, run_identity
 
-        identity = {
-            "cmpq_version": __version__,
-            "config": cfg.to_dict(),
-            "calibration": windows.description,
-            "calibration_shape": list(windows.ids.shape),
-            "calibration_sha256": tokens_sha256(windows.ids),
-            "model_config_sha256": model_sha256(model),
-            "model_weights_sha256": weights_sha256(model),  # the run must continue the same weights
-            "compute_dtype": str(next(model.parameters()).dtype),
-            "device_type": device.type,
-        }
+        identity = run_identity(model, cfg, calibration, windows, device)
         if dist is None:
-            ckpt = BlockCheckpoint(checkpoint_dir, identity, resume)
+            ckpt = BlockCheckpoint(opts.checkpoint_dir, identity, opts.resume)
         else:
             from cmpq.model.distributed import open_checkpoint
 
-            ckpt = open_checkpoint(lambda: BlockCheckpoint(checkpoint_dir, identity, resume), dist)
+            ckpt = open_checkpoint(lambda: BlockCheckpoint(opts.checkpoint_dir, identity, opts.resume), dist)
 
     with chunk:
         times = walk_blocks(
@@ -229,11 +223,12 @@ def quantize(
             make_stats,
             quantize_block,
             device=device,
-            batch_size=cfg.calib_batch_size,
+            batch_size=batch_size,
             log=log,
             offload_activations=offload_activations,
             checkpoint=ckpt,
             dist=dist,
+            progress=progress,
         )
     tuned = None
     if teacher is not None:
@@ -247,8 +242,9 @@ def quantize(
         "quant_method": "cmpq",
         "format_version": FORMAT_VERSION,
         "cmpq_version": __version__,
-        **{k: v for k, v in cfg.to_dict().items() if k not in ("extra", "calib_batch_size")},
-        "calibration": windows.description,
+        **{k: v for k, v in cfg.to_dict().items() if k != "extra"},
+        "calibration": windows.description,  # what `cmpq info` shows
+        "calibration_settings": calibration,  # the same, field by field (RunOptions.calibration_record)
         "quantize_seconds": round(total, 2),
         "time_split_seconds": {"catch": round(times.catch, 2), "forward": round(times.forward, 2),
                                **{k: round(v, 2) for k, v in times.extra.items()},

@@ -13,7 +13,7 @@ from tiny_models import one_thread  # noqa: F401
 
 
 def _quantize(model, ids):
-    cfg = cmpq.CMPQConfig(bits=3, algorithm="paper", nsamples=ids.shape[0], seqlen=ids.shape[1], kmeans_iters=5)
+    cfg = cmpq.CMPQConfig(bits=3, algorithm="paper", kmeans_iters=5)
     return cmpq.quantize(model, None, cfg, calib=ids, device="cpu", log=None)
 
 
@@ -50,7 +50,7 @@ def test_skip_modules_leaves_linears_dense_on_purpose(tiny_llama, calib_ids, tmp
 
     from cmpq.nn.linear import CMPQLinear
 
-    cfg = cmpq.CMPQConfig(bits=3, algorithm="paper", nsamples=4, seqlen=64, kmeans_iters=5,
+    cfg = cmpq.CMPQConfig(bits=3, algorithm="paper", kmeans_iters=5,
                           skip_modules=["*.mlp.down_proj"])
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # on purpose: no warning
@@ -63,6 +63,6 @@ def test_skip_modules_leaves_linears_dense_on_purpose(tiny_llama, calib_ids, tmp
     back = cmpq.load(cmpq.save(q, tmp_path / "m"), device="cpu")
     torch.testing.assert_close(back(calib_ids).logits, out, rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError, match="match no linear"):
-        cmpq.quantize(tiny_llama, None, cmpq.CMPQConfig(bits=3, algorithm="paper", nsamples=4, seqlen=64,
+        cmpq.quantize(tiny_llama, None, cmpq.CMPQConfig(bits=3, algorithm="paper",
                                                         skip_modules=["*.nothing"]), calib=calib_ids,
                       device="cpu", log=None)

@@ -16,7 +16,7 @@ from tiny_models import one_thread  # noqa: F401
 def _quantized(tiny_llama, calib_ids, **kw):
     kw.setdefault("bits", 3.0 if kw.get("algorithm") == "paper" else 4.0)  # tiny layers: >= 3.4 effective
     kw.setdefault("finetune_epochs", 0)
-    cfg = CMPQConfig(nsamples=4, seqlen=64, kmeans_iters=10, alloc_kmeans_iters=5, **kw)
+    cfg = CMPQConfig(kmeans_iters=10, alloc_kmeans_iters=5, **kw)
     return cmpq.quantize(tiny_llama, calib=calib_ids, config=cfg, device="cpu", log=None)
 
 

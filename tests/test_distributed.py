@@ -172,8 +172,8 @@ def quantized(calib_ids, tmp_path, one_thread):
     model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=200, num_hidden_layers=4,
                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                                          max_position_embeddings=256)).eval()
-    cfg = cmpq.CMPQConfig(bits=3, algorithm="paper", nsamples=4, seqlen=64, calib_batch_size=2)
-    cmpq.quantize(model, None, cfg, calib=calib_ids, device="cpu", log=None)
+    cfg = cmpq.CMPQConfig(bits=3, algorithm="paper")
+    cmpq.quantize(model, None, cfg, calib=calib_ids, calib_batch_size=2, device="cpu", log=None)
 
     from tiny_models import char_tokenizer
 

@@ -51,7 +51,7 @@ def build(family: str):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_quantize_save_load_forward(family, calib_ids, tmp_path):
     model = build(family)
-    cfg = cmpq.CMPQConfig(bits=3, algorithm="paper", nsamples=4, seqlen=64, kmeans_iters=5)
+    cfg = cmpq.CMPQConfig(bits=3, algorithm="paper", kmeans_iters=5)
     q = cmpq.quantize(model, None, cfg, calib=calib_ids, device="cpu", log=None)
     frac, left = coverage(q)
     assert frac >= 0.99 and not left, left

@@ -44,7 +44,7 @@ def pristine(tmp_path_factory):
                       max_position_embeddings=64)
     ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
     q = cmpq.quantize(LlamaForCausalLM(cfg).eval(), None,
-                      cmpq.CMPQConfig(bits=3, algorithm="paper", nsamples=2, seqlen=32), calib=ids, device="cpu",
+                      cmpq.CMPQConfig(bits=3, algorithm="paper"), calib=ids, device="cpu",
                       log=None)
     path = cmpq.save(q, tmp_path_factory.mktemp("fuzz") / "m")
     files = {n: (path / n).read_bytes() for n in FILES}

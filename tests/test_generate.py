@@ -11,7 +11,7 @@ from cmpq.nn.linear import CMPQLinear
 
 @pytest.fixture
 def quantized(tiny_llama, calib_ids):
-    return cmpq.quantize(tiny_llama, None, cmpq.CMPQConfig(bits=3, algorithm="paper", nsamples=4, seqlen=64), calib=calib_ids,
+    return cmpq.quantize(tiny_llama, None, cmpq.CMPQConfig(bits=3, algorithm="paper"), calib=calib_ids,
                          device="cpu", log=None)
 
 
@@ -110,7 +110,7 @@ def cmpq_folder(folder4, tmp_path, calib_ids):
 
     model = AutoModelForCausalLM.from_pretrained(folder4).eval()
     tok = AutoTokenizer.from_pretrained(folder4)
-    cmpq.quantize(model, tok, cmpq.CMPQConfig(bits=3, algorithm="paper", nsamples=4, seqlen=64),
+    cmpq.quantize(model, tok, cmpq.CMPQConfig(bits=3, algorithm="paper"),
                   calib=calib_ids, device="cpu", log=None)
     return cmpq.save(model, tmp_path / "q", tokenizer=tok)
 

@@ -27,7 +27,7 @@ DOCS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of
 @pytest.fixture
 def quantized(tmp_path, tiny_llama, calib_ids):
     tok = char_tokenizer(eos=True)
-    cfg = cmpq.CMPQConfig(bits=4.5, nsamples=4, seqlen=64, finetune_epochs=0)
+    cfg = cmpq.CMPQConfig(bits=4.5, finetune_epochs=0)
     cmpq.quantize(tiny_llama, tok, cfg, calib=calib_ids, log=None)
     out = tmp_path / "q"
     cmpq.save(tiny_llama, out, tokenizer=tok)

@@ -13,7 +13,7 @@ from cmpq.storage.io import FORMAT_VERSION, CorruptModelError, set_compute_dtype
 
 
 def quantize_tiny(model, ids, bits=3.2):
-    return cmpq.quantize(model, None, cmpq.CMPQConfig(bits=bits, algorithm="paper", nsamples=4, seqlen=64), calib=ids, device="cpu", log=None)
+    return cmpq.quantize(model, None, cmpq.CMPQConfig(bits=bits, algorithm="paper"), calib=ids, device="cpu", log=None)
 
 
 @pytest.mark.parametrize("family", ["tiny_llama", "tiny_opt"])
@@ -172,7 +172,7 @@ def test_estimate_equals_the_real_run(tiny_llama, calib_ids, bits):
     from cmpq.storage.estimate import estimate
     from cmpq.storage.io import bits_summary, layer_summary
 
-    cfg = cmpq.CMPQConfig(bits=bits, algorithm="paper", nsamples=4, seqlen=64)
+    cfg = cmpq.CMPQConfig(bits=bits, algorithm="paper")
     est = estimate(copy.deepcopy(tiny_llama), cfg)
     q = cmpq.quantize(copy.deepcopy(tiny_llama), None, cfg, calib=calib_ids, device="cpu", log=None)
     real = bits_summary(layer_summary(m) for m in q.modules() if isinstance(m, CMPQLinear))
@@ -189,7 +189,7 @@ def test_estimate_of_the_default_is_its_budget(tiny_llama, calib_ids, bits):
     from cmpq.storage.estimate import estimate
     from cmpq.storage.io import bits_summary, layer_summary
 
-    cfg = cmpq.CMPQConfig(bits=bits, nsamples=4, seqlen=64, alloc_kmeans_iters=5, kmeans_iters=10)
+    cfg = cmpq.CMPQConfig(bits=bits, alloc_kmeans_iters=5, kmeans_iters=10)
     est = estimate(copy.deepcopy(tiny_llama), cfg)
     q = cmpq.quantize(copy.deepcopy(tiny_llama), None, cfg, calib=calib_ids, device="cpu", log=None)
     real = bits_summary(layer_summary(m) for m in q.modules() if isinstance(m, CMPQLinear))

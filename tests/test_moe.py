@@ -58,7 +58,7 @@ def test_moe_quantized_saved_loaded_and_counted(family, algorithm, bits, calib_i
     from cmpq.storage.estimate import estimate
 
     est = estimate(copy.deepcopy(model), cmpq.CMPQConfig(bits=bits, algorithm=algorithm))
-    cfg = cmpq.CMPQConfig(bits=bits, algorithm=algorithm, nsamples=4, seqlen=64, kmeans_iters=5,
+    cfg = cmpq.CMPQConfig(bits=bits, algorithm=algorithm, kmeans_iters=5,
                           alloc_kmeans_iters=5, finetune_epochs=0)
     q = cmpq.quantize(model, None, cfg, calib=calib_ids, device="cpu", log=None)
     frac, left = coverage(q)

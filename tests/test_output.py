@@ -37,7 +37,7 @@ def test_quantize_and_eval_show_bars_on_a_terminal(tiny_llama, calib_ids, monkey
 
     tty = _Tty()
     monkeypatch.setattr("sys.stderr", tty)
-    cmpq.quantize(tiny_llama, None, cmpq.CMPQConfig(bits=3, algorithm="paper", nsamples=4, seqlen=64),
+    cmpq.quantize(tiny_llama, None, cmpq.CMPQConfig(bits=3, algorithm="paper"),
                   calib=calib_ids, device="cpu", log=lambda s: None)
     perplexity(tiny_llama, calib_ids, log=lambda s: None, label="offline")
     err = tty.getvalue()
@@ -58,8 +58,8 @@ def test_calibration_description_has_no_absolute_path(tiny_llama, tmp_path, monk
     mine.parent.mkdir()
     mine.write_text("my own text for calibration. " * 200)
     monkeypatch.setenv("CMPQ_DATA_DIR", str(data))
-    cfg = cmpq.CMPQConfig(bits=3, algorithm="paper", nsamples=2, seqlen=32)
-    cmpq.quantize(tiny_llama, tok, cfg, calib="wikitext2", device="cpu", log=None)
+    cfg = cmpq.CMPQConfig(bits=3, algorithm="paper")
+    cmpq.quantize(tiny_llama, tok, cfg, calib="wikitext2", nsamples=2, seqlen=32, device="cpu", log=None)
     desc = tiny_llama.config.quantization_config["calibration"]
     assert "$CMPQ_DATA_DIR/wikitext-2-raw/wiki.train.raw" in desc and str(tmp_path) not in desc
     cmpq.save(tiny_llama, tmp_path / "q", tokenizer=tok)

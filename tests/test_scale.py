@@ -68,9 +68,10 @@ def test_killed_run_resumes_to_identical_output(folder4, tmp_path, capsys, one_t
 
 
 def test_api_refuses_existing_checkpoint_and_offload_is_identical(tiny_llama, calib_ids, tmp_path):
-    cfg = cmpq.CMPQConfig(bits=3.2, algorithm="paper", nsamples=4, seqlen=64, calib_batch_size=2)
+    cfg = cmpq.CMPQConfig(bits=3.2, algorithm="paper")
     base = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
-    a = cmpq.quantize(tiny_llama, None, cfg, calib=calib_ids, device="cpu", log=None, checkpoint_dir=tmp_path / "c")
+    a = cmpq.quantize(tiny_llama, None, cfg, calib=calib_ids, calib_batch_size=2, device="cpu", log=None,
+                      checkpoint_dir=tmp_path / "c")
     sa = {k: v.clone() for k, v in a.state_dict().items()}
     # the dense weights of quantized layers would meet their empty `weight` markers (a size mismatch)
     tiny_llama.load_state_dict({k: v for k, v in base.items() if sa.get(k, v).shape == v.shape}, strict=False)
@@ -92,7 +93,7 @@ def test_resume_refuses_other_weights_of_the_same_architecture(tiny_llama, calib
     """Issue 13, item 2: the run identity covers the weights, not only the config."""
     from transformers import LlamaForCausalLM
 
-    cfg = cmpq.CMPQConfig(bits=3.2, algorithm="paper", nsamples=4, seqlen=64, calib_batch_size=2)
+    cfg = cmpq.CMPQConfig(bits=3.2, algorithm="paper")
     other = LlamaForCausalLM(tiny_llama.config).eval()  # same config, other random weights
     cmpq.quantize(tiny_llama, None, cfg, calib=calib_ids, device="cpu", log=None, checkpoint_dir=tmp_path / "c")
     with pytest.raises(CheckpointMismatch):

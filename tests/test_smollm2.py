@@ -29,13 +29,13 @@ def test_smollm2_quality_ordering():
     ppl = {}
     for bits in (4, 3, 2):
         model, _ = load_model("smollm2-135m") if bits != 4 else (base, tok)
-        cmpq.quantize(model, tok, cmpq.CMPQConfig(bits=bits, algorithm="paper", seqlen=512, nsamples=16), calib=calib,
+        cmpq.quantize(model, tok, cmpq.CMPQConfig(bits=bits, algorithm="paper"), calib=calib,
                       device="cpu", log=None)
         ppl[bits] = perplexity(model, ev.ids, log=None)
         del model
     # the default (compensated) at the paper's 3-bit size, every byte counted (3.362 effective bits)
     model, _ = load_model("smollm2-135m")
-    cmpq.quantize(model, tok, cmpq.CMPQConfig(bits=3.36, seqlen=512, nsamples=16), calib=calib, device="cpu", log=None)
+    cmpq.quantize(model, tok, cmpq.CMPQConfig(bits=3.36), calib=calib, device="cpu", log=None)
     ppl["default 3.36"] = perplexity(model, ev.ids, log=None)
     print(f"{data}: fp32 {fp:.2f}, cmpq {ppl}")
     assert ppl[2] > ppl[3] > ppl[4] > fp * 0.99

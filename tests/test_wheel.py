@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent('''
 
     model, tok = cmpq.load_model(str(out / "base"))
     calib = torch.randint(32, 127, (4, 32), generator=torch.Generator().manual_seed(1))
-    cmpq.quantize(model, tok, cmpq.CMPQConfig(bits=3, algorithm="paper", nsamples=4, seqlen=32), calib=calib,
+    cmpq.quantize(model, tok, cmpq.CMPQConfig(bits=3, algorithm="paper"), calib=calib,
                   device="cpu", log=None)
     cmpq.save(model, out / "q")
     print("saved")

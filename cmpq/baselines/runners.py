@@ -27,6 +27,7 @@ from cmpq.config import CMPQConfig
 from cmpq.data.tokens import Windows
 from cmpq.model.blocks import find_blocks, find_linears
 from cmpq.model.calibration import SquaredNorm, walk_blocks
+from cmpq.options import RunOptions
 
 from .awq import awq_quantize, awq_search_clip, awq_search_scale
 from .gptq import HessianAccumulator, gptq_quantize
@@ -443,7 +444,7 @@ def quantize_baseline(
     if method in CALIBRATED:
         if tokenizer is None and not isinstance(calib, (Windows, torch.Tensor)):
             raise ValueError("pass a tokenizer, or calibration tokens as a tensor [nsamples, seqlen]")
-        windows = resolve_calibration(tokenizer, calib, CMPQConfig(nsamples=nsamples, seqlen=seqlen, seed=seed))
+        windows = resolve_calibration(tokenizer, RunOptions(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed))
         if log:
             log(f"calibration: {windows.description}")
     if device.type == "cuda":

@@ -170,6 +170,7 @@ def walk_blocks(
     offload_activations: bool = False,
     checkpoint: Checkpoint | None = None,
     dist: "Dist | None" = None,
+    progress: bool | None = None,
 ) -> WalkTimes:
     """Walk all decoder blocks: hook, run, quantize (``quantize_block``), rerun for the next block.
 
@@ -185,6 +186,8 @@ def walk_blocks(
     combined across processes; ``quantize_block`` gets only the linears this process owns, and the
     finished layers are then shared, so every process holds the same quantized block. Only rank 0
     writes the checkpoint (the hidden states are gathered to it).
+
+    ``progress``: a bar over the blocks on a terminal (None: when ``log`` is set).
     """
     device = torch.device(device)
     times = WalkTimes()
@@ -219,7 +222,7 @@ def walk_blocks(
                 log(f"resumed after block {start}/{len(blocks)}")
         caught = [(_host(h, device) if offload_activations else h.to(device), kw) for h, kw in caught]
         times.catch = time.perf_counter() - t0
-        pbar = bar(len(blocks), "blocks", "block", enabled=log is not None)
+        pbar = bar(len(blocks), "blocks", "block", enabled=log is not None if progress is None else progress)
         pbar.update(start)
         for i in range(start, len(blocks)):
             block = blocks[i]

@@ -48,9 +48,11 @@ def measure(
     device: torch.device | str,
     log: Callable[[str], None] | None = None,
     rows: bool = False,
+    progress: bool | None = None,
 ) -> dict[tuple[int, str], LinearSensitivity]:
     """Sensitivity of every block linear, keyed by (block index, linear name), from windows ``ids``
-    (``rows``: also each output row's gradient energy, for ``row_weighting="gradient"``)."""
+    (``rows``: also each output row's gradient energy, for ``row_weighting="gradient"``).
+    ``progress``: a bar over the windows (None: when ``log`` is set)."""
     device = torch.device(device)
     _, blocks = find_blocks(model)
     linears = {(i, n): lin for i, b in enumerate(blocks) for n, lin in find_linears(b).items()}
@@ -109,7 +111,7 @@ def measure(
                 "use token_weighting='none' with algorithm='paper', or a device with more memory") from None
         from cmpq.progress import bar
 
-        pbar = bar(ids.shape[0], "calibration (sensitivity)", "window", enabled=log is not None)
+        pbar = bar(ids.shape[0], "calibration (sensitivity)", "window", enabled=log is not None if progress is None else progress)
         for i in range(ids.shape[0]):
             x = ids[i : i + 1].to(device)
             with torch.enable_grad():

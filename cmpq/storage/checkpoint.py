@@ -3,9 +3,8 @@
 Layout (every file written to a temp name, fsynced, renamed; ``state.json`` last, so it never
 points at a file that is not complete):
 
-- ``state.json``: cmpq format version, the run's identity (config, calibration description, a
-  SHA-256 of the calibration token ids, model config hash, compute dtype, device type) and
-  ``blocks_done``;
+- ``state.json``: cmpq format version, the run's identity (:func:`run_identity`: everything that
+  changes the result) and ``blocks_done``;
 - ``block_00007.safetensors``: the ``CMPQLinear`` buffers of block 7 (names relative to the block);
 - ``hidden_00007.safetensors``: the hidden states leaving block 7, one tensor per calibration batch.
   Only the newest is kept. The keyword arguments blocks receive (masks, rotary tables) are not
@@ -68,6 +67,29 @@ def weights_sha256(model: nn.Module) -> str:
         if t.device.type != "meta":
             h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def run_identity(model: nn.Module, cfg, calibration: dict, windows, device: torch.device) -> dict:
+    """What a run's result depends on, so a checkpoint is continued only by the same run: the
+    algorithm (``CMPQConfig``), the calibration settings (``RunOptions.calibration_record``: source,
+    window count and length, seed, batch size, which sets the float summation order of the
+    statistics) and a SHA-256 of the token ids actually drawn, the model's config and weights, the
+    compute dtype and the device type. Options that only place the work (offloading, memory cap,
+    process count, checkpoint folder) are left out: they leave the result as it is."""
+    from cmpq import __version__
+
+    return {
+        "cmpq_version": __version__,
+        "config": cfg.to_dict(),
+        "calibration": windows.description,
+        "calibration_settings": calibration,
+        "calibration_shape": list(windows.ids.shape),
+        "calibration_sha256": tokens_sha256(windows.ids),
+        "model_config_sha256": model_sha256(model),
+        "model_weights_sha256": weights_sha256(model),  # the run must continue the same weights
+        "compute_dtype": str(next(model.parameters()).dtype),
+        "device_type": device.type,
+    }
 
 
 def _fsync(path: Path) -> None:
