@@ -476,63 +476,92 @@ def cmpq_version() -> str:
     return __version__
 
 
+class DefaultsHelp(argparse.HelpFormatter):
+    """Ends every option's help with its default, read off the parser (whose defaults come from
+    ``CMPQConfig()`` and ``RunOptions()``): a number written once, in the dataclass, cannot drift
+    from what the help says. Help that already says its default (a rule, not a value) is left as
+    it is, as are flags (off unless given)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if (not action.option_strings or "default" in text or d is None or d is argparse.SUPPRESS
+                or action.nargs == 0):
+            return text
+        shown = (" ".join(map(str, d)) or "none") if isinstance(d, (list, tuple)) else str(d)
+        return f"{text} (default: {shown.replace('%', '%%')})".strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cmpq.config import CMPQConfig
+    from cmpq.options import RunOptions
 
-    D = CMPQConfig()  # defaults come from the config dataclass
-    p = argparse.ArgumentParser(prog="cmpq", description="Channel-wise Mixed-Precision Quantization for causal LMs")
+    D, R = CMPQConfig(), RunOptions()  # the one place defaults are kept
+    p = argparse.ArgumentParser(prog="cmpq", description="Channel-wise Mixed-Precision Quantization for causal LMs",
+                                formatter_class=DefaultsHelp)
     p.add_argument("--version", action="version", version=f"cmpq {cmpq_version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    q = sub.add_parser("quantize", help="quantize a model and save it (CMPQ: packed; baselines: fake-quantized)")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, formatter_class=DefaultsHelp)
+
+    q = command("quantize", "quantize a model and save it (CMPQ: packed; baselines: fake-quantized)")
     q.add_argument("model", help="hub id, local folder, .gguf file, or 'smollm2-135m'")
     q.add_argument("--method", choices=("cmpq", "rtn", "gptq", "awq", "llmmq", "hqq"), default="cmpq",
-                   help="cmpq (default, packed save) or a baseline (saved as a plain HF model with fake-quantized weights)")
+                   help="cmpq (packed save) or a baseline (saved as a plain HF model with fake-quantized weights)")
     q.add_argument("--bits", type=float, required=True,
                    help="cmpq: effective bits per weight of the quantized linears, every stored byte counted "
                         "(--algorithm paper: nominal average in [2, 4]); llmmq: average bits in [2, 4]; "
                         "rtn, gptq, awq, hqq: 2, 3 or 4")
     q.add_argument("--group-size", type=int, default=128, help="baselines' group size; 0 = one group per output row")
     q.add_argument("--act-order", action="store_true", help="gptq: process columns by decreasing Hessian diagonal")
-    q.add_argument("--output", "-o", required=True)
-    q.add_argument("--calib", default="c4", help="c4 | wikitext2 | offline | path to .txt/.jsonl")
-    q.add_argument("--nsamples", type=int, default=128)
-    q.add_argument("--seqlen", type=int, default=2048)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--output", "-o", required=True, help="folder to write (refused if it exists, unless --overwrite)")
+    # run options (cmpq.RunOptions)
+    q.add_argument("--calib", default=R.calib, help="calibration text: c4 | wikitext2 | offline | path to .txt/.jsonl")
+    q.add_argument("--nsamples", type=int, default=R.nsamples, help="calibration windows")
+    q.add_argument("--seqlen", type=int, default=R.seqlen, help="tokens per calibration window")
+    q.add_argument("--seed", type=int, default=R.seed, help="seed of the calibration window draw")
+    q.add_argument("--calib-batch-size", type=int, default=R.calib_batch_size,
+                   help="calibration windows per forward pass (sets the summation order: part of the run's identity)")
+    # the algorithm (cmpq.CMPQConfig)
     q.add_argument("--algorithm", choices=("compensated", "paper"), default=D.algorithm,
                    help="compensated: GPTQ-order codebooks, whole-model allocation by measured loss, --bits is "
-                        "effective bits (every byte counted); paper: the paper's method, --bits is nominal "
-                        "(default: %(default)s)")
+                        "effective bits (every byte counted); paper: the paper's method, --bits is nominal")
     q.add_argument("--token-weighting", choices=("gradient", "none"), default=D.token_weighting,
-                   help="compensated: weight calibration tokens by output-gradient norm (default: %(default)s)")
+                   help="compensated: weight calibration tokens by output-gradient norm")
     q.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                    help="dtype the model is calibrated in (default: float16 on GPU, float32 on CPU; packed "
                         "layers are stored the same either way)")
     q.add_argument("--row-weighting", choices=("gradient", "none"), default=D.row_weighting,
                    help="compensated: weight output rows in every codebook fit by their gradient energy "
-                        "(SqueezeLLM-style; default: %(default)s)")
-    q.add_argument("--no-compensation", action="store_true", help="compensated: no error feedback (ablation)")
+                        "(SqueezeLLM-style)")
+    q.add_argument("--no-compensation", action="store_true",
+                   help=f"compensated: no error feedback, an ablation (default: error feedback {'on' if D.compensate else 'off'})")
     q.add_argument("--finetune-epochs", type=int, default=None,
                    help="epochs of codebook fine-tuning against the full-precision model, indices fixed "
-                        f"(default: {D.finetune_epochs} for compensated, 0 for paper)")
-    q.add_argument("--skip-modules", nargs="+", default=[], metavar="PATTERN",
+                        f"(default: {D.finetune_epochs} for compensated, "
+                        f"{CMPQConfig(algorithm='paper').finetune_epochs} for paper)")
+    q.add_argument("--skip-modules", nargs="+", default=list(D.skip_modules), metavar="PATTERN",
                    help="block linears to leave dense, fnmatch patterns over qualified names, e.g. "
-                        "'*.mlp.down_proj' 'model.layers.0.*' (default: none)")
-    q.add_argument("--quantizer", choices=("kmeans", "uniform"), default="kmeans")
-    q.add_argument("--act-outlier-frac", type=float, default=0.0045)
-    q.add_argument("--weight-outlier-frac", type=float, default=0.0005)
-    q.add_argument("--calib-batch-size", type=int, default=8)
-    q.add_argument("--device", default=None)
-    q.add_argument("--overwrite", action="store_true")
+                        "'*.mlp.down_proj' 'model.layers.0.*'")
+    q.add_argument("--quantizer", choices=("kmeans", "uniform"), default=D.quantizer,
+                   help="paper: non-uniform k-means codebooks or uniform min-max grids")
+    q.add_argument("--act-outlier-frac", type=float, default=D.act_outlier_frac,
+                   help="paper: fraction of input channels kept whole in FP16 (O_act)")
+    q.add_argument("--weight-outlier-frac", type=float, default=D.weight_outlier_frac,
+                   help="fraction of all weights kept in FP16 as sparse outliers (O_q)")
+    # where and how it runs (cmpq.RunOptions)
+    q.add_argument("--device", default=R.device, help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
+    q.add_argument("--overwrite", action="store_true", help="replace a previous cmpq output at --output")
     q.add_argument("--resume", action="store_true",
                    help="continue a killed run from <output>.partial (same settings and calibration required)")
     q.add_argument("--no-checkpoint", action="store_true",
                    help="do not write <output>.partial after each block (saves the hidden-state writes; no --resume)")
     q.add_argument("--offload-activations", action="store_true",
                    help="keep calibration activations on the CPU (pinned), one batch on the GPU at a time")
-    q.add_argument("--max-gpu-memory", default=None, metavar="SIZE",
+    q.add_argument("--max-gpu-memory", default=R.max_gpu_memory, metavar="SIZE",
                    help="cap GPU memory, e.g. 8GiB: offloads activations and shrinks k-means chunks as needed, "
-                        "or refuses before any work (per GPU with --nproc)")
+                        "or refuses before any work (per GPU with --nproc; default: no cap)")
     q.add_argument("--no-progress", action="store_true",
                    help="no progress bars (they show only when stderr is a terminal; CMPQ_PROGRESS=0 also turns them off)")
     q.add_argument("--nproc", type=int, default=1, metavar="N",
@@ -541,33 +570,35 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --device cpu: N CPU processes (gloo)")
     q.set_defaults(fn=cmd_quantize)
 
-    e = sub.add_parser("eval", help="perplexity by the GPTQ protocol")
+    e = command("eval", "perplexity by the GPTQ protocol")
     e.add_argument("model", help="cmpq folder, or any model 'quantize' takes (evaluated unquantized)")
     e.add_argument("--datasets", nargs="+", default=["wikitext2", "c4"], help="wikitext2 c4 c4-random offline")
-    e.add_argument("--seqlen", type=int, default=2048)
-    e.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows (quick runs)")
-    e.add_argument("--batch-size", type=int, default=1)
-    e.add_argument("--device", default=None)
+    e.add_argument("--seqlen", type=int, default=2048, help="tokens per evaluation window")
+    e.add_argument("--max-windows", type=int, default=None,
+                   help="evaluate only the first N windows, for quick runs (default: all)")
+    e.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    e.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
     e.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                    help="compute dtype of the unquantized parts (default: float16 on GPU, float32 on CPU)")
     e.add_argument("--device-map", default=None, metavar="MAP",
                    help="spread the model over the GPUs with accelerate: auto (= balanced), balanced, sequential, "
-                        "or a JSON file/object {module: device}; for models larger than one GPU")
+                        "or a JSON file/object {module: device}; for models larger than one GPU (default: one device)")
     e.add_argument("--max-memory", default=None, metavar="LIST",
-                   help="with --device-map: memory per device for the weights, e.g. 0=20GiB,1=20GiB[,cpu=64GiB]")
+                   help="with --device-map: memory per device for the weights, e.g. 0=20GiB,1=20GiB[,cpu=64GiB] "
+                        "(default: what accelerate finds free)")
     e.add_argument("--json", default=None, help="also write results to this file")
     e.add_argument("--no-verify", action="store_true", help=NO_VERIFY)
     e.set_defaults(fn=cmd_eval)
 
-    gp = sub.add_parser("generate", help="generate text with a KV cache (CUDA graphs on GPU), streamed; "
-                                         "chat template when the tokenizer has one; decode tokens/s")
+    gp = command("generate", "generate text with a KV cache (CUDA graphs on GPU), streamed; "
+                             "chat template when the tokenizer has one; decode tokens/s")
     gp.add_argument("model", help="cmpq folder, or any model 'quantize' takes")
     gp.add_argument("prompt")
-    gp.add_argument("--max-new-tokens", type=int, default=64)
+    gp.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     gp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gp.add_argument("--top-p", type=float, default=1.0)
-    gp.add_argument("--seed", type=int, default=0)
-    gp.add_argument("--no-cuda-graph", action="store_true")
+    gp.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    gp.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gp.add_argument("--no-cuda-graph", action="store_true", help="decode without capturing a CUDA graph")
     gp.add_argument("--compile", action="store_true",
                     help="torch.compile the decode step first (fuses the model's small ops; tens of seconds once)")
     gp.add_argument("--fuse", action="store_true",
@@ -576,38 +607,42 @@ def build_parser() -> argparse.ArgumentParser:
                     help="feed the prompt as it is, not through the tokenizer's chat template")
     gp.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                     help="compute dtype (default: float16 on GPU, float32 on CPU)")
-    gp.add_argument("--device", default=None)
+    gp.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
     gp.add_argument("--no-verify", action="store_true", help=NO_VERIFY)
     gp.set_defaults(fn=cmd_generate)
 
-    le = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on a cmpq folder (needs the lm-eval extra)")
+    le = command("lm-eval", "lm-evaluation-harness tasks on a cmpq folder (needs the lm-eval extra)")
     le.add_argument("model", help="cmpq folder, or any model 'quantize' takes (evaluated unquantized)")
     le.add_argument("--tasks", nargs="+", required=True, help="lm-eval task names, e.g. hellaswag arc_easy")
     le.add_argument("--include-path", default=None, metavar="DIR",
                     help="folder of extra task YAML files (local data sets; offline, the only tasks that run)")
-    le.add_argument("--limit", type=float, default=None, help="documents per task (an int) or a fraction (< 1)")
+    le.add_argument("--limit", type=float, default=None,
+                    help="documents per task (an int) or a fraction (< 1) (default: all)")
     le.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
-    le.add_argument("--batch-size", type=int, default=1, help="default: %(default)s")
+    le.add_argument("--batch-size", type=int, default=1, help="requests per forward pass")
     le.add_argument("--max-length", type=int, default=None, help="context length (default: the model's)")
-    le.add_argument("--seed", type=int, default=0, help="default: %(default)s")
-    le.add_argument("--device", default=None)
+    le.add_argument("--seed", type=int, default=0, help="lm-eval's seeds")
+    le.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
     le.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                     help="compute dtype of the unquantized parts (default: float16 on GPU, float32 on CPU)")
     le.add_argument("--json", default=None, metavar="FILE", help="also write the results to this file")
     le.set_defaults(fn=cmd_lm_eval)
 
-    es = sub.add_parser("estimate", help="effective bits and size of a CMPQ model for given budgets, before quantizing")
-    es.add_argument("model")
-    es.add_argument("--bits", type=float, nargs="+", default=[2, 2.5, 3, 3.5, 4])
-    es.add_argument("--algorithm", choices=("compensated", "paper"), default=D.algorithm)
-    es.add_argument("--act-outlier-frac", type=float, default=0.0045)
-    es.add_argument("--weight-outlier-frac", type=float, default=0.0005)
-    es.add_argument("--json", action="store_true")
+    es = command("estimate", "effective bits and size of a CMPQ model for given budgets, before quantizing")
+    es.add_argument("model", help="hub id, local folder, .gguf file, or 'smollm2-135m' (no weights are read)")
+    es.add_argument("--bits", type=float, nargs="+", default=[2, 2.5, 3, 3.5, 4], help="budgets to size")
+    es.add_argument("--algorithm", choices=("compensated", "paper"), default=D.algorithm,
+                    help="how --bits is read: effective (compensated) or nominal (paper)")
+    es.add_argument("--act-outlier-frac", type=float, default=D.act_outlier_frac,
+                    help="paper: fraction of input channels kept whole in FP16 (O_act)")
+    es.add_argument("--weight-outlier-frac", type=float, default=D.weight_outlier_frac,
+                    help="fraction of all weights kept in FP16 as sparse outliers (O_q)")
+    es.add_argument("--json", action="store_true", help="print JSON instead of a table")
     es.set_defaults(fn=cmd_estimate)
-    i = sub.add_parser("info", help="bits per weight, per layer, storage breakdown")
-    i.add_argument("model")
+    i = command("info", "bits per weight, per layer, storage breakdown")
+    i.add_argument("model", help="cmpq folder")
     i.add_argument("--layers", action="store_true", help="one line per layer")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("--json", action="store_true", help="print JSON instead of text")
     i.set_defaults(fn=cmd_info)
     return p
 

@@ -6,6 +6,7 @@ records the calibration without local paths (and with the batch size, which chan
 
 import copy
 import json
+import re
 from dataclasses import fields
 
 import pytest
@@ -103,6 +104,35 @@ def test_quantize_refuses_options_given_twice_or_misplaced(tiny_llama, calib_ids
         cmpq.quantize(tiny_llama, None, cfg, "c4")
     with pytest.raises(TypeError, match="config must be a cmpq.CMPQConfig, got RunOptions"):
         cmpq.quantize(tiny_llama, None, RunOptions(calib=calib_ids))
+
+
+def test_cli_help_shows_the_dataclass_defaults(monkeypatch, capsys):
+    from cmpq.cli import main
+
+    monkeypatch.setenv("COLUMNS", "400")  # one line per option
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    text = capsys.readouterr().out
+    D, R = CMPQConfig(), RunOptions()
+    shown = {"--calib": R.calib, "--nsamples": R.nsamples, "--seqlen": R.seqlen, "--seed": R.seed,
+             "--calib-batch-size": R.calib_batch_size, "--algorithm": D.algorithm,
+             "--token-weighting": D.token_weighting, "--row-weighting": D.row_weighting, "--quantizer": D.quantizer,
+             "--act-outlier-frac": D.act_outlier_frac, "--weight-outlier-frac": D.weight_outlier_frac}
+    for opt, value in shown.items():  # an option's entry: its line, and the help below it when the name is long
+        entry = re.search(rf"^  {opt}[ ,].*?(?=^  -|\Z)", text, re.M | re.S).group(0)
+        assert " ".join(entry.split()).endswith(f"(default: {value})"), entry
+    assert f"(default: {D.finetune_epochs} for compensated, 0 for paper)" in text
+    # and the parser's defaults are those values, so what the help says is what runs
+    from cmpq.cli import build_parser
+
+    a = build_parser().parse_args(["quantize", "m", "--bits", "3", "-o", "out"])
+    for opt, value in shown.items():
+        assert getattr(a, opt[2:].replace("-", "_")) == value, opt
+    for cmd in ("eval", "generate", "estimate"):  # every subcommand's numbers come with their defaults
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        out = capsys.readouterr().out
+        assert re.search(r"--(seqlen|max-new-tokens|act-outlier-frac) \S+\s+.*\(default: [\d.]+\)", out), cmd
 
 
 def test_saved_config_has_algorithm_and_calibration_without_paths(tiny_llama, tmp_path, monkeypatch):
