@@ -177,7 +177,7 @@ def quantize(
         from cmpq.model.distill import teacher_states
 
         t0 = time.perf_counter()
-        teacher = teacher_states(model, windows.ids, device)
+        teacher = teacher_states(model, windows.ids, device, progress=progress)
         finetune_s = time.perf_counter() - t0
     make_stats = lambda name, lin: SquaredNorm(lin.in_features, lin.weight.device)  # noqa: E731
     if cfg.algorithm == "compensated":
@@ -235,7 +235,8 @@ def quantize(
         from cmpq.model.distill import finetune
 
         t0 = time.perf_counter()
-        tuned = finetune(model, windows.ids, teacher, device, cfg.finetune_epochs, cfg.finetune_lr, log)
+        tuned = finetune(model, windows.ids, teacher, device, cfg.finetune_epochs, cfg.finetune_lr, log,
+                         progress=progress)
         finetune_s += time.perf_counter() - t0
     total = time.perf_counter() - start
     qc = {

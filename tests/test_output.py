@@ -47,6 +47,29 @@ def test_quantize_and_eval_show_bars_on_a_terminal(tiny_llama, calib_ids, monkey
     assert tty.getvalue() == ""
 
 
+def test_fine_tuning_shows_a_bar_on_a_terminal_and_none_when_asked(tiny_llama, calib_ids, monkeypatch):
+    """Issue 12, item 4: the fine-tuning pass (epochs x windows steps, as long as a few block walks)
+    gets a bar with an ETA like the other long loops; ``progress=False`` turns every bar off."""
+    import copy
+
+    cfg = cmpq.CMPQConfig(bits=3.6, kmeans_iters=5, alloc_kmeans_iters=5, finetune_epochs=1)
+    tty = _Tty()
+    monkeypatch.setattr("sys.stderr", tty)
+    cmpq.quantize(copy.deepcopy(tiny_llama), None, cfg, calib=calib_ids, device="cpu", log=lambda s: None)
+    err = tty.getvalue()
+    for what in ("teacher (full precision):", "calibration (sensitivity):", "blocks:", "fine-tune:"):
+        assert what in err, what
+    assert "fine-tune:   0%|          | 0/4 [" in err  # 1 epoch x 4 windows
+    tty.seek(0), tty.truncate()
+    cmpq.quantize(copy.deepcopy(tiny_llama), None, cfg, calib=calib_ids, device="cpu", log=lambda s: None,
+                  progress=False)
+    assert tty.getvalue() == ""
+    pipe = io.StringIO()
+    monkeypatch.setattr("sys.stderr", pipe)  # not a terminal: quiet without being asked
+    cmpq.quantize(tiny_llama, None, cfg, calib=calib_ids, device="cpu", log=lambda s: None)
+    assert pipe.getvalue() == ""
+
+
 def test_calibration_description_has_no_absolute_path(tiny_llama, tmp_path, monkeypatch):
     from tiny_models import char_tokenizer
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from cmpq.model.blocks import set_module
 from cmpq.nn.linear import CMPQLinear
+from cmpq.progress import bar
 from cmpq.storage import codebook
 from cmpq.storage.packing import pack_channels
 
@@ -38,16 +39,20 @@ def _head(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def teacher_states(model: nn.Module, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Last hidden state ``[n, seq, hidden]`` (fp16, CPU) of the full-precision model per window."""
+def teacher_states(model: nn.Module, ids: torch.Tensor, device: torch.device, progress: bool = False) -> torch.Tensor:
+    """Last hidden state ``[n, seq, hidden]`` (fp16, CPU) of the full-precision model per window.
+    ``progress``: a bar over the windows on a terminal (one forward each, the whole model on ``device``)."""
     head = _head(model)
     got: list[torch.Tensor] = []
     hook = head.register_forward_pre_hook(lambda m, args: got.append(args[0].detach().half().cpu()))
     place = _Placement(model, device)
+    pbar = bar(ids.shape[0], "teacher (full precision)", "window", enabled=progress)
     try:
         for row in ids:
             model(row[None].to(device), use_cache=False)
+            pbar.update(1)
     finally:
+        pbar.close()
         hook.remove()
         place.restore()
     return torch.cat(got)
@@ -165,10 +170,13 @@ def finetune(
     epochs: int = 2,
     lr: float = 5e-3,
     log: Callable[[str], None] | None = None,
+    progress: bool | None = None,
 ) -> dict:
     """Train every ``CMPQLinear``'s stored values (indices fixed) to match ``teacher`` (from
     ``teacher_states``) on the windows ``ids``; Adam, one window per step, linear decay to zero;
     ``lr`` is relative to each layer's value scale.
+    ``progress``: a bar over all steps (epochs x windows) with the running KL, on a terminal only
+    (None: when ``log`` is set); the pass is as long as a few block walks, so it gets an ETA too.
     Returns the first and last epoch's mean KL."""
     if teacher.shape[:2] != ids.shape:
         raise ValueError(f"teacher states {tuple(teacher.shape)} do not match the windows {tuple(ids.shape)}")
@@ -203,6 +211,7 @@ def finetune(
     steps = epochs * ids.shape[0]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
     history = []
+    pbar = bar(steps, "fine-tune", "step", enabled=log is not None if progress is None else progress)
     try:
         with torch.enable_grad():
             for epoch in range(epochs):
@@ -221,11 +230,15 @@ def finetune(
                     loss = loss / logits.shape[0]
                     opt.step()
                     sched.step()
-                    total += loss.item()
+                    kl = loss.item()
+                    total += kl
+                    pbar.set_postfix(epoch=f"{epoch + 1}/{epochs}", kl=f"{kl:.4f}", refresh=False)
+                    pbar.update(1)
                 history.append(total / ids.shape[0])
                 if log:
                     log(f"fine-tune epoch {epoch + 1}/{epochs}: KL to full precision {history[-1]:.4f}")
     finally:
+        pbar.close()
         for root, name, t in swapped:
             set_module(root, name, t.write_back())
         place.restore()
