@@ -23,7 +23,7 @@ from cmpq.storage.io import FORMAT_VERSION, CorruptModelError
 from test_families import build
 from tiny_models import one_thread  # noqa: F401
 
-CFG = dict(bits=3, algorithm="paper", nsamples=4, seqlen=64, kmeans_iters=5)
+CFG = dict(bits=3, algorithm="paper", kmeans_iters=5)
 
 
 def quantized_folder(family, calib_ids, path):
