@@ -146,6 +146,23 @@ def test_from_pretrained_refuses_damaged_tensors_by_name(folder, damage, message
         AutoModelForCausalLM.from_pretrained(folder)
 
 
+def test_from_pretrained_checks_the_manifest_checksums(folder, tmp_path):
+    """Issue 12, item 5: a cmpq.save folder holds SHA-256 checksums; from_pretrained checks them as
+    cmpq.load does. The damage here (one embedding value) passes every structural check."""
+    sd = tensors(folder)
+    emb = next(k for k in sd if k.endswith("embed_tokens.weight"))
+    sd[emb][3, 5] += 1
+    save_file(sd, folder / "model.safetensors", metadata={"cmpq_format_version": str(FORMAT_VERSION)})
+    with pytest.raises(CorruptModelError, match=rf"tensor {emb} does not match its checksum in cmpq_manifest.json"):
+        AutoModelForCausalLM.from_pretrained(folder)
+    with pytest.raises(CorruptModelError, match="does not match its checksum"):
+        cmpq.load(folder, device="cpu")  # the same verdict either way
+    (folder / "cmpq_manifest.json").unlink()  # no manifest (as save_pretrained writes): nothing to check against
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
 PLAIN = textwrap.dedent("""
     import sys
     from transformers import AutoModelForCausalLM

@@ -13,8 +13,9 @@ weight conversion applies; packed buffers keep their stored dtypes, the rest tak
 
 The checks ``cmpq.load`` makes are made here too: the file header against the layout before any
 tensor is read (missing, unexpected, wrong shape or dtype), the packed data after (channel
-partition, CSR pointers, NaN/Inf). SHA-256 checksums live in ``cmpq_manifest.json``, which only
-``cmpq.load`` reads.
+partition, CSR pointers, NaN/Inf), and, when the folder holds the ``cmpq_manifest.json`` that
+``cmpq.save`` writes, every tensor of the files against its SHA-256 (``io.verify_files``; a
+``save_pretrained`` folder or a hub repo of config and weights has no manifest, so no checksums).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from cmpq.storage.io import (
     _check_layer,
     check_format_version,
     tensors_to_save,
+    verify_files,
 )
 from cmpq.storage.layout import LayoutError, check_layout, expected_tensors, install, model_layout, same_layout
 
@@ -60,6 +62,7 @@ class CMPQHfQuantizer(HfQuantizer):
 
     requires_calibration = True
     quantization_config: CMPQHfConfig
+    _checkpoint_files: list[str] | None = None  # this load's weight files, for the checksum pass
 
     def validate_environment(self, device_map=None, **kwargs) -> None:
         import transformers
@@ -94,6 +97,7 @@ class CMPQHfQuantizer(HfQuantizer):
             raise CorruptModelError(str(e)) from None
         if checkpoint_files:
             check_header(checkpoint_files, self.quantization_config.layers)
+            self._checkpoint_files = list(checkpoint_files)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         for name, layer in model.named_modules():
@@ -101,6 +105,8 @@ class CMPQHfQuantizer(HfQuantizer):
                 tensors = {f"{name}.{k}": v for k, v in layer.state_dict().items()}
                 _check_layer(name, tensors, {"in_features": layer.in_features, "out_features": layer.out_features,
                                              "channels": {str(b): n for b, n in layer.counts().items()}})
+        if self._checkpoint_files:  # after the structural checks, which name the part that is wrong
+            verify_files(self._checkpoint_files)
         return model
 
     def update_weight_conversions(self, weight_conversions, model):

@@ -419,16 +419,47 @@ def _check_dtypes(f: Path, tensors: dict, expected: dict, layers: dict) -> None:
                                 + ", ".join(f"{n}: {d}" for d, n in loose.items()) + "); cmpq writes them in one")
 
 
+def _check_sum(f: Path, name: str, t: torch.Tensor, sums: dict) -> None:
+    if sums.get(name) != tensor_sha256(t):
+        raise CorruptModelError(f"{f}: tensor {name} does not match its checksum in {MANIFEST}: the file "
+                                f"is damaged (cmpq.load with verify=False, or --no-verify, reads it anyway)")
+
+
 def _verify_sums(f: Path, tensors: dict, sums: dict | None, verify: bool, has_manifest: bool) -> None:
     if verify and sums is not None:
         for name, t in tensors.items():
-            if sums.get(name) != tensor_sha256(t):
-                raise CorruptModelError(f"{f}: tensor {name} does not match its checksum in {MANIFEST}: the file "
-                                        f"is damaged (verify=False, or --no-verify, reads it anyway)")
+            _check_sum(f, name, t, sums)
     elif verify:
         why = "written without checksums (cmpq before 2026-12-02)" if has_manifest else \
             f"no {MANIFEST} (save_pretrained writes none), so no checksums"
         warnings.warn(f"{f.parent}: {why}; its data is not verified", stacklevel=3)
+
+
+def verify_files(files: list[str | Path]) -> bool:
+    """Check the safetensors ``files`` against the SHA-256 in the ``cmpq_manifest.json`` beside
+    them, when there is one: the transformers loading path's counterpart of ``cmpq.load``'s check,
+    so a damaged ``cmpq.save`` folder fails the same way whichever way it is loaded. Reads one
+    tensor at a time (no second copy of the model in memory). Returns whether there were checksums
+    to check; a folder without a manifest (``save_pretrained`` writes none, a hub repo may hold
+    config and weights only) has none, and the structural checks are all it gets."""
+    from safetensors import safe_open
+
+    folder = Path(files[0]).parent
+    if not (folder / MANIFEST).is_file():
+        return False
+    manifest = read_json(folder / MANIFEST, "the cmpq manifest")
+    check_format_version(f"{folder}/{MANIFEST}", manifest.get("format_version"))
+    check_manifest(manifest, folder / MANIFEST)
+    sums = manifest.get("sha256")
+    if sums is None:
+        warnings.warn(f"{folder}: written without checksums (cmpq before 2026-12-02); its data is not verified",
+                      stacklevel=2)
+        return False
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                _check_sum(Path(f), name, st.get_tensor(name), sums)
+    return True
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
