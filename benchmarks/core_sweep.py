@@ -68,13 +68,12 @@ def main(argv: list[str] | None = None) -> None:
 
     for bits in a.bits:
         model = copy.deepcopy(base)
-        cfg = cmpq.CMPQConfig(bits=bits, algorithm=a.algorithm, nsamples=a.nsamples, seqlen=a.seqlen,
-                              quantizer=a.quantizer)
+        cfg = cmpq.CMPQConfig(bits=bits, algorithm=a.algorithm, quantizer=a.quantizer)
         if dev.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        cmpq.quantize(model, tok, cfg, calib=a.calib, device=dev, log=None)
+        cmpq.quantize(model, tok, cfg, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, device=dev, log=None)
         qtime = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
         qc = model.config.quantization_config

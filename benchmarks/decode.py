@@ -150,18 +150,18 @@ def main() -> None:
         if a.tiny:
             model, vocab, label = llama(dict(TINY, tie_word_embeddings=True), dev), 256, "tiny-llama"
             calib = torch.randint(0, 256, (4, 64))
-            qcfg = cmpq.CMPQConfig(bits=a.bits, nsamples=4, seqlen=64)
+            qcfg = cmpq.CMPQConfig(bits=a.bits)
             tok = None
         else:
             from cmpq.model.loading import load_model
 
             model, tok = load_model(a.model, device=dev, dtype=torch.float16)
             vocab, label, calib = model.config.vocab_size, a.model, a.calib
-            qcfg = cmpq.CMPQConfig(bits=a.bits, nsamples=a.nsamples, seqlen=a.seqlen)
+            qcfg = cmpq.CMPQConfig(bits=a.bits)
         if not a.skip_fp16:
             rows += run(model, vocab, a.prompt_len, a.new_tokens, dev, f"{label} fp16", graph, modes)
         t0 = time.time()
-        model = cmpq.quantize(model, tok, qcfg, calib=calib, device=dev, log=None)
+        model = cmpq.quantize(model, tok, qcfg, calib=calib, nsamples=a.nsamples, seqlen=a.seqlen, device=dev, log=None)
         print(f"quantized {label} in {time.time() - t0:.1f} s", flush=True)
         rows += run(model, vocab, a.prompt_len, a.new_tokens, dev, f"{label} cmpq-{a.bits:g}bit", graph, modes)
         if a.fuse:

@@ -59,11 +59,11 @@ def load(a):
 
 
 def token_sets(tok, a) -> dict[str, torch.Tensor]:
-    from cmpq.config import CMPQConfig
     from cmpq.data.tokens import eval_windows
+    from cmpq.options import RunOptions
     from cmpq.quantize import resolve_calibration
 
-    cal = resolve_calibration(tok, "c4", CMPQConfig(nsamples=a.nsamples, seqlen=a.calib_seqlen, seed=0)).ids
+    cal = resolve_calibration(tok, RunOptions(calib="c4", nsamples=a.nsamples, seqlen=a.calib_seqlen, seed=0)).ids
     wiki = eval_windows(tok, "wikitext2", 2048, nsamples=a.windows).ids
     c4val = eval_windows(tok, "c4", 2048, nsamples=a.heldout_windows).ids
     return {"cal": cal, "wiki": wiki, "c4val": c4val}

@@ -52,6 +52,7 @@ from cmpq.data.tokens import Windows, eval_windows
 from cmpq.eval.perplexity import perplexity
 from cmpq.model.loading import load_model, resolve_model_path
 from cmpq.nn.linear import CMPQLinear, cache_dense_weights
+from cmpq.options import RunOptions
 from cmpq.quantize import resolve_calibration
 from cmpq.storage.io import FORMAT_VERSION, bits_summary, layer_summary
 
@@ -205,8 +206,8 @@ class Bench:
     def calibration(self, name: str, nsamples: int) -> Windows:
         k = (name, nsamples)
         if k not in self.calibs:
-            cfg = CMPQConfig(nsamples=nsamples, seqlen=self.a.calib_seqlen, seed=self.a.seed)
-            self.calibs[k] = resolve_calibration(self.tok, name, cfg)
+            self.calibs[k] = resolve_calibration(self.tok, RunOptions(calib=name, nsamples=nsamples,
+                                                                      seqlen=self.a.calib_seqlen, seed=self.a.seed))
         return self.calibs[k]
 
     def evaluate(self, model) -> tuple[dict, float]:
@@ -225,7 +226,7 @@ class Bench:
         model = copy.deepcopy(self.base)
         calib = self.calibration(opts.pop("calib", a.calib), opts.pop("nsamples", a.nsamples))
         if c["method"] == "cmpq":
-            cfg = CMPQConfig(bits=c["bits"], nsamples=calib.ids.shape[0], seqlen=a.calib_seqlen, seed=a.seed, **opts)
+            cfg = CMPQConfig(bits=c["bits"], **opts)
             if self.dev.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()

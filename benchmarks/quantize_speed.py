@@ -107,10 +107,12 @@ def run(path: Path, out: Path, device: torch.device, nsamples: int, seqlen: int,
     tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer.json").is_file() else None
     load_s = time.perf_counter() - t0
     ids = _calibration(model.config.vocab_size, nsamples, seqlen)
-    cfg = cmpq.CMPQConfig(bits=bits, nsamples=nsamples, seqlen=seqlen, calib_batch_size=batch)
+    cfg = cmpq.CMPQConfig(bits=bits)
+    options = cmpq.RunOptions(calib=ids, calib_batch_size=batch, device=None if dist is not None else device,
+                              log=None, offload_activations=offload, max_gpu_memory=cap, dist=dist,
+                              checkpoint_dir=Path(str(out) + ".partial") if checkpoint else None)
     t0 = time.perf_counter()
-    cmpq.quantize(model, None, cfg, calib=ids, device=device, log=None, offload_activations=offload,
-                  checkpoint_dir=Path(str(out) + ".partial") if checkpoint else None, max_gpu_memory=cap, dist=dist)
+    cmpq.quantize(model, None, cfg, options)
     quant_s = time.perf_counter() - t0
     if dist is not None and not dist.main:
         return None

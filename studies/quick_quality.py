@@ -21,6 +21,7 @@ from cmpq.config import CMPQConfig
 from cmpq.data.tokens import eval_windows
 from cmpq.eval.perplexity import perplexity
 from cmpq.model.loading import load_model
+from cmpq.options import RunOptions
 from cmpq.quantize import resolve_calibration
 
 
@@ -72,10 +73,9 @@ def main() -> None:
         base.to("cpu")
         print(rows[-1], flush=True)
         save(a, rows, dev)
+    calib = resolve_calibration(tok, RunOptions(calib="c4", nsamples=a.nsamples, seqlen=a.calib_seqlen))
     for spec in a.run:
-        kw = parse(spec)
-        cfg = CMPQConfig(nsamples=a.nsamples, seqlen=a.calib_seqlen, **kw)
-        calib = resolve_calibration(tok, "c4", cfg)
+        cfg = CMPQConfig(**parse(spec))
         model, _ = load_model("smollm2-135m", device=dev, dtype=dtype)
         t0 = time.perf_counter()
         cmpq.quantize(model, tok, cfg, calib=calib, device=dev, log=print if a.log else None)
