@@ -244,22 +244,41 @@ __device__ __forceinline__ void unit_body(unsigned slot, unsigned lutmax, unsign
   }
 }
 
-// cp.async of unit u (its LUT and the Q record blocks of tile groups tg0..) into a ring slot
-template <int Q>
-__device__ __forceinline__ void issue(const PR& p, int u, int tg0, unsigned slot, int lane) {
-  const int k = kind_of(p, u);
-  const int lb = LB16_(k), rb = RB16_(k);
-  const int4* lsrc = p.lut + p.lutbase[k] + (long long)(u - p.cs[k]) * lb;
-  for (int c = lane; c < lb; c += 32) cp_async16(slot + c * 16, lsrc + c);
-  const int4* rsrc = (k == 3 ? p.ofr : p.rec) + p.recbase[k] + ((long long)(u - p.cs[k]) * p.ntg + tg0) * rb;
+// cp.async of unit u of kind K (its LUT and the Q record blocks of tile groups tg0..) into a ring
+// slot: sizes known at compile time, so the copies are straight-line code
+template <int K, int Q>
+__device__ __forceinline__ void issue_k(const PR& p, int u, int tg0, unsigned slot, int lane) {
+  constexpr int lb = LB16_(K), rb = RB16_(K);
+  if constexpr (lb > 0) {
+    const int4* lsrc = p.lut + p.lutbase[K] + (long long)(u - p.cs[K]) * lb;
+#pragma unroll
+    for (int c = 0; c < (lb + 31) / 32; ++c)
+      if (lb % 32 == 0 || c * 32 + lane < lb) cp_async16(slot + (c * 32 + lane) * 16, lsrc + c * 32 + lane);
+  }
+  const int4* rsrc = (K == 3 ? p.ofr : p.rec) + p.recbase[K] + ((long long)(u - p.cs[K]) * p.ntg + tg0) * rb;
 #pragma unroll
   for (int q = 0; q < Q; ++q)
     if (tg0 + q < p.ntg)
-      for (int c = lane; c < rb; c += 32) cp_async16(slot + p.lutmax + q * p.recmax + c * 16, rsrc + q * rb + c);
+#pragma unroll
+      for (int c = 0; c < rb / 32; ++c)
+        cp_async16(slot + p.lutmax + q * p.recmax + (c * 32 + lane) * 16, rsrc + q * rb + c * 32 + lane);
+}
+
+template <int Q>
+__device__ __forceinline__ void issue(const PR& p, int u, int tg0, unsigned slot, int lane) {
+#ifdef CMPQ_RLUT_ONLY_KIND
+  issue_k<CMPQ_RLUT_ONLY_KIND, Q>(p, u, tg0, slot, lane);
+#else
+  const int k = kind_of(p, u);
+  if (k == 1) issue_k<1, Q>(p, u, tg0, slot, lane);
+  else if (k == 0) issue_k<0, Q>(p, u, tg0, slot, lane);
+  else if (k == 2) issue_k<2, Q>(p, u, tg0, slot, lane);
+  else issue_k<3, Q>(p, u, tg0, slot, lane);
+#endif
 }
 
 template <int NTL, int Q, int BF>
-__global__ void __launch_bounds__(NTHREADS, 4) rlut_kernel(const PR p) {
+__global__ void __launch_bounds__(NTHREADS, NTL == 4 ? 3 : 4) rlut_kernel(const PR p) {  // 16 tokens: 64 accumulators
   extern __shared__ __align__(16) char smem_raw[];
   __shared__ int is_last;
   constexpr int TP = 4 * NTL, ROWS = Q * 128;
@@ -312,10 +331,15 @@ __global__ void __launch_bounds__(NTHREADS, 4) rlut_kernel(const PR p) {
     const int u = u0 + warp + i * NWARPS;
     const int k = kind_of(p, u);
     const int cl = ch_off(p, u) - c0;
+#ifdef CMPQ_RLUT_ONLY_KIND  // SASS counts of one kind's whole unit loop (benchmarks/rlut_sass.py)
+    (void)k;
+    unit_body<CMPQ_RLUT_ONLY_KIND, NTL, Q, BF>(slot, p.lutmax, p.recmax, xsa, cl, lane, acc);
+#else
     if (k == 1) unit_body<1, NTL, Q, BF>(slot, p.lutmax, p.recmax, xsa, cl, lane, acc);
     else if (k == 0) unit_body<0, NTL, Q, BF>(slot, p.lutmax, p.recmax, xsa, cl, lane, acc);
     else if (k == 2) unit_body<2, NTL, Q, BF>(slot, p.lutmax, p.recmax, xsa, cl, lane, acc);
     else unit_body<3, NTL, Q, BF>(slot, p.lutmax, p.recmax, xsa, cl, lane, acc);
+#endif
     __syncwarp();  // every lane has read the slot before it is refilled
     if (i + RING_D < nitems) issue<Q>(p, u + RING_D * NWARPS, tg0, slot, lane);
     cp_commit();
@@ -379,6 +403,43 @@ __global__ void __launch_bounds__(NTHREADS, 4) rlut_kernel(const PR p) {
   }
   if (tid == 0) p.cnt[rbk] = 0;
 }
+
+#ifdef CMPQ_RLUT_PROBE
+// SASS probe (benchmarks/rlut_sass.py, never built by the package): one kind's unit body in a loop,
+// so the instructions per weight of each width's inner loop can be counted from the cubin.
+template <int K, int NTL, int Q>
+__global__ void __launch_bounds__(NTHREADS, 4) rlut_probe(const int* n, float* out, unsigned lutmax, unsigned recmax) {
+  extern __shared__ __align__(16) char sm[];
+  const unsigned base = (unsigned)__cvta_generic_to_shared(sm);
+  const int lane = threadIdx.x & 31;
+  float acc[Q * 4][NTL][4];
+#pragma unroll
+  for (int a = 0; a < Q * 4; ++a)
+#pragma unroll
+    for (int b = 0; b < NTL; ++b)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[a][b][i] = 0.f;
+#pragma unroll 1
+  for (int i = 0; i < *n; ++i)
+    unit_body<K, NTL, Q, 0>(base + (i & 3) * 8192, lutmax, recmax, base + 32768, i * 32, lane, acc);
+  float s = 0.f;
+#pragma unroll
+  for (int a = 0; a < Q * 4; ++a)
+#pragma unroll
+    for (int b = 0; b < NTL; ++b)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s += acc[a][b][i];
+  out[threadIdx.x] = s;
+}
+#define PROBE(K)                                                                              \
+  template __global__ void rlut_probe<K, 1, 2>(const int*, float*, unsigned, unsigned);       \
+  template __global__ void rlut_probe<K, 2, 1>(const int*, float*, unsigned, unsigned);       \
+  template __global__ void rlut_probe<K, 4, 1>(const int*, float*, unsigned, unsigned);
+PROBE(0)
+PROBE(1)
+PROBE(2)
+PROBE(3)
+#endif
 
 template <int NTL, int BF>
 static int launch(const PR* p, int gx, int gy, int smem, cudaStream_t st) {

@@ -32,7 +32,7 @@ from cmpq.kernels.layout import _key, _quantized_values
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel_rlut.cu")
 NWARPS, RING_D, MAXS = 4, 3, 512  # kernel_rlut.cu
 NTHREADS = 32 * NWARPS
-BLOCKS_PER_SM = 4  # __launch_bounds__(128, 4)
+BLOCKS_PER_SM = {1: 4, 2: 4, 4: 3}  # __launch_bounds__ per NTL
 MAX_SMEM = 200 << 10
 SM_SMEM = 227 << 10
 XS_MAX = 32 << 10  # a block's gathered x; more splits when a split's channels would need more
@@ -243,7 +243,7 @@ def plan(lay: RlutLayout, T: int, sms: int, splits: int | None = None):
     total_ch = lay.chan.numel()
     if splits is None:
         fixed = ring + red + 2048
-        resident = max(1, min(BLOCKS_PER_SM, SM_SMEM // (fixed + 8192)))
+        resident = max(1, min(BLOCKS_PER_SM[ntl], SM_SMEM // (fixed + 8192)))
         S = max(1, min(-(-sms * resident // rb), NU // NWARPS or 1))
         S = max(S, -(-total_ch * TP * 2 // XS_MAX))
     else:
