@@ -67,8 +67,8 @@ def _lut_words(lut: torch.Tensor, off: torch.Tensor, n: int) -> list[torch.Tenso
 
 
 def emulate_fragments(lay, bf: bool):
-    """Yield ``(kind, u [nu], tg, ks, tile, a [4, nu, ntg, 32])``: the A registers (uint32) every lane
-    builds, for each unit of each kind, tile group, k-step and tile, as the kernel computes them."""
+    """Yield ``(kind, ks, tile, a [4, nu, ntg, 32])``: the A registers a0..a3 (uint32) every lane builds
+    for k-step ``ks`` and tile ``tile`` of every unit of ``kind`` and tile group, as the kernel does."""
     lut = (lay.lutbf if bf else lay.lut16).cpu()
     rec = _u32(lay.rec.cpu())
     ofr = _u32((lay.ofrbf if bf else lay.ofr16).cpu())
@@ -311,6 +311,14 @@ def test_plan_covers_units():
                 rb, S, smem, slot, xs_off, red_off, usplit = pl
                 assert smem <= kr.MAX_SMEM and 1 <= S <= kr.MAXS and len(usplit) == S + 1
                 assert usplit[0] == 0 and usplit[-1] == cs[-1] and (np.diff(usplit) >= 0).all()
+
+
+def test_linear_declines_what_it_cannot_serve():
+    lay = kr.prepare(_layer("mixed", False, seed=1))
+    assert kr.linear(torch.randn(2, 300).half(), lay) is None  # CPU tensor
+    if torch.cuda.is_available():
+        assert kr.linear(torch.randn(17, 300, device="cuda").half(), lay) is None  # > 16 tokens
+        assert kr.linear(torch.randn(2, 300, device="cuda"), lay) is None  # fp32
 
 
 def test_byte_perm_sign_mode():
