@@ -3,7 +3,7 @@
 # CMPQ_KERNELS_STEPS="tests prefill" picks some):
 #   (always) build the three kernel libraries (v3b, v4, mma) in parallel
 #   tests    GPU correctness tests of every CUDA kernel (tests/test_kernels.py); failures printed
-#   variants one-token variants v3b, v4s, v4s5, v4s6 at 3/2/4 bits, 7B + 70B shapes
+#   variants one-token kernels v3b and v4s at 3/2/4 bits, 7B + 70B shapes
 #   grid     the table with the shipped dispatch (what CMPQLinear.forward runs): 1/4/8/16 tokens,
 #            2/2.5/3/3.5/4 bits, 7B, 70B, 13B shapes -> kernels-h200.{json,md}
 #   prefill  dequantize + cuBLAS at 4..2048 tokens, same shapes and bits -> kernels-prefill-h200.{json,md}

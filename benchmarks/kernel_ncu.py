@@ -8,7 +8,7 @@ import torch
 from cmpq.kernels import cuda_decode  # noqa: E402
 from cmpq.kernels.testing import mix_counts, random_layer  # noqa: E402
 
-variants = sys.argv[1].split(",") if len(sys.argv) > 1 else ["v3b", "v4p", "v4h"]
+variants = sys.argv[1].split(",") if len(sys.argv) > 1 else ["v3b", "v4s"]
 counts, n_act = mix_counts(11008, 3.0)
 layer = random_layer(4096, 11008, counts, n_act, round(5e-4 * 4096 * 11008), device="cuda",
                      generator=torch.Generator().manual_seed(0), pack=False)

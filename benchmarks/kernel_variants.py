@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--variants", default=",".join([v for v in cuda_decode.VARIANTS if v != "auto"] + ["mma"]))
     ap.add_argument("--budget", type=float, default=100.0, help="seconds of wall clock for the timing loop")
-    ap.add_argument("--sweep", action="store_true", help="split sweep of the v4 variants at 3 bits (if time is left)")
+    ap.add_argument("--sweep", action="store_true", help="split sweep of v4s at 3 bits (if time is left)")
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from $OUT/kernel_variants.json")
     args = ap.parse_args()
     if args.table_only:
@@ -129,7 +129,7 @@ def main() -> None:
                                 nt = next(c for c in cuda_decode.NT_CHOICES if c >= T)
                                 pl = plans.get((nt, None))
                             else:
-                                pl = plans.get(("v4",) + kernel_v4.VARIANTS[v] + (None,))
+                                pl = plans.get(("v4", None))
                             r.update(us=us, speedup=fpt / us, bw_frac=moved / (us * 1e-6) / bw,
                                      floor_us=moved / bw * 1e6, splits=None if pl is None else pl[2])
                     except Exception as e:  # one broken variant must not stop the others
@@ -161,14 +161,13 @@ def sweep(variants, rows, save, out_of_time) -> None:
         for v in variants:
             if not v.startswith("v4") or out_of_time():
                 continue
-            mode, depth = kernel_v4.VARIANTS[v]
             lay = cuda_decode.repack(ls[0])
-            d = kernel_v4.plan(lay.groups, out, mode, depth, cuda_decode._num_sms(xs[0].device))[1]
+            d = kernel_v4.plan(lay.groups, out, cuda_decode._num_sms(xs[0].device))[1]
             for sp in sorted({max(1, d // 2), max(1, (2 * d) // 3), (3 * d) // 2, 2 * d}):
-                pl = kernel_v4.plan(lay.groups, out, mode, depth, 132, sp)
+                pl = kernel_v4.plan(lay.groups, out, 132, sp)
                 if pl[2] > kernel_v4.MAX_SMEM:
                     continue
-                us = time_graph([lambda l=l, x=x: kernel_v4.decode(l, x, v, splits=sp) for l, x in zip(ls, xs)], len(ls))
+                us = time_graph([lambda l=l, x=x: kernel_v4.decode(l, x, splits=sp) for l, x in zip(ls, xs)], len(ls))
                 rows.append(dict(sweep=True, out=out, inp=n_in, bits=3.0, tokens=1, variant=v, splits=sp,
                                  default_splits=d, us=us))
                 print(f"sweep {out}x{n_in} 3b {v} splits={sp} (default {d}): {us:.1f} us", flush=True)

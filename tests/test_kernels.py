@@ -208,47 +208,40 @@ def test_cuda_decode_splits_big_and_graph():
     assert y0.shape == (1, 1, 700)
 
 
-# -- v4 variants (cmpq/kernels/kernel_v4.cu, one token); CMPQ_TEST_VARIANTS=v4h,v4p narrows the list
-V4_VARIANTS = [v for v in os.environ.get("CMPQ_TEST_VARIANTS", ",".join(v for v in cuda_decode.VARIANTS if v.startswith("v4"))).split(",") if v]
-
-
-@pytest.mark.parametrize("variant", V4_VARIANTS)
-def test_v4_plan_fits(variant):
+# -- v4s (cmpq/kernels/kernel_v4.cu, one token) ------------------------------------------------
+def test_v4_plan_fits():
     from cmpq.kernels import kernel_v4
 
-    mode, depth = kernel_v4.VARIANTS[variant]
     for mix in MIXES:
         lay = cuda_decode.repack(_layer(mix, True, seed=2))
         for splits in (None, 1, 2, 7):
-            rb, S, smem, (ring, tbl, stage, red) = kernel_v4.plan(lay.groups, 67, mode, depth, 132, splits)
+            rb, S, smem, (ring, tbl) = kernel_v4.plan(lay.groups, 67, 132, splits)
             assert rb == 1 and 1 <= S and smem <= kernel_v4.MAX_SMEM
-            assert tbl % 256 == 0 and stage % 256 == 0 and red % 16 == 0 and ring == 0
-            assert tbl >= depth * 256 * 16
+            assert tbl % 256 == 0 and ring == 0 and tbl >= kernel_v4.RING_DEPTH * 256 * 16
+            assert smem >= tbl + kernel_v4.table_bytes(lay.groups, S)
 
 
 @cuda_only
-@pytest.mark.parametrize("variant", V4_VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("outliers", [False, True])
 @pytest.mark.parametrize("mix", list(MIXES))
-def test_cuda_decode_variant(mix, outliers, dtype, variant):
+def test_cuda_decode_v4s(mix, outliers, dtype):
     from cmpq.kernels import kernel_v4
 
     layer = _layer(mix, outliers, seed=hash((mix, outliers, 2)) % 1000)
     x = torch.randn(1, 300, device=DEV).to(dtype)
-    y = kernel_v4.decode(layer, x, variant)
+    y = kernel_v4.decode(layer, x)
     assert y is not None, kernel_v4.library_error()
     _check(y, layer, x)
-    y2 = kernel_v4.decode(layer, x, variant)  # accumulator and counters reset
+    y2 = kernel_v4.decode(layer, x)  # accumulator and counters reset
     torch.testing.assert_close(y, y2, rtol=2e-3, atol=1e-3)
     for tokens in (2, 3, 16):  # more tokens: v3b behind the same entry point
         xt = torch.randn(tokens, 300, device=DEV).to(dtype)
-        _check(cuda_decode.decode(layer, xt, variant=variant), layer, xt)
+        _check(cuda_decode.decode(layer, xt, variant="v4s"), layer, xt)
 
 
 @cuda_only
-@pytest.mark.parametrize("variant", V4_VARIANTS)
-def test_cuda_decode_variant_big_splits_graph(variant):
+def test_cuda_decode_v4s_big_splits_graph():
     from cmpq.kernels import kernel_v4
     from cmpq.kernels.testing import mix_counts, random_layer
 
@@ -258,17 +251,17 @@ def test_cuda_decode_variant_big_splits_graph(variant):
         layer = random_layer(out, n_in, counts, n_act, 400, bias=True, device=DEV, generator=gen)
         for splits in (None, 1, 3, 13, 50):
             x = torch.randn(1, n_in, device=DEV).half()
-            y = kernel_v4.decode(layer, x, variant, splits=splits)
+            y = kernel_v4.decode(layer, x, splits=splits)
             if y is None and splits is not None:  # a forced split whose tables exceed a block's shared memory
-                assert kernel_v4.plan(cuda_decode.repack(layer).groups, out, *kernel_v4.VARIANTS[variant], 132, splits) is None
+                assert kernel_v4.plan(cuda_decode.repack(layer).groups, out, 132, splits) is None
                 continue
             _check(y, layer, x)
-        xb = (torch.randn(1, n_in, device=DEV) * 3e6).bfloat16()  # x*cb beyond fp16 range: scaled tables
-        _check(kernel_v4.decode(layer, xb, variant), layer, xb)
+        xb = (torch.randn(1, n_in, device=DEV) * 3e6).bfloat16()  # x*cb beyond fp16 range: fp32 tables
+        _check(kernel_v4.decode(layer, xb), layer, xb)
     x = torch.randn(1, 1, n_in, device=DEV).half()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        yg = cuda_decode.decode(layer, x, variant=variant)
+        yg = cuda_decode.decode(layer, x, variant="v4s")
     x.copy_(torch.randn_like(x))
     g.replay()
     torch.cuda.synchronize()
@@ -296,7 +289,7 @@ def test_v4_group_launch_equals_separate(dtype):
             for y, layer in zip(ys, layers):
                 # the split-K sums run in another order: the same up to one step of the output dtype
                 rtol = 1e-3 if dtype == torch.float16 else 2**-7
-                torch.testing.assert_close(y, kernel_v4.decode(layer, x, "v4s"), rtol=rtol, atol=1e-3)
+                torch.testing.assert_close(y, kernel_v4.decode(layer, x), rtol=rtol, atol=1e-3)
                 _check(y, layer, x)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
@@ -315,9 +308,9 @@ def test_auto_variant_picks_by_layer_size(monkeypatch):
     small, big = SimpleNamespace(out_features=11008, in_features=4096), SimpleNamespace(out_features=28672, in_features=8192)
     assert cuda_decode.pick_variant(small) == "v4s"
     assert cuda_decode.pick_variant(big) == "v3b"
-    assert cuda_decode.pick_variant(big, "v4h") == "v4h"
-    monkeypatch.setenv("CMPQ_DECODE_VARIANT", "v4p")
-    assert cuda_decode.pick_variant(small) == "v4p"
+    assert cuda_decode.pick_variant(small, "v3b") == "v3b"
+    monkeypatch.setenv("CMPQ_DECODE_VARIANT", "v3b")
+    assert cuda_decode.pick_variant(small) == "v3b"
     with pytest.raises(ValueError, match="unknown CMPQ decode variant"):
         cuda_decode.pick_variant(small, "v9")
 

@@ -9,8 +9,7 @@ when one applies to this input (device, dtype, batch size), or None to use the P
   gradients) -> None.
 - ``CMPQ_KERNELS=0`` turns the kernels off; ``CMPQ_KERNELS=triton`` skips the CUDA kernels.
 - ``CMPQ_DECODE_VARIANT`` (default ``cuda_decode.DEFAULT_VARIANT``) picks the one-token CUDA kernel:
-  ``v3b`` or a v4 variant of ``kernel_v4.cu`` (``v4s``, ``v4p``, ``v4h``, ``v4p8``, ``v4h8``,
-  ``v4s5``, ``v4s6``).
+  ``v3b`` or ``v4s`` (``kernel_v4.cu``).
 - ``CMPQ_DECODE_MULTI`` (default ``cuda_decode.DEFAULT_MULTI``) picks the 2..16-token CUDA kernel:
   ``v3b`` (CUDA cores) or ``mma`` (``kernel_mma.cu``: tensor cores, mma.sync m16n8k16).
 

@@ -37,14 +37,14 @@ NT_CHOICES = (1, 4, 8, 16)
 SMEM_TARGET = 48 << 10
 MAX_SMEM = 200 << 10  # the kernel's dynamic shared-memory limit (cudaFuncSetAttribute)
 BLOCKS_PER_SM = 6
-# Which kernel serves one-token decode: "v3b" (this file's lut_cuda.cu) or a v4 variant
-# (kernel_v4.py: "v4s", "v4p", "v4h", "v4p8", "v4h8"), or "auto": v4s up to AUTO_V4S_MAX_WEIGHTS
+# Which kernel serves one-token decode: "v3b" (this file's lut_cuda.cu) or "v4s" (kernel_v4.py),
+# or "auto": v4s up to AUTO_V4S_MAX_WEIGHTS
 # weights, v3b above. Measured on the H200 2026-11-30 (benchmarks/results/kernel-variants-h200.md,
 # 3 bits, 1 token): v4s wins on 4096x4096 .. 8192x8192 (11.1 vs 17.1 us, 18.7 vs 24.0, 24.8 vs
 # 30.0), v3b on the 70B MLP shapes (66-68 vs 70-73 us). Env CMPQ_DECODE_VARIANT overrides.
 DEFAULT_VARIANT = "auto"
 AUTO_V4S_MAX_WEIGHTS = 100_000_000
-VARIANTS = ("auto", "v3b", "v4s", "v4p", "v4h", "v4p8", "v4h8", "v4s5", "v4s6")
+VARIANTS = ("auto", "v3b", "v4s")
 
 _LIB = None
 _LIB_ERR: str | None = None
@@ -354,7 +354,7 @@ def decode(layer, x: torch.Tensor, splits: int | None = None, variant: str | Non
     if variant != "v3b" and x.numel() == x.shape[-1] and torch.cuda.is_available():
         from cmpq.kernels import kernel_v4
 
-        y = kernel_v4.decode(layer, x, variant, splits)
+        y = kernel_v4.decode(layer, x, splits)
         if y is not None:
             return y
     lib = library()
