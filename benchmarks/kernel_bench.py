@@ -80,11 +80,13 @@ def sweep_cuda() -> None:
               for _ in range(nl)]
         for T in (1, 16):
             xs = [torch.randn(T, n_in, device="cuda", dtype=torch.float16) for _ in ls]
-            d = cuda_decode._params(ls[0], cuda_decode.repack(ls[0]), 1 if T == 1 else 16, None)[2]
+            rts = [l.runtime() for l in ls]
+            d = cuda_decode._params(rts[0], 1 if T == 1 else 16, None)[2]
             for sp in sorted({max(1, d // 4), max(1, d // 2), d, 2 * d, 4 * d}):
-                if cuda_decode.plan(cuda_decode.repack(ls[0]).groups, out, 1 if T == 1 else 16, 132, sp)[2] > cuda_decode.MAX_SMEM:
+                if cuda_decode.plan(rts[0].groups, out, 1 if T == 1 else 16, 132, sp)[2] > cuda_decode.MAX_SMEM:
                     continue
-                us = time_graph([lambda l=l, x=x: cuda_decode.decode(l, x, splits=sp) for l, x in zip(ls, xs)], len(ls))
+                us = time_graph([lambda rt=rt, x=x: cuda_decode.decode(rt, x, splits=sp) for rt, x in zip(rts, xs)],
+                                len(ls))
                 print(f"sweep-cuda {out}x{n_in} T={T} splits={sp}{' (default)' if sp == d else ''}: {us:.1f} us", flush=True)
         del ls
         torch.cuda.empty_cache()
@@ -101,7 +103,8 @@ def sweep() -> None:
             xs = [torch.randn(T, n_in, device="cuda", dtype=torch.float16) for _ in ls]
             for bn in (32, 64, 128):
                 for sp in (None, 16):
-                    us = time_graph([lambda l=l, x=x: triton_decode(l, x, block_n=bn, splits=sp) for l, x in zip(ls, xs)], len(ls))
+                    us = time_graph([lambda l=l, x=x: triton_decode(l.runtime(), x, block_n=bn, splits=sp)
+                                     for l, x in zip(ls, xs)], len(ls))
                     print(f"sweep {out}x{n_in} T={T} block_n={bn} splits={sp}: {us:.1f} us", flush=True)
 
 
@@ -154,12 +157,12 @@ def main() -> None:
 
             return dispatch(layer, x)
         if args.impl == "cuda":
-            return cuda_decode.decode(layer, x)
-        if args.impl == "prefill":  # many tokens: Triton dequant into a scratch weight, then cuBLAS
+            return cuda_decode.decode(layer.runtime(), x)
+        if args.impl == "prefill":  # many tokens: dequantize into a scratch weight, then cuBLAS
             from cmpq.kernels.dequant import prefill
 
-            return prefill(layer, x)
-        return triton_decode(layer, x, block_n=block_n)
+            return prefill(layer.runtime(), x)
+        return triton_decode(layer.runtime(), x, block_n=block_n)
     torch.manual_seed(0)
     dev = "cuda"
     bw = copy_bandwidth()

@@ -14,11 +14,12 @@ layer = random_layer(4096, 11008, counts, n_act, round(5e-4 * 4096 * 11008), dev
                      generator=torch.Generator().manual_seed(0), pack=False)
 x = torch.randn(1, 11008, device="cuda", dtype=torch.float16)
 x4 = torch.randn(4, 11008, device="cuda", dtype=torch.float16)
+rt = layer.runtime()
 for v in variants:
     for _ in range(2):
         if v == "mma4":
-            cuda_decode.decode(layer, x4, multi="mma")
+            cuda_decode.decode(rt, x4, multi="mma")
         else:
-            cuda_decode.decode(layer, x, variant=v)
+            cuda_decode.decode(rt, x, variant=v)
 torch.cuda.synchronize()
 print("done", variants)

@@ -95,6 +95,7 @@ def main() -> None:
             layers = [first] + [random_layer(out, n_in, counts, n_act, n_sparse, device="cuda", generator=gen, pack=False)
                                 for _ in range(nl - 1)]
             ref_w = first.dequantize(torch.float32)
+            rts = [l.runtime() for l in layers]  # the runtime layouts, built once here
             for T in batches:
                 xs = [torch.randn(T, n_in, device="cuda", dtype=torch.float16) for _ in range(nl)]
                 ref = F.linear(xs[0].float(), ref_w)
@@ -106,30 +107,28 @@ def main() -> None:
                              eff_bits=first.effective_bits())
                     try:
                         if v == "mma":
-                            y = kernel_mma.decode(layers[0], xs[0])
+                            y = kernel_mma.decode(rts[0], xs[0])
                             if y is None:
                                 raise RuntimeError(f"mma does not apply: {kernel_mma.library_error()}")
                         else:
-                            y = cuda_decode.decode(layers[0], xs[0], variant=v)
+                            y = cuda_decode.decode(rts[0], xs[0], variant=v)
                         err = ((y.float() - ref).norm() / ref.norm()).item()
                         r["rel_err"] = err
                         if not err < 2e-3:
                             r["error"] = f"WRONG rel_err {err:.2e}"
                         else:
                             if v == "mma":
-                                fns = [lambda l=l, x=x: kernel_mma.decode(l, x) for l, x in zip(layers, xs)]
+                                fns = [lambda rt=rt, x=x: kernel_mma.decode(rt, x) for rt, x in zip(rts, xs)]
                             else:
-                                fns = [lambda l=l, x=x: cuda_decode.decode(l, x, variant=v) for l, x in zip(layers, xs)]
+                                fns = [lambda rt=rt, x=x: cuda_decode.decode(rt, x, variant=v) for rt, x in zip(rts, xs)]
                             us = time_graph(fns, nl)
                             moved = nbytes + 2 * T * (n_in + out)
-                            plans = layers[0]._cuda_layout.plans
                             if v == "mma":
-                                pl = layers[0]._mma_layout.plans.get((1 if T <= 8 else 2, None, None))
+                                pl = kernel_mma._params(rts[0], 1 if T <= 8 else 2, None, None)
                             elif v == "v3b":
-                                nt = next(c for c in cuda_decode.NT_CHOICES if c >= T)
-                                pl = plans.get((nt, None))
+                                pl = cuda_decode._params(rts[0], next(c for c in cuda_decode.NT_CHOICES if c >= T), None)
                             else:
-                                pl = plans.get(("v4", None))
+                                pl = kernel_v4._params(rts[0], None)
                             r.update(us=us, speedup=fpt / us, bw_frac=moved / (us * 1e-6) / bw,
                                      floor_us=moved / bw * 1e6, splits=None if pl is None else pl[2])
                     except Exception as e:  # one broken variant must not stop the others
@@ -139,7 +138,7 @@ def main() -> None:
                            if "us" in r else r["error"])
                     print(f"{model} {out}x{n_in} {bits}b T={T} {v}: {msg} (fp16 {fpt:.1f})", flush=True)
                 save()
-            del layers, first, ref_w
+            del layers, rts, first, ref_w
             torch.cuda.empty_cache()
     if args.sweep and not out_of_time() and any(v.startswith("v4") for v in variants):
         sweep(variants, rows, save, out_of_time)
@@ -161,13 +160,13 @@ def sweep(variants, rows, save, out_of_time) -> None:
         for v in variants:
             if not v.startswith("v4") or out_of_time():
                 continue
-            lay = cuda_decode.repack(ls[0])
-            d = kernel_v4.plan(lay.groups, out, cuda_decode._num_sms(xs[0].device))[1]
+            rts = [l.runtime() for l in ls]
+            d = kernel_v4.plan(rts[0].groups, out, cuda_decode._num_sms(xs[0].device))[1]
             for sp in sorted({max(1, d // 2), max(1, (2 * d) // 3), (3 * d) // 2, 2 * d}):
-                pl = kernel_v4.plan(lay.groups, out, 132, sp)
+                pl = kernel_v4.plan(rts[0].groups, out, 132, sp)
                 if pl[2] > kernel_v4.MAX_SMEM:
                     continue
-                us = time_graph([lambda l=l, x=x: kernel_v4.decode(l, x, splits=sp) for l, x in zip(ls, xs)], len(ls))
+                us = time_graph([lambda rt=rt, x=x: kernel_v4.decode(rt, x, splits=sp) for rt, x in zip(rts, xs)], len(ls))
                 rows.append(dict(sweep=True, out=out, inp=n_in, bits=3.0, tokens=1, variant=v, splits=sp,
                                  default_splits=d, us=us))
                 print(f"sweep {out}x{n_in} 3b {v} splits={sp} (default {d}): {us:.1f} us", flush=True)
@@ -181,7 +180,7 @@ def table(rows, meta, path) -> None:
     variants = meta["variants"]
     keys = sorted({(r["model"], r["out"], r["inp"], r["bits"], r["tokens"]) for r in main_rows},
                   key=lambda k: (k[4], k[0], k[1] * 0 + SHAPE_ORDER.get((k[1], k[2]), 99), k[3]))
-    lines = [f"# Decode kernel variants vs FP16 cuBLAS", "",
+    lines = ["# Decode kernel variants vs FP16 cuBLAS", "",
              f"{meta['device']}, {meta['date']}, torch {meta['torch']}, copy bandwidth {meta['copy_bw_Bps'] / 1e12:.2f} TB/s. "
              f"{meta['method']}. Cells: us (speedup over FP16, % of copy bandwidth); splits in the JSON.", "",
              "| layer | bits | T | FP16 us | " + " | ".join(variants) + " |",

@@ -26,7 +26,7 @@ from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from cmpq.nn.linear import CMPQLinear
+from cmpq.nn.linear import CMPQLinear, prepare_runtime
 from cmpq.storage.io import (
     FORMAT_VERSION,
     CorruptModelError,
@@ -101,6 +101,7 @@ class CMPQHfQuantizer(HfQuantizer):
                 tensors = {f"{name}.{k}": v for k, v in layer.state_dict().items()}
                 _check_layer(name, tensors, {"in_features": layer.in_features, "out_features": layer.out_features,
                                              "channels": {str(b): n for b, n in layer.counts().items()}})
+        prepare_runtime(model)  # the kernels' layout of every layer on a GPU, once, now
         return model
 
     def update_weight_conversions(self, weight_conversions, model):

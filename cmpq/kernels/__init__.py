@@ -45,10 +45,14 @@ def dispatch(layer: "torch.nn.Module", x: torch.Tensor) -> torch.Tensor | None:
     tokens = x.numel() // x.shape[-1]
     if tokens == 0:
         return None
-    if tokens <= MAX_DECODE_TOKENS and os.environ.get("CMPQ_KERNELS", "1") != "triton":
+    rt = layer.runtime()
+    if rt is None:
+        return None
+    cuda = os.environ.get("CMPQ_KERNELS", "1") != "triton"
+    if tokens <= MAX_DECODE_TOKENS and cuda:
         from cmpq.kernels import cuda_decode
 
-        y = cuda_decode.decode(layer, x)
+        y = cuda_decode.decode(rt, x)
         if y is not None:
             return y
     if not triton_available():
@@ -56,7 +60,7 @@ def dispatch(layer: "torch.nn.Module", x: torch.Tensor) -> torch.Tensor | None:
     if tokens <= MAX_DECODE_TOKENS:
         from cmpq.kernels.lut_gemv import decode
 
-        return decode(layer, x)
+        return decode(rt, x)
     from cmpq.kernels.dequant import prefill
 
-    return prefill(layer, x)
+    return prefill(rt, x, cuda)

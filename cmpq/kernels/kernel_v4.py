@@ -1,12 +1,12 @@
 """Decode kernel v4s (1 token): ``kernel_v4.cu`` behind ctypes; planner and launch.
 
-Reads the same one-time layout as v3b (``cuda_decode.repack``): one stream over all bit groups'
-quads, a cp.async ring of 4 slots per thread, single fp32 lookup tables (see kernel_v4.cu). The
+Reads the quads of the runtime layout (``cmpq/kernels/layout.py``), as v3b: one stream over all
+bit groups' quads, a cp.async ring of 4 slots per thread, single fp32 lookup tables (see kernel_v4.cu). The
 other v4 variants (pair tables v4p/v4h, deeper ring v4p8/v4h8, more blocks per SM v4s5/v4s6) lost
 to this one on the H200 and were deleted; their numbers stay in benchmarks/notes-kernels.md.
 
-``decode(layer, x, splits=None)`` returns None for anything but one token (the caller falls back to
-v3b).
+``decode(rt, x, splits=None)`` returns None for anything but one token (the caller falls back to
+v3b); ``decode_group(rts, x)`` serves up to three layers that share ``x`` in one launch.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from cmpq.kernels import cuda_decode as cd
+from cmpq.kernels.layout import Runtime
 
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel_v4.cu")
 NTHREADS = 256
@@ -137,34 +138,32 @@ def _plan(groups, out: int, sms: int, splits: int | None):
     return rb, S, smem, offs
 
 
-def _params(layer, lay, splits: int | None):
-    k = ("v4", splits)
-    if k in lay.plans:
-        return lay.plans[k]
-    dev = layer.outlier_weight.device
-    pl = plan(lay.groups, layer.out_features, cd._num_sms(dev), splits)
+def _params(rt: Runtime, splits: int | None):
+    return cd.PLANS.get(("v4s", rt.key, splits), lambda: _make_params(rt, splits))
+
+
+def _make_params(rt: Runtime, splits: int | None):
+    pl = plan(rt.groups, rt.out, cd._num_sms(rt.device), splits)
     if pl is None:
-        lay.plans[k] = None
         return None
     rb, S, smem, offs = pl
     p = _P4()
-    p.och, p.owt = lay.outlier_channels.data_ptr(), lay.outlier_weight_t.data_ptr()
-    p.crow, p.scol, p.corr = lay.sparse_crow.data_ptr(), lay.sparse_col.data_ptr(), lay.sparse_corr.data_ptr()
-    p.bias = lay.bias.data_ptr() if lay.bias is not None else None
-    for i, g in enumerate(lay.groups):
+    p.och, p.owt = rt.outlier_channels.data_ptr(), rt.outlier_weight_t.data_ptr()
+    p.crow, p.scol, p.corr = rt.sparse_crow.data_ptr(), rt.sparse_col.data_ptr(), rt.sparse_corr.data_ptr()
+    p.bias = rt.bias.data_ptr() if rt.bias is not None else None
+    for i, g in enumerate(rt.groups):
         p.g[i].q, p.g[i].cb, p.g[i].ch = g.q.data_ptr(), g.codebook.data_ptr(), g.channels.data_ptr()
         p.g[i].nq, p.g[i].bits = g.nq, g.bits
-    p.ngroups = len(lay.groups)
-    p.out, p.n_act, p.S = layer.out_features, lay.outlier_channels.numel(), S
+    p.ngroups = len(rt.groups)
+    p.out, p.n_act, p.S = rt.out, rt.outlier_channels.numel(), S
     p.ring_off, p.tbl_off = offs
-    lay.plans[k] = (p, rb, S, smem)
-    return lay.plans[k]
+    return p, rb, S, smem
 
 
-def decode(layer, x: torch.Tensor, splits: int | None = None) -> torch.Tensor | None:
-    """``layer(x)`` for exactly one token; None when this kernel does not apply."""
-    lead, n_in, out = x.shape[:-1], x.shape[-1], layer.out_features
-    if x.numel() != n_in or not cd.supported(layer):
+def decode(rt: Runtime, x: torch.Tensor, splits: int | None = None) -> torch.Tensor | None:
+    """``x @ W^T + bias`` for exactly one token; None when this kernel does not apply."""
+    lead, n_in, out = x.shape[:-1], x.shape[-1], rt.out
+    if x.numel() != n_in or not rt.groups:
         return None
     lib = library()
     if lib is None:
@@ -172,10 +171,7 @@ def decode(layer, x: torch.Tensor, splits: int | None = None) -> torch.Tensor | 
     x2 = x.reshape(1, n_in)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    lay = cd.repack(layer)
-    if not lay.groups:
-        return None
-    pp = _params(layer, lay, splits)
+    pp = _params(rt, splits)
     if pp is None:
         return None
     p, rb, S, smem = pp
@@ -189,13 +185,13 @@ def decode(layer, x: torch.Tensor, splits: int | None = None) -> torch.Tensor | 
     return y.reshape(*lead, out)
 
 
-def decode_group(layers: list, x: torch.Tensor) -> list[torch.Tensor] | None:
-    """``[layer(x) for layer in layers]`` for one token in ONE launch of v4s: the layers share x
+def decode_group(rts: list[Runtime], x: torch.Tensor) -> list[torch.Tensor] | None:
+    """``[decode(rt, x) for rt in rts]`` for one token in ONE launch of v4s: the layers share x
     (q/k/v, gate/up), each keeps its own plan and workspace. None when it does not apply."""
     n_in = x.shape[-1]
-    if not 1 <= len(layers) <= MAX_GROUP or x.numel() != n_in:
+    if not 1 <= len(rts) <= MAX_GROUP or x.numel() != n_in:
         return None
-    if any(l.in_features != n_in or not cd.supported(l) for l in layers):
+    if any(rt.n_in != n_in or not rt.groups for rt in rts):
         return None
     lib = _group_library()
     if lib is None:
@@ -204,27 +200,26 @@ def decode_group(layers: list, x: torch.Tensor) -> list[torch.Tensor] | None:
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     plans = []
-    for layer in layers:
-        lay = cd.repack(layer)
-        pp = _params(layer, lay, None) if lay.groups else None
+    for rt in rts:
+        pp = _params(rt, None)
         if pp is None:
             return None
         plans.append(pp)
-    part, cnt = cd._workspace(x.device, sum(l.out_features for l in layers), sum(pp[1] for pp in plans))
+    part, cnt = cd._workspace(x.device, sum(rt.out for rt in rts), sum(pp[1] for pp in plans))
     g = _P4G()
-    g.n = len(layers)
+    g.n = len(rts)
     ys, po, co = [], 0, 0
-    for i, (layer, (p, rb, S, smem)) in enumerate(zip(layers, plans)):
-        y = torch.empty(1, layer.out_features, dtype=x.dtype, device=x.device)
+    for i, (rt, (p, rb, S, smem)) in enumerate(zip(rts, plans)):
+        y = torch.empty(1, rt.out, dtype=x.dtype, device=x.device)
         p.x, p.y = x2.data_ptr(), y.data_ptr()
         p.part, p.cnt = part.data_ptr() + 4 * po, cnt.data_ptr() + 4 * co  # disjoint, self-zeroing
         p.ldx, p.is_bf16 = n_in, int(x.dtype == torch.bfloat16)
         g.m[i] = p
-        po, co = po + layer.out_features, co + rb
+        po, co = po + rt.out, co + rb
         ys.append(y)
     err = lib.cmpq_v4g_launch(ctypes.byref(g), max(pp[1] for pp in plans), max(pp[2] for pp in plans),
                               max(pp[3] for pp in plans), torch.cuda.current_stream(x.device).cuda_stream)
     if err:
         raise RuntimeError(f"cmpq v4 group decode kernel failed: {lib.cmpq_v4_error_string(err).decode()}")
     lead = x.shape[:-1]
-    return [y.reshape(*lead, layer.out_features) for y, layer in zip(ys, layers)]
+    return [y.reshape(*lead, rt.out) for y, rt in zip(ys, rts)]

@@ -48,9 +48,10 @@ def _kernel_outputs(layers: list, x: torch.Tensor) -> list[torch.Tensor] | None:
         return None
     from cmpq.kernels import cuda_decode, kernel_v4
 
-    if any(cuda_decode.pick_variant(l) != "v4s" for l in layers):
+    rts = [layer.runtime() for layer in layers]
+    if any(rt is None or cuda_decode.pick_variant(rt) != "v4s" for rt in rts):
         return None
-    return kernel_v4.decode_group(layers, x)
+    return kernel_v4.decode_group(rts, x)
 
 
 class SharedInputGroup:

@@ -8,6 +8,7 @@ from torch import nn
 
 from typing import TYPE_CHECKING
 
+from cmpq.kernels import layout
 from cmpq.nn import fuse, opaque
 from cmpq.storage import codebook
 from cmpq.storage.codebook import id_dtype
@@ -15,6 +16,7 @@ from cmpq.storage.packing import packed_shape, unpack_channels
 
 if TYPE_CHECKING:
     from cmpq.algorithm.layer import QuantizedParts
+    from cmpq.kernels.layout import Runtime
 
 BIT_WIDTHS = (2, 3, 4)
 # Name of the empty marker every layer stores (docs/format.md, "The `weight` marker"): where a dense loader looks
@@ -32,7 +34,8 @@ class CMPQLinear(nn.Module):
 
     Buffers follow docs/format.md one to one, so ``state_dict`` is the on-disk form. ``forward`` is
     exactly ``x @ W_hat^T + bias``; a fused kernel is used when one is registered for the input's
-    device and shape, else the weight is dequantized (pure PyTorch, any device).
+    device and shape, else the weight is dequantized (pure PyTorch, any device). The kernels read
+    the runtime layout (``prepare_runtime``): non-persistent buffers ``rt_*``, built once.
 
     ``weight`` is an empty ``uint8`` marker, not the weight (that is ``dequantize()``): stored under
     the name a dense loader expects, it makes plain transformers refuse a cmpq file (shape mismatch)
@@ -79,6 +82,9 @@ class CMPQLinear(nn.Module):
         self.cache_dense = False  # keep the dequantized weight after first use (fast eval, more memory)
         self._handle = opaque.register(self)  # torch.compile sees this layer as one op (cmpq/nn/opaque.py)
         self._group: tuple | None = None  # (SharedInputGroup, index) once fused (cmpq/nn/fuse.py)
+        self._rt_names: tuple[str, ...] = ()  # buffers of the runtime layout, in kernel order
+        self._rt_key: tuple | None = None  # layout.stamp of the stored buffers it was built from
+        self._rt_mma = True
 
     # -- structure -------------------------------------------------------------------------------
     def counts(self) -> dict[int, int]:
@@ -171,6 +177,69 @@ class CMPQLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, w, bias)
 
+    # -- runtime layout ---------------------------------------------------------------------------
+    def prepare_runtime(self, mma: bool = True) -> bool:
+        """Build the kernels' runtime layout (cmpq/kernels/layout.py) from the stored buffers, on the
+        layer's device, as non-persistent buffers ``rt_*``: ``state_dict`` and saved files do not
+        change, ``.to()`` moves them, ``torch.compile`` and ``torch.export`` see plain tensors.
+
+        ``cmpq.load`` and ``from_pretrained`` call this for layers on a GPU (on a CPU no kernel
+        runs, so none is built there). A layer whose stored buffers changed since (replaced,
+        edited in place) rebuilds it at its next eager call on CUDA. ``mma``: include the tensor-core
+        kernel's copy of the indices (2..16 tokens; about the size of the packed indices again;
+        without it those token counts run on v3b). Returns False, holding no layout, for bit widths
+        the kernels do not take (the reference path serves those)."""
+        self.release_runtime()
+        self._rt_mma = mma
+        self._rt_key = layout.stamp(self)
+        if not layout.supported(self):
+            return False
+        built = layout.build(self, mma)
+        for name, t in built.items():
+            self.register_buffer(name, t, persistent=False)
+        self._rt_names = tuple(built)
+        return True
+
+    def release_runtime(self) -> None:
+        """Drop the runtime layout (its memory); ``runtime()`` or a CUDA call builds it again."""
+        for name in self._rt_names:
+            del self._buffers[name]
+        self._rt_names, self._rt_key = (), None
+
+    def runtime_tensors(self) -> list[torch.Tensor]:
+        """The runtime layout's buffers in kernel order (empty when none is built)."""
+        return [self._buffers[n] for n in self._rt_names]
+
+    def runtime_current(self) -> bool:
+        """Whether the runtime layout (or the finding that none applies) matches the stored buffers."""
+        return self._rt_key is not None and self._rt_key == layout.stamp(self)
+
+    def runtime(self) -> Runtime | None:
+        """The runtime layout as the kernels take it, built or rebuilt first if the stored buffers
+        changed since; None for widths the kernels do not take."""
+        if not self.runtime_current():
+            self.prepare_runtime(self._rt_mma)
+        return self._fitting_runtime()
+
+    def _fitting_runtime(self) -> Runtime | None:
+        if not self._rt_names:
+            return None
+        c = self.counts()
+        return layout.Runtime.from_tensors(self.runtime_tensors(), self.bit_widths, [c[b] for b in self.bit_widths],
+                                           self.out_features, self.in_features, self.sparse_val)
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``, ``.cuda()``, ``.half()`` and friends: a layout moved along with its stored
+        buffers stays current; one the conversion broke (a dtype the kernels do not read) is dropped."""
+        current = self.runtime_current()
+        super()._apply(fn, recurse)
+        if self._rt_names or current:
+            if current and (not self._rt_names or self._fitting_runtime() is not None):
+                self._rt_key = layout.stamp(self)
+            else:
+                self.release_runtime()
+        return self
+
     def release_cache(self) -> None:
         self._dense_cache = None
         self.cache_dense = False
@@ -186,13 +255,26 @@ class CMPQLinear(nn.Module):
 
 def cache_dense_weights(model: nn.Module, on: bool = True) -> None:
     """Keep each layer's dequantized weight after first use: fast repeated evaluation at FP16
-    memory cost. Off by default; fused kernels make it unnecessary on GPU."""
+    memory cost. Off by default; fused kernels make it unnecessary on GPU. The runtime layouts go
+    (the dense weights replace the kernels); turning it off lets them be built again."""
     for m in model.modules():
         if isinstance(m, CMPQLinear):
             if on:
                 m.cache_dense = True
+                m.release_runtime()
             else:
                 m.release_cache()
+
+
+def prepare_runtime(model: nn.Module, mma: bool = True) -> int:
+    """``prepare_runtime`` for every ``CMPQLinear`` on a CUDA device (``cmpq.load`` and
+    ``from_pretrained`` call this once the model is in place); returns how many were built. Layers
+    on other devices run the reference path and get none."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, CMPQLinear) and m.outlier_weight.device.type == "cuda" and not m.cache_dense:
+            n += bool(m.prepare_runtime(mma))
+    return n
 
 
 def pack_linear(parts: "QuantizedParts", bias: torch.Tensor | None) -> CMPQLinear:
