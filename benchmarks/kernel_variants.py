@@ -1,13 +1,14 @@
-"""Time every decode-kernel variant (cuda_decode.VARIANTS) against FP16 cuBLAS, one GPU call.
+"""Time each decode kernel on its own (no dispatch, no fallback) against FP16 cuBLAS, one GPU call.
 
-One token: every variant; more tokens: v3b and "mma" (kernel_mma.cu, tensor cores; the v4 variants are
-one-token kernels). Method as
+One token: v3b, v4s, mma; more tokens: v3b and "mma" (kernel_mma.cu, tensor cores; v4s is a
+one-token kernel). Each is called through ``cmpq.kernels.dispatch.RUNNERS`` (a kernel that does
+not apply is reported, not replaced by another). Method as
 benchmarks/kernel_bench.py: median of do_bench over a CUDA graph that rotates weight/input sets
 (> 192 MiB, nothing in L2). Every (layer, variant) is checked against the float64 reference first;
 a wrong variant is reported and not timed. Writes ``$OUT/kernel_variants.json`` and ``.md``; the
 table is printed last. ``--budget`` (s) stops adding points when the wall clock runs out.
 Usage: python benchmarks/kernel_variants.py [--out DIR] [--models 7B,70B] [--bits 3,2,4,2.5,3.5]
-[--batches 1,4,16] [--variants v3b,v4s,...,mma] [--budget 100] [--sweep] [--table-only]
+[--batches 1,4,16] [--variants v3b,v4s,mma] [--budget 100] [--sweep] [--table-only]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from kernel_bench import ROTATE_BYTES, SHAPES, copy_bandwidth, layer_bytes, time_graph  # noqa: E402
-from cmpq.kernels import cuda_decode, kernel_mma, kernel_v4  # noqa: E402
+from cmpq.kernels import cuda_decode, dispatch, kernel_mma, kernel_v4  # noqa: E402
 from cmpq.kernels.testing import mix_counts, random_layer  # noqa: E402
 
 
@@ -35,7 +36,7 @@ def main() -> None:
     ap.add_argument("--models", default="7B,70B")
     ap.add_argument("--bits", default="3,2,4,2.5,3.5")
     ap.add_argument("--batches", default="1,4,16")
-    ap.add_argument("--variants", default=",".join([v for v in cuda_decode.VARIANTS if v != "auto"] + ["mma"]))
+    ap.add_argument("--variants", default="v3b,v4s,mma")
     ap.add_argument("--budget", type=float, default=100.0, help="seconds of wall clock for the timing loop")
     ap.add_argument("--sweep", action="store_true", help="split sweep of v4s at 3 bits (if time is left)")
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from $OUT/kernel_variants.json")
@@ -106,22 +107,16 @@ def main() -> None:
                     r = dict(model=model, out=out, inp=n_in, bits=bits, tokens=T, variant=v, fp16_us=fpt,
                              eff_bits=first.effective_bits())
                     try:
-                        if v == "mma":
-                            y = kernel_mma.decode(rts[0], xs[0])
-                            if y is None:
-                                raise RuntimeError(f"mma does not apply: {kernel_mma.library_error()}")
-                        else:
-                            y = cuda_decode.decode(rts[0], xs[0], variant=v)
+                        y = dispatch.RUNNERS[v](rts[0], xs[0])
+                        if y is None:
+                            raise RuntimeError(f"{v} does not apply here")
                         err = ((y.float() - ref).norm() / ref.norm()).item()
                         r["rel_err"] = err
                         if not err < 2e-3:
                             r["error"] = f"WRONG rel_err {err:.2e}"
                         else:
-                            if v == "mma":
-                                fns = [lambda rt=rt, x=x: kernel_mma.decode(rt, x) for rt, x in zip(rts, xs)]
-                            else:
-                                fns = [lambda rt=rt, x=x: cuda_decode.decode(rt, x, variant=v) for rt, x in zip(rts, xs)]
-                            us = time_graph(fns, nl)
+                            run = dispatch.RUNNERS[v]
+                            us = time_graph([lambda rt=rt, x=x: run(rt, x) for rt, x in zip(rts, xs)], nl)
                             moved = nbytes + 2 * T * (n_in + out)
                             if v == "mma":
                                 pl = kernel_mma._params(rts[0], 1 if T <= 8 else 2, None, None)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -259,9 +258,12 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool
 
 
 def uses_fused_kernels(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``CMPQLinear`` runs fused kernels here (``cmpq.kernels.dispatch``): CUDA with fp16/bf16.
+    """Whether ``CMPQLinear`` runs fused kernels here (``cmpq.kernels.dispatch``): CUDA with fp16/bf16,
+    unless ``cmpq.kernels.force("reference")`` is in effect.
     Elsewhere every token would dequantize every layer again, so generation keeps dense weights."""
-    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and os.environ.get("CMPQ_KERNELS") != "0"
+    from cmpq.kernels import forced
+
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and forced() != "reference"
 
 
 def load_for_generation(name: str, device: torch.device, dtype: torch.dtype | None = None, verify: bool = True):

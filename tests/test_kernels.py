@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton", reason="triton is not installed: the fused kernels cannot be tested")
 
-from cmpq.kernels import dispatch  # noqa: E402
+from cmpq.kernels import dispatch, force  # noqa: E402
 from cmpq.kernels.dequant import prefill  # noqa: E402
 from cmpq.kernels.lut_gemv import decode  # noqa: E402
 from cmpq.kernels.testing import random_layer  # noqa: E402
@@ -134,20 +134,73 @@ def test_runtime_layout_is_not_saved_and_moves_with_the_layer():
     assert not [n for n, _ in layer.named_buffers() if n.startswith("rt_")]
 
 
-def test_dispatch_choice(monkeypatch):
-    layer = _layer("mixed", False, seed=1)
+def test_dispatch_table_and_force():
+    """The measured table picks by token count and layer size; force() overrides it, nests, and
+    refuses names that are not kernels (the deleted variants among them)."""
+    from cmpq.kernels import KERNELS, TABLE, choose, force, forced
+
+    assert {name for *_, name in TABLE} <= set(KERNELS)
+    assert choose(1, 4096 * 11008) == "v4s" and choose(1, 8192 * 8192) == "v4s"
+    assert choose(1, 28672 * 8192) == "v3b"  # 70B MLP shapes
+    assert choose(2, 4096 * 4096) == "mma" and choose(16, 28672 * 8192) == "mma"
+    assert choose(17, 4096 * 4096) == "prefill" and choose(2048, 10) == "prefill"
+    assert forced() is None
+    with force("triton"):
+        assert choose(1, 10) == "triton" and forced() == "triton"
+        with force("reference"):
+            assert choose(2048, 10) == "reference"
+        assert forced() == "triton"
+    assert forced() is None and choose(1, 10) == "v4s"
+    for gone in ("v4p", "v4h", "v4s5", "auto"):
+        with pytest.raises(ValueError, match="unknown cmpq kernel"):
+            with force(gone):
+                pass
+
+
+def test_dispatch_falls_back_along_the_chain(monkeypatch):
+    """A kernel that does not apply hands the call on (mma -> v3b -> triton -> reference)."""
+    calls = []
+
+    def runner(name, result):
+        def f(rt, x):
+            calls.append(name)
+            return result
+        return f
+
+    y = torch.zeros(1)
+    monkeypatch.setattr(dispatch, "RUNNERS", {"v4s": runner("v4s", None), "mma": runner("mma", None),
+                                              "v3b": runner("v3b", None), "triton": runner("triton", y),
+                                              "prefill": runner("prefill", None)})
+    assert dispatch.serve("mma", None, y) is y and calls == ["mma", "v3b", "triton"]
+    calls.clear()
+    assert dispatch.serve("prefill", None, y) is None and calls == ["prefill"]
+    assert dispatch.serve("reference", None, y) is None
+
+
+def test_dispatch_run_on_this_device():
+    layer = _layer("mixed", True, seed=1)
+    rt = layer.runtime()
     x = torch.randn(3, 300, device=DEV).half()
-    monkeypatch.setenv("CMPQ_KERNELS", "0")
-    assert dispatch(layer, x) is None
-    monkeypatch.delenv("CMPQ_KERNELS")
-    assert dispatch(layer, x.float()) is None  # fp32: reference path
+    assert dispatch.run(x.float(), rt) is None  # fp32: reference path
+    assert dispatch.run(x[:0], rt) is None  # no rows
+    for tokens in (1, 3, 40):  # the Triton fallbacks, decode and prefill (CPU: interpreter)
+        xt = torch.randn(tokens, 300, device=DEV).half()
+        _check(dispatch.serve("triton", rt, xt), layer, xt)
     if DEV == "cpu":
-        assert dispatch(layer, x) is None  # CPU: reference path
-    else:
-        _check(dispatch(layer, x), layer, x)
-        _check(layer(x), layer, x)
-        xl = torch.randn(40, 300, device=DEV).half()  # prefill
-        _check(layer(xl), layer, xl)
+        assert dispatch.run(x, rt) is None  # CPU: reference path
+        return
+    from cmpq.kernels import KERNELS, force
+
+    with force("reference"):
+        assert dispatch.run(x, rt) is None
+    for name in KERNELS[:-1]:
+        with force(name):
+            for tokens in (1, 2, 16, 40):
+                xt = torch.randn(tokens, 300, device=DEV).half()
+                _check(dispatch.run(xt, rt), layer, xt)
+    _check(layer(x), layer, x)
+    xl = torch.randn(40, 300, device=DEV).half()  # prefill
+    _check(layer(xl), layer, xl)
 
 
 # -- v3: CUDA C++ decode kernel (cmpq/kernels/cuda_decode.py) ------------------------------------
@@ -259,7 +312,8 @@ def test_cuda_decode_v4s(mix, outliers, dtype):
     torch.testing.assert_close(y, y2, rtol=2e-3, atol=1e-3)
     for tokens in (2, 3, 16):  # more tokens: v3b behind the same entry point
         xt = torch.randn(tokens, 300, device=DEV).to(dtype)
-        _check(cuda_decode.decode(layer.runtime(), xt, variant="v4s"), layer, xt)
+        with force("v4s"):  # more tokens: v3b behind the same name
+            _check(dispatch.run(xt, layer.runtime()), layer, xt)
 
 
 @cuda_only
@@ -283,7 +337,8 @@ def test_cuda_decode_v4s_big_splits_graph():
     x = torch.randn(1, 1, n_in, device=DEV).half()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        yg = cuda_decode.decode(layer.runtime(), x, variant="v4s")
+        with force("v4s"):
+            yg = dispatch.run(x, layer.runtime())
     x.copy_(torch.randn_like(x))
     g.replay()
     torch.cuda.synchronize()
@@ -321,20 +376,6 @@ def test_v4_group_launch_equals_separate(dtype):
     torch.cuda.synchronize()
     for y, layer in zip(yg, layers):
         _check(y, layer, x)
-
-
-def test_auto_variant_picks_by_layer_size(monkeypatch):
-    from types import SimpleNamespace
-
-    monkeypatch.delenv("CMPQ_DECODE_VARIANT", raising=False)
-    small, big = SimpleNamespace(out=11008, n_in=4096), SimpleNamespace(out=28672, n_in=8192)
-    assert cuda_decode.pick_variant(small) == "v4s"
-    assert cuda_decode.pick_variant(big) == "v3b"
-    assert cuda_decode.pick_variant(small, "v3b") == "v3b"
-    monkeypatch.setenv("CMPQ_DECODE_VARIANT", "v3b")
-    assert cuda_decode.pick_variant(small) == "v3b"
-    with pytest.raises(ValueError, match="unknown CMPQ decode variant"):
-        cuda_decode.pick_variant(small, "v9")
 
 
 # -- mma: tensor-core kernel for 2..16 tokens (cmpq/kernels/kernel_mma.cu) ------------------------
@@ -441,8 +482,8 @@ def test_cuda_decode_mma(mix, outliers, dtype):
         _check(y, layer, x)
         y2 = kernel_mma.decode(layer.runtime(), x)  # accumulator and counters reset
         torch.testing.assert_close(y, y2, rtol=2e-3, atol=1e-3)
-        if tokens > 1:
-            _check(cuda_decode.decode(layer.runtime(), x, multi="mma"), layer, x)
+        with force("mma"):
+            _check(dispatch.run(x, layer.runtime()), layer, x)
 
 
 @cuda_only
@@ -469,18 +510,9 @@ def test_cuda_decode_mma_big_splits_graph():
     x = torch.randn(1, 4, n_in, device=DEV).half()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        yg = cuda_decode.decode(layer.runtime(), x, multi="mma")
+        with force("mma"):
+            yg = dispatch.run(x, layer.runtime())
     x.copy_(torch.randn_like(x))
     g.replay()
     torch.cuda.synchronize()
     _check(yg.reshape(4, out), layer, x.reshape(4, n_in))
-
-
-def test_pick_multi(monkeypatch):
-    monkeypatch.delenv("CMPQ_DECODE_MULTI", raising=False)
-    assert cuda_decode.pick_multi() == cuda_decode.DEFAULT_MULTI
-    assert cuda_decode.pick_multi("mma") == "mma"
-    monkeypatch.setenv("CMPQ_DECODE_MULTI", "mma")
-    assert cuda_decode.pick_multi() == "mma"
-    with pytest.raises(ValueError, match="unknown CMPQ multi-token"):
-        cuda_decode.pick_multi("x")

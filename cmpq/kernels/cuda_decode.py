@@ -38,15 +38,6 @@ NT_CHOICES = (1, 4, 8, 16)
 SMEM_TARGET = 48 << 10
 MAX_SMEM = 200 << 10  # the kernel's dynamic shared-memory limit (cudaFuncSetAttribute)
 BLOCKS_PER_SM = 6
-# Which kernel serves one-token decode: "v3b" (this file's lut_cuda.cu) or "v4s" (kernel_v4.py),
-# or "auto": v4s up to AUTO_V4S_MAX_WEIGHTS
-# weights, v3b above. Measured on the H200 2026-11-30 (benchmarks/results/kernel-variants-h200.md,
-# 3 bits, 1 token): v4s wins on 4096x4096 .. 8192x8192 (11.1 vs 17.1 us, 18.7 vs 24.0, 24.8 vs
-# 30.0), v3b on the 70B MLP shapes (66-68 vs 70-73 us). Env CMPQ_DECODE_VARIANT overrides.
-DEFAULT_VARIANT = "auto"
-AUTO_V4S_MAX_WEIGHTS = 100_000_000
-VARIANTS = ("auto", "v3b", "v4s")
-
 _LIB = None
 _LIB_ERR: str | None = None
 
@@ -120,9 +111,6 @@ def library():
     """The compiled kernel library (ctypes), or None (reason in ``library_error()``)."""
     global _LIB, _LIB_ERR
     if _LIB is None and _LIB_ERR is None:
-        if os.environ.get("CMPQ_CUDA_KERNEL", "1") == "0":
-            _LIB_ERR = "disabled by CMPQ_CUDA_KERNEL=0"
-            return None
         try:
             lib = ctypes.CDLL(_build())
             lib.cmpq_lut_launch.restype = ctypes.c_int
@@ -251,50 +239,11 @@ def _make_params(rt: Runtime, NT: int, splits: int | None):
     return p, rb, S, smem
 
 
-def pick_variant(rt: Runtime, variant: str | None = None) -> str:
-    """The one-token kernel for the layer of ``rt``: ``variant``, else ``$CMPQ_DECODE_VARIANT``, else the
-    default; "auto" resolves by layer size (see ``DEFAULT_VARIANT``)."""
-    variant = variant or os.environ.get("CMPQ_DECODE_VARIANT", DEFAULT_VARIANT)
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown CMPQ decode variant {variant!r}; one of {VARIANTS}")
-    if variant == "auto":
-        return "v4s" if rt.out * rt.n_in <= AUTO_V4S_MAX_WEIGHTS else "v3b"
-    return variant
-
-
-# Which kernel serves 2..16 tokens: "v3b" (CUDA cores, T FFMAs per weight) or "mma" (kernel_mma.cu:
-# tensor cores, mma.sync m16n8k16). Env CMPQ_DECODE_MULTI overrides.
-DEFAULT_MULTI = "mma"  # faster than v3b at every shape/T measured (benchmarks/results/kernel-mma-h200.md)
-MULTI_VARIANTS = ("v3b", "mma")
-
-
-def pick_multi(multi: str | None = None) -> str:
-    """The 2..16-token kernel: ``multi``, else ``$CMPQ_DECODE_MULTI``, else ``DEFAULT_MULTI``."""
-    multi = multi or os.environ.get("CMPQ_DECODE_MULTI", DEFAULT_MULTI)
-    if multi not in MULTI_VARIANTS:
-        raise ValueError(f"unknown CMPQ multi-token decode kernel {multi!r}; one of {MULTI_VARIANTS}")
-    return multi
-
-
-def decode(rt: Runtime, x: torch.Tensor, splits: int | None = None, variant: str | None = None,
-           multi: str | None = None) -> torch.Tensor | None:
-    """``x @ W^T + bias`` for 1..16 tokens on CUDA from runtime layout ``rt``; None if it does not apply.
-    ``variant`` (default ``$CMPQ_DECODE_VARIANT`` or ``DEFAULT_VARIANT``) picks the one-token kernel;
-    ``multi`` (default ``$CMPQ_DECODE_MULTI`` or ``DEFAULT_MULTI``) the 2..16-token one ("v3b" or
-    "mma"); a kernel that does not apply falls back to v3b."""
-    if x.numel() > x.shape[-1] and pick_multi(multi) == "mma" and torch.cuda.is_available():
-        from cmpq.kernels import kernel_mma
-
-        y = kernel_mma.decode(rt, x, splits)
-        if y is not None:
-            return y
-    variant = pick_variant(rt, variant)
-    if variant != "v3b" and x.numel() == x.shape[-1] and torch.cuda.is_available():
-        from cmpq.kernels import kernel_v4
-
-        y = kernel_v4.decode(rt, x, splits)
-        if y is not None:
-            return y
+def decode(rt: Runtime, x: torch.Tensor, splits: int | None = None) -> torch.Tensor | None:
+    """``x @ W^T + bias`` for 1..16 tokens on CUDA from runtime layout ``rt`` (v3b); None if it does
+    not apply. Which kernel serves a call is ``cmpq.kernels.dispatch``'s choice, not this one's."""
+    if not x.is_cuda:
+        return None
     lib = library()
     if lib is None or not rt.groups:
         return None

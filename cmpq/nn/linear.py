@@ -157,7 +157,7 @@ class CMPQLinear(nn.Module):
         return self.forward_eager(x)
 
     def forward_eager(self, x: torch.Tensor) -> torch.Tensor:
-        from cmpq.kernels import dispatch  # local: kernels are optional
+        from cmpq.kernels import dispatch
 
         stamp = fuse.tick()
         if self._group is not None:
@@ -168,7 +168,10 @@ class CMPQLinear(nn.Module):
         if self._dense_cache is not None and self._dense_cache.dtype == x.dtype:
             w = self._dense_cache  # asked for (cache_dense): dequantized once, plain matmul from then on
         else:
-            fused = None if self.cache_dense else dispatch(self, x)
+            fused = None
+            if not self.cache_dense and x.is_cuda and not (torch.is_grad_enabled() and x.requires_grad):
+                rt = self.runtime()
+                fused = None if rt is None else dispatch.run(x, rt)
             if fused is not None:
                 return fused
             w = self.dequantize(x.dtype)
