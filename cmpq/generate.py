@@ -9,8 +9,10 @@ default, sampling with ``temperature`` / ``top_p``.
 ``compile=True`` also runs the step through ``torch.compile`` (before capture). A graph replays
 every kernel it holds, and an eager Hugging Face decoder layer is some fifty small kernels (norms,
 rotary, residuals), each ~2 us even inside a graph: for a 135M model that is most of a token's
-time. Compiled, they fuse into a few kernels; each ``CMPQLinear`` stays one opaque op
-(``cmpq/nn/opaque.py``). Compiling costs tens of seconds once per process.
+time. Compiled, they fuse into a few kernels; each ``CMPQLinear`` stays one operator,
+``torch.ops.cmpq.linear`` (``cmpq/nn/ops.py``), fed the layer's own tensors; the shared-input fusion
+(``fuse``) is an eager-mode mechanism and does not apply inside the compiled step. Compiling costs
+tens of seconds once per process.
 
 We keep our own loop rather than ``model.generate`` because the loop is what gets captured as a
 graph. It talks to transformers through the cache object only: the forward's cache argument is

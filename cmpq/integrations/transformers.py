@@ -149,7 +149,7 @@ class CMPQHfQuantizer(HfQuantizer):
 
     @property
     def is_compileable(self) -> bool:
-        return True  # each layer is one opaque op under torch.compile (cmpq/nn/opaque.py)
+        return True  # each layer is one operator, torch.ops.cmpq.linear, under torch.compile (cmpq/nn/ops.py)
 
 
 def check_header(files: list[str], layers: dict) -> None:

@@ -1,4 +1,4 @@
-"""Fused kernels for ``CMPQLinear``: what ``CMPQLinear.forward`` runs on a GPU.
+"""Fused kernels for ``CMPQLinear``, behind the operator ``torch.ops.cmpq.linear`` (cmpq/nn/ops.py).
 
 - ``layout``: the runtime layout every kernel reads, built once per layer at load time.
 - ``dispatch``: which kernel serves a call (``TABLE`` of measured winners, ``choose``), ``force``

@@ -9,7 +9,7 @@ from torch import nn
 from typing import TYPE_CHECKING
 
 from cmpq.kernels import layout
-from cmpq.nn import fuse, opaque
+from cmpq.nn import fuse, ops
 from cmpq.storage import codebook
 from cmpq.storage.codebook import id_dtype
 from cmpq.storage.packing import packed_shape, unpack_channels
@@ -33,9 +33,11 @@ class CMPQLinear(nn.Module):
     """Packed channel-wise mixed-precision linear layer.
 
     Buffers follow docs/format.md one to one, so ``state_dict`` is the on-disk form. ``forward`` is
-    exactly ``x @ W_hat^T + bias``; a fused kernel is used when one is registered for the input's
-    device and shape, else the weight is dequantized (pure PyTorch, any device). The kernels read
-    the runtime layout (``prepare_runtime``): non-persistent buffers ``rt_*``, built once.
+    exactly ``x @ W_hat^T + bias``, computed by the operator ``torch.ops.cmpq.linear``
+    (cmpq/nn/ops.py) from the layer's own tensors: a fused kernel on CUDA (fp16/bf16), else the
+    weight is dequantized (pure PyTorch, any device). The kernels read the runtime layout
+    (``prepare_runtime``): non-persistent buffers ``rt_*``, built once. The gradient of ``x`` is
+    defined (adapters on a frozen model train); the stored tensors get none.
 
     ``weight`` is an empty ``uint8`` marker, not the weight (that is ``dequantize()``): stored under
     the name a dense loader expects, it makes plain transformers refuse a cmpq file (shape mismatch)
@@ -80,7 +82,6 @@ class CMPQLinear(nn.Module):
             self.bias = None
         self._dense_cache: torch.Tensor | None = None
         self.cache_dense = False  # keep the dequantized weight after first use (fast eval, more memory)
-        self._handle = opaque.register(self)  # torch.compile sees this layer as one op (cmpq/nn/opaque.py)
         self._group: tuple | None = None  # (SharedInputGroup, index) once fused (cmpq/nn/fuse.py)
         self._rt_names: tuple[str, ...] = ()  # buffers of the runtime layout, in kernel order
         self._rt_key: tuple | None = None  # layout.stamp of the stored buffers it was built from
@@ -129,56 +130,45 @@ class CMPQLinear(nn.Module):
         return 8 * sum(self.storage_bytes().values()) / (self.in_features * self.out_features)
 
     # -- compute ---------------------------------------------------------------------------------
+    def _op_args(self) -> tuple:
+        """Everything ``torch.ops.cmpq.linear`` takes after ``x``: the layer's own tensors and ints."""
+        bits = list(self.bit_widths)
+        return ([getattr(self, f"q{b}_channels") for b in bits], [getattr(self, f"q{b}_packed") for b in bits],
+                [getattr(self, f"q{b}_codebook") for b in bits], [getattr(self, f"q{b}_codebook_bounds") for b in bits],
+                self.outlier_channels, self.outlier_weight, self.sparse_crow, self.sparse_col, self.sparse_val,
+                self.bias, self.runtime_tensors(), bits, self.out_features)
+
     @torch.no_grad()
     def dequantize(self, dtype: torch.dtype = torch.float16) -> torch.Tensor:
         """The dense ``W_hat`` ``[out, in]`` this layer stands for."""
-        dev = self.outlier_weight.device
-        w = torch.empty(self.out_features, self.in_features, dtype=dtype, device=dev)
-        for b in self.bit_widths:
-            ch, pk, cb = self.group(b)
-            n = ch.numel()
-            if n == 0:
-                continue
-            idx = self.group_indices(b)  # [out, n]
-            flat = idx + (torch.arange(n, device=dev) * (2**b)).unsqueeze(0)
-            w[:, ch.long()] = cb.reshape(-1)[flat].to(dtype)
-        if self.outlier_channels.numel():
-            w[:, self.outlier_channels.long()] = self.outlier_weight.to(dtype)
-        if self.sparse_col.numel():
-            rows = torch.repeat_interleave(
-                torch.arange(self.out_features, device=dev), (self.sparse_crow[1:] - self.sparse_crow[:-1]).long()
-            )
-            w[rows, self.sparse_col.long()] = self.sparse_val.to(dtype)
-        return w
+        a = self._op_args()
+        return ops.dequantize(*a[:9], a[11], self.in_features, self.out_features, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            return torch.ops.cmpq.linear(x, self._handle, self.out_features)
-        return self.forward_eager(x)
+        if not torch.compiler.is_compiling():
+            y = self._eager(x)
+            if y is not None:
+                return y
+        elif self._dense_cache is not None and self._dense_cache.dtype == x.dtype:
+            return F.linear(x, self._dense_cache, None if self.bias is None else self.bias.to(x.dtype))
+        return torch.ops.cmpq.linear(x, *self._op_args())
 
-    def forward_eager(self, x: torch.Tensor) -> torch.Tensor:
-        from cmpq.kernels import dispatch
-
+    def _eager(self, x: torch.Tensor) -> torch.Tensor | None:
+        """What only eager calls do: the shared-input fusion (cmpq/nn/fuse.py, Python state between
+        calls), the dense cache, and rebuilding a runtime layout its stored buffers outdated. None:
+        call the operator."""
         stamp = fuse.tick()
         if self._group is not None:
             y = self._group[0].call(self._group[1], x, stamp)
             if y is not None:
                 return y
-
+        if self.cache_dense and (self._dense_cache is None or self._dense_cache.dtype != x.dtype):
+            self._dense_cache = self.dequantize(x.dtype)  # asked for: dequantized once, plain matmul from then on
         if self._dense_cache is not None and self._dense_cache.dtype == x.dtype:
-            w = self._dense_cache  # asked for (cache_dense): dequantized once, plain matmul from then on
-        else:
-            fused = None
-            if not self.cache_dense and x.is_cuda and not (torch.is_grad_enabled() and x.requires_grad):
-                rt = self.runtime()
-                fused = None if rt is None else dispatch.run(x, rt)
-            if fused is not None:
-                return fused
-            w = self.dequantize(x.dtype)
-            if self.cache_dense:
-                self._dense_cache = w
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, w, bias)
+            return F.linear(x, self._dense_cache, None if self.bias is None else self.bias.to(x.dtype))
+        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and not self.runtime_current():
+            self.prepare_runtime(self._rt_mma)
+        return None
 
     # -- runtime layout ---------------------------------------------------------------------------
     def prepare_runtime(self, mma: bool = True) -> bool:
