@@ -101,7 +101,7 @@ class CMPQHfQuantizer(HfQuantizer):
                 tensors = {f"{name}.{k}": v for k, v in layer.state_dict().items()}
                 _check_layer(name, tensors, {"in_features": layer.in_features, "out_features": layer.out_features,
                                              "channels": {str(b): n for b, n in layer.counts().items()}})
-        prepare_runtime(model)  # the kernels' layout of every layer on a GPU, once, now
+        prepare_runtime(model, dtype=getattr(model, "dtype", None))  # the kernels' layout of every layer on a GPU, now
         return model
 
     def update_weight_conversions(self, weight_conversions, model):

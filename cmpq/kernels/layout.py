@@ -131,7 +131,8 @@ class Runtime:
             return None
         if any(b not in KERNEL_BITS for b, _ in present) or len(present) > MAX_GROUPS:
             return None
-        dev = sparse_val.device
+        if any(t.device != sparse_val.device for t in tensors):
+            return None
         groups = []
         for i, (b, n) in enumerate(present):
             q, cb, ch = tensors[3 * i: 3 * i + 3]
@@ -151,11 +152,8 @@ class Runtime:
             if mq.dtype != torch.int32 or tbl.dtype != torch.float16 or chl.dtype != torch.int32:
                 return None
             mma = Mma(mq, tbl, chl, mma_chunk_starts(dict(zip(bits, counts)), och.numel()), -(-out // 16))
-        rt = Runtime(out, n_in, tuple(groups), och, owt, crow, scol, corr, sparse_val,
-                     bias if bias.numel() else None, perm, sflat, mma)
-        if any(t.device != dev for t in tensors):
-            return None
-        return rt
+        return Runtime(out, n_in, tuple(groups), och, owt, crow, scol, corr, sparse_val,
+                       bias if bias.numel() else None, perm, sflat, mma)
 
 
 def names(bits_present: Sequence[int], mma: bool) -> list[str]:

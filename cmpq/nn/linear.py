@@ -130,19 +130,23 @@ class CMPQLinear(nn.Module):
         return 8 * sum(self.storage_bytes().values()) / (self.in_features * self.out_features)
 
     # -- compute ---------------------------------------------------------------------------------
-    def _op_args(self) -> tuple:
-        """Everything ``torch.ops.cmpq.linear`` takes after ``x``: the layer's own tensors and ints."""
-        bits = list(self.bit_widths)
+    def _stored(self) -> tuple:
+        """The stored tensors in the order ``ops.dequantize`` and ``torch.ops.cmpq.linear`` take them:
+        per bit width channel ids, packed indices, codebook codes, codebook bounds; then the outlier
+        columns and the sparse outliers."""
+        bits = self.bit_widths
         return ([getattr(self, f"q{b}_channels") for b in bits], [getattr(self, f"q{b}_packed") for b in bits],
                 [getattr(self, f"q{b}_codebook") for b in bits], [getattr(self, f"q{b}_codebook_bounds") for b in bits],
-                self.outlier_channels, self.outlier_weight, self.sparse_crow, self.sparse_col, self.sparse_val,
-                self.bias, self.runtime_tensors(), bits, self.out_features)
+                self.outlier_channels, self.outlier_weight, self.sparse_crow, self.sparse_col, self.sparse_val)
+
+    def _op_args(self) -> tuple:
+        """Everything ``torch.ops.cmpq.linear`` takes after ``x``: the layer's own tensors and ints."""
+        return (*self._stored(), self.bias, self.runtime_tensors(), list(self.bit_widths), self.out_features)
 
     @torch.no_grad()
     def dequantize(self, dtype: torch.dtype = torch.float16) -> torch.Tensor:
         """The dense ``W_hat`` ``[out, in]`` this layer stands for."""
-        a = self._op_args()
-        return ops.dequantize(*a[:9], a[11], self.in_features, self.out_features, dtype)
+        return ops.dequantize(*self._stored(), list(self.bit_widths), self.in_features, self.out_features, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling():
@@ -259,10 +263,13 @@ def cache_dense_weights(model: nn.Module, on: bool = True) -> None:
                 m.release_cache()
 
 
-def prepare_runtime(model: nn.Module, mma: bool = True) -> int:
+def prepare_runtime(model: nn.Module, mma: bool = True, dtype: torch.dtype | None = None) -> int:
     """``prepare_runtime`` for every ``CMPQLinear`` on a CUDA device (``cmpq.load`` and
     ``from_pretrained`` call this once the model is in place); returns how many were built. Layers
-    on other devices run the reference path and get none."""
+    on other devices, or a model computing in ``dtype`` float32 (no kernel takes it), run the
+    reference path and get none."""
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+        return 0
     n = 0
     for m in model.modules():
         if isinstance(m, CMPQLinear) and m.outlier_weight.device.type == "cuda" and not m.cache_dense:

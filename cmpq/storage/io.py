@@ -618,7 +618,7 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
     else:
         model.to(device)
         model.eval()
-    prepare_runtime(model)  # the kernels' layout of every layer on a GPU, once, now
+    prepare_runtime(model, dtype=dtype)  # the kernels' layout of every layer on a GPU, once, now
     return model
 
 
