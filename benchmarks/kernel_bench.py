@@ -5,17 +5,18 @@ several weight/input sets in turn (so nothing sits in L2), divided by the number
 also removes Python launch overhead, as in a graph-captured decode loop. The device-to-device copy
 bandwidth is measured in the same run; "bw" is (packed layer + activations + output bytes) / time
 as a fraction of it. Usage: ``python benchmarks/kernel_bench.py [--out PATH] [--quick]
-[--impl dispatch|cuda|triton|prefill] [--models 7B,70B] [--bits 3] [--batches 1,4,16] [--sweep]
-[--max-minutes M]``. ``--impl dispatch`` (default) times exactly what ``CMPQLinear.forward`` runs
-(``cmpq.kernels.dispatch``: the CUDA decode kernels chosen by ``cuda_decode``'s defaults up to 16
-tokens, dequantize + cuBLAS above); ``cuda`` forces the CUDA decode kernels, ``triton`` the v2 Triton
-kernel (cmpq/kernels/lut_gemv.py), ``prefill`` the dequantize + cuBLAS path at any token count.
+[--impl dispatch|cuda|triton|prefill] [--force KERNEL] [--models 7B,70B] [--bits 3] [--batches 1,4,16]
+[--sweep] [--max-minutes M]``. ``--impl dispatch`` (default) times exactly what ``CMPQLinear.forward``
+runs (the kernel ``cmpq.kernels.dispatch.TABLE`` picks; ``--force v4s`` etc. imposes one through
+``cmpq.kernels.force``); ``cuda`` times the v3b CUDA kernel, ``triton`` the Triton kernel
+(cmpq/kernels/lut_gemv.py), ``prefill`` the dequantize + cuBLAS path at any token count.
 A Markdown table is written next to the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import time
 import json
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from cmpq.kernels import cuda_decode  # noqa: E402
+from cmpq.kernels import KERNELS, cuda_decode, force  # noqa: E402
 from cmpq.kernels.lut_gemv import decode as triton_decode  # noqa: E402
 from cmpq.kernels.testing import mix_counts, random_layer  # noqa: E402
 
@@ -80,11 +81,13 @@ def sweep_cuda() -> None:
               for _ in range(nl)]
         for T in (1, 16):
             xs = [torch.randn(T, n_in, device="cuda", dtype=torch.float16) for _ in ls]
-            d = cuda_decode._params(ls[0], cuda_decode.repack(ls[0]), 1 if T == 1 else 16, None)[2]
+            rts = [l.runtime() for l in ls]
+            d = cuda_decode._params(rts[0], 1 if T == 1 else 16, None)[2]
             for sp in sorted({max(1, d // 4), max(1, d // 2), d, 2 * d, 4 * d}):
-                if cuda_decode.plan(cuda_decode.repack(ls[0]).groups, out, 1 if T == 1 else 16, 132, sp)[2] > cuda_decode.MAX_SMEM:
+                if cuda_decode.plan(rts[0].groups, out, 1 if T == 1 else 16, 132, sp)[2] > cuda_decode.MAX_SMEM:
                     continue
-                us = time_graph([lambda l=l, x=x: cuda_decode.decode(l, x, splits=sp) for l, x in zip(ls, xs)], len(ls))
+                us = time_graph([lambda rt=rt, x=x: cuda_decode.decode(rt, x, splits=sp) for rt, x in zip(rts, xs)],
+                                len(ls))
                 print(f"sweep-cuda {out}x{n_in} T={T} splits={sp}{' (default)' if sp == d else ''}: {us:.1f} us", flush=True)
         del ls
         torch.cuda.empty_cache()
@@ -101,7 +104,8 @@ def sweep() -> None:
             xs = [torch.randn(T, n_in, device="cuda", dtype=torch.float16) for _ in ls]
             for bn in (32, 64, 128):
                 for sp in (None, 16):
-                    us = time_graph([lambda l=l, x=x: triton_decode(l, x, block_n=bn, splits=sp) for l, x in zip(ls, xs)], len(ls))
+                    us = time_graph([lambda l=l, x=x: triton_decode(l.runtime(), x, block_n=bn, splits=sp)
+                                     for l, x in zip(ls, xs)], len(ls))
                     print(f"sweep {out}x{n_in} T={T} block_n={bn} splits={sp}: {us:.1f} us", flush=True)
 
 
@@ -132,6 +136,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="split sweep (cuda) / block_n x splits sweep (triton)")
     ap.add_argument("--impl", choices=["dispatch", "cuda", "triton", "prefill"], default="dispatch",
                     help="prefill: the many-token path (use with e.g. --batches 64,512,2048)")
+    ap.add_argument("--force", choices=KERNELS, default=None,
+                    help="with --impl dispatch: serve every call with this kernel (cmpq.kernels.force)")
     ap.add_argument("--max-minutes", type=float, default=None, help="start no new layer after this long")
     ap.add_argument("--table-only", action="store_true", help="rewrite the Markdown table from the JSON at --out")
     ap.add_argument("--models", default="7B,13B,70B")
@@ -142,6 +148,11 @@ def main() -> None:
         d = json.load(open(args.out))
         print(write_table(d["rows"], d["meta"], os.path.splitext(args.out)[0] + ".md"))
         return
+    with force(args.force) if args.force else contextlib.nullcontext():
+        measure(args)
+
+
+def measure(args: argparse.Namespace) -> None:
     bits_list = [float(b) for b in args.bits.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     models = args.models.split(",")
@@ -150,16 +161,15 @@ def main() -> None:
 
     def decode(layer, x, block_n=64):
         if args.impl == "dispatch":
-            from cmpq.kernels import dispatch
-
-            return dispatch(layer, x)
+            with torch.no_grad():
+                return layer(x)
         if args.impl == "cuda":
-            return cuda_decode.decode(layer, x)
-        if args.impl == "prefill":  # many tokens: Triton dequant into a scratch weight, then cuBLAS
+            return cuda_decode.decode(layer.runtime(), x)
+        if args.impl == "prefill":  # many tokens: dequantize into a scratch weight, then cuBLAS
             from cmpq.kernels.dequant import prefill
 
-            return prefill(layer, x)
-        return triton_decode(layer, x, block_n=block_n)
+            return prefill(layer.runtime(), x)
+        return triton_decode(layer.runtime(), x, block_n=block_n)
     torch.manual_seed(0)
     dev = "cuda"
     bw = copy_bandwidth()
@@ -169,6 +179,7 @@ def main() -> None:
     rows, fp16_us = [], {}
     meta = dict(device=torch.cuda.get_device_name(), date=datetime.datetime.now().isoformat(timespec="seconds"),
                 torch=torch.__version__, triton=triton.__version__, copy_bw_Bps=bw, block_n=args.block_n, impl=args.impl,
+                forced=args.force,
                 method="median of do_bench over a CUDA graph rotating weight/input sets (> 192 MiB)")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 

@@ -1,24 +1,23 @@
-"""Tiny driver for ncu: one 4096x11008 3-bit layer, two calls per variant (the first builds its plan;
-ncu -k/-c picks the kernels). One-token variants by name; ``mma4`` is the tensor-core kernel at 4
-tokens. Used by kernel_variants.sh and device_ncu.sh."""
+"""Tiny driver for ncu: one 4096x11008 3-bit layer, two calls per kernel (the first builds its plan;
+ncu -k/-c picks the kernels). One-token kernels by name (``cmpq.kernels.dispatch.RUNNERS``); ``mma4``
+is the tensor-core kernel at 4 tokens. Used by kernel_variants.sh and device_ncu.sh."""
 import sys
 
 import torch
 
-from cmpq.kernels import cuda_decode  # noqa: E402
+from cmpq.kernels import dispatch  # noqa: E402
 from cmpq.kernels.testing import mix_counts, random_layer  # noqa: E402
 
-variants = sys.argv[1].split(",") if len(sys.argv) > 1 else ["v3b", "v4p", "v4h"]
+variants = sys.argv[1].split(",") if len(sys.argv) > 1 else ["v3b", "v4s"]
 counts, n_act = mix_counts(11008, 3.0)
 layer = random_layer(4096, 11008, counts, n_act, round(5e-4 * 4096 * 11008), device="cuda",
                      generator=torch.Generator().manual_seed(0), pack=False)
 x = torch.randn(1, 11008, device="cuda", dtype=torch.float16)
 x4 = torch.randn(4, 11008, device="cuda", dtype=torch.float16)
+rt = layer.runtime()
 for v in variants:
     for _ in range(2):
-        if v == "mma4":
-            cuda_decode.decode(layer, x4, multi="mma")
-        else:
-            cuda_decode.decode(layer, x, variant=v)
+        y = dispatch.RUNNERS["mma"](rt, x4) if v == "mma4" else dispatch.RUNNERS[v](rt, x)
+        assert y is not None, f"{v} does not apply"
 torch.cuda.synchronize()
 print("done", variants)

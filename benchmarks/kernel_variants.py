@@ -1,13 +1,14 @@
-"""Time every decode-kernel variant (cuda_decode.VARIANTS) against FP16 cuBLAS, one GPU call.
+"""Time each decode kernel on its own (no dispatch, no fallback) against FP16 cuBLAS, one GPU call.
 
-One token: every variant; more tokens: v3b and "mma" (kernel_mma.cu, tensor cores; the v4 variants are
-one-token kernels). Method as
+One token: v3b, v4s, mma; more tokens: v3b and "mma" (kernel_mma.cu, tensor cores; v4s is a
+one-token kernel). Each is called through ``cmpq.kernels.dispatch.RUNNERS`` (a kernel that does
+not apply is reported, not replaced by another). Method as
 benchmarks/kernel_bench.py: median of do_bench over a CUDA graph that rotates weight/input sets
 (> 192 MiB, nothing in L2). Every (layer, variant) is checked against the float64 reference first;
 a wrong variant is reported and not timed. Writes ``$OUT/kernel_variants.json`` and ``.md``; the
 table is printed last. ``--budget`` (s) stops adding points when the wall clock runs out.
 Usage: python benchmarks/kernel_variants.py [--out DIR] [--models 7B,70B] [--bits 3,2,4,2.5,3.5]
-[--batches 1,4,16] [--variants v3b,v4s,...,mma] [--budget 100] [--sweep] [--table-only]
+[--batches 1,4,16] [--variants v3b,v4s,mma] [--budget 100] [--sweep] [--table-only]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from kernel_bench import ROTATE_BYTES, SHAPES, copy_bandwidth, layer_bytes, time_graph  # noqa: E402
-from cmpq.kernels import cuda_decode, kernel_mma, kernel_v4  # noqa: E402
+from cmpq.kernels import cuda_decode, dispatch, kernel_mma, kernel_v4  # noqa: E402
 from cmpq.kernels.testing import mix_counts, random_layer  # noqa: E402
 
 
@@ -35,9 +36,9 @@ def main() -> None:
     ap.add_argument("--models", default="7B,70B")
     ap.add_argument("--bits", default="3,2,4,2.5,3.5")
     ap.add_argument("--batches", default="1,4,16")
-    ap.add_argument("--variants", default=",".join([v for v in cuda_decode.VARIANTS if v != "auto"] + ["mma"]))
+    ap.add_argument("--variants", default="v3b,v4s,mma")
     ap.add_argument("--budget", type=float, default=100.0, help="seconds of wall clock for the timing loop")
-    ap.add_argument("--sweep", action="store_true", help="split sweep of the v4 variants at 3 bits (if time is left)")
+    ap.add_argument("--sweep", action="store_true", help="split sweep of v4s at 3 bits (if time is left)")
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from $OUT/kernel_variants.json")
     args = ap.parse_args()
     if args.table_only:
@@ -95,6 +96,7 @@ def main() -> None:
             layers = [first] + [random_layer(out, n_in, counts, n_act, n_sparse, device="cuda", generator=gen, pack=False)
                                 for _ in range(nl - 1)]
             ref_w = first.dequantize(torch.float32)
+            rts = [l.runtime() for l in layers]  # the runtime layouts, built once here
             for T in batches:
                 xs = [torch.randn(T, n_in, device="cuda", dtype=torch.float16) for _ in range(nl)]
                 ref = F.linear(xs[0].float(), ref_w)
@@ -105,31 +107,23 @@ def main() -> None:
                     r = dict(model=model, out=out, inp=n_in, bits=bits, tokens=T, variant=v, fp16_us=fpt,
                              eff_bits=first.effective_bits())
                     try:
-                        if v == "mma":
-                            y = kernel_mma.decode(layers[0], xs[0])
-                            if y is None:
-                                raise RuntimeError(f"mma does not apply: {kernel_mma.library_error()}")
-                        else:
-                            y = cuda_decode.decode(layers[0], xs[0], variant=v)
+                        y = dispatch.RUNNERS[v](rts[0], xs[0])
+                        if y is None:
+                            raise RuntimeError(f"{v} does not apply here")
                         err = ((y.float() - ref).norm() / ref.norm()).item()
                         r["rel_err"] = err
                         if not err < 2e-3:
                             r["error"] = f"WRONG rel_err {err:.2e}"
                         else:
-                            if v == "mma":
-                                fns = [lambda l=l, x=x: kernel_mma.decode(l, x) for l, x in zip(layers, xs)]
-                            else:
-                                fns = [lambda l=l, x=x: cuda_decode.decode(l, x, variant=v) for l, x in zip(layers, xs)]
-                            us = time_graph(fns, nl)
+                            run = dispatch.RUNNERS[v]
+                            us = time_graph([lambda rt=rt, x=x: run(rt, x) for rt, x in zip(rts, xs)], nl)
                             moved = nbytes + 2 * T * (n_in + out)
-                            plans = layers[0]._cuda_layout.plans
                             if v == "mma":
-                                pl = layers[0]._mma_layout.plans.get((1 if T <= 8 else 2, None, None))
+                                pl = kernel_mma._params(rts[0], 1 if T <= 8 else 2, None, None)
                             elif v == "v3b":
-                                nt = next(c for c in cuda_decode.NT_CHOICES if c >= T)
-                                pl = plans.get((nt, None))
+                                pl = cuda_decode._params(rts[0], next(c for c in cuda_decode.NT_CHOICES if c >= T), None)
                             else:
-                                pl = plans.get(("v4",) + kernel_v4.VARIANTS[v] + (None,))
+                                pl = kernel_v4._params(rts[0], None)
                             r.update(us=us, speedup=fpt / us, bw_frac=moved / (us * 1e-6) / bw,
                                      floor_us=moved / bw * 1e6, splits=None if pl is None else pl[2])
                     except Exception as e:  # one broken variant must not stop the others
@@ -139,7 +133,7 @@ def main() -> None:
                            if "us" in r else r["error"])
                     print(f"{model} {out}x{n_in} {bits}b T={T} {v}: {msg} (fp16 {fpt:.1f})", flush=True)
                 save()
-            del layers, first, ref_w
+            del layers, rts, first, ref_w
             torch.cuda.empty_cache()
     if args.sweep and not out_of_time() and any(v.startswith("v4") for v in variants):
         sweep(variants, rows, save, out_of_time)
@@ -161,14 +155,13 @@ def sweep(variants, rows, save, out_of_time) -> None:
         for v in variants:
             if not v.startswith("v4") or out_of_time():
                 continue
-            mode, depth = kernel_v4.VARIANTS[v]
-            lay = cuda_decode.repack(ls[0])
-            d = kernel_v4.plan(lay.groups, out, mode, depth, cuda_decode._num_sms(xs[0].device))[1]
+            rts = [l.runtime() for l in ls]
+            d = kernel_v4.plan(rts[0].groups, out, cuda_decode._num_sms(xs[0].device))[1]
             for sp in sorted({max(1, d // 2), max(1, (2 * d) // 3), (3 * d) // 2, 2 * d}):
-                pl = kernel_v4.plan(lay.groups, out, mode, depth, 132, sp)
+                pl = kernel_v4.plan(rts[0].groups, out, 132, sp)
                 if pl[2] > kernel_v4.MAX_SMEM:
                     continue
-                us = time_graph([lambda l=l, x=x: kernel_v4.decode(l, x, v, splits=sp) for l, x in zip(ls, xs)], len(ls))
+                us = time_graph([lambda rt=rt, x=x: kernel_v4.decode(rt, x, splits=sp) for rt, x in zip(rts, xs)], len(ls))
                 rows.append(dict(sweep=True, out=out, inp=n_in, bits=3.0, tokens=1, variant=v, splits=sp,
                                  default_splits=d, us=us))
                 print(f"sweep {out}x{n_in} 3b {v} splits={sp} (default {d}): {us:.1f} us", flush=True)
@@ -182,7 +175,7 @@ def table(rows, meta, path) -> None:
     variants = meta["variants"]
     keys = sorted({(r["model"], r["out"], r["inp"], r["bits"], r["tokens"]) for r in main_rows},
                   key=lambda k: (k[4], k[0], k[1] * 0 + SHAPE_ORDER.get((k[1], k[2]), 99), k[3]))
-    lines = [f"# Decode kernel variants vs FP16 cuBLAS", "",
+    lines = ["# Decode kernel variants vs FP16 cuBLAS", "",
              f"{meta['device']}, {meta['date']}, torch {meta['torch']}, copy bandwidth {meta['copy_bw_Bps'] / 1e12:.2f} TB/s. "
              f"{meta['method']}. Cells: us (speedup over FP16, % of copy bandwidth); splits in the JSON.", "",
              "| layer | bits | T | FP16 us | " + " | ".join(variants) + " |",

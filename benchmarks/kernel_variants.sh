@@ -3,8 +3,8 @@
 # Default (2..16 tokens): build v3b + mma libraries in parallel -> GPU correctness tests of the mma
 #   kernel (tests/test_kernels.py -k "mma or multi") -> timing of mma vs v3b vs FP16 cuBLAS at
 #   T = 2, 4, 8, 16, 7B + 70B shapes, 3/2/4 bits (benchmarks/kernel_variants.py).
-# V4=1 bash benchmarks/kernel_variants.sh: the earlier one-token run instead (every v4 variant,
-#   1/4/16 tokens, split sweep, optional ncu; already measured 2026-11-30).
+# V4=1 bash benchmarks/kernel_variants.sh: the one-token run instead (v3b and v4s, 1/4/16 tokens,
+#   split sweep, optional ncu; the other v4 variants measured 2026-11-30 lost and were deleted).
 # Everything lands in $OUT (default benchmarks/results/variants); the table is printed last.
 # Run from anywhere: bash benchmarks/kernel_variants.sh
 set -u
@@ -39,7 +39,7 @@ echo "[$(el)s] tests rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/tests.lo
 
 LEFT=$(( 140 - $(el) )); BUDGET=$(( LEFT - 20 )); [ $BUDGET -lt 20 ] && BUDGET=20
 if [ "$V4" = 1 ]; then
-  BENCH_ARGS="--sweep --variants v3b,v4s,v4p,v4h,v4p8,v4h8"
+  BENCH_ARGS="--sweep --variants v3b,v4s"
 else
   BENCH_ARGS="--variants v3b,mma --bits 3,2,4 --batches 2,4,8,16"
 fi
@@ -50,7 +50,7 @@ echo "[$(el)s] bench rc=$?"
 if [ "$V4" = 1 ] && command -v ncu >/dev/null 2>&1 && [ $(el) -lt 128 ]; then
   timeout $(( 148 - $(el) )) ncu --clock-control none -k regex:"v4_kernel|lut_kernel" -c 6 \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-    $PY benchmarks/kernel_ncu.py v3b,v4p,v4h >"$OUT/ncu.txt" 2>&1
+    $PY benchmarks/kernel_ncu.py v3b,v4s >"$OUT/ncu.txt" 2>&1
   echo "[$(el)s] ncu rc=$? (see ncu.txt)"
   grep -E "v4_kernel|lut_kernel|Duration|Memory Throughput|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued" "$OUT/ncu.txt" | head -40
 else

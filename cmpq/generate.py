@@ -9,8 +9,10 @@ default, sampling with ``temperature`` / ``top_p``.
 ``compile=True`` also runs the step through ``torch.compile`` (before capture). A graph replays
 every kernel it holds, and an eager Hugging Face decoder layer is some fifty small kernels (norms,
 rotary, residuals), each ~2 us even inside a graph: for a 135M model that is most of a token's
-time. Compiled, they fuse into a few kernels; each ``CMPQLinear`` stays one opaque op
-(``cmpq/nn/opaque.py``). Compiling costs tens of seconds once per process.
+time. Compiled, they fuse into a few kernels; each ``CMPQLinear`` stays one operator,
+``torch.ops.cmpq.linear`` (``cmpq/nn/ops.py``), fed the layer's own tensors; the shared-input fusion
+(``fuse``) is an eager-mode mechanism and does not apply inside the compiled step. Compiling costs
+tens of seconds once per process.
 
 We keep our own loop rather than ``model.generate`` because the loop is what gets captured as a
 graph. It talks to transformers through the cache object only: the forward's cache argument is
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -259,9 +260,12 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool
 
 
 def uses_fused_kernels(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``CMPQLinear`` runs fused kernels here (``cmpq.kernels.dispatch``): CUDA with fp16/bf16.
+    """Whether ``CMPQLinear`` runs fused kernels here (``cmpq.kernels.dispatch``): CUDA with fp16/bf16,
+    unless ``cmpq.kernels.force("reference")`` is in effect.
     Elsewhere every token would dequantize every layer again, so generation keeps dense weights."""
-    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and os.environ.get("CMPQ_KERNELS") != "0"
+    from cmpq.kernels import forced
+
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and forced() != "reference"
 
 
 def load_for_generation(name: str, device: torch.device, dtype: torch.dtype | None = None, verify: bool = True):

@@ -42,11 +42,6 @@ def test_cmpq_linear_compiles_as_one_op(quantized):
     torch.testing.assert_close(f(x), torch.relu(layer(x)) * 2)
 
 
-def test_op_refuses_a_freed_layer():
-    with pytest.raises(RuntimeError, match="handle"):
-        torch.ops.cmpq.linear(torch.zeros(1, 4), 10**9, 4)
-
-
 def _reference(layers, x):
     """What the fused kernel computes, from the reference path (counts its calls)."""
     _reference.calls += 1

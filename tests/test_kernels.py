@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton", reason="triton is not installed: the fused kernels cannot be tested")
 
-from cmpq.kernels import dispatch  # noqa: E402
+from cmpq.kernels import dispatch, force  # noqa: E402
 from cmpq.kernels.dequant import prefill  # noqa: E402
 from cmpq.kernels.lut_gemv import decode  # noqa: E402
 from cmpq.kernels.testing import random_layer  # noqa: E402
@@ -59,7 +59,7 @@ def test_decode(mix, outliers, dtype):
     layer = _layer(mix, outliers, seed=hash((mix, outliers)) % 1000)
     for tokens in (1, 3, 16):
         x = torch.randn(tokens, 300, device=DEV).to(dtype)
-        _check(decode(layer, x), layer, x)
+        _check(decode(layer.runtime(), x), layer, x)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -67,7 +67,7 @@ def test_decode(mix, outliers, dtype):
 def test_prefill(mix, dtype):
     layer = _layer(mix, True, seed=7)
     x = torch.randn(2, 17, 300, device=DEV).to(dtype)
-    y = prefill(layer, x)
+    y = prefill(layer.runtime(), x)
     _check(y.reshape(-1, 67), layer, x.reshape(-1, 300))
 
 
@@ -75,21 +75,21 @@ def test_prefill(mix, dtype):
 @pytest.mark.parametrize("outliers", [False, True])
 @pytest.mark.parametrize("mix", list(MIXES))
 @pytest.mark.parametrize("out", [67, 1028])  # the CUDA kernel's scalar path, and its 4-row vector path
-def test_dequantize_permuted_exact(mix, outliers, dtype, out, monkeypatch):
-    """Both dequantizers (CUDA from the decode layout, Triton from layout.prepare) give exactly the
+def test_dequantize_permuted_exact(mix, outliers, dtype, out):
+    """Both dequantizers (CUDA and Triton, both from the runtime layout's quads) give exactly the
     reference weight, permuted and transposed; on CPU only the Triton one runs."""
     from cmpq.kernels import dequant
 
     layer = _layer(mix, outliers, seed=11, out=out)
+    rt = layer.runtime()
     ref = layer.dequantize(dtype)
-    cuda_wt = dequant._dequantize_cuda(layer, dtype)
+    cuda_wt = dequant._dequantize_cuda(rt, dtype)
     if DEV == "cuda":
         assert cuda_wt is not None, dequant._LIBRARY.error
-        assert torch.equal(cuda_wt, ref[:, dequant.prefill_index(layer).perm].T)
+        assert torch.equal(cuda_wt, ref[:, rt.perm].T)
     else:
         assert cuda_wt is None
-    monkeypatch.setattr(dequant, "_dequantize_cuda", lambda *a: None)
-    wt, perm = dequant.dequantize_permuted_t(layer, dtype)
+    wt, perm = dequant.dequantize_permuted_t(rt, dtype, cuda=False)
     assert wt.is_contiguous()
     if dtype == torch.float16:
         assert torch.equal(wt, ref[:, perm].T)
@@ -101,32 +101,106 @@ def test_decode_splits_and_batch_dims():
     layer = _layer("mixed", True, seed=3)
     x = torch.randn(2, 2, 300, device=DEV).half()
     for splits in (1, 3, 20):  # 20 splits > channel blocks: some programs get nothing
-        y = decode(layer, x, block_n=32, splits=splits)
+        y = decode(layer.runtime(), x, block_n=32, splits=splits)
         _check(y.reshape(4, 67), layer, x.reshape(4, 300))
 
 
-def test_buffers_change_invalidates_layout():
+def test_buffers_change_rebuilds_runtime_layout():
     layer = _layer("mixed", True, seed=5)
     x = torch.randn(1, 300, device=DEV).half()
-    decode(layer, x)
+    first = layer.runtime()
+    decode(first, x)
+    assert layer.runtime() is not None and layer.runtime_tensors()[0] is first.groups[0].q  # built once
     layer.q3_codebook.mul_(2)
-    _check(decode(layer, x), layer, x)
+    _check(decode(layer.runtime(), x), layer, x)
+    layer.q3_codebook = layer.q3_codebook.clone()  # replaced, same values
+    assert not layer.runtime_current()
+    _check(decode(layer.runtime(), x), layer, x)
 
 
-def test_dispatch_choice(monkeypatch):
-    layer = _layer("mixed", False, seed=1)
+def test_runtime_layout_is_not_saved_and_moves_with_the_layer():
+    layer = _layer("mixed", True, seed=5)
+    sd = {k: v.clone() for k, v in layer.state_dict().items()}
+    assert layer.prepare_runtime()
+    names = [n for n, _ in layer.named_buffers() if n.startswith("rt_")]
+    assert names and set(layer.state_dict()) == set(sd)  # non-persistent: never saved
+    assert all(torch.equal(layer.state_dict()[k], v) for k, v in sd.items())
+    layer.half()  # stored fp16 tensors stay, but the fp32 sparse corrections would turn fp16: dropped
+    assert not layer.runtime_tensors() and not layer.runtime_current()
+    assert layer.runtime() is not None  # rebuilt on demand
+    layer.to("meta")  # moved along with the stored buffers: still current, nothing rebuilt
+    assert layer.runtime_current() and all(t.is_meta for t in layer.runtime_tensors())
+    layer.release_runtime()
+    assert not [n for n, _ in layer.named_buffers() if n.startswith("rt_")]
+
+
+def test_dispatch_table_and_force():
+    """The measured table picks by token count and layer size; force() overrides it, nests, and
+    refuses names that are not kernels (the deleted variants among them)."""
+    from cmpq.kernels import KERNELS, TABLE, choose, force, forced
+
+    assert {name for *_, name in TABLE} <= set(KERNELS)
+    assert choose(1, 4096 * 11008) == "v4s" and choose(1, 8192 * 8192) == "v4s"
+    assert choose(1, 28672 * 8192) == "v3b"  # 70B MLP shapes
+    assert choose(2, 4096 * 4096) == "mma" and choose(16, 28672 * 8192) == "mma"
+    assert choose(17, 4096 * 4096) == "prefill" and choose(2048, 10) == "prefill"
+    assert forced() is None
+    with force("triton"):
+        assert choose(1, 10) == "triton" and forced() == "triton"
+        with force("reference"):
+            assert choose(2048, 10) == "reference"
+        assert forced() == "triton"
+    assert forced() is None and choose(1, 10) == "v4s"
+    for gone in ("v4p", "v4h", "v4s5", "auto"):
+        with pytest.raises(ValueError, match="unknown cmpq kernel"):
+            with force(gone):
+                pass
+
+
+def test_dispatch_falls_back_along_the_chain(monkeypatch):
+    """A kernel that does not apply hands the call on (mma -> v3b -> triton -> reference)."""
+    calls = []
+
+    def runner(name, result):
+        def f(rt, x):
+            calls.append(name)
+            return result
+        return f
+
+    y = torch.zeros(1)
+    monkeypatch.setattr(dispatch, "RUNNERS", {"v4s": runner("v4s", None), "mma": runner("mma", None),
+                                              "v3b": runner("v3b", None), "triton": runner("triton", y),
+                                              "prefill": runner("prefill", None)})
+    assert dispatch.serve("mma", None, y) is y and calls == ["mma", "v3b", "triton"]
+    calls.clear()
+    assert dispatch.serve("prefill", None, y) is None and calls == ["prefill"]
+    assert dispatch.serve("reference", None, y) is None
+
+
+def test_dispatch_run_on_this_device():
+    layer = _layer("mixed", True, seed=1)
+    rt = layer.runtime()
     x = torch.randn(3, 300, device=DEV).half()
-    monkeypatch.setenv("CMPQ_KERNELS", "0")
-    assert dispatch(layer, x) is None
-    monkeypatch.delenv("CMPQ_KERNELS")
-    assert dispatch(layer, x.float()) is None  # fp32: reference path
+    assert dispatch.run(x.float(), rt) is None  # fp32: reference path
+    assert dispatch.run(x[:0], rt) is None  # no rows
+    for tokens in (1, 3, 40):  # the Triton fallbacks, decode and prefill (CPU: interpreter)
+        xt = torch.randn(tokens, 300, device=DEV).half()
+        _check(dispatch.serve("triton", rt, xt), layer, xt)
     if DEV == "cpu":
-        assert dispatch(layer, x) is None  # CPU: reference path
-    else:
-        _check(dispatch(layer, x), layer, x)
-        _check(layer(x), layer, x)
-        xl = torch.randn(40, 300, device=DEV).half()  # prefill
-        _check(layer(xl), layer, xl)
+        assert dispatch.run(x, rt) is None  # CPU: reference path
+        return
+    from cmpq.kernels import KERNELS, force
+
+    with force("reference"):
+        assert dispatch.run(x, rt) is None
+    for name in KERNELS[:-1]:
+        with force(name):
+            for tokens in (1, 2, 16, 40):
+                xt = torch.randn(tokens, 300, device=DEV).half()
+                _check(dispatch.run(xt, rt), layer, xt)
+    _check(layer(x), layer, x)
+    xl = torch.randn(40, 300, device=DEV).half()  # prefill
+    _check(layer(xl), layer, xl)
 
 
 # -- v3: CUDA C++ decode kernel (cmpq/kernels/cuda_decode.py) ------------------------------------
@@ -134,21 +208,22 @@ from cmpq.kernels import cuda_decode  # noqa: E402
 
 
 @pytest.mark.parametrize("mix", list(MIXES))
-def test_repack_roundtrip(mix):
-    """The contiguous-field layout holds exactly the stored indices (CPU, no kernel needed)."""
+def test_quads_roundtrip(mix):
+    """The quads hold exactly the stored indices (CPU, no kernel needed)."""
+    from cmpq.kernels import layout
+
     layer = _layer(mix, True, seed=11)
-    lay = cuda_decode.repack(layer)
+    lay = layer.runtime()
     for g in lay.groups:
-        _, pk, _ = layer.group(g.bits)
         assert g.q.shape == (-(-g.n // (4 * (32 // g.bits))), 67, 4)
-        assert torch.equal(cuda_decode.unrepack_group(g.q, g.bits, g.n), layer.group_indices(g.bits))
+        assert torch.equal(layout.unquads(g.q, g.bits, g.n), layer.group_indices(g.bits))
     # emulate the kernel's sum: sum_c cb[c, idx] * x[ch_c] + outliers + sparse corrections == ref
     layer = layer.cpu()
-    lay = cuda_decode.repack(layer)
+    lay = layer.runtime()
     x = torch.randn(2, 300, dtype=torch.float64)
     y = torch.zeros(2, 67, dtype=torch.float64)
     for g in lay.groups:
-        idx = cuda_decode.unrepack_group(g.q, g.bits, g.n)
+        idx = layout.unquads(g.q, g.bits, g.n)
         w = g.codebook[:g.n].double().gather(1, idx.t()).t()  # [out, n]
         y += x[:, g.channels[:g.n].long()] @ w.T
     y += x[:, lay.outlier_channels.long()] @ lay.outlier_weight_t.double()
@@ -160,7 +235,7 @@ def test_repack_roundtrip(mix):
 
 def test_plan_fits_shared_memory():
     layer = _layer("mixed", False, seed=2)
-    lay = cuda_decode.repack(layer)
+    lay = layer.runtime()
     for nt in cuda_decode.NT_CHOICES:
         rb, S, smem, offs = cuda_decode.plan(lay.groups, 67, nt, sms=132)
         assert rb == 1 and 1 <= S and smem <= 200 << 10
@@ -179,9 +254,9 @@ def test_cuda_decode(mix, outliers, dtype):
     layer = _layer(mix, outliers, seed=hash((mix, outliers, 1)) % 1000)
     for tokens in (1, 2, 3, 5, 8, 16):
         x = torch.randn(tokens, 300, device=DEV).to(dtype)
-        y = cuda_decode.decode(layer, x)
+        y = cuda_decode.decode(layer.runtime(), x)
         _check(y, layer, x)
-        y2 = cuda_decode.decode(layer, x)  # accumulator and counters reset: a second call agrees
+        y2 = cuda_decode.decode(layer.runtime(), x)  # accumulator and counters reset: a second call agrees
         torch.testing.assert_close(y, y2, rtol=2e-3, atol=1e-3)
 
 
@@ -195,7 +270,7 @@ def test_cuda_decode_splits_big_and_graph():
     for splits in (None, 1, 3, 13):  # 50 > quads of some groups: some blocks get no channels
         for tokens in (1, 4, 16):
             x = torch.randn(tokens, 1100, device=DEV).half()
-            _check(cuda_decode.decode(layer, x, splits=splits), layer, x)
+            _check(cuda_decode.decode(layer.runtime(), x, splits=splits), layer, x)
     x = torch.randn(1, 1, 1100, device=DEV).half()
     y0 = layer(x)
     g = torch.cuda.CUDAGraph()
@@ -208,47 +283,41 @@ def test_cuda_decode_splits_big_and_graph():
     assert y0.shape == (1, 1, 700)
 
 
-# -- v4 variants (cmpq/kernels/kernel_v4.cu, one token); CMPQ_TEST_VARIANTS=v4h,v4p narrows the list
-V4_VARIANTS = [v for v in os.environ.get("CMPQ_TEST_VARIANTS", ",".join(v for v in cuda_decode.VARIANTS if v.startswith("v4"))).split(",") if v]
-
-
-@pytest.mark.parametrize("variant", V4_VARIANTS)
-def test_v4_plan_fits(variant):
+# -- v4s (cmpq/kernels/kernel_v4.cu, one token) ------------------------------------------------
+def test_v4_plan_fits():
     from cmpq.kernels import kernel_v4
 
-    mode, depth = kernel_v4.VARIANTS[variant]
     for mix in MIXES:
-        lay = cuda_decode.repack(_layer(mix, True, seed=2))
+        lay = _layer(mix, True, seed=2).runtime()
         for splits in (None, 1, 2, 7):
-            rb, S, smem, (ring, tbl, stage, red) = kernel_v4.plan(lay.groups, 67, mode, depth, 132, splits)
+            rb, S, smem, (ring, tbl) = kernel_v4.plan(lay.groups, 67, 132, splits)
             assert rb == 1 and 1 <= S and smem <= kernel_v4.MAX_SMEM
-            assert tbl % 256 == 0 and stage % 256 == 0 and red % 16 == 0 and ring == 0
-            assert tbl >= depth * 256 * 16
+            assert tbl % 256 == 0 and ring == 0 and tbl >= kernel_v4.RING_DEPTH * 256 * 16
+            assert smem >= tbl + kernel_v4.table_bytes(lay.groups, S)
 
 
 @cuda_only
-@pytest.mark.parametrize("variant", V4_VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("outliers", [False, True])
 @pytest.mark.parametrize("mix", list(MIXES))
-def test_cuda_decode_variant(mix, outliers, dtype, variant):
+def test_cuda_decode_v4s(mix, outliers, dtype):
     from cmpq.kernels import kernel_v4
 
     layer = _layer(mix, outliers, seed=hash((mix, outliers, 2)) % 1000)
     x = torch.randn(1, 300, device=DEV).to(dtype)
-    y = kernel_v4.decode(layer, x, variant)
+    y = kernel_v4.decode(layer.runtime(), x)
     assert y is not None, kernel_v4.library_error()
     _check(y, layer, x)
-    y2 = kernel_v4.decode(layer, x, variant)  # accumulator and counters reset
+    y2 = kernel_v4.decode(layer.runtime(), x)  # accumulator and counters reset
     torch.testing.assert_close(y, y2, rtol=2e-3, atol=1e-3)
     for tokens in (2, 3, 16):  # more tokens: v3b behind the same entry point
         xt = torch.randn(tokens, 300, device=DEV).to(dtype)
-        _check(cuda_decode.decode(layer, xt, variant=variant), layer, xt)
+        with force("v4s"):  # more tokens: v3b behind the same name
+            _check(dispatch.run(xt, layer.runtime()), layer, xt)
 
 
 @cuda_only
-@pytest.mark.parametrize("variant", V4_VARIANTS)
-def test_cuda_decode_variant_big_splits_graph(variant):
+def test_cuda_decode_v4s_big_splits_graph():
     from cmpq.kernels import kernel_v4
     from cmpq.kernels.testing import mix_counts, random_layer
 
@@ -258,17 +327,18 @@ def test_cuda_decode_variant_big_splits_graph(variant):
         layer = random_layer(out, n_in, counts, n_act, 400, bias=True, device=DEV, generator=gen)
         for splits in (None, 1, 3, 13, 50):
             x = torch.randn(1, n_in, device=DEV).half()
-            y = kernel_v4.decode(layer, x, variant, splits=splits)
+            y = kernel_v4.decode(layer.runtime(), x, splits=splits)
             if y is None and splits is not None:  # a forced split whose tables exceed a block's shared memory
-                assert kernel_v4.plan(cuda_decode.repack(layer).groups, out, *kernel_v4.VARIANTS[variant], 132, splits) is None
+                assert kernel_v4.plan(layer.runtime().groups, out, 132, splits) is None
                 continue
             _check(y, layer, x)
-        xb = (torch.randn(1, n_in, device=DEV) * 3e6).bfloat16()  # x*cb beyond fp16 range: scaled tables
-        _check(kernel_v4.decode(layer, xb, variant), layer, xb)
+        xb = (torch.randn(1, n_in, device=DEV) * 3e6).bfloat16()  # x*cb beyond fp16 range: fp32 tables
+        _check(kernel_v4.decode(layer.runtime(), xb), layer, xb)
     x = torch.randn(1, 1, n_in, device=DEV).half()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        yg = cuda_decode.decode(layer, x, variant=variant)
+        with force("v4s"):
+            yg = dispatch.run(x, layer.runtime())
     x.copy_(torch.randn_like(x))
     g.replay()
     torch.cuda.synchronize()
@@ -291,35 +361,21 @@ def test_v4_group_launch_equals_separate(dtype):
             layers.append(random_layer(out, n_in, counts, n_act, 300, bias=True, device=DEV, generator=gen))
         x = torch.randn(1, 1100, device=DEV).to(dtype)
         for _ in range(2):
-            ys = kernel_v4.decode_group(layers, x)
+            ys = kernel_v4.decode_group([l.runtime() for l in layers], x)
             assert ys is not None, kernel_v4.library_error()
             for y, layer in zip(ys, layers):
                 # the split-K sums run in another order: the same up to one step of the output dtype
                 rtol = 1e-3 if dtype == torch.float16 else 2**-7
-                torch.testing.assert_close(y, kernel_v4.decode(layer, x, "v4s"), rtol=rtol, atol=1e-3)
+                torch.testing.assert_close(y, kernel_v4.decode(layer.runtime(), x), rtol=rtol, atol=1e-3)
                 _check(y, layer, x)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        yg = kernel_v4.decode_group(layers, x)
+        yg = kernel_v4.decode_group([l.runtime() for l in layers], x)
     x.copy_(torch.randn_like(x))
     g.replay()
     torch.cuda.synchronize()
     for y, layer in zip(yg, layers):
         _check(y, layer, x)
-
-
-def test_auto_variant_picks_by_layer_size(monkeypatch):
-    from types import SimpleNamespace
-
-    monkeypatch.delenv("CMPQ_DECODE_VARIANT", raising=False)
-    small, big = SimpleNamespace(out_features=11008, in_features=4096), SimpleNamespace(out_features=28672, in_features=8192)
-    assert cuda_decode.pick_variant(small) == "v4s"
-    assert cuda_decode.pick_variant(big) == "v3b"
-    assert cuda_decode.pick_variant(big, "v4h") == "v4h"
-    monkeypatch.setenv("CMPQ_DECODE_VARIANT", "v4p")
-    assert cuda_decode.pick_variant(small) == "v4p"
-    with pytest.raises(ValueError, match="unknown CMPQ decode variant"):
-        cuda_decode.pick_variant(small, "v9")
 
 
 # -- mma: tensor-core kernel for 2..16 tokens (cmpq/kernels/kernel_mma.cu) ------------------------
@@ -328,7 +384,8 @@ def _mma_emulate(layer, x: torch.Tensor) -> torch.Tensor:
     words, codebook at slot t + 4e + 8h, x at chl[k-step*16 + k], fp16 fragments for the outliers."""
     from cmpq.kernels import kernel_mma as km
 
-    lay = km.repack(layer)
+    rt = layer.runtime()
+    lay = rt.mma
     out, T = layer.out_features, x.shape[0]
     y = torch.zeros(T, lay.ntiles * 16, dtype=torch.float64)
     lane = torch.arange(32)
@@ -365,7 +422,7 @@ def _mma_emulate(layer, x: torch.Tensor) -> torch.Tensor:
                 y.index_add_(1, rows.expand(nch, -1, -1).reshape(-1), contrib.reshape(T, -1))
         koff += nch * ks
     y = y[:, :out]
-    c = lay.cuda
+    c = rt
     rows = torch.repeat_interleave(torch.arange(out), (c.sparse_crow[1:] - c.sparse_crow[:-1]).long().cpu())
     y.index_add_(1, rows, c.sparse_corr.cpu().double() * x.double()[:, c.sparse_col.cpu().long()])
     if c.bias is not None:
@@ -376,15 +433,15 @@ def _mma_emulate(layer, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("mix", list(MIXES))
 def test_mma_layout_emulated(mix):
     """The mma layout holds the stored indices and, read as the kernel reads it, gives layer(x) (CPU)."""
-    from cmpq.kernels import kernel_mma as km
+    from cmpq.kernels import layout
 
     layer = _layer(mix, True, seed=21).cpu()
-    lay = km.repack(layer)
+    lay = layer.runtime().mma
     for b in layer.bit_widths:
         n = layer.group(b)[0].numel()
         if n:
-            assert torch.equal(km.unrepack_indices(lay, b, n, 67), layer.group_indices(b))
-    assert torch.equal(km.unrepack_indices(lay, 16, layer.outlier_channels.numel(), 67).half(), layer.outlier_weight)
+            assert torch.equal(layout.mma_unpack(lay, b, n, 67), layer.group_indices(b))
+    assert torch.equal(layout.mma_unpack(lay, 16, layer.outlier_channels.numel(), 67).half(), layer.outlier_weight)
     x = torch.randn(5, 300, dtype=torch.float64)
     ref = x @ layer.dequantize(torch.float32).double().T + layer.bias.double()
     y = _mma_emulate(layer, x)
@@ -420,13 +477,13 @@ def test_cuda_decode_mma(mix, outliers, dtype):
     layer = _layer(mix, outliers, seed=hash((mix, outliers, 3)) % 1000)
     for tokens in range(1, 17):
         x = torch.randn(tokens, 300, device=DEV).to(dtype)
-        y = kernel_mma.decode(layer, x)
+        y = kernel_mma.decode(layer.runtime(), x)
         assert y is not None, kernel_mma.library_error()
         _check(y, layer, x)
-        y2 = kernel_mma.decode(layer, x)  # accumulator and counters reset
+        y2 = kernel_mma.decode(layer.runtime(), x)  # accumulator and counters reset
         torch.testing.assert_close(y, y2, rtol=2e-3, atol=1e-3)
-        if tokens > 1:
-            _check(cuda_decode.decode(layer, x, multi="mma"), layer, x)
+        with force("mma"):
+            _check(dispatch.run(x, layer.runtime()), layer, x)
 
 
 @cuda_only
@@ -442,29 +499,20 @@ def test_cuda_decode_mma_big_splits_graph():
         for splits, tpb in [(None, None), (1, None), (3, 4), (13, 2), (50, 1), (None, 8)]:
             for tokens in (2, 7, 9, 16):
                 x = torch.randn(tokens, n_in, device=DEV).half()
-                y = kernel_mma.decode(layer, x, splits=splits, tpb=tpb)
+                y = kernel_mma.decode(layer.runtime(), x, splits=splits, tpb=tpb)
                 if y is None and (splits, tpb) != (None, None):
                     # a forced split that needs more shared memory than a block has is refused (H200
                     # run 2026-11-30: 300x4100 at 1 split); the default plan must always apply
                     continue
                 _check(y, layer, x)
         xb = (torch.randn(4, n_in, device=DEV) * 3e6).bfloat16()  # beyond fp16 range: bf16 MMA
-        _check(kernel_mma.decode(layer, xb), layer, xb)
+        _check(kernel_mma.decode(layer.runtime(), xb), layer, xb)
     x = torch.randn(1, 4, n_in, device=DEV).half()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        yg = cuda_decode.decode(layer, x, multi="mma")
+        with force("mma"):
+            yg = dispatch.run(x, layer.runtime())
     x.copy_(torch.randn_like(x))
     g.replay()
     torch.cuda.synchronize()
     _check(yg.reshape(4, out), layer, x.reshape(4, n_in))
-
-
-def test_pick_multi(monkeypatch):
-    monkeypatch.delenv("CMPQ_DECODE_MULTI", raising=False)
-    assert cuda_decode.pick_multi() == cuda_decode.DEFAULT_MULTI
-    assert cuda_decode.pick_multi("mma") == "mma"
-    monkeypatch.setenv("CMPQ_DECODE_MULTI", "mma")
-    assert cuda_decode.pick_multi() == "mma"
-    with pytest.raises(ValueError, match="unknown CMPQ multi-token"):
-        cuda_decode.pick_multi("x")

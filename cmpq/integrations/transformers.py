@@ -27,7 +27,7 @@ from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from cmpq.nn.linear import CMPQLinear
+from cmpq.nn.linear import CMPQLinear, prepare_runtime
 from cmpq.storage.io import (
     FORMAT_VERSION,
     CorruptModelError,
@@ -107,6 +107,7 @@ class CMPQHfQuantizer(HfQuantizer):
                                              "channels": {str(b): n for b, n in layer.counts().items()}})
         if self._checkpoint_files:  # after the structural checks, which name the part that is wrong
             verify_files(self._checkpoint_files)
+        prepare_runtime(model, dtype=getattr(model, "dtype", None))  # the kernels' layout of every layer on a GPU, now
         return model
 
     def update_weight_conversions(self, weight_conversions, model):
@@ -154,7 +155,7 @@ class CMPQHfQuantizer(HfQuantizer):
 
     @property
     def is_compileable(self) -> bool:
-        return True  # each layer is one opaque op under torch.compile (cmpq/nn/opaque.py)
+        return True  # each layer is one operator, torch.ops.cmpq.linear, under torch.compile (cmpq/nn/ops.py)
 
 
 def check_header(files: list[str], layers: dict) -> None:

@@ -1,19 +1,19 @@
-"""Decode kernel v3 (1..16 tokens): CUDA C++ (``lut_cuda.cu``) behind a ctypes call.
+"""Decode kernel v3b (1..16 tokens): CUDA C++ (``lut_cuda.cu``) behind a ctypes call, and the build,
+workspace and plan machinery the other CUDA kernels share.
 
 Why CUDA and not Triton: see benchmarks/notes-kernels.md. In short, a per-channel codebook lookup
 in Triton costs a 64-bit pointer per weight plus bit-plane unpacking (~15 instructions/weight);
 here a weight costs 4 (SHF, LOP3, LDS with a 32-bit address, FADD), which fits the H200's budget
 at the byte floor.
 
-- ``repack(layer)``: one-time, cached on the layer as ``_cuda_layout`` (rebuilt when a buffer
-  changes, never saved): each b-bit group's indices in contiguous b-bit fields, 32//b per int32
-  word, words grouped by 4 per row ("quads"), stored ``[quad, out, 4]``; fp16 outlier columns
-  transposed; sparse corrections ``sparse_val - W_q`` (fp32).
+- The kernel reads the layer's runtime layout (``cmpq/kernels/layout.py``: quads, outlier columns
+  transposed, sparse corrections), built once at load time, not here.
 - ``library()``: compiles ``lut_cuda.cu`` with ``nvcc`` once per machine (about 10 s; cached in
   ``$CMPQ_CACHE`` or ``~/.cache/cmpq``), loads it with ctypes. Unavailable (no nvcc, build error)
-  -> ``available()`` is False and decode falls back to the Triton kernel.
-- ``decode(layer, x)``: one launch; works inside CUDA graphs (the launch goes to the current
-  stream; the workspace is a per-device pool that is never freed).
+  -> ``available()`` is False and dispatch falls back to the Triton kernel.
+- ``decode(rt, x)``: one launch; works inside CUDA graphs (the launch goes to the current stream;
+  the workspace is a per-device pool that is never freed). Launch parameters are memoised in
+  ``PLANS`` under the layout's tensor addresses and shapes.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from typing import Any, Callable
 
 import torch
 
-from cmpq.kernels.layout import _key, _quantized_values
+from cmpq.kernels.layout import Group, Runtime
 
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lut_cuda.cu")
 NTHREADS = 256
@@ -37,15 +38,6 @@ NT_CHOICES = (1, 4, 8, 16)
 SMEM_TARGET = 48 << 10
 MAX_SMEM = 200 << 10  # the kernel's dynamic shared-memory limit (cudaFuncSetAttribute)
 BLOCKS_PER_SM = 6
-# Which kernel serves one-token decode: "v3b" (this file's lut_cuda.cu) or a v4 variant
-# (kernel_v4.py: "v4s", "v4p", "v4h", "v4p8", "v4h8"), or "auto": v4s up to AUTO_V4S_MAX_WEIGHTS
-# weights, v3b above. Measured on the H200 2026-11-30 (benchmarks/results/kernel-variants-h200.md,
-# 3 bits, 1 token): v4s wins on 4096x4096 .. 8192x8192 (11.1 vs 17.1 us, 18.7 vs 24.0, 24.8 vs
-# 30.0), v3b on the 70B MLP shapes (66-68 vs 70-73 us). Env CMPQ_DECODE_VARIANT overrides.
-DEFAULT_VARIANT = "auto"
-AUTO_V4S_MAX_WEIGHTS = 100_000_000
-VARIANTS = ("auto", "v3b", "v4s", "v4p", "v4h", "v4p8", "v4h8", "v4s5", "v4s6")
-
 _LIB = None
 _LIB_ERR: str | None = None
 
@@ -119,9 +111,6 @@ def library():
     """The compiled kernel library (ctypes), or None (reason in ``library_error()``)."""
     global _LIB, _LIB_ERR
     if _LIB is None and _LIB_ERR is None:
-        if os.environ.get("CMPQ_CUDA_KERNEL", "1") == "0":
-            _LIB_ERR = "disabled by CMPQ_CUDA_KERNEL=0"
-            return None
         try:
             lib = ctypes.CDLL(_build())
             lib.cmpq_lut_launch.restype = ctypes.c_int
@@ -144,97 +133,35 @@ def available() -> bool:
     return torch.cuda.is_available() and library() is not None
 
 
-# -- layout ----------------------------------------------------------------------------------------
-def repack_group(layer, bits: int, rows_per_step: int = 2048) -> torch.Tensor:
-    """The layer's b-bit group (stored bit planes) -> contiguous fields ``[nq, out, 4]`` int32 (see module doc)."""
-    pk, n, out = layer.group(bits)[1], layer.group(bits)[0].numel(), layer.out_features
-    K = 32 // bits
-    nq = -(-n // (4 * K))
-    res = torch.empty(nq, out, 4, dtype=torch.int32, device=pk.device)
-    shifts = (torch.arange(K, device=pk.device, dtype=torch.int64) * bits)
-    for r0 in range(0, out, rows_per_step):
-        r1 = min(out, r0 + rows_per_step)
-        idx = layer.group_indices(bits, r0, r1)  # int64 [rows, n]
-        pad = torch.zeros(r1 - r0, nq * 4 * K, dtype=torch.int64, device=pk.device)
-        pad[:, :n] = idx
-        words = (pad.view(r1 - r0, nq, 4, K) << shifts).sum(-1)  # < 2**32
-        words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-        res[:, r0:r1] = words.permute(1, 0, 2)
-    return res
+# -- plans -----------------------------------------------------------------------------------------
+class PlanCache:
+    """Launch parameters (ctypes structs holding tensor addresses, grid, shared memory) by key.
+
+    A key holds the runtime layout's tensor addresses and shapes (``Runtime.key``) and the launch
+    options, and the parameters are a pure function of those: an entry can never go stale, even
+    if the tensors are freed and their memory reused (same addresses and shapes, same
+    parameters). Bounded, least recently used first out, so a process that loads many models does
+    not grow without limit.
+    """
+
+    def __init__(self, size: int = 8192) -> None:
+        self.size = size
+        self.entries: OrderedDict[tuple, Any] = OrderedDict()
+
+    def get(self, key: tuple, make: Callable[[], Any]) -> Any:
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        value = self.entries[key] = make()
+        if len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return value
 
 
-def unrepack_group(q: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of ``repack_group`` (tests): int64 ``[out, n]``."""
-    K = 32 // bits
-    nq, out, _ = q.shape
-    w = q.permute(1, 0, 2).to(torch.int64) & 0xFFFFFFFF  # [out, nq, 4]
-    shifts = torch.arange(K, device=q.device, dtype=torch.int64) * bits
-    idx = (w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [out, nq, 4, K]
-    return idx.reshape(out, nq * 4 * K)[:, :n]
+PLANS = PlanCache()
 
 
-@dataclass
-class CudaGroup:
-    bits: int
-    n: int
-    nq: int
-    q: torch.Tensor
-    codebook: torch.Tensor
-    channels: torch.Tensor
-
-
-@dataclass
-class CudaLayout:
-    key: tuple
-    groups: list[CudaGroup]
-    outlier_channels: torch.Tensor
-    outlier_weight_t: torch.Tensor
-    sparse_crow: torch.Tensor
-    sparse_col: torch.Tensor
-    sparse_corr: torch.Tensor
-    bias: torch.Tensor | None
-    plans: dict = field(default_factory=dict)  # NT -> (Params, grid, smem)
-
-
-def supported(layer) -> bool:
-    bits = [b for b in layer.bit_widths if layer.group(b)[0].numel()]
-    return len(bits) <= 3 and all(b in KPAD for b in bits)
-
-
-@torch.no_grad()
-def repack(layer) -> CudaLayout:
-    key = _key(layer)
-    cached = getattr(layer, "_cuda_layout", None)
-    if cached is not None and cached.key == key:
-        return cached
-    groups = []
-    for b in layer.bit_widths:
-        ch, pk, cb = layer.group(b)
-        n = ch.numel()
-        if n:
-            q = repack_group(layer, b)
-            npad = q.shape[0] * 4 * (32 // b)  # whole quads: the kernel reads ch/cb without bounds checks
-            chp = torch.zeros(npad, dtype=torch.int32, device=ch.device)
-            chp[:n] = ch
-            cbp = torch.zeros(npad, 2**b, dtype=torch.float16, device=ch.device)
-            cbp[:n] = cb
-            groups.append(CudaGroup(b, n, q.shape[0], q, cbp, chp))
-    crow, col = layer.sparse_crow, layer.sparse_col
-    rows = torch.repeat_interleave(torch.arange(layer.out_features, device=col.device), (crow[1:] - crow[:-1]).long())
-    corr = layer.sparse_val.float() - _quantized_values(layer, rows, col.long())
-    lay = CudaLayout(
-        key=key, groups=groups,
-        outlier_channels=layer.outlier_channels.to(torch.int32).contiguous(),  # format v3 stores int16 where it fits
-        outlier_weight_t=layer.outlier_weight.t().contiguous(),
-        sparse_crow=crow.to(torch.int32).contiguous(), sparse_col=col.to(torch.int32).contiguous(),
-        sparse_corr=corr.contiguous(),
-        bias=None if layer.bias is None else layer.bias.float().contiguous(),
-    )
-    layer._cuda_layout = lay
-    return lay
-
-
-def _smem(groups: list[CudaGroup], S: int, NT: int) -> tuple[int, list[tuple[int, int]]]:
+def _smem(groups: tuple[Group, ...], S: int, NT: int) -> tuple[int, list[tuple[int, int]]]:
     off, offs = 0, []
     for g in groups:
         qm = -(-g.nq // S)
@@ -249,7 +176,7 @@ def _smem(groups: list[CudaGroup], S: int, NT: int) -> tuple[int, list[tuple[int
     return off + 128, offs  # + 128: the kernel aligns its base to 128 bytes
 
 
-def plan(groups: list[CudaGroup], out: int, NT: int, sms: int, splits: int | None = None):
+def plan(groups: tuple[Group, ...], out: int, NT: int, sms: int, splits: int | None = None):
     rb = -(-out // NTHREADS)
     nq = max((g.nq for g in groups), default=1)
     if splits is None:
@@ -293,74 +220,34 @@ def _num_sms(dev: torch.device) -> int:
     return _SMS[i]
 
 
-def _params(layer, lay: CudaLayout, NT: int, splits: int | None):
-    k = (NT, splits)
-    if k in lay.plans:
-        return lay.plans[k]
-    dev = layer.outlier_weight.device
-    rb, S, smem, offs = plan(lay.groups, layer.out_features, NT, _num_sms(dev), splits)
+def _params(rt: Runtime, NT: int, splits: int | None):
+    return PLANS.get(("v3b", rt.key, NT, splits), lambda: _make_params(rt, NT, splits))
+
+
+def _make_params(rt: Runtime, NT: int, splits: int | None):
+    rb, S, smem, offs = plan(rt.groups, rt.out, NT, _num_sms(rt.device), splits)
     p = _Params()
-    p.och, p.owt = lay.outlier_channels.data_ptr(), lay.outlier_weight_t.data_ptr()
-    p.crow, p.scol, p.corr = lay.sparse_crow.data_ptr(), lay.sparse_col.data_ptr(), lay.sparse_corr.data_ptr()
-    p.bias = lay.bias.data_ptr() if lay.bias is not None else None
-    for i, g in enumerate(lay.groups):
+    p.och, p.owt = rt.outlier_channels.data_ptr(), rt.outlier_weight_t.data_ptr()
+    p.crow, p.scol, p.corr = rt.sparse_crow.data_ptr(), rt.sparse_col.data_ptr(), rt.sparse_corr.data_ptr()
+    p.bias = rt.bias.data_ptr() if rt.bias is not None else None
+    for i, g in enumerate(rt.groups):
         p.g[i].q, p.g[i].cb, p.g[i].ch = g.q.data_ptr(), g.codebook.data_ptr(), g.channels.data_ptr()
         p.g[i].n, p.g[i].nq, p.g[i].bits = g.n, g.nq, g.bits
         p.g[i].smem_off, p.g[i].xs_off = offs[i]
-    p.ngroups = len(lay.groups)
-    p.out, p.n_act, p.S = layer.out_features, lay.outlier_channels.numel(), S
-    lay.plans[k] = (p, rb, S, smem)
-    return lay.plans[k]
+    p.ngroups = len(rt.groups)
+    p.out, p.n_act, p.S = rt.out, rt.outlier_channels.numel(), S
+    return p, rb, S, smem
 
 
-def pick_variant(layer, variant: str | None = None) -> str:
-    """The one-token kernel for ``layer``: ``variant``, else ``$CMPQ_DECODE_VARIANT``, else the
-    default; "auto" resolves by layer size (see ``DEFAULT_VARIANT``)."""
-    variant = variant or os.environ.get("CMPQ_DECODE_VARIANT", DEFAULT_VARIANT)
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown CMPQ decode variant {variant!r}; one of {VARIANTS}")
-    if variant == "auto":
-        return "v4s" if layer.out_features * layer.in_features <= AUTO_V4S_MAX_WEIGHTS else "v3b"
-    return variant
-
-
-# Which kernel serves 2..16 tokens: "v3b" (CUDA cores, T FFMAs per weight) or "mma" (kernel_mma.cu:
-# tensor cores, mma.sync m16n8k16). Env CMPQ_DECODE_MULTI overrides.
-DEFAULT_MULTI = "mma"  # faster than v3b at every shape/T measured (benchmarks/results/kernel-mma-h200.md)
-MULTI_VARIANTS = ("v3b", "mma")
-
-
-def pick_multi(multi: str | None = None) -> str:
-    """The 2..16-token kernel: ``multi``, else ``$CMPQ_DECODE_MULTI``, else ``DEFAULT_MULTI``."""
-    multi = multi or os.environ.get("CMPQ_DECODE_MULTI", DEFAULT_MULTI)
-    if multi not in MULTI_VARIANTS:
-        raise ValueError(f"unknown CMPQ multi-token decode kernel {multi!r}; one of {MULTI_VARIANTS}")
-    return multi
-
-
-def decode(layer, x: torch.Tensor, splits: int | None = None, variant: str | None = None,
-           multi: str | None = None) -> torch.Tensor | None:
-    """``layer(x)`` for 1..16 tokens on CUDA; None if the layer or input is unsupported.
-    ``variant`` (default ``$CMPQ_DECODE_VARIANT`` or ``DEFAULT_VARIANT``) picks the one-token kernel;
-    ``multi`` (default ``$CMPQ_DECODE_MULTI`` or ``DEFAULT_MULTI``) the 2..16-token one ("v3b" or
-    "mma"); a kernel that does not apply falls back to v3b."""
-    if x.numel() > x.shape[-1] and pick_multi(multi) == "mma" and torch.cuda.is_available():
-        from cmpq.kernels import kernel_mma
-
-        y = kernel_mma.decode(layer, x, splits)
-        if y is not None:
-            return y
-    variant = pick_variant(layer, variant)
-    if variant != "v3b" and x.numel() == x.shape[-1] and torch.cuda.is_available():
-        from cmpq.kernels import kernel_v4
-
-        y = kernel_v4.decode(layer, x, variant, splits)
-        if y is not None:
-            return y
-    lib = library()
-    if lib is None or not supported(layer):
+def decode(rt: Runtime, x: torch.Tensor, splits: int | None = None) -> torch.Tensor | None:
+    """``x @ W^T + bias`` for 1..16 tokens on CUDA from runtime layout ``rt`` (v3b); None if it does
+    not apply. Which kernel serves a call is ``cmpq.kernels.dispatch``'s choice, not this one's."""
+    if not x.is_cuda:
         return None
-    lead, n_in, out = x.shape[:-1], x.shape[-1], layer.out_features
+    lib = library()
+    if lib is None or not rt.groups:
+        return None
+    lead, n_in, out = x.shape[:-1], x.shape[-1], rt.out
     x2 = x.reshape(-1, n_in)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -368,8 +255,7 @@ def decode(layer, x: torch.Tensor, splits: int | None = None, variant: str | Non
     if T == 0 or T > NT_CHOICES[-1]:
         return None
     NT = next(c for c in NT_CHOICES if c >= T)
-    lay = repack(layer)
-    p, rb, S, smem = _params(layer, lay, NT, splits)
+    p, rb, S, smem = _params(rt, NT, splits)
     if smem > MAX_SMEM:
         return None
     part, cnt = _workspace(x.device, T * out, rb)

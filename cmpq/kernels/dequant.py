@@ -1,8 +1,8 @@
 """Prefill path (more than 16 tokens): dequantization into a scratch weight, then cuBLAS.
 
-On CUDA with nvcc, ``dequant_cuda.cu`` dequantizes from the decode kernels' layout
-(``cuda_decode.repack``, no second copy of the indices); elsewhere (the Triton interpreter in
-tests, no nvcc, other bit widths) the Triton kernel below does it from ``layout.prepare``.
+Both dequantizers read the runtime layout's quads (``cmpq/kernels/layout.py``, no second copy of
+the indices): on CUDA with nvcc ``dequant_cuda.cu``; elsewhere (the Triton interpreter in tests,
+no nvcc) the Triton kernel below.
 
 The weight is dequantized in *storage order* (each group's channels, then the outlier columns) and
 *transposed*, ``[in, out]``: the lanes of a warp hold consecutive output rows, so every store is
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from cmpq.kernels import cuda_decode as cd
-from cmpq.kernels.layout import prefill_index, prepare
+from cmpq.kernels.layout import QUAD_WORDS, Runtime
 
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dequant_cuda.cu")
 NTHREADS = 256
@@ -37,82 +37,78 @@ class _DQ(ctypes.Structure):
 _LIBRARY = cd.KernelLibrary(SRC, "cmpq_dq", _DQ, n_int_args=1)
 
 
-def _dequantize_cuda(layer, dtype: torch.dtype) -> torch.Tensor | None:
+def _dequantize_cuda(rt: Runtime, dtype: torch.dtype) -> torch.Tensor | None:
     """``W_hat[:, perm]^T`` ``[in, out]`` from the CUDA kernel, or None where it does not apply."""
-    dev = layer.outlier_weight.device
-    if (dev.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or not cd.supported(layer)
-            or os.environ.get("CMPQ_KERNELS") == "triton"):
+    dev = rt.device
+    if dev.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return None
     lib = _LIBRARY.get()
     if lib is None:
         return None
-    lay = cd.repack(layer)
-    idx = prefill_index(layer)
-    out, n_in = layer.out_features, layer.in_features
-    wt = torch.empty(n_in, out, dtype=dtype, device=dev)
+    wt = torch.empty(rt.n_in, rt.out, dtype=dtype, device=dev)
     off, stream = 0, torch.cuda.current_stream(dev).cuda_stream
-    for g in lay.groups:
-        p = _DQ(g.q.data_ptr(), g.codebook.data_ptr(), wt.data_ptr(), g.nq, out, g.n, g.bits, off,
+    for g in rt.groups:
+        p = _DQ(g.q.data_ptr(), g.codebook.data_ptr(), wt.data_ptr(), g.nq, rt.out, g.n, g.bits, off,
                 int(dtype == torch.bfloat16))
         err = lib.cmpq_dq_launch(ctypes.byref(p), g.nq, stream)
         if err:
             raise RuntimeError(f"cmpq dequant kernel failed: {lib.cmpq_dq_error_string(err).decode()}")
         off += g.n
-    return _fill_outliers(wt, lay.outlier_weight_t, idx.sparse_flat, layer.sparse_val)
+    return _fill_outliers(wt, rt)
 
 
-def _fill_outliers(wt: torch.Tensor, outlier_weight_t: torch.Tensor, sparse_flat: torch.Tensor,
-                   sparse_val: torch.Tensor) -> torch.Tensor:
+def _fill_outliers(wt: torch.Tensor, rt: Runtime) -> torch.Tensor:
     """The FP16 outlier columns (last rows of ``wt``) and the sparse outliers (they replace values)."""
-    n_act = outlier_weight_t.shape[0]
+    n_act = rt.outlier_weight_t.shape[0]
     if n_act:
-        wt[wt.shape[0] - n_act:] = outlier_weight_t.to(wt.dtype)
-    if sparse_flat.numel():
-        wt.view(-1)[sparse_flat] = sparse_val.to(wt.dtype)
+        wt[wt.shape[0] - n_act:] = rt.outlier_weight_t.to(wt.dtype)
+    if rt.sparse_flat.numel():
+        wt.view(-1)[rt.sparse_flat] = rt.sparse_val.to(wt.dtype)
     return wt
 
 
 @triton.jit
-def _dequant_t(pk, cb, wt, col0, n, out, B: tl.constexpr, BLOCK_R: tl.constexpr):
+def _dequant_t(q, cb, wt, col0, n, out, B: tl.constexpr, K: tl.constexpr, CP: tl.constexpr,
+               BLOCK_R: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    g = tl.program_id(1)
-    lane = tl.arange(0, 32)
-    j = g * 32 + lane
+    g = tl.program_id(1)  # quad
+    c = tl.arange(0, CP)
+    j = g * (4 * K) + c
     rm = rows < out
-    jm = j < n
-    idx = tl.zeros([32, BLOCK_R], dtype=tl.int32)  # rows fastest: one codebook sector per warp
-    for p in tl.static_range(B):
-        word = tl.load(pk + (g * B + p) * out + rows, mask=rm, other=0)
-        idx |= ((word[None, :] >> lane[:, None]) & 1) << p
+    jm = (c < 4 * K) & (j < n)
+    w = tl.load(q + (g * out + rows[None, :]) * 4 + (c // K)[:, None], mask=jm[:, None] & rm[None, :], other=0)
+    idx = (w >> ((c % K) * B)[:, None]) & ((1 << B) - 1)  # [CP, BLOCK_R], rows fastest
     v = tl.load(cb + j[:, None] * (1 << B) + idx, mask=jm[:, None], other=0.0)
     ptr = wt + (col0 + j[:, None]).to(tl.int64) * out + rows[None, :]
     tl.store(ptr, v.to(wt.dtype.element_ty), mask=rm[None, :] & jm[:, None])
 
 
-def dequantize_permuted_t(layer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def dequantize_permuted_t(rt: Runtime, dtype: torch.dtype, cuda: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W_hat[:, perm]^T, perm)``: the dense weight, columns in storage order, as a contiguous
-    ``[in, out]`` tensor of ``dtype``, and that column order."""
-    wt = _dequantize_cuda(layer, dtype)
+    ``[in, out]`` tensor of ``dtype``, and that column order. ``cuda=False`` skips the CUDA kernel."""
+    wt = _dequantize_cuda(rt, dtype) if cuda else None
     if wt is not None:
-        return wt, prefill_index(layer).perm
-    lay = prepare(layer)
-    out, n_in = layer.out_features, layer.in_features
-    wt = torch.empty(n_in, out, dtype=dtype, device=lay.perm.device)
+        return wt, rt.perm
+    out = rt.out
+    wt = torch.empty(rt.n_in, out, dtype=dtype, device=rt.device)
     BR = 128
-    for g in lay.groups:
-        if g.n:
-            grid = (triton.cdiv(out, BR), triton.cdiv(g.n, 32))
-            _dequant_t[grid](g.packed_t, g.codebook, wt, g.offset, g.n, out, B=g.bits, BLOCK_R=BR, num_warps=4)
-    return _fill_outliers(wt, lay.outlier_weight_t, lay.sparse_flat, lay.sparse_val), lay.perm
+    off = 0
+    for g in rt.groups:
+        K = 32 // g.bits
+        grid = (triton.cdiv(out, BR), g.nq)
+        _dequant_t[grid](g.q, g.codebook, wt, off, g.n, out, B=g.bits, K=K,
+                         CP=triton.next_power_of_2(QUAD_WORDS * K), BLOCK_R=BR, num_warps=4)
+        off += g.n
+    return _fill_outliers(wt, rt), rt.perm
 
 
-def dequantize_permuted(layer, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_permuted(rt: Runtime, dtype: torch.dtype) -> torch.Tensor:
     """``W_hat[:, perm]`` as a dense ``[out, in]`` tensor (a transposed view)."""
-    return dequantize_permuted_t(layer, dtype)[0].t()
+    return dequantize_permuted_t(rt, dtype)[0].t()
 
 
-def prefill(layer, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` for many tokens: dequantize + ``F.linear`` (cuBLAS)."""
-    wt, perm = dequantize_permuted_t(layer, x.dtype)
-    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+def prefill(rt: Runtime, x: torch.Tensor, cuda: bool = True) -> torch.Tensor:
+    """``x @ W^T + bias`` for many tokens: dequantize + ``F.linear`` (cuBLAS)."""
+    wt, perm = dequantize_permuted_t(rt, x.dtype, cuda)
+    bias = None if rt.bias is None else rt.bias.to(x.dtype)
     return F.linear(x.index_select(-1, perm), wt.t(), bias)

@@ -1,7 +1,7 @@
 // CMPQ prefill dequantization, CUDA C++: one b-bit group of a layer -> rows of the transposed,
 // permuted dense weight Wt [in_perm, out] (fp16 or bf16), which cuBLAS then multiplies.
 //
-// Reads cuda_decode.repack's layout (per group: q [nq, out, 4] int32, K = 32/b contiguous b-bit
+// Reads the runtime layout's quads (cmpq/kernels/layout.py; per group: q [nq, out, 4] int32, K = 32/b contiguous b-bit
 // fields per word, 4 words = one "quad" of 4K channels per row; codebooks padded to whole quads).
 // Block (row tile of R * 256 rows, quad): the quad's codebooks go to shared memory, each thread
 // takes R consecutive output rows, loads their R x 16 bytes of indices and writes, per channel,

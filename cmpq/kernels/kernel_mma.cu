@@ -6,7 +6,7 @@
 // lookups are packed into one fp16x2/bf16x2 A register (PRMT), and 4 A registers feed one MMA per
 // n8 tile. The B fragments (x, in the MMA's k order) are built once per block in shared memory.
 //
-// Layout (built once by kernel_mma.py, cached on the layer, never saved): the input channels of
+// Layout (the runtime layout's fragment part, built once by cmpq/kernels/layout.py, never saved): the input channels of
 // each b-bit group are cut into chunks of 16*KS channels (KS k16-steps: 2-bit 8, 3-bit 5, 4-bit 4;
 // the fp16 outlier columns form a fourth kind, KS = 1, weights stored as ready A fragments).
 // Chunks of all kinds are concatenated in kind order (2, 3, 4, 16). For (chunk, 16-row tile,

@@ -1,27 +1,22 @@
-// CMPQ decode kernel v4 (1 token), CUDA C++. Variants of v3b (lut_cuda.cu) aimed at its two
-// measured problems (benchmarks/notes-kernels.md): a large fixed cost per block (the groups' table
-// builds ran one after another, each a dependent ch -> x global-load chain, with one quad of
-// prefetch), and 4 instructions (1 LDS wavefront) per weight.
+// CMPQ decode kernel v4s (1 token), CUDA C++. A rework of v3b (lut_cuda.cu) aimed at its large
+// fixed cost per block (benchmarks/notes-kernels.md): the groups' table builds ran one after another,
+// each a dependent ch -> x global-load chain, with one quad of prefetch.
 //
-// Same index layout as v3b (built by cuda_decode.repack, shared): per b-bit group, K = 32/b
-// contiguous fields per int32 word, 4 words per (quad, row), stored q[quad][row][4].
+// Same index layout as v3b (the runtime layout's quads, cmpq/kernels/layout.py): per b-bit group,
+// K = 32/b contiguous fields per int32 word, 4 words per (quad, row), stored q[quad][row][4].
 //
 // What is new:
 // - One stream over the concatenation of all groups' quads: block s owns the contiguous range
 //   [s*NQ/S, (s+1)*NQ/S) of it (so a block's work is the same whatever the bit mix), streamed
 //   through a per-thread cp.async ring of D 16-byte slots in shared memory (D-1 quads in flight
 //   while one is computed, across group boundaries); the first D are issued before the build.
-// - Build in two phases, no dependent chains in a loop: phase 1, all channels of all groups of the
-//   block at once (up to 4 per thread, every load issued before any use): single-table groups
-//   write LUT[c][v] = x_c * cb_c[v] (fp32); pair groups write P[c][v] = x_c * cb_c[v] to a staging
-//   area. Phase 2 (pair groups only): pair tables T[p][a + b*V] = P[2p][a] + P[2p+1][b].
-// - MODE (template): 0 = single fp32 tables for every width (v3b's lookup, 3-bit tables unpadded:
-//   320 B per word instead of 512); 1 = pair tables fp32 for 2- and 3-bit (one lookup per two
-//   weights; 3-bit: 64 entries over 32 banks, so ~2 wavefronts per lookup); 2 = like 1 but 3-bit
-//   pair tables in fp16 (64 x 2 B = 128 B: one wavefront), scaled per block by a power of two
-//   (entries <= 2^15, exact to undo) so neither fp16 nor bf16 inputs overflow. 4-bit is always single.
-// - Lookup address: (word base | index << log2(esize)) + immediate; every table region is a
-//   multiple of its alignment, so OR == ADD (no 64-bit pointer, 2 INT ops per lookup).
+// - Table build with no dependent chains in a loop: all channels of all groups of the block at once
+//   (RMAX per thread per round, every load issued before any use), LUT[c][v] = x_c * cb_c[v] (fp32;
+//   3-bit tables unpadded: 320 B per word instead of v3b's 512).
+// - Lookup address: (word base | index << 2) + immediate; every table region is a multiple of its
+//   alignment, so OR == ADD (no 64-bit pointer, 2 INT ops per lookup).
+// Variants with pair lookup tables (fp32 / fp16), deeper prefetch and more blocks per SM (v4p, v4h,
+// v4p8, v4h8, v4s5, v4s6) lost to this one and were deleted; their numbers are in the notes.
 // Epilogue as v3b: split-K fp32 red.global.add into a self-zeroing accumulator, the last block of
 // a row block (counter) adds bias and casts.
 #include <cuda_runtime.h>
@@ -36,14 +31,14 @@ struct G4 {
   const int4* q;        // [nq, out] int4
   const __half* cb;     // [npad, 2^b]
   const int* ch;        // [npad]
-  int nq, bits, pair, esize;  // pair: this group uses pair tables; esize: table entry bytes
+  int nq, bits;
 };
 
 struct P4 {
   const void* x; void* y; float* part; int* cnt;
   const int* och; const __half* owt; const int* crow; const int* scol; const float* corr; const float* bias;
   G4 g[3];
-  int ldx, out, n_act, S, is_bf16, ngroups, ring_off, tbl_off, stage_off, red_off;
+  int ldx, out, n_act, S, is_bf16, ngroups, ring_off, tbl_off;
 };
 
 __device__ __forceinline__ float xload(const P4& p, int c) {
@@ -52,10 +47,7 @@ __device__ __forceinline__ float xload(const P4& p, int c) {
 }
 
 // bytes of one word's tables for a group
-__device__ __forceinline__ int word_bytes(int bits, int pair, int esize) {
-  const int K = 32 / bits;
-  return pair ? (K / 2) * (1 << (2 * bits)) * esize : K * (1 << bits) * 4;
-}
+__device__ __forceinline__ int word_bytes(int bits) { return (32 / bits) * (1 << bits) * 4; }
 
 __device__ __forceinline__ void cp_async16(unsigned dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
@@ -78,64 +70,24 @@ __device__ __forceinline__ void single_word(unsigned w, unsigned base, float* ac
   }
 }
 
-template <int B, int P>
-__device__ __forceinline__ void pair32_word(unsigned w, unsigned base, float* acc) {
-  constexpr int NP = 32 / B / 2, PB = 2 * B, E = 1 << PB;
-  if constexpr (P < NP) {
-    constexpr unsigned M = (E - 1) << 2;
-    const unsigned vb = (P == 0) ? ((w << 2) & M) : ((w >> (PB * P - 2)) & M);
-    float v;
-    asm volatile("ld.shared.f32 %0, [%1+%2];" : "=f"(v) : "r"(base | vb), "n"(P * E * 4));
-    acc[P & 3] += v;
-    pair32_word<B, P + 1>(w, base, acc);
-  }
-}
-
-template <int B, int P>
-__device__ __forceinline__ void pair16_word(unsigned w, unsigned base, float* acc) {
-  constexpr int NP = 32 / B / 2, PB = 2 * B, E = 1 << PB;
-  if constexpr (P < NP) {
-    constexpr unsigned M = (E - 1) << 1;
-    const unsigned vb = (P == 0) ? ((w << 1) & M) : ((w >> (PB * P - 1)) & M);
-    unsigned short h;
-    asm volatile("ld.shared.u16 %0, [%1+%2];" : "=h"(h) : "r"(base | vb), "n"(P * E * 2));
-    acc[P & 3] += __half2float(__ushort_as_half(h));
-    pair16_word<B, P + 1>(w, base, acc);
-  }
-}
-
-template <int B, int MODE>
-__device__ __forceinline__ void quad(int4 c, unsigned off, float* acc, float* accp) {
-  if constexpr (B == 4 || MODE == 0) {
-    constexpr int WB = (32 / B) * (1 << B) * 4;
-    single_word<B, 0>((unsigned)c.x, off, acc);
-    single_word<B, 0>((unsigned)c.y, off + WB, acc);
-    single_word<B, 0>((unsigned)c.z, off + 2 * WB, acc);
-    single_word<B, 0>((unsigned)c.w, off + 3 * WB, acc);
-  } else if constexpr (B == 2 || MODE == 1) {
-    constexpr int WB = (32 / B / 2) * (1 << (2 * B)) * 4;
-    pair32_word<B, 0>((unsigned)c.x, off, acc);
-    pair32_word<B, 0>((unsigned)c.y, off + WB, acc);
-    pair32_word<B, 0>((unsigned)c.z, off + 2 * WB, acc);
-    pair32_word<B, 0>((unsigned)c.w, off + 3 * WB, acc);
-  } else {  // 3-bit fp16 pairs, scaled
-    constexpr int WB = (32 / B / 2) * (1 << (2 * B)) * 2;
-    pair16_word<B, 0>((unsigned)c.x, off, accp);
-    pair16_word<B, 0>((unsigned)c.y, off + WB, accp);
-    pair16_word<B, 0>((unsigned)c.z, off + 2 * WB, accp);
-    pair16_word<B, 0>((unsigned)c.w, off + 3 * WB, accp);
-  }
+template <int B>
+__device__ __forceinline__ void quad(int4 c, unsigned off, float* acc) {
+  constexpr int WB = (32 / B) * (1 << B) * 4;
+  single_word<B, 0>((unsigned)c.x, off, acc);
+  single_word<B, 0>((unsigned)c.y, off + WB, acc);
+  single_word<B, 0>((unsigned)c.z, off + 2 * WB, acc);
+  single_word<B, 0>((unsigned)c.w, off + 3 * WB, acc);
 }
 
 struct Slice {  // this block's part of each group
-  int qa[3], nq[3], G[3], tb[3], sb[3];  // local first quad, count, concat start, table / staging base
+  int qa[3], nq[3], G[3], tb[3];  // local first quad, count, concat start, table base
 };
 
 // a[g] for a run-time g without sending the array to local memory
 __device__ __forceinline__ int sel(const int (&a)[3], int g) { return g == 0 ? a[0] : (g == 1 ? a[1] : a[2]); }
 
 // One block's work: row block rb, split s of layer p (the body of both kernels below).
-template <int MODE, int D>
+template <int D>
 __device__ __forceinline__ void v4_block(const P4& p, const int rb, const int s) {
   extern __shared__ __align__(16) char smem_raw[];
   __shared__ int is_last;
@@ -152,7 +104,7 @@ __device__ __forceinline__ void v4_block(const P4& p, const int rb, const int s)
   for (int g = 0; g < 3; ++g) { sl.G[g] = NQ; NQ += g < p.ngroups ? p.g[g].nq : 0; }
   const int Q0 = (int)((long long)s * NQ / p.S), Q1 = (int)((long long)(s + 1) * NQ / p.S);
   {
-    int tb = 0, sb = 0;
+    int tb = 0;
 #pragma unroll
     for (int g = 0; g < 3; ++g) {
       int a = 0, n = 0;
@@ -160,12 +112,8 @@ __device__ __forceinline__ void v4_block(const P4& p, const int rb, const int s)
         const int lo = max(Q0, sl.G[g]), hi = min(Q1, sl.G[g] + p.g[g].nq);
         a = lo - sl.G[g]; n = max(0, hi - lo);
       }
-      sl.qa[g] = a; sl.nq[g] = n; sl.tb[g] = tb; sl.sb[g] = sb;
-      if (n) {
-        const G4& gg = p.g[g];
-        tb += n * 4 * word_bytes(gg.bits, gg.pair, gg.esize);
-        if (gg.pair) sb += n * 4 * (32 / gg.bits) * (1 << gg.bits) * 4;
-      }
+      sl.qa[g] = a; sl.nq[g] = n; sl.tb[g] = tb;
+      if (n) tb += n * 4 * word_bytes(p.g[g].bits);
     }
   }
   // -- 1. start streaming: the first D quads of the slice into this thread's ring slots
@@ -181,11 +129,10 @@ __device__ __forceinline__ void v4_block(const P4& p, const int rb, const int s)
     if (rvalid && Q0 + k < Q1) cp_async16(ring + k * NTHREADS * 16, qaddr(Q0 + k));
     cp_commit();
   }
-  // -- 2. build, phase 1: one channel per thread per round, all loads before any use
+  // -- 2. build: one channel per thread per round, all loads before any use
   int ctot = 0;
 #pragma unroll
   for (int g = 0; g < 3; ++g) ctot += sl.nq[g] * 4 * (32 / (g < p.ngroups ? p.g[g].bits : 32));
-  float mloc = 0.f;
   for (int base = 0; base < ctot; base += NTHREADS * RMAX) {
     int gi[RMAX], jj[RMAX], chv[RMAX];
     uint4 cbr[RMAX][2];
@@ -232,17 +179,8 @@ __device__ __forceinline__ void v4_block(const P4& p, const int rb, const int s)
         const float2 f = __half22float2(h2[t]);
         v[2 * t] = f.x * xv[i]; v[2 * t + 1] = f.y * xv[i];
       }
-      float* dst;
-      if (g.pair) {
-        dst = reinterpret_cast<float*>(smem + p.stage_off + sel(sl.sb, gi[i])) + jj[i] * V;
-        if (g.esize == 2) {
-#pragma unroll
-          for (int t = 0; t < 16; ++t) if (t < V) mloc = fmaxf(mloc, fabsf(v[t]));
-        }
-      } else {
-        const int word = jj[i] / K, f = jj[i] - word * K;
-        dst = reinterpret_cast<float*>(smem + p.tbl_off + sel(sl.tb, gi[i]) + word * (K * V * 4)) + f * V;
-      }
+      const int word = jj[i] / K, f = jj[i] - word * K;
+      float* dst = reinterpret_cast<float*>(smem + p.tbl_off + sel(sl.tb, gi[i]) + word * (K * V * 4)) + f * V;
       *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
       if (V >= 8) *reinterpret_cast<float4*>(dst + 4) = make_float4(v[4], v[5], v[6], v[7]);
       if (V == 16) {
@@ -251,63 +189,9 @@ __device__ __forceinline__ void v4_block(const P4& p, const int rb, const int s)
       }
     }
   }
-  float scale = 1.f, inv_scale = 1.f;
-  if (MODE == 2) {  // block max of |x_c * cb_c[v]| over fp16-pair channels -> power-of-two scale
-    unsigned mb = __reduce_max_sync(0xffffffffu, __float_as_uint(mloc));
-    if ((tid & 31) == 0) reinterpret_cast<unsigned*>(smem + p.red_off)[tid >> 5] = mb;
-  }
   __syncthreads();
-  // -- 3. build, phase 2: pair tables from the staged products
-  bool any_pair = false;
-#pragma unroll
-  for (int g = 0; g < 3; ++g) any_pair |= (g < p.ngroups && p.g[g].pair && sl.nq[g] > 0);
-  if (any_pair) {
-    if (MODE == 2) {
-      unsigned mb = 0;
-#pragma unroll
-      for (int w = 0; w < NTHREADS / 32; ++w) mb = max(mb, reinterpret_cast<const unsigned*>(smem + p.red_off)[w]);
-      const float m = 2.f * __uint_as_float(mb);  // bound on a pair entry
-      if (m > 0.f && m < 3.0e38f) {
-        int e;
-        frexpf(m, &e);               // m < 2^e
-        const int sh = max(-120, min(120, 15 - e));  // entries < 2^15
-        scale = ldexpf(1.f, sh); inv_scale = ldexpf(1.f, -sh);
-      }
-    }
-#pragma unroll
-    for (int g = 0; g < 3; ++g) {
-      if (g >= p.ngroups || !p.g[g].pair || sl.nq[g] == 0) continue;
-      const int B = p.g[g].bits, V = 1 << B, K = 32 / B, NPW = K / 2, E = V * V;
-      const int npairs = sl.nq[g] * 4 * NPW, items = npairs * V;
-      const float* st = reinterpret_cast<const float*>(smem + p.stage_off + sl.sb[g]);
-      const int esz = p.g[g].esize;
-      for (int it = tid; it < items; it += NTHREADS) {
-        const int pr = it / V, b = it - pr * V;  // pair (block-local), hi index
-        const int word = pr / NPW, pp = pr - word * NPW;
-        const float* pa = st + (word * K + 2 * pp) * V;  // channel 2pp of the word: lo index
-        const float pb = st[(word * K + 2 * pp + 1) * V + b];
-        char* tb = smem + p.tbl_off + sl.tb[g] + word * (NPW * E * esz) + (pp * E + b * V) * esz;
-        if (esz == 4) {
-          float* d = reinterpret_cast<float*>(tb);
-          for (int a = 0; a < V; a += 4) {
-            const float4 t = *reinterpret_cast<const float4*>(pa + a);
-            *reinterpret_cast<float4*>(d + a) = make_float4(t.x + pb, t.y + pb, t.z + pb, t.w + pb);
-          }
-        } else {  // V == 8: one 16-byte store of 8 halves
-          const float4 t0 = *reinterpret_cast<const float4*>(pa), t1 = *reinterpret_cast<const float4*>(pa + 4);
-          __half2 h[4];
-          h[0] = __floats2half2_rn((t0.x + pb) * scale, (t0.y + pb) * scale);
-          h[1] = __floats2half2_rn((t0.z + pb) * scale, (t0.w + pb) * scale);
-          h[2] = __floats2half2_rn((t1.x + pb) * scale, (t1.y + pb) * scale);
-          h[3] = __floats2half2_rn((t1.z + pb) * scale, (t1.w + pb) * scale);
-          *reinterpret_cast<uint4*>(tb) = *reinterpret_cast<const uint4*>(h);
-        }
-      }
-    }
-    __syncthreads();
-  }
-  // -- 4. stream the indices
-  float acc[4] = {0.f, 0.f, 0.f, 0.f}, accp[4] = {0.f, 0.f, 0.f, 0.f};
+  // -- 3. stream the indices
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
   int slot = 0;
   int q = Q0;
   // refill stream: quad rq comes from rptr; within a group consecutive quads are `out` int4 apart,
@@ -320,7 +204,7 @@ __device__ __forceinline__ void v4_block(const P4& p, const int rb, const int s)
     const int ng = sel(sl.nq, g);
     if (g >= p.ngroups || ng == 0) continue;
     const int B = p.g[g].bits;
-    const int QB = 4 * word_bytes(B, p.g[g].pair, p.g[g].esize);
+    const int QB = 4 * word_bytes(B);
     unsigned off = sbase + p.tbl_off + sel(sl.tb, g);
     const int qend = q + ng;
 #pragma unroll 1
@@ -329,9 +213,9 @@ __device__ __forceinline__ void v4_block(const P4& p, const int rb, const int s)
       int4 c;
       asm volatile("ld.shared.v4.s32 {%0,%1,%2,%3}, [%4];" : "=r"(c.x), "=r"(c.y), "=r"(c.z), "=r"(c.w)
                    : "r"(ring + slot * NTHREADS * 16));
-      if (B == 2) quad<2, MODE>(c, off, acc, accp);
-      else if (B == 3) quad<3, MODE>(c, off, acc, accp);
-      else quad<4, MODE>(c, off, acc, accp);
+      if (B == 2) quad<2>(c, off, acc);
+      else if (B == 3) quad<3>(c, off, acc);
+      else quad<4>(c, off, acc);
       // refill the slot just read (its value is in registers and used above) with quad q + D
       if (rvalid && rq < Q1) cp_async16(ring + slot * NTHREADS * 16, rptr);
       cp_commit();
@@ -344,7 +228,6 @@ __device__ __forceinline__ void v4_block(const P4& p, const int rb, const int s)
   }
   cp_wait<0>();
   float y0 = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-  y0 += ((accp[0] + accp[1]) + (accp[2] + accp[3])) * inv_scale;
   if (rvalid) {
     for (int a = s; a < p.n_act; a += p.S)  // fp16 activation-outlier columns, [n_act, out]
       y0 += __half2float(p.owt[(size_t)a * p.out + r]) * xload(p, p.och[a]);
@@ -369,9 +252,11 @@ __device__ __forceinline__ void v4_block(const P4& p, const int rb, const int s)
   if (tid == 0) p.cnt[rb] = 0;
 }
 
-template <int MODE, int D, int MINB>
-__global__ void __launch_bounds__(NTHREADS, MINB) v4_kernel(const P4 p) {
-  v4_block<MODE, D>(p, blockIdx.x, blockIdx.y);
+// __launch_bounds__(256, 4): 64 registers, no spills (48 or 40 registers for 5 or 6 blocks per SM
+// measured 0-9% slower: benchmarks/notes-kernels.md)
+template <int D>
+__global__ void __launch_bounds__(NTHREADS, 4) v4_kernel(const P4 p) {
+  v4_block<D>(p, blockIdx.x, blockIdx.y);
 }
 
 // Several layers that share their input x (q/k/v, gate/up) in one launch: blockIdx.z picks the
@@ -382,57 +267,37 @@ struct P4G {
   int n;
 };
 
-template <int MODE, int D, int MINB>
-__global__ void __launch_bounds__(NTHREADS, MINB) v4g_kernel(const P4G g) {
+template <int D>
+__global__ void __launch_bounds__(NTHREADS, 4) v4g_kernel(const P4G g) {
   const P4& p = g.m[blockIdx.z];
   if ((int)blockIdx.x * NTHREADS >= p.out || (int)blockIdx.y >= p.S) return;
-  v4_block<MODE, D>(p, blockIdx.x, blockIdx.y);
+  v4_block<D>(p, blockIdx.x, blockIdx.y);
 }
 
-template <int MODE, int D, int MINB>
-static int launch_group(const P4G* g, int gx, int gy, int smem, cudaStream_t st) {
+#define RING_DEPTH 4  // cp.async ring slots per thread (depth 8 measured slower: notes-kernels.md)
+
+extern "C" int cmpq_v4g_launch(const P4G* g, int gx, int gy, int smem, void* stream) {
+  if (g->n < 1 || g->n > MAX_GROUP) return -1;
   static bool init = false;
   if (!init) {
-    cudaError_t e = cudaFuncSetAttribute(v4g_kernel<MODE, D, MINB>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
+    cudaError_t e = cudaFuncSetAttribute(v4g_kernel<RING_DEPTH>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
     if (e != cudaSuccess) return (int)e;
     init = true;
   }
-  v4g_kernel<MODE, D, MINB><<<dim3(gx, gy, g->n), NTHREADS, smem, st>>>(*g);
+  v4g_kernel<RING_DEPTH><<<dim3(gx, gy, g->n), NTHREADS, smem, reinterpret_cast<cudaStream_t>(stream)>>>(*g);
   return (int)cudaGetLastError();
-}
-
-// the group launch exists for v4s only (the variant `auto` picks up to 100 M weights)
-extern "C" int cmpq_v4g_launch(const P4G* g, int gx, int gy, int smem, void* stream) {
-  if (g->n < 1 || g->n > MAX_GROUP) return -1;
-  return launch_group<0, 4, 4>(g, gx, gy, smem, reinterpret_cast<cudaStream_t>(stream));
 }
 extern "C" int cmpq_v4g_params_size() { return (int)sizeof(P4G); }
 
-template <int MODE, int D, int MINB>
-static int launch(const P4* p, int gx, int gy, int smem, cudaStream_t st) {
+extern "C" int cmpq_v4_launch(const P4* p, int gx, int gy, int smem, void* stream) {
   static bool init = false;
   if (!init) {
-    cudaError_t e = cudaFuncSetAttribute(v4_kernel<MODE, D, MINB>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
+    cudaError_t e = cudaFuncSetAttribute(v4_kernel<RING_DEPTH>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
     if (e != cudaSuccess) return (int)e;
     init = true;
   }
-  v4_kernel<MODE, D, MINB><<<dim3(gx, gy), NTHREADS, smem, st>>>(*p);
+  v4_kernel<RING_DEPTH><<<dim3(gx, gy), NTHREADS, smem, reinterpret_cast<cudaStream_t>(stream)>>>(*p);
   return (int)cudaGetLastError();
-}
-
-// minb: __launch_bounds__ minimum blocks per SM (4: 64 registers; 5: 48, no spills; 6: 40, small spills)
-extern "C" int cmpq_v4_launch(const P4* p, int mode, int depth, int minb, int gx, int gy, int smem, void* stream) {
-  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  switch (mode * 1000 + depth * 10 + minb) {
-    case 44: return launch<0, 4, 4>(p, gx, gy, smem, st);
-    case 45: return launch<0, 4, 5>(p, gx, gy, smem, st);
-    case 46: return launch<0, 4, 6>(p, gx, gy, smem, st);
-    case 1044: return launch<1, 4, 4>(p, gx, gy, smem, st);
-    case 2044: return launch<2, 4, 4>(p, gx, gy, smem, st);
-    case 2084: return launch<2, 8, 4>(p, gx, gy, smem, st);
-    case 1084: return launch<1, 8, 4>(p, gx, gy, smem, st);
-  }
-  return -1;
 }
 
 extern "C" int cmpq_v4_params_size() { return (int)sizeof(P4); }

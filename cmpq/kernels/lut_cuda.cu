@@ -1,6 +1,6 @@
 // CMPQ decode kernel v3 (1..16 tokens), CUDA C++: shared-memory lookup tables, 32-bit addressing.
 //
-// Layout (built once by cmpq/kernels/cuda_decode.py, never saved): each b-bit group's indices are
+// Layout (the runtime layout's quads, built once by cmpq/kernels/layout.py, never saved): each b-bit group's indices are
 // repacked into contiguous fields, K = 32/b indices per int32 word (16 x 2-bit, 10 x 3-bit,
 // 8 x 4-bit), 4 words ("a quad") per (row, quad of chunks), stored q[quad][row][4] so a warp's
 // 16-byte loads cover 32 consecutive rows (512 contiguous bytes).

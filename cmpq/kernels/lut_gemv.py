@@ -1,19 +1,22 @@
-"""Decode kernel (1..16 tokens): fused LUT-GEMV over the packed layer, no fp16 weight in memory.
+"""Decode kernel (1..16 tokens) in Triton: the fallback where the CUDA kernels are not built (no nvcc).
 
-Two launches:
+Fused LUT-GEMV over the runtime layout's quads (``cmpq/kernels/layout.py``), no fp16 weight in
+memory. Two launches:
 
 1. ``_lut_gemv``: grid ``(row blocks, K splits)``. A program owns ``BLOCK_N`` output rows and a
-   slice of every bit group's 32-channel blocks. Per block it reads the ``b`` packed words of each
-   row once (coalesced, kernel layout), unpacks indices as ``(w >> lane) & 1``, looks the values up
-   in the block's codebooks (``32 * 2**b`` fp16, L1-resident), and multiplies with the gathered
-   activations ``x[:, channels]``: FMA in fp32 for one token, ``tl.dot`` (fp32 accumulate) for
-   2..16 tokens. Partial sums go to ``partial[split, token, row]`` (fp32, tiny): no atomics,
-   deterministic.
+   slice of every bit group's quads. Per quad it reads each row's 4 index words once (all rows of
+   a quad are one contiguous run), takes index ``(word >> f*b) & (2**b - 1)`` for the 4 * 32/b
+   channels of the quad, looks the values up in their codebooks (L1-resident) and multiplies with
+   the gathered activations ``x[:, channels]``: FMA in fp32 for one token, ``tl.dot`` (fp32
+   accumulate) for 2..16 tokens. Partial sums go to ``partial[split, token, row]`` (fp32, tiny):
+   no atomics, deterministic.
 2. ``_epilogue``: sums the splits, adds the fp16 outlier columns, the sparse-outlier corrections
    (``(sparse_val - W_q) * x``, see layout.py), the bias, and casts to the activation dtype.
 
-Up to three bit groups are handled in one launch (the format's 2/3/4); a layer with more widths
-falls back to the PyTorch reference.
+The quads' padding (index 0 of an all-zero codebook row) adds nothing, so only the lanes beyond a
+quad's 4 * 32/b channels (3 bits: 40 of 64) are masked. Up to three bit groups in one launch.
+Tested on CPU through Triton's interpreter; on a GPU only where nvcc is missing (the CUDA kernels
+are faster: benchmarks/notes-kernels.md, v1/v2).
 """
 
 from __future__ import annotations
@@ -22,39 +25,39 @@ import torch
 import triton
 import triton.language as tl
 
-from cmpq.kernels.layout import prepare
+from cmpq.kernels.layout import QUAD_WORDS, Runtime
 
 MAX_TOKENS = 16
 MAX_GROUPS = 3
 
 
 @triton.jit
-def _group(acc, pk, cb, ch, x, stride_xt, T, n, nblk, rows, rmask, s, S, out,
-           B: tl.constexpr, BLOCK_N: tl.constexpr, TP: tl.constexpr):
-    """Accumulate this program's share of one bit group's channel blocks into ``acc``.
+def _group(acc, q, cb, ch, x, stride_xt, T, nq, rows, rmask, s, S, out,
+           B: tl.constexpr, K: tl.constexpr, CP: tl.constexpr, BLOCK_N: tl.constexpr, TP: tl.constexpr):
+    """Accumulate this program's share of one bit group's quads into ``acc``.
 
-    Tiles are ``[32 channels, BLOCK_N rows]`` with rows fastest, so the threads of a warp share one
+    Tiles are ``[CP channels, BLOCK_N rows]`` with rows fastest, so the threads of a warp share one
     channel: its codebook gather reads one 32-byte sector (channels across lanes cost ~16 sectors
     per warp load and ran 4x slower than cuBLAS fp16).
     """
-    lane = tl.arange(0, 32)
-    g0 = s * nblk // S
-    g1 = (s + 1) * nblk // S
+    c = tl.arange(0, CP)
+    cm = c < 4 * K  # the quad's channels (CP is the next power of two)
+    word_of = c // K
+    shift = (c % K) * B
+    g0 = s * nq // S
+    g1 = (s + 1) * nq // S
     for g in range(g0, g1):
-        j = g * 32 + lane
-        jm = j < n
-        c = tl.load(ch + j, mask=jm, other=0)
-        idx = tl.zeros([32, BLOCK_N], dtype=tl.int32)
-        for p in tl.static_range(B):
-            w = tl.load(pk + (g * B + p) * out + rows, mask=rmask, other=0)
-            idx |= ((w[None, :] >> lane[:, None]) & 1) << p
-        wv = tl.load(cb + j[:, None] * (1 << B) + idx, mask=jm[:, None], other=0.0)
+        j = g * (4 * K) + c
+        chn = tl.load(ch + j, mask=cm, other=0)
+        w = tl.load(q + (g * out + rows[None, :]) * 4 + word_of[:, None], mask=cm[:, None] & rmask[None, :], other=0)
+        idx = (w >> shift[:, None]) & ((1 << B) - 1)
+        wv = tl.load(cb + j[:, None] * (1 << B) + idx, mask=cm[:, None], other=0.0)
         if TP == 1:
-            xv = tl.load(x + c, mask=jm, other=0.0).to(tl.float32)
+            xv = tl.load(x + chn, mask=cm, other=0.0).to(tl.float32)
             acc += wv.to(tl.float32) * xv[:, None]
         else:
             t = tl.arange(0, TP)
-            xv = tl.load(x + t[:, None] * stride_xt + c[None, :], mask=jm[None, :] & (t[:, None] < T), other=0.0)
+            xv = tl.load(x + t[:, None] * stride_xt + chn[None, :], mask=cm[None, :] & (t[:, None] < T), other=0.0)
             if xv.dtype == tl.bfloat16:  # tf32 holds fp16 weights and bf16 activations exactly
                 acc = tl.dot(xv.to(tl.float32), wv.to(tl.float32), acc, input_precision="tf32")
             else:
@@ -65,10 +68,11 @@ def _group(acc, pk, cb, ch, x, stride_xt, T, n, nblk, rows, rmask, s, S, out,
 @triton.jit
 def _lut_gemv(
     x, stride_xt, T, out, part,
-    pk0, cb0, ch0, n0, nb0,
-    pk1, cb1, ch1, n1, nb1,
-    pk2, cb2, ch2, n2, nb2,
+    q0, cb0, ch0, nq0,
+    q1, cb1, ch1, nq1,
+    q2, cb2, ch2, nq2,
     B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, CP: tl.constexpr,
     BLOCK_N: tl.constexpr, TP: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -77,15 +81,15 @@ def _lut_gemv(
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < out
     if TP == 1:
-        acc = tl.zeros([32, BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([CP, BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([TP, BLOCK_N], dtype=tl.float32)  # tokens x rows: dot(x^T, W^T)
     if B0 > 0:
-        acc = _group(acc, pk0, cb0, ch0, x, stride_xt, T, n0, nb0, rows, rmask, s, S, out, B0, BLOCK_N, TP)
+        acc = _group(acc, q0, cb0, ch0, x, stride_xt, T, nq0, rows, rmask, s, S, out, B0, K0, CP, BLOCK_N, TP)
     if B1 > 0:
-        acc = _group(acc, pk1, cb1, ch1, x, stride_xt, T, n1, nb1, rows, rmask, s, S, out, B1, BLOCK_N, TP)
+        acc = _group(acc, q1, cb1, ch1, x, stride_xt, T, nq1, rows, rmask, s, S, out, B1, K1, CP, BLOCK_N, TP)
     if B2 > 0:
-        acc = _group(acc, pk2, cb2, ch2, x, stride_xt, T, n2, nb2, rows, rmask, s, S, out, B2, BLOCK_N, TP)
+        acc = _group(acc, q2, cb2, ch2, x, stride_xt, T, nq2, rows, rmask, s, S, out, B2, K2, CP, BLOCK_N, TP)
     base = part + s * T * out
     if TP == 1:
         tl.store(base + rows, tl.sum(acc, axis=0), mask=rmask)
@@ -139,13 +143,12 @@ def _num_sms(dev: torch.device) -> int:
     return _SMS[i]
 
 
-def decode(layer, x: torch.Tensor, block_n: int = 64, splits: int | None = None) -> torch.Tensor | None:
-    """``layer(x)`` for 1..16 tokens through the fused kernel; None if the layer is unsupported."""
-    lay = prepare(layer)
-    groups = [g for g in lay.groups if g.n > 0]
+def decode(rt: Runtime, x: torch.Tensor, block_n: int = 64, splits: int | None = None) -> torch.Tensor | None:
+    """``x @ W^T + bias`` for 1..16 tokens through the fused kernel; None if it does not apply."""
+    groups = rt.groups
     if len(groups) > MAX_GROUPS:
         return None
-    lead, n_in, out = x.shape[:-1], x.shape[-1], layer.out_features
+    lead, n_in, out = x.shape[:-1], x.shape[-1], rt.out
     x2 = x.reshape(-1, n_in).contiguous()
     T = x2.shape[0]
     if T == 0 or T > MAX_TOKENS:
@@ -153,30 +156,31 @@ def decode(layer, x: torch.Tensor, block_n: int = 64, splits: int | None = None)
     TP = 1 if T == 1 else 16
     rb = triton.cdiv(out, block_n)
     if splits is None:
-        nblk = max((g.packed_t.shape[0] // g.bits for g in groups), default=1)
-        splits = max(1, min(triton.cdiv(4 * _num_sms(x.device), rb), max(1, nblk // 4)))
+        nq = max((g.nq for g in groups), default=1)
+        splits = max(1, min(triton.cdiv(4 * _num_sms(x.device), rb), max(1, nq // 2)))
     part = torch.empty(splits, T, out, dtype=torch.float32, device=x.device)
     args, bits = [], []
-    dummy_i = lay.perm  # never read: its group has B == 0
     for i in range(MAX_GROUPS):
         if i < len(groups):
             g = groups[i]
-            args += [g.packed_t, g.codebook, g.channels, g.n, g.packed_t.shape[0] // g.bits]
+            args += [g.q, g.codebook, g.channels, g.nq]
             bits.append(g.bits)
         else:
-            args += [dummy_i, dummy_i, dummy_i, 0, 0]
+            args += [rt.perm, rt.perm, rt.perm, 0]  # never read: this group has B == 0
             bits.append(0)
+    ks = [32 // b if b else 1 for b in bits]
+    cp = triton.next_power_of_2(max(QUAD_WORDS * k for k, b in zip(ks, bits) if b) if any(bits) else 16)
     _lut_gemv[(rb, splits)](
         x2, x2.stride(0), T, out, part, *args,
-        B0=bits[0], B1=bits[1], B2=bits[2], BLOCK_N=block_n, TP=TP, num_warps=4,
+        B0=bits[0], B1=bits[1], B2=bits[2], K0=ks[0], K1=ks[1], K2=ks[2], CP=max(cp, 16),
+        BLOCK_N=block_n, TP=TP, num_warps=4,
     )
     y = torch.empty(T, out, dtype=x.dtype, device=x.device)
-    bias = layer.bias if layer.bias is not None else part
     EB = 128
     _epilogue[(triton.cdiv(out, EB),)](
         part, splits, T, out, y, x2, x2.stride(0),
-        lay.outlier_channels, lay.outlier_weight_t, lay.outlier_channels.numel(),
-        lay.sparse_crow, lay.sparse_col, lay.sparse_corr, bias,
-        HAS_BIAS=layer.bias is not None, BLOCK=EB, TP=triton.next_power_of_2(T), num_warps=4,
+        rt.outlier_channels, rt.outlier_weight_t, rt.outlier_channels.numel(),
+        rt.sparse_crow, rt.sparse_col, rt.sparse_corr, rt.bias if rt.bias is not None else part,
+        HAS_BIAS=rt.bias is not None, BLOCK=EB, TP=triton.next_power_of_2(T), num_warps=4,
     )
     return y.reshape(*lead, out)

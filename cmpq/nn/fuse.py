@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 from typing import Callable, Iterator
 
 import torch
@@ -41,16 +40,20 @@ def _key(x: torch.Tensor) -> tuple:
 
 
 def _kernel_outputs(layers: list, x: torch.Tensor) -> list[torch.Tensor] | None:
-    """One launch for all members (CUDA, one token, v4s for every member), else None."""
-    if not x.is_cuda or x.numel() != x.shape[-1] or os.environ.get("CMPQ_KERNELS", "1") in ("0", "triton"):
+    """One launch for all members (CUDA, fp16/bf16, one token, the dispatch table picks v4s for
+    every member), else None."""
+    if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) or x.numel() != x.shape[-1]:
         return None
     if torch.is_grad_enabled() and x.requires_grad:
         return None
-    from cmpq.kernels import cuda_decode, kernel_v4
+    from cmpq.kernels import choose, kernel_v4
 
-    if any(cuda_decode.pick_variant(l) != "v4s" for l in layers):
+    if any(choose(1, layer.out_features * layer.in_features) != "v4s" for layer in layers):
         return None
-    return kernel_v4.decode_group(layers, x)
+    rts = [layer.runtime() for layer in layers]
+    if any(rt is None for rt in rts):
+        return None
+    return kernel_v4.decode_group(rts, x)
 
 
 class SharedInputGroup:

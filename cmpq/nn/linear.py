@@ -8,13 +8,15 @@ from torch import nn
 
 from typing import TYPE_CHECKING
 
-from cmpq.nn import fuse, opaque
+from cmpq.kernels import layout
+from cmpq.nn import fuse, ops
 from cmpq.storage import codebook
 from cmpq.storage.codebook import id_dtype
 from cmpq.storage.packing import packed_shape, unpack_channels
 
 if TYPE_CHECKING:
     from cmpq.algorithm.layer import QuantizedParts
+    from cmpq.kernels.layout import Runtime
 
 BIT_WIDTHS = (2, 3, 4)
 # Name of the empty marker every layer stores (docs/format.md, "The `weight` marker"): where a dense loader looks
@@ -31,8 +33,11 @@ class CMPQLinear(nn.Module):
     """Packed channel-wise mixed-precision linear layer.
 
     Buffers follow docs/format.md one to one, so ``state_dict`` is the on-disk form. ``forward`` is
-    exactly ``x @ W_hat^T + bias``; a fused kernel is used when one is registered for the input's
-    device and shape, else the weight is dequantized (pure PyTorch, any device).
+    exactly ``x @ W_hat^T + bias``, computed by the operator ``torch.ops.cmpq.linear``
+    (cmpq/nn/ops.py) from the layer's own tensors: a fused kernel on CUDA (fp16/bf16), else the
+    weight is dequantized (pure PyTorch, any device). The kernels read the runtime layout
+    (``prepare_runtime``): non-persistent buffers ``rt_*``, built once. The gradient of ``x`` is
+    defined (adapters on a frozen model train); the stored tensors get none.
 
     ``weight`` is an empty ``uint8`` marker, not the weight (that is ``dequantize()``): stored under
     the name a dense loader expects, it makes plain transformers refuse a cmpq file (shape mismatch)
@@ -77,8 +82,10 @@ class CMPQLinear(nn.Module):
             self.bias = None
         self._dense_cache: torch.Tensor | None = None
         self.cache_dense = False  # keep the dequantized weight after first use (fast eval, more memory)
-        self._handle = opaque.register(self)  # torch.compile sees this layer as one op (cmpq/nn/opaque.py)
         self._group: tuple | None = None  # (SharedInputGroup, index) once fused (cmpq/nn/fuse.py)
+        self._rt_names: tuple[str, ...] = ()  # buffers of the runtime layout, in kernel order
+        self._rt_key: tuple | None = None  # layout.stamp of the stored buffers it was built from
+        self._rt_mma = True
 
     # -- structure -------------------------------------------------------------------------------
     def counts(self) -> dict[int, int]:
@@ -123,53 +130,112 @@ class CMPQLinear(nn.Module):
         return 8 * sum(self.storage_bytes().values()) / (self.in_features * self.out_features)
 
     # -- compute ---------------------------------------------------------------------------------
+    def _stored(self) -> tuple:
+        """The stored tensors in the order ``ops.dequantize`` and ``torch.ops.cmpq.linear`` take them:
+        per bit width channel ids, packed indices, codebook codes, codebook bounds; then the outlier
+        columns and the sparse outliers."""
+        bits = self.bit_widths
+        return ([getattr(self, f"q{b}_channels") for b in bits], [getattr(self, f"q{b}_packed") for b in bits],
+                [getattr(self, f"q{b}_codebook") for b in bits], [getattr(self, f"q{b}_codebook_bounds") for b in bits],
+                self.outlier_channels, self.outlier_weight, self.sparse_crow, self.sparse_col, self.sparse_val)
+
+    def _op_args(self) -> tuple:
+        """Everything ``torch.ops.cmpq.linear`` takes after ``x``: the layer's own tensors and ints."""
+        return (*self._stored(), self.bias, self.runtime_tensors(), list(self.bit_widths), self.out_features)
+
     @torch.no_grad()
     def dequantize(self, dtype: torch.dtype = torch.float16) -> torch.Tensor:
         """The dense ``W_hat`` ``[out, in]`` this layer stands for."""
-        dev = self.outlier_weight.device
-        w = torch.empty(self.out_features, self.in_features, dtype=dtype, device=dev)
-        for b in self.bit_widths:
-            ch, pk, cb = self.group(b)
-            n = ch.numel()
-            if n == 0:
-                continue
-            idx = self.group_indices(b)  # [out, n]
-            flat = idx + (torch.arange(n, device=dev) * (2**b)).unsqueeze(0)
-            w[:, ch.long()] = cb.reshape(-1)[flat].to(dtype)
-        if self.outlier_channels.numel():
-            w[:, self.outlier_channels.long()] = self.outlier_weight.to(dtype)
-        if self.sparse_col.numel():
-            rows = torch.repeat_interleave(
-                torch.arange(self.out_features, device=dev), (self.sparse_crow[1:] - self.sparse_crow[:-1]).long()
-            )
-            w[rows, self.sparse_col.long()] = self.sparse_val.to(dtype)
-        return w
+        return ops.dequantize(*self._stored(), list(self.bit_widths), self.in_features, self.out_features, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            return torch.ops.cmpq.linear(x, self._handle, self.out_features)
-        return self.forward_eager(x)
+        if not torch.compiler.is_compiling():
+            y = self._eager(x)
+            if y is not None:
+                return y
+        elif self._dense_cache is not None and self._dense_cache.dtype == x.dtype:
+            return F.linear(x, self._dense_cache, None if self.bias is None else self.bias.to(x.dtype))
+        return torch.ops.cmpq.linear(x, *self._op_args())
 
-    def forward_eager(self, x: torch.Tensor) -> torch.Tensor:
-        from cmpq.kernels import dispatch  # local: kernels are optional
-
+    def _eager(self, x: torch.Tensor) -> torch.Tensor | None:
+        """What only eager calls do: the shared-input fusion (cmpq/nn/fuse.py, Python state between
+        calls), the dense cache, and rebuilding a runtime layout its stored buffers outdated. None:
+        call the operator."""
         stamp = fuse.tick()
         if self._group is not None:
             y = self._group[0].call(self._group[1], x, stamp)
             if y is not None:
                 return y
-
+        if self.cache_dense and (self._dense_cache is None or self._dense_cache.dtype != x.dtype):
+            self._dense_cache = self.dequantize(x.dtype)  # asked for: dequantized once, plain matmul from then on
         if self._dense_cache is not None and self._dense_cache.dtype == x.dtype:
-            w = self._dense_cache  # asked for (cache_dense): dequantized once, plain matmul from then on
-        else:
-            fused = None if self.cache_dense else dispatch(self, x)
-            if fused is not None:
-                return fused
-            w = self.dequantize(x.dtype)
-            if self.cache_dense:
-                self._dense_cache = w
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, w, bias)
+            return F.linear(x, self._dense_cache, None if self.bias is None else self.bias.to(x.dtype))
+        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and not self.runtime_current():
+            self.prepare_runtime(self._rt_mma)
+        return None
+
+    # -- runtime layout ---------------------------------------------------------------------------
+    def prepare_runtime(self, mma: bool = True) -> bool:
+        """Build the kernels' runtime layout (cmpq/kernels/layout.py) from the stored buffers, on the
+        layer's device, as non-persistent buffers ``rt_*``: ``state_dict`` and saved files do not
+        change, ``.to()`` moves them, ``torch.compile`` and ``torch.export`` see plain tensors.
+
+        ``cmpq.load`` and ``from_pretrained`` call this for layers on a GPU (on a CPU no kernel
+        runs, so none is built there). A layer whose stored buffers changed since (replaced,
+        edited in place) rebuilds it at its next eager call on CUDA. ``mma``: include the tensor-core
+        kernel's copy of the indices (2..16 tokens; about the size of the packed indices again;
+        without it those token counts run on v3b). Returns False, holding no layout, for bit widths
+        the kernels do not take (the reference path serves those)."""
+        self.release_runtime()
+        self._rt_mma = mma
+        self._rt_key = layout.stamp(self)
+        if not layout.supported(self):
+            return False
+        built = layout.build(self, mma)
+        for name, t in built.items():
+            self.register_buffer(name, t, persistent=False)
+        self._rt_names = tuple(built)
+        return True
+
+    def release_runtime(self) -> None:
+        """Drop the runtime layout (its memory); ``runtime()`` or a CUDA call builds it again."""
+        for name in self._rt_names:
+            del self._buffers[name]
+        self._rt_names, self._rt_key = (), None
+
+    def runtime_tensors(self) -> list[torch.Tensor]:
+        """The runtime layout's buffers in kernel order (empty when none is built)."""
+        return [self._buffers[n] for n in self._rt_names]
+
+    def runtime_current(self) -> bool:
+        """Whether the runtime layout (or the finding that none applies) matches the stored buffers."""
+        return self._rt_key is not None and self._rt_key == layout.stamp(self)
+
+    def runtime(self) -> Runtime | None:
+        """The runtime layout as the kernels take it, built or rebuilt first if the stored buffers
+        changed since; None for widths the kernels do not take."""
+        if not self.runtime_current():
+            self.prepare_runtime(self._rt_mma)
+        return self._fitting_runtime()
+
+    def _fitting_runtime(self) -> Runtime | None:
+        if not self._rt_names:
+            return None
+        c = self.counts()
+        return layout.Runtime.from_tensors(self.runtime_tensors(), self.bit_widths, [c[b] for b in self.bit_widths],
+                                           self.out_features, self.in_features, self.sparse_val)
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``, ``.cuda()``, ``.half()`` and friends: a layout moved along with its stored
+        buffers stays current; one the conversion broke (a dtype the kernels do not read) is dropped."""
+        current = self.runtime_current()
+        super()._apply(fn, recurse)
+        if self._rt_names or current:
+            if current and (not self._rt_names or self._fitting_runtime() is not None):
+                self._rt_key = layout.stamp(self)
+            else:
+                self.release_runtime()
+        return self
 
     def release_cache(self) -> None:
         self._dense_cache = None
@@ -186,13 +252,29 @@ class CMPQLinear(nn.Module):
 
 def cache_dense_weights(model: nn.Module, on: bool = True) -> None:
     """Keep each layer's dequantized weight after first use: fast repeated evaluation at FP16
-    memory cost. Off by default; fused kernels make it unnecessary on GPU."""
+    memory cost. Off by default; fused kernels make it unnecessary on GPU. The runtime layouts go
+    (the dense weights replace the kernels); turning it off lets them be built again."""
     for m in model.modules():
         if isinstance(m, CMPQLinear):
             if on:
                 m.cache_dense = True
+                m.release_runtime()
             else:
                 m.release_cache()
+
+
+def prepare_runtime(model: nn.Module, mma: bool = True, dtype: torch.dtype | None = None) -> int:
+    """``prepare_runtime`` for every ``CMPQLinear`` on a CUDA device (``cmpq.load`` and
+    ``from_pretrained`` call this once the model is in place); returns how many were built. Layers
+    on other devices, or a model computing in ``dtype`` float32 (no kernel takes it), run the
+    reference path and get none."""
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+        return 0
+    n = 0
+    for m in model.modules():
+        if isinstance(m, CMPQLinear) and m.outlier_weight.device.type == "cuda" and not m.cache_dense:
+            n += bool(m.prepare_runtime(mma))
+    return n
 
 
 def pack_linear(parts: "QuantizedParts", bias: torch.Tensor | None) -> CMPQLinear:

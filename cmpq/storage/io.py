@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from cmpq.model import run_state
-from cmpq.nn.linear import MARKER, CMPQLinear, marker_tensor
+from cmpq.nn.linear import MARKER, CMPQLinear, marker_tensor, prepare_runtime
 from cmpq.storage.layout import LayoutError, check_layout, install, layer_layout, model_layout, same_layout
 
 FORMAT_VERSION = 3  # 3: 8-bit codebooks, narrow ids; 2: FP16 codebooks, int32 ids; 1: indices along the channels
@@ -645,9 +645,11 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
     if device_map is not None:
         from cmpq.model.device_map import dispatch
 
-        return dispatch(model.eval(), device_map, max_memory)
-    model.to(device)
-    model.eval()
+        model = dispatch(model.eval(), device_map, max_memory)
+    else:
+        model.to(device)
+        model.eval()
+    prepare_runtime(model, dtype=dtype)  # the kernels' layout of every layer on a GPU, once, now
     return model
 
 

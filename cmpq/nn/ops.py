@@ -1,0 +1,118 @@
+"""``torch.ops.cmpq.linear``: a ``CMPQLinear`` call as a real PyTorch operator.
+
+Why an operator: the kernels launch through ctypes and pick a kernel per call, which
+``torch.compile`` cannot trace and ``torch.export`` cannot serialise. As a custom op whose
+arguments are the layer's own tensors (its stored buffers and its runtime layout) plus plain ints,
+a layer is one graph node with a known output shape. A decoder step compiles as one graph (the
+model's norms, rotary and residuals fuse around our kernels), and an exported program holds
+everything it needs: no registry of layers, no handle, nothing looked up at run time.
+
+- Default implementation (CPU, and any device or dtype without a kernel): the reference,
+  ``F.linear(x, dequantize(...), bias)``, in the dtype of ``x``.
+- CUDA: ``cmpq.kernels.dispatch.run`` on the runtime layout (the measured table picks the
+  kernel); the reference where none applies or the layer has no runtime layout.
+- ``register_fake``: ``[..., out_features]`` in the dtype of ``x``.
+- Autograd: the gradient of ``x`` is ``grad_out @ W_hat`` (``W_hat`` dequantized by the reference,
+  in the gradient's dtype), so adapters trained on top of a frozen cmpq model (LoRA and the like)
+  work. The stored tensors are buffers and get no gradient; training them is
+  ``cmpq.model.distill``'s job, through its own module.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from cmpq.storage import codebook
+from cmpq.storage.packing import unpack_channels
+
+
+def dequantize(channels: list[torch.Tensor], packed: list[torch.Tensor], codes: list[torch.Tensor],
+               bounds: list[torch.Tensor], outlier_channels: torch.Tensor, outlier_weight: torch.Tensor,
+               sparse_crow: torch.Tensor, sparse_col: torch.Tensor, sparse_val: torch.Tensor, bits: list[int],
+               in_features: int, out_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dense ``W_hat`` ``[out, in]`` the stored tensors stand for (docs/format.md), in ``dtype``.
+
+    Plain PyTorch and free of data-dependent shapes, so it also runs under fake tensors (the
+    backward of ``cmpq::linear`` is traced by ``torch.compile``)."""
+    dev = outlier_weight.device
+    w = torch.empty(out_features, in_features, dtype=dtype, device=dev)
+    for b, ch, pk, cd, bd in zip(bits, channels, packed, codes, bounds):
+        n = ch.numel()
+        if n == 0:
+            continue
+        cb = codebook.decode(cd, bd)  # fp16 [n, 2**b]
+        idx = unpack_channels(pk, b, out_features)  # [out, n]
+        flat = idx + (torch.arange(n, device=dev) * (2**b)).unsqueeze(0)
+        w[:, ch.long()] = cb.reshape(-1)[flat].to(dtype)
+    if outlier_channels.numel():
+        w[:, outlier_channels.long()] = outlier_weight.to(dtype)
+    if sparse_col.numel():
+        rows = torch.repeat_interleave(torch.arange(out_features, device=dev),
+                                       (sparse_crow[1:] - sparse_crow[:-1]).long(), output_size=sparse_col.numel())
+        w[rows, sparse_col.long()] = sparse_val.to(dtype)
+    return w
+
+
+def _reference(x, channels, packed, codes, bounds, outlier_channels, outlier_weight, sparse_crow, sparse_col,
+               sparse_val, bias, bits, out_features):
+    w = dequantize(channels, packed, codes, bounds, outlier_channels, outlier_weight, sparse_crow, sparse_col,
+                   sparse_val, bits, x.shape[-1], out_features, x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+@torch.library.custom_op("cmpq::linear", mutates_args=())
+def linear(x: torch.Tensor, channels: list[torch.Tensor], packed: list[torch.Tensor], codes: list[torch.Tensor],
+           bounds: list[torch.Tensor], outlier_channels: torch.Tensor, outlier_weight: torch.Tensor,
+           sparse_crow: torch.Tensor, sparse_col: torch.Tensor, sparse_val: torch.Tensor, bias: Optional[torch.Tensor],
+           runtime: list[torch.Tensor], bits: list[int], out_features: int) -> torch.Tensor:
+    """``x @ W_hat^T + bias`` of a CMPQ layer. ``channels``/``packed``/``codes``/``bounds``: one entry
+    per bit width in ``bits`` (the ``q{b}_*`` buffers); ``runtime``: the layer's runtime layout in
+    ``cmpq.kernels.layout.names`` order, or empty. The reference implementation (any device)."""
+    return _reference(x, channels, packed, codes, bounds, outlier_channels, outlier_weight, sparse_crow, sparse_col,
+                      sparse_val, bias, bits, out_features)
+
+
+@linear.register_kernel("cuda")
+def _linear_cuda(x, channels, packed, codes, bounds, outlier_channels, outlier_weight, sparse_crow, sparse_col,
+                 sparse_val, bias, runtime, bits, out_features):
+    from cmpq.kernels import dispatch
+    from cmpq.kernels.layout import Runtime
+
+    y = None
+    if runtime:
+        rt = Runtime.from_tensors(runtime, bits, [c.numel() for c in channels], out_features, x.shape[-1], sparse_val)
+        y = None if rt is None else dispatch.run(x, rt)
+    if y is None:
+        y = _reference(x, channels, packed, codes, bounds, outlier_channels, outlier_weight, sparse_crow, sparse_col,
+                       sparse_val, bias, bits, out_features)
+    return y
+
+
+@linear.register_fake
+def _linear_fake(x, channels, packed, codes, bounds, outlier_channels, outlier_weight, sparse_crow, sparse_col,
+                 sparse_val, bias, runtime, bits, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    (x, channels, packed, codes, bounds, outlier_channels, outlier_weight, sparse_crow, sparse_col, sparse_val,
+     _bias, runtime, bits, out_features) = inputs
+    ctx.bits, ctx.groups, ctx.in_features, ctx.out_features = list(bits), len(channels), x.shape[-1], out_features
+    ctx.n_runtime = len(runtime)
+    ctx.save_for_backward(*channels, *packed, *codes, *bounds, outlier_channels, outlier_weight, sparse_crow,
+                          sparse_col, sparse_val)
+
+
+def _backward(ctx, grad: torch.Tensor):
+    g, saved = ctx.groups, ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        w = dequantize(list(saved[:g]), list(saved[g:2 * g]), list(saved[2 * g:3 * g]), list(saved[3 * g:4 * g]),
+                       *saved[4 * g:], ctx.bits, ctx.in_features, ctx.out_features, grad.dtype)
+        grad_x = grad @ w
+    none = [None] * g  # one per tensor of a list input: autograd wants the inputs' structure back
+    return (grad_x, none, none, none, none) + (None,) * 6 + ([None] * ctx.n_runtime, None, None)
+
+
+linear.register_autograd(_backward, setup_context=_setup_context)
