@@ -1,7 +1,7 @@
 """Time the rlut kernel against the best existing decode kernels and FP16 cuBLAS, one GPU call.
 
 For each bit width (3 first), Llama-2 7B and 70B layer shape and token count T: ``kernel_rlut.linear``
-vs ``cuda_decode.decode(variant="v4s")`` (v4s at one token, the mma kernel at 2..16: what the
+vs ``dispatch.run`` (the shipped table: v4s at one token, the mma kernel at 2..16: what the
 dispatcher runs today) vs ``F.linear`` with an FP16 weight. Each point: median of CUDA-event timings
 of single calls, each after a 256 MiB write that flushes L2, after warm-up calls. Every kernel's
 output is checked against the float64 reference first; a wrong one is reported and not timed.
@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cmpq.kernels import cuda_decode
+from cmpq.kernels import dispatch
 from cmpq.kernels import kernel_rlut as kr
 from cmpq.kernels.testing import mix_counts, random_layer
 
@@ -107,6 +107,8 @@ def main() -> None:
                                      generator=gen, pack=False)
                 tp = time.time()
                 lay = kr.prepare(layer)
+                layer.prepare_runtime()
+                rt = layer.runtime()
                 torch.cuda.synchronize()
                 prep_s = time.time() - tp
                 w16 = layer.dequantize(torch.float16)
@@ -116,13 +118,13 @@ def main() -> None:
                     x = torch.randn(T, n_in, device="cuda").half()
                     ref = x.double() @ w64.T
                     y_r = kr.linear(x, lay)
-                    y_b = cuda_decode.decode(layer, x, variant="v4s")
+                    y_b = dispatch.run(x, rt)
                     e_r = rel_err(y_r, ref) if y_r is not None else float("nan")
                     e_b = rel_err(y_b, ref) if y_b is not None else float("nan")
                     ok_r, ok_b = e_r < 2e-3, e_b < 2e-3
                     row = dict(bits=bits, out=out, **{"in": n_in}, T=T, bytes=nbytes + 2 * T * (n_in + out),
                                fp16_us=bench(lambda: F.linear(x, w16)),
-                               best_us=bench(lambda: cuda_decode.decode(layer, x, variant="v4s")) if ok_b else None,
+                               best_us=bench(lambda: dispatch.run(x, rt)) if ok_b else None,
                                rlut_us=bench(lambda: kr.linear(x, lay)) if ok_r else None,
                                rlut_err=e_r, best_err=e_b, prepare_s=round(prep_s, 2),
                                plan=list(kr._params(lay, T, False, None)[1:]))
