@@ -17,7 +17,7 @@ processes for the multi-process row), to check the script.
     python benchmarks/quantize_speed.py row --shape 7b --workdir W --method gptq --append rows.jsonl
     python benchmarks/quantize_speed.py eval --shape 7b --workdir W --gpus 0,1 --append rows.jsonl
 
-``row`` and ``eval`` append one JSON line each to ``--append`` when they end; benchmarks/device_scale.sh
+``row`` and ``eval`` append one JSON line each to ``--append`` when they end; device/device_scale.sh
 runs the 1-vs-2-GPU set on the 2-GPU machine.
 """
 

@@ -22,7 +22,7 @@ Choices, and why:
   (k-means on the original column) weighs most, ``H_jj * err^2``; they are left out of their
   column's k-means and stored at their updated value when the column is reached (error 0).
 * ``H`` should be the token-weighted Hessian (``cmpq.model.sensitivity``): plain ``X^T X`` lets
-  GPTQ move error onto the attention-sink token (see ``benchmarks/gptq_quality.py``).
+  GPTQ move error onto the attention-sink token (see ``studies/gptq_quality.py``).
 
 Widths may be any of 1..8 bits per channel, or ``FP16`` for a whole FP16 column.
 """

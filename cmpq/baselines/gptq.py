@@ -50,7 +50,7 @@ class HessianAccumulator:
     ``first_token_weight`` (not in the reference; 1 = off): for ``[batch, seq, in]`` inputs, each
     sequence's first token counts that many times. A causal LM's first position is its attention sink
     (every later query attends to its key and value), but it is one token in ``seq``, so plain GPTQ
-    moves quantization error onto it (see ``benchmarks/gptq_quality.py``).
+    moves quantization error onto it (see ``studies/gptq_quality.py``).
     """
 
     def __init__(self, in_features: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # ONE device call on nvidia-h200-x2 (2 H200s, issue 5 "Scale"), no carry needed:
-#     bash benchmarks/device_scale.sh
+#     bash device/device_scale.sh
 # Llama-2-7B-shaped random model, CMPQ 3 bits, calibration 128 x 2048 (random tokens), no checkpoint:
 #   1. build the model once (safetensors on local disk, char tokenizer)
 #   2. quantize on 1 GPU                      -> row kind=quantize processes=1

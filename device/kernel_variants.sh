@@ -3,10 +3,10 @@
 # Default (2..16 tokens): build v3b + mma libraries in parallel -> GPU correctness tests of the mma
 #   kernel (tests/test_kernels.py -k "mma or multi") -> timing of mma vs v3b vs FP16 cuBLAS at
 #   T = 2, 4, 8, 16, 7B + 70B shapes, 3/2/4 bits (benchmarks/kernel_variants.py).
-# V4=1 bash benchmarks/kernel_variants.sh: the one-token run instead (v3b and v4s, 1/4/16 tokens,
+# V4=1 bash device/kernel_variants.sh: the one-token run instead (v3b and v4s, 1/4/16 tokens,
 #   split sweep, optional ncu; the other v4 variants measured 2026-11-30 lost and were deleted).
 # Everything lands in $OUT (default benchmarks/results/variants); the table is printed last.
-# Run from anywhere: bash benchmarks/kernel_variants.sh
+# Run from anywhere: bash device/kernel_variants.sh
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD

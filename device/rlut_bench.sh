@@ -4,7 +4,7 @@
 # (tests/test_kernel_rlut.py, incl. kernel == CPU emulation) -> timing of rlut vs v4s/mma vs FP16
 # cuBLAS at T = 1, 2, 4, 8, 16 on 7B + 70B shapes, 3 then 2 then 4 bits (benchmarks/rlut_bench.py).
 # Everything lands in $OUT (default benchmarks/results/rlut); the table is printed last.
-# Usage: OUT=/some/dir PYTHON=python3 bash benchmarks/rlut_bench.sh
+# Usage: OUT=/some/dir PYTHON=python3 bash device/rlut_bench.sh
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD

@@ -4,9 +4,9 @@
 # then run the quality grid. JSON/MD/PNG land in $OUT. Resumable: the committed
 # benchmarks/results/quality-smollm2-135m.json is copied in first, so a second call continues the
 # grid (the lead copies $OUT back into benchmarks/results between calls).
-#   carry: [".carry/p2", "shared-data", ".whl"]    command: bash benchmarks/device_quality.sh [extra args]
+#   carry: [".carry/p2", "shared-data", ".whl"]    command: bash device/device_quality.sh [extra args]
 set -euo pipefail
-source benchmarks/device_model.sh
+source device/device_model.sh
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /root/site .whl/*.whl
 fi

@@ -3,7 +3,7 @@
 The reference (IST-DASLab/gptq, `gptq.py` + `quant.py`) is not part of cmpq: fetch it yourself and
 pass its folder. Runs on CPU. Prints a table and writes JSON.
 
-    python benchmarks/check_gptq_reference.py --ref-dir /path/to/IST-DASLab/gptq
+    python studies/check_gptq_reference.py --ref-dir /path/to/IST-DASLab/gptq
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 #   1. end-to-end decode, SmolLM2-135M and a Llama-2-7B-shaped model, FP16 vs CMPQ 3-bit, each with
 #      the CUDA-graph loop and with torch.compile + graph (benchmarks/decode.py --compile both)
 #   2. AWQ cells of the quality grid again, with the o_proj fix (the committed JSON minus its AWQ cells)
-# JSON and logs land in $OUT. Usage: bash benchmarks/device_decode.sh   (CMPQ_DECODE_LIMIT_S, default 575)
+# JSON and logs land in $OUT. Usage: bash device/device_decode.sh   (CMPQ_DECODE_LIMIT_S, default 575)
 set -uo pipefail
-source benchmarks/device_model.sh
+source device/device_model.sh
 LIMIT=${CMPQ_DECODE_LIMIT_S:-575}
 T0=$(date +%s)
 el() { echo $(( $(date +%s) - T0 )); }

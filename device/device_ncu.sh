@@ -2,7 +2,7 @@
 # ONE device call (~2 minutes, no carry): Nsight Compute profile of the shipped decode kernels on the
 # 4096x11008 3-bit layer: v4s and v3b (1 token) and mma (4 tokens), with the stall reasons per issued
 # instruction (what each warp waits on), the scheduler and instruction statistics and the memory
-# workload. -> $OUT/ncu-decode.txt. Usage: bash benchmarks/device_ncu.sh
+# workload. -> $OUT/ncu-decode.txt. Usage: bash device/device_ncu.sh
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 CMPQ_CACHE=${CMPQ_CACHE:-/tmp/cmpq-cache}
