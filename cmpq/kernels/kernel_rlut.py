@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from cmpq.kernels import cuda_decode as cd
-from cmpq.kernels.layout import _key, _quantized_values
+from cmpq.kernels.layout import _quantized_values, stamp
 
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel_rlut.cu")
 NWARPS, RING_D, MAXS = 4, 3, 512  # kernel_rlut.cu
@@ -139,7 +139,7 @@ def _planes(cb: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def prepare(layer) -> RlutLayout:
     """The layer's rlut layout (cached on the layer; rebuilt after its buffers change)."""
-    key = _key(layer)
+    key = stamp(layer)
     cached = getattr(layer, "_rlut_layout", None)
     if cached is not None and cached.key == key:
         return cached
