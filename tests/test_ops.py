@@ -23,7 +23,7 @@ def quantized():
     """A tiny Llama quantized to ~3 bits (2-4-bit groups, FP16 outlier columns, sparse outliers)."""
     g = torch.Generator().manual_seed(1)
     calib = torch.randint(0, 128, (4, 48), generator=g)
-    cfg = cmpq.CMPQConfig(bits=3, algorithm="paper", nsamples=4, seqlen=48)
+    cfg = cmpq.CMPQConfig(bits=3, algorithm="paper")
     return cmpq.quantize(tiny_models.tiny(), None, cfg, calib=calib, device="cpu", log=None)
 
 
