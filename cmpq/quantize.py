@@ -254,7 +254,7 @@ def quantize(
                                "linears_by_phase": {k: round(v, 2) for k, v in phases.totals().items()}},
     }
     if tuned is not None:
-        qc["finetune"] = {k: round(v, 5) for k, v in tuned.items()}
+        qc["finetune"] = {k: round(v, 5) if isinstance(v, float) else v for k, v in tuned.items()}
         qc["time_split_seconds"]["finetune"] = round(finetune_s, 2)
     if device.type == "cuda":
         qc["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)

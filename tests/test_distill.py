@@ -62,6 +62,7 @@ def test_finetune_lowers_kl_and_keeps_indices(tiny_llama, calib_ids):
     after = kl()
     assert after < before * 0.95, (before, after)
     assert hist["kl_last_epoch"] < hist["kl_first_epoch"]
+    assert hist["kept_epoch"] >= 1 and hist["held_out_kl"][hist["kept_epoch"]] < hist["held_out_kl"][0]
     for n, m in model.named_modules():
         if isinstance(m, CMPQLinear):
             assert m.storage_bytes() == bytes_before[n]
@@ -75,3 +76,27 @@ def test_quantize_with_finetune_records_it(tiny_llama, calib_ids):
     ft = model.config.quantization_config["finetune"]
     assert ft["kl_first_epoch"] > 0
     assert model.config.quantization_config["time_split_seconds"]["finetune"] >= 0
+
+
+def test_finetune_keeps_the_model_when_no_epoch_helps(tiny_llama, calib_ids):
+    """A step far too large makes every epoch worse on the held-out windows: the pass must hand
+    back the quantized model exactly as it came, and say so."""
+    states = teacher_states(tiny_llama, calib_ids, torch.device("cpu"))
+    model = _quantized(tiny_llama, calib_ids)
+    before = {n: m.dequantize(torch.float32) for n, m in model.named_modules() if isinstance(m, CMPQLinear)}
+    hist = finetune(model, calib_ids, states, torch.device("cpu"), epochs=2, lr=50.0)
+    assert hist["kept_epoch"] == 0, hist
+    assert min(hist["held_out_kl"][1:]) >= hist["held_out_kl"][0]
+    for n, m in model.named_modules():
+        if isinstance(m, CMPQLinear):
+            assert torch.equal(m.dequantize(torch.float32), before[n]), n
+
+
+def test_held_out_split():
+    from cmpq.model.distill import held_out_split
+
+    train, held = held_out_split(16)
+    assert held.numel() == 2 and train.numel() == 14
+    assert sorted(torch.cat([train, held]).tolist()) == list(range(16))
+    train, held = held_out_split(7)  # nothing to spare: every window is both
+    assert train.tolist() == held.tolist() == list(range(7))

@@ -175,9 +175,18 @@ def finetune(
     """Train every ``CMPQLinear``'s stored values (indices fixed) to match ``teacher`` (from
     ``teacher_states``) on the windows ``ids``; Adam, one window per step, linear decay to zero;
     ``lr`` is relative to each layer's value scale.
+
+    Keeps the best epoch, never a worse model: an eighth of the windows (all of them below eight
+    windows, which cannot spare one) is held out, its KL to the teacher measured before training and after every
+    epoch, and the values of the epoch with the lowest held-out KL are the ones written back (the
+    quantized model as it came, if no epoch beat it). Why: one learning rate does not suit every
+    budget. At 2.5 bits the pass removes a third of the perplexity; at 4.3 bits, where little error
+    is left to correct, the same steps overshoot (CPU study, SmolLM2-135M, 64 x 512 tokens: training
+    KL rose from 0.223 to 0.280 over two epochs and WikiText-2 went 27.79 -> 29.94).
     ``progress``: a bar over all steps (epochs x windows) with the running KL, on a terminal only
     (None: when ``log`` is set); the pass is as long as a few block walks, so it gets an ETA too.
-    Returns the first and last epoch's mean KL."""
+    Returns the first and last epoch's mean training KL, the held-out KL before training and after
+    each epoch, and the epoch kept (0: none)."""
     if teacher.shape[:2] != ids.shape:
         raise ValueError(f"teacher states {tuple(teacher.shape)} do not match the windows {tuple(ids.shape)}")
     head = _head(model)
@@ -208,15 +217,20 @@ def finetune(
     groups = [{"params": list(t.parameters()), "lr": lr * float(t.values.detach().pow(2).mean().sqrt().clamp(min=1e-8))}
               for _, _, t in swapped]
     opt = torch.optim.Adam(groups)
-    steps = epochs * ids.shape[0]
+    train, held = held_out_split(ids.shape[0])
+    steps = epochs * train.numel()
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
     history = []
+    params = [p for _, _, t in swapped for p in t.parameters()]
+    held_kl = [_mean_kl(model, ids, teacher, head, device, held)]
+    best, kept = [p.detach().clone() for p in params], 0
     pbar = bar(steps, "fine-tune", "step", enabled=log is not None if progress is None else progress)
     try:
         with torch.enable_grad():
             for epoch in range(epochs):
                 total = 0.0
-                for i in torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(epoch)).tolist():
+                order = train[torch.randperm(train.numel(), generator=torch.Generator().manual_seed(epoch))]
+                for i in order.tolist():
                     logits = model(ids[i][None].to(device), use_cache=False).logits[0]
                     with torch.no_grad():
                         target = head(teacher[i].to(device=device, dtype=head.weight.dtype))
@@ -234,14 +248,48 @@ def finetune(
                     total += kl
                     pbar.set_postfix(epoch=f"{epoch + 1}/{epochs}", kl=f"{kl:.4f}", refresh=False)
                     pbar.update(1)
-                history.append(total / ids.shape[0])
+                history.append(total / train.numel())
+                held_kl.append(_mean_kl(model, ids, teacher, head, device, held))
+                if held_kl[-1] < min(held_kl[:-1]):
+                    best, kept = [p.detach().clone() for p in params], epoch + 1
                 if log:
-                    log(f"fine-tune epoch {epoch + 1}/{epochs}: KL to full precision {history[-1]:.4f}")
+                    log(f"fine-tune epoch {epoch + 1}/{epochs}: KL to full precision {history[-1]:.4f} "
+                        f"(held out: {held_kl[-1]:.4f}, before fine-tuning {held_kl[0]:.4f})")
     finally:
         pbar.close()
+        with torch.no_grad():  # the best epoch's values (also after an error mid-epoch)
+            for p, b in zip(params, best):
+                p.copy_(b)
         for root, name, t in swapped:
             set_module(root, name, t.write_back())
         place.restore()
         for p in frozen:
             p.requires_grad_(True)
-    return {"kl_first_epoch": history[0] if history else None, "kl_last_epoch": history[-1] if history else None}
+    if log and kept < epochs:
+        log(f"fine-tune: kept epoch {kept} of {epochs} (lowest held-out KL; 0 = the model before fine-tuning)")
+    return {"kl_first_epoch": history[0] if history else None, "kl_last_epoch": history[-1] if history else None,
+            "held_out_kl": [round(k, 6) for k in held_kl], "held_out_windows": held.numel(), "kept_epoch": kept}
+
+
+def held_out_split(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, held-out) window indices: an eighth held out, drawn with ``seed``; below eight
+    windows there is nothing to spare, so every window is both."""
+    if n < 8:
+        every = torch.arange(n)
+        return every, every
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    k = n // 8
+    return perm[k:].sort().values, perm[:k].sort().values
+
+
+@torch.no_grad()
+def _mean_kl(model: nn.Module, ids: torch.Tensor, teacher: torch.Tensor, head: nn.Module, device: torch.device,
+             which: torch.Tensor) -> float:
+    """KL to the teacher per token over windows ``which``."""
+    total, tokens = 0.0, 0
+    for i in which.tolist():
+        logits = model(ids[i][None].to(device), use_cache=False).logits[0]
+        target = head(teacher[i].to(device=device, dtype=head.weight.dtype))
+        total += _kl(logits, target, "sum").item()
+        tokens += logits.shape[0]
+    return total / max(tokens, 1)
