@@ -137,6 +137,7 @@ COMPENSATED_ABLATIONS = {  # each new part of the default, off (or changed), one
     "no fine-tuning": {"finetune_epochs": 0},
     "widths 1-4": {"widths": [1, 2, 3, 4]},
     "no FP16 columns": {"fp16_columns": False},
+    "no row scales": {"row_scale": False},
 }
 
 

@@ -253,7 +253,7 @@ def _quantize(a: argparse.Namespace, dist) -> int:
     cfg = cmpq.CMPQConfig(bits=a.bits, algorithm=a.algorithm, act_outlier_frac=a.act_outlier_frac,
                           weight_outlier_frac=a.weight_outlier_frac, quantizer=a.quantizer,
                           token_weighting=a.token_weighting, row_weighting=a.row_weighting,
-                          compensate=not a.no_compensation,
+                          compensate=not a.no_compensation, row_scale=False if a.no_row_scale else None,
                           finetune_epochs=a.finetune_epochs, skip_modules=tuple(a.skip_modules))
     device = dist.device if dist is not None else _device(a.device)
     options = cmpq.RunOptions(calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
@@ -537,6 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(SqueezeLLM-style)")
     q.add_argument("--no-compensation", action="store_true",
                    help=f"compensated: no error feedback, an ablation (default: error feedback {'on' if D.compensate else 'off'})")
+    q.add_argument("--no-row-scale", action="store_true",
+                   help=f"compensated: no FP16 scale per output row, an ablation (default: row scales "
+                        f"{'on' if D.row_scale else 'off'})")
     q.add_argument("--finetune-epochs", type=int, default=None,
                    help="epochs of codebook fine-tuning against the full-precision model, indices fixed "
                         f"(default: {D.finetune_epochs} for compensated, "

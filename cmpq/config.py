@@ -56,6 +56,10 @@ class CMPQConfig:
     # None: 2 for the compensated algorithm (SmolLM2 CPU study: 37.98 -> 35.04 WikiText-2 at 3.36 bits),
     # 0 for the paper's method, so its rows stay the paper's
     finetune_epochs: int | None = None
+    # compensated algorithm: one FP16 scale per output row, codebooks fitted to the scaled rows
+    # (cmpq.algorithm.compensated.row_scales); 16 bits per row, charged to the budget. None: on for
+    # the compensated algorithm, off for the paper's (which has none)
+    row_scale: bool | None = None
     finetune_lr: float = 5e-3  # Adam step relative to each layer's RMS value
     # block linears to leave dense, as fnmatch patterns over qualified names ("*.mlp.down_proj")
     skip_modules: tuple = ()
@@ -105,6 +109,12 @@ class CMPQConfig:
             raise ValueError(f"damp must be in (0, 1), got {self.damp!r}")
         if self.finetune_epochs is None:
             self.finetune_epochs = 2 if self.algorithm == "compensated" else 0
+        if self.row_scale is None:
+            self.row_scale = self.algorithm == "compensated"
+        if not isinstance(self.row_scale, bool):
+            raise ValueError(f"row_scale must be True or False, got {self.row_scale!r}")
+        if self.row_scale and self.algorithm != "compensated":
+            raise ValueError("row_scale needs algorithm 'compensated' (the paper's method has no row scales)")
         if not isinstance(self.finetune_epochs, int) or self.finetune_epochs < 0:
             raise ValueError(f"finetune_epochs must be a non-negative integer, got {self.finetune_epochs!r}")
         if not isinstance(self.finetune_lr, (int, float)) or not math.isfinite(self.finetune_lr) \

@@ -100,3 +100,18 @@ def test_held_out_split():
     assert sorted(torch.cat([train, held]).tolist()) == list(range(16))
     train, held = held_out_split(7)  # nothing to spare: every window is both
     assert train.tolist() == held.tolist() == list(range(7))
+
+
+def test_tunable_linear_trains_row_scales_and_writes_them_back_exactly(tiny_llama, calib_ids):
+    model = _quantized(tiny_llama, calib_ids)  # compensated: row scales on
+    layer = next(m for m in model.modules() if isinstance(m, CMPQLinear))
+    assert layer.row_scale is not None
+    x = torch.randn(3, layer.in_features)
+    t = TunableLinear(layer)
+    torch.testing.assert_close(t(x), layer(x), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        t.row_scale.mul_(torch.linspace(0.9, 1.1, layer.out_features))
+    y_seen = t(x).detach()
+    out = t.write_back()
+    torch.testing.assert_close(out(x), y_seen, rtol=1e-5, atol=1e-6)
+    assert out.row_scale.dtype == torch.float16 and (out.row_scale > 0).all()

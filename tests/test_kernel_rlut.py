@@ -206,6 +206,8 @@ def emulate_linear(lay, x: torch.Tensor) -> torch.Tensor:
     y.index_add_(1, rows, lay.sparse_corr.cpu().double() * x.cpu().double()[:, lay.sparse_col.cpu().long()])
     if lay.bias is not None:
         y += lay.bias.cpu().double()
+    if lay.row_scale is not None:  # format v4: the op scales the kernel's output
+        y *= lay.row_scale.cpu().double()
     return y
 
 

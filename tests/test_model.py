@@ -245,3 +245,45 @@ def test_bit_flip_is_refused_and_manifest_shapes_are_checked_before_allocating(t
     with pytest.raises(CorruptModelError, match="disagree|shape"):
         cmpq.load(path, device="cpu")
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB: far below 2^28 rows
+
+
+def test_row_scales_round_trip_and_v3_folders_still_load(tiny_llama, calib_ids, tmp_path):
+    """The default (compensated, row scales) saves as format v4 and loads to identical logits; a
+    folder without row scales marked format v3 (as cmpq wrote before v4) still loads."""
+    import copy
+
+    fresh = copy.deepcopy(tiny_llama)  # quantize works in place
+    cfg = cmpq.CMPQConfig(bits=4.0, kmeans_iters=5, alloc_kmeans_iters=5, finetune_epochs=0)
+    q = cmpq.quantize(tiny_llama, None, cfg, calib=calib_ids, device="cpu", log=None)
+    layers = [m for m in q.modules() if isinstance(m, CMPQLinear)]
+    assert all(m.row_scale is not None for m in layers)
+    eff = sum(m.effective_bits() * m.in_features * m.out_features for m in layers) / sum(
+        m.in_features * m.out_features for m in layers)
+    assert eff <= 4.0 + 1e-9  # the scales are paid for inside the budget
+    path = cmpq.save(q, tmp_path / "v4")
+    assert json.loads((path / "config.json").read_text())["quantization_config"]["format_version"] == 4
+    loaded = cmpq.load(path, device="cpu")
+    set_compute_dtype(q, torch.float16)
+    set_compute_dtype(q, torch.float32)
+    assert torch.equal(loaded(calib_ids).logits, q(calib_ids).logits)
+
+    plain = cmpq.quantize(fresh, None, cmpq.CMPQConfig(bits=4.0, kmeans_iters=5, alloc_kmeans_iters=5,
+                                                            finetune_epochs=0, row_scale=False),
+                          calib=calib_ids, device="cpu", log=None)
+    old = cmpq.save(plain, tmp_path / "v3")
+    cfgj = json.loads((old / "config.json").read_text())
+    cfgj["quantization_config"]["format_version"] = 3
+    (old / "config.json").write_text(json.dumps(cfgj))
+    sd = load_file(old / "model.safetensors")
+    save_file(sd, old / "model.safetensors", metadata={"cmpq_format_version": "3"})
+    (old / "cmpq_manifest.json").unlink()  # its checksums and version are v4's now
+    with pytest.warns(UserWarning, match="no checksums"):
+        v3 = cmpq.load(old, device="cpu")
+    assert all(m.row_scale is None for m in v3.modules() if isinstance(m, CMPQLinear))
+    assert torch.isfinite(v3(calib_ids).logits).all()
+
+
+def test_row_scale_is_refused_for_the_paper_method():
+    with pytest.raises(ValueError, match="row_scale needs algorithm 'compensated'"):
+        cmpq.CMPQConfig(algorithm="paper", row_scale=True)
+    assert cmpq.CMPQConfig(algorithm="paper").row_scale is False and cmpq.CMPQConfig().row_scale is True

@@ -64,6 +64,11 @@ def sparse_cost_bits(out_features: int, n_sparse: int, in_features: int) -> int:
     return _int_bits(n_sparse) * (out_features + 1) + n_sparse * (_int_bits(in_features) + 16)
 
 
+def row_scale_cost_bits(out_features: int) -> int:
+    """Stored bits of a layer's row scales: one FP16 per output row."""
+    return 16 * out_features
+
+
 class BudgetError(ValueError):
     """The bit budget cannot be met with the allowed options."""
 

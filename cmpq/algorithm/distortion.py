@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from cmpq.algorithm.budget import FP16, LayerOptions, channel_cost_bits, sparse_cost_bits
+from cmpq.algorithm.budget import FP16, LayerOptions, channel_cost_bits, row_scale_cost_bits, sparse_cost_bits
 from cmpq.algorithm.kmeans import assign_nearest, kmeans_1d, mean_one_weights
 from cmpq.storage.codebook import storable
 
@@ -27,16 +27,26 @@ def channel_sse(weight: torch.Tensor, bits: int, iters: int, row_weight: torch.T
 
 
 def layer_options(weight: torch.Tensor, hdiag: torch.Tensor, widths: tuple[int, ...], n_sparse: int,
-                  iters: int = 25, fp16: bool = True, row_weight: torch.Tensor | None = None) -> LayerOptions:
-    """Costs (bits, format v3) and expected losses of each candidate width for every channel."""
+                  iters: int = 25, fp16: bool = True, row_weight: torch.Tensor | None = None,
+                  row_scale: bool = False) -> LayerOptions:
+    """Costs (bits, format v4) and expected losses of each candidate width for every channel
+    (``row_scale``: of the row-scaled fit ``quantize_compensated`` will make, whose scales the
+    layer's fixed cost includes)."""
+    from cmpq.algorithm.compensated import row_scales
+
     out_f, in_f = weight.shape
     if hdiag.shape != (in_f,):
         raise ValueError(f"sensitivity has shape {tuple(hdiag.shape)}, expected ({in_f},)")
     h = hdiag.to(weight.device).double().clamp(min=0) / (2 * out_f)
     # mean 1, so the loss scale (and the price per bit) is unchanged
     rw = None if row_weight is None else mean_one_weights(row_weight, out_f, weight.device)
+    if row_scale:
+        scale = row_scales(weight)
+        weight = weight.float() / scale[:, None]
+        rw = scale.to(weight.device)**2 * (1 if rw is None else rw)  # not renormalised: the loss stays the true error
     opts = sorted(set(widths) | ({FP16} if fp16 else set()), key=lambda b: channel_cost_bits(b, out_f, in_f))
     loss = torch.stack([torch.zeros(in_f, dtype=torch.float64, device=weight.device) if b == FP16
                         else h * channel_sse(weight, b, iters, rw) for b in opts], dim=1)
     cost = torch.tensor([channel_cost_bits(b, out_f, in_f) for b in opts], dtype=torch.float64)
-    return LayerOptions(tuple(opts), cost, loss.cpu(), float(sparse_cost_bits(out_f, n_sparse, in_f)))
+    fixed = sparse_cost_bits(out_f, n_sparse, in_f) + (row_scale_cost_bits(out_f) if row_scale else 0)
+    return LayerOptions(tuple(opts), cost, loss.cpu(), float(fixed))

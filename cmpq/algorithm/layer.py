@@ -35,6 +35,7 @@ class QuantizedParts:
     sparse_rows: torch.Tensor  # int64 [nnz], sorted by (row, col)
     sparse_cols: torch.Tensor  # int64 [nnz]
     sparse_vals: torch.Tensor  # fp16 [nnz]
+    row_scale: torch.Tensor | None = None  # fp16 [out]: W = diag(row_scale) @ (the parts above)
 
     def dequantize(self) -> torch.Tensor:
         w = torch.empty(self.out_features, self.in_features, dtype=torch.float32, device=self.outlier_weight.device)
@@ -43,7 +44,7 @@ class QuantizedParts:
                 w[:, ch] = cb.float().gather(1, idx.T.long()).T
         w[:, self.outlier_channels] = self.outlier_weight.float()
         w[self.sparse_rows, self.sparse_cols] = self.sparse_vals.float()
-        return w
+        return w if self.row_scale is None else w * self.row_scale.float()[:, None]
 
 
 def _codebooks(x: torch.Tensor, k: int, keep: torch.Tensor | None, cfg: CMPQConfig,

@@ -84,7 +84,8 @@ class RlutLayout:
     sparse_crow: torch.Tensor
     sparse_col: torch.Tensor
     sparse_corr: torch.Tensor  # fp32: sparse_val - W_q
-    bias: torch.Tensor | None  # fp32
+    bias: torch.Tensor | None  # fp32 (divided by the row scales, when the layer has them)
+    row_scale: torch.Tensor | None  # fp16 [out] or None: the output is scaled by it after the kernel
     lutmax: int
     recmax: int
     plans: dict = field(default_factory=dict)
@@ -206,7 +207,7 @@ def prepare(layer) -> RlutLayout:
         rec=cat(recs, torch.int32), lut16=cat(luts16, torch.uint8), lutbf=cat(lutsbf, torch.uint8),
         ofr16=ofr16, ofrbf=ofrbf, chan=cat(chans, torch.int32),
         sparse_crow=crow.to(torch.int32).contiguous(), sparse_col=col.to(torch.int32).contiguous(),
-        sparse_corr=corr.contiguous(), bias=None if layer.bias is None else layer.bias.float().contiguous(),
+        sparse_corr=corr.contiguous(), bias=_bias(layer), row_scale=getattr(layer, "row_scale", None),
         lutmax=max([LB[k] for k in present], default=0),
         recmax=max([RB[k] for k in range(4) if cs[k + 1] > cs[k]], default=16),
     )
@@ -289,6 +290,16 @@ def _params(lay: RlutLayout, T: int, bf: bool, splits: int | None):
     return lay.plans[k]
 
 
+def _bias(layer) -> torch.Tensor | None:
+    """The bias the kernel adds: divided by the row scales where the layer has them (format v4), since
+    the kernel computes ``x @ (W / s)^T`` and ``linear`` scales by ``s`` afterwards."""
+    if layer.bias is None:
+        return None
+    b = layer.bias.float()
+    s = getattr(layer, "row_scale", None)
+    return (b if s is None else b / s.float()).contiguous()
+
+
 def linear(x: torch.Tensor, lay: RlutLayout, splits: int | None = None) -> torch.Tensor | None:
     """``layer(x)`` for 1..16 tokens (fp16/bf16, CUDA) from ``prepare(layer)``; None if it does not apply."""
     if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) or x.shape[-1] != lay.in_features:
@@ -316,4 +327,6 @@ def linear(x: torch.Tensor, lay: RlutLayout, splits: int | None = None) -> torch
     err = lib.cmpq_rlut_launch(ctypes.byref(p), ntl, int(bf), rb, S, smem, torch.cuda.current_stream(x.device).cuda_stream)
     if err:
         raise RuntimeError(f"cmpq rlut kernel failed: {lib.cmpq_rlut_error_string(err).decode()}")
+    if lay.row_scale is not None:
+        y = y * lay.row_scale.to(y.dtype)
     return y.reshape(*lead, out)

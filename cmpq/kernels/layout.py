@@ -355,8 +355,10 @@ def build(layer, mma: bool = True) -> dict[str, torch.Tensor]:
     t["rt_crow"] = crow.to(torch.int32).contiguous()
     t["rt_scol"] = col.to(torch.int32).contiguous()
     t["rt_corr"] = (layer.sparse_val.float() - _quantized_values(layer, rows, col.long())).contiguous()
-    t["rt_bias"] = (layer.bias.float().contiguous() if layer.bias is not None
-                    else torch.zeros(0, dtype=torch.float32, device=dev))
+    bias = None if layer.bias is None else layer.bias.float()
+    if bias is not None and getattr(layer, "row_scale", None) is not None:
+        bias = bias / layer.row_scale.float()  # the kernels compute x @ (W / s)^T + bias / s; the op scales by s
+    t["rt_bias"] = (bias.contiguous() if bias is not None else torch.zeros(0, dtype=torch.float32, device=dev))
     t["rt_perm"] = perm
     t["rt_sflat"] = inv[col.long()] * out + rows
     if mma:

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from cmpq.algorithm.allocation import algorithm1
-from cmpq.algorithm.budget import FP16, BudgetError, channel_cost_bits, solve, sparse_cost_bits, total_cost
+from cmpq.algorithm.budget import (FP16, BudgetError, channel_cost_bits, row_scale_cost_bits, solve,
+                                   sparse_cost_bits, total_cost)
 from cmpq.algorithm.distortion import layer_options
 from cmpq.config import CMPQConfig
 from cmpq.model.blocks import find_blocks, find_linears
@@ -46,6 +47,7 @@ def smallest_bits(model: nn.Module, cfg: CMPQConfig) -> float:
         for lin in find_linears(block).values():
             out_f, in_f = lin.out_features, lin.in_features
             bits += in_f * channel_cost_bits(min(cfg.widths), out_f, in_f) + sparse_cost_bits(out_f, n_sparse(lin, cfg), in_f)
+            bits += row_scale_cost_bits(out_f) if cfg.row_scale else 0
             numel += out_f * in_f
     return bits / max(numel, 1)
 
@@ -74,7 +76,7 @@ def plan_widths(model: nn.Module, hdiag: dict[tuple[int, str], torch.Tensor], cf
             w = lin.weight.detach().to(device)
             options.append(layer_options(w, hdiag[(i, name)], cfg.widths, n_sparse(lin, cfg),
                                          cfg.alloc_kmeans_iters, cfg.fp16_columns,
-                                         None if row_weight is None else row_weight.get((i, name))))
+                                         None if row_weight is None else row_weight.get((i, name)), cfg.row_scale))
             keys.append((i, name))
             numel += lin.weight.numel()
     budget = cfg.bits * numel

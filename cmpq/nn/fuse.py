@@ -53,7 +53,11 @@ def _kernel_outputs(layers: list, x: torch.Tensor) -> list[torch.Tensor] | None:
     rts = [layer.runtime() for layer in layers]
     if any(rt is None for rt in rts):
         return None
-    return kernel_v4.decode_group(rts, x)
+    outs = kernel_v4.decode_group(rts, x)
+    if outs is None:
+        return None
+    # each layout's bias is bias / row_scale (layout.build): scale as torch.ops.cmpq.linear does
+    return [y if y is None or m.row_scale is None else y * m.row_scale.to(y.dtype) for y, m in zip(outs, layers)]
 
 
 class SharedInputGroup:

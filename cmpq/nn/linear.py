@@ -54,6 +54,7 @@ class CMPQLinear(nn.Module):
         bias: bool,
         dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
+        row_scale: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -75,6 +76,10 @@ class CMPQLinear(nn.Module):
         self.register_buffer("sparse_crow", torch.zeros(out_features + 1, dtype=id_dtype(n_sparse), **kw))
         self.register_buffer("sparse_col", torch.empty(n_sparse, dtype=ids, **kw))
         self.register_buffer("sparse_val", torch.empty(n_sparse, dtype=torch.float16, **kw))
+        if row_scale:  # format v4: W = diag(row_scale) @ (codebooks, outlier columns, sparse values)
+            self.register_buffer("row_scale", torch.ones(out_features, dtype=torch.float16, **kw))
+        else:
+            self.row_scale = None
         self.register_buffer(MARKER, marker_tensor(device))
         if bias:
             self.register_buffer("bias", torch.empty(out_features, dtype=dtype, **kw))
@@ -124,6 +129,7 @@ class CMPQLinear(nn.Module):
         out["sparse_outliers"] = sum(
             t.numel() * t.element_size() for t in (self.sparse_crow, self.sparse_col, self.sparse_val)
         )
+        out["row_scales"] = 0 if self.row_scale is None else nbytes("row_scale")
         return out
 
     def effective_bits(self) -> float:
@@ -133,11 +139,12 @@ class CMPQLinear(nn.Module):
     def _stored(self) -> tuple:
         """The stored tensors in the order ``ops.dequantize`` and ``torch.ops.cmpq.linear`` take them:
         per bit width channel ids, packed indices, codebook codes, codebook bounds; then the outlier
-        columns and the sparse outliers."""
+        columns, the sparse outliers and the row scales (or None)."""
         bits = self.bit_widths
         return ([getattr(self, f"q{b}_channels") for b in bits], [getattr(self, f"q{b}_packed") for b in bits],
                 [getattr(self, f"q{b}_codebook") for b in bits], [getattr(self, f"q{b}_codebook_bounds") for b in bits],
-                self.outlier_channels, self.outlier_weight, self.sparse_crow, self.sparse_col, self.sparse_val)
+                self.outlier_channels, self.outlier_weight, self.sparse_crow, self.sparse_col, self.sparse_val,
+                self.row_scale)
 
     def _op_args(self) -> tuple:
         """Everything ``torch.ops.cmpq.linear`` takes after ``x``: the layer's own tensors and ints."""
@@ -292,6 +299,7 @@ def pack_linear(parts: "QuantizedParts", bias: torch.Tensor | None) -> CMPQLinea
         bias is not None,
         dtype=torch.float16,
         device=dev,
+        row_scale=parts.row_scale is not None,
     )
     ids = id_dtype(parts.in_features)
     for b, (ch, idx, cb) in parts.groups.items():
@@ -305,6 +313,8 @@ def pack_linear(parts: "QuantizedParts", bias: torch.Tensor | None) -> CMPQLinea
     layer.sparse_crow = crow.to(id_dtype(parts.sparse_vals.numel()))
     layer.sparse_col = parts.sparse_cols.to(ids)
     layer.sparse_val = parts.sparse_vals.half()
+    if parts.row_scale is not None:
+        layer.row_scale = parts.row_scale.half()
     if bias is not None:
         layer.bias = bias.detach().half().clone()
     return layer

@@ -29,8 +29,9 @@ from cmpq.storage.packing import unpack_channels
 
 def dequantize(channels: list[torch.Tensor], packed: list[torch.Tensor], codes: list[torch.Tensor],
                bounds: list[torch.Tensor], outlier_channels: torch.Tensor, outlier_weight: torch.Tensor,
-               sparse_crow: torch.Tensor, sparse_col: torch.Tensor, sparse_val: torch.Tensor, bits: list[int],
-               in_features: int, out_features: int, dtype: torch.dtype) -> torch.Tensor:
+               sparse_crow: torch.Tensor, sparse_col: torch.Tensor, sparse_val: torch.Tensor,
+               row_scale: torch.Tensor | None, bits: list[int], in_features: int, out_features: int,
+               dtype: torch.dtype) -> torch.Tensor:
     """The dense ``W_hat`` ``[out, in]`` the stored tensors stand for (docs/format.md), in ``dtype``.
 
     Plain PyTorch and free of data-dependent shapes, so it also runs under fake tensors (the
@@ -51,31 +52,35 @@ def dequantize(channels: list[torch.Tensor], packed: list[torch.Tensor], codes: 
         rows = torch.repeat_interleave(torch.arange(out_features, device=dev),
                                        (sparse_crow[1:] - sparse_crow[:-1]).long(), output_size=sparse_col.numel())
         w[rows, sparse_col.long()] = sparse_val.to(dtype)
+    if row_scale is not None:  # format v4: W = diag(row_scale) @ (the rest)
+        w = (w.float() * row_scale.float()[:, None]).to(dtype)
     return w
 
 
 def _reference(x, channels, packed, codes, bounds, outlier_channels, outlier_weight, sparse_crow, sparse_col,
-               sparse_val, bias, bits, out_features):
+               sparse_val, row_scale, bias, bits, out_features):
     w = dequantize(channels, packed, codes, bounds, outlier_channels, outlier_weight, sparse_crow, sparse_col,
-                   sparse_val, bits, x.shape[-1], out_features, x.dtype)
+                   sparse_val, row_scale, bits, x.shape[-1], out_features, x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
 @torch.library.custom_op("cmpq::linear", mutates_args=())
 def linear(x: torch.Tensor, channels: list[torch.Tensor], packed: list[torch.Tensor], codes: list[torch.Tensor],
            bounds: list[torch.Tensor], outlier_channels: torch.Tensor, outlier_weight: torch.Tensor,
-           sparse_crow: torch.Tensor, sparse_col: torch.Tensor, sparse_val: torch.Tensor, bias: Optional[torch.Tensor],
-           runtime: list[torch.Tensor], bits: list[int], out_features: int) -> torch.Tensor:
+           sparse_crow: torch.Tensor, sparse_col: torch.Tensor, sparse_val: torch.Tensor,
+           row_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor], runtime: list[torch.Tensor],
+           bits: list[int], out_features: int) -> torch.Tensor:
     """``x @ W_hat^T + bias`` of a CMPQ layer. ``channels``/``packed``/``codes``/``bounds``: one entry
-    per bit width in ``bits`` (the ``q{b}_*`` buffers); ``runtime``: the layer's runtime layout in
-    ``cmpq.kernels.layout.names`` order, or empty. The reference implementation (any device)."""
+    per bit width in ``bits`` (the ``q{b}_*`` buffers); ``row_scale``: the per-row scales or None;
+    ``runtime``: the layer's runtime layout in ``cmpq.kernels.layout.names`` order, or empty. The
+    reference implementation (any device)."""
     return _reference(x, channels, packed, codes, bounds, outlier_channels, outlier_weight, sparse_crow, sparse_col,
-                      sparse_val, bias, bits, out_features)
+                      sparse_val, row_scale, bias, bits, out_features)
 
 
 @linear.register_kernel("cuda")
 def _linear_cuda(x, channels, packed, codes, bounds, outlier_channels, outlier_weight, sparse_crow, sparse_col,
-                 sparse_val, bias, runtime, bits, out_features):
+                 sparse_val, row_scale, bias, runtime, bits, out_features):
     from cmpq.kernels import dispatch
     from cmpq.kernels.layout import Runtime
 
@@ -83,25 +88,27 @@ def _linear_cuda(x, channels, packed, codes, bounds, outlier_channels, outlier_w
     if runtime:
         rt = Runtime.from_tensors(runtime, bits, [c.numel() for c in channels], out_features, x.shape[-1], sparse_val)
         y = None if rt is None else dispatch.run(x, rt)
+        if y is not None and row_scale is not None:  # the layout's bias is bias / row_scale (layout.build)
+            y = y * row_scale.to(y.dtype)
     if y is None:
         y = _reference(x, channels, packed, codes, bounds, outlier_channels, outlier_weight, sparse_crow, sparse_col,
-                       sparse_val, bias, bits, out_features)
+                       sparse_val, row_scale, bias, bits, out_features)
     return y
 
 
 @linear.register_fake
 def _linear_fake(x, channels, packed, codes, bounds, outlier_channels, outlier_weight, sparse_crow, sparse_col,
-                 sparse_val, bias, runtime, bits, out_features):
+                 sparse_val, row_scale, bias, runtime, bits, out_features):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
 def _setup_context(ctx, inputs, output) -> None:
     (x, channels, packed, codes, bounds, outlier_channels, outlier_weight, sparse_crow, sparse_col, sparse_val,
-     _bias, runtime, bits, out_features) = inputs
+     row_scale, _bias, runtime, bits, out_features) = inputs
     ctx.bits, ctx.groups, ctx.in_features, ctx.out_features = list(bits), len(channels), x.shape[-1], out_features
     ctx.n_runtime = len(runtime)
     ctx.save_for_backward(*channels, *packed, *codes, *bounds, outlier_channels, outlier_weight, sparse_crow,
-                          sparse_col, sparse_val)
+                          sparse_col, sparse_val, row_scale)
 
 
 def _backward(ctx, grad: torch.Tensor):
@@ -112,7 +119,7 @@ def _backward(ctx, grad: torch.Tensor):
                        *saved[4 * g:], ctx.bits, ctx.in_features, ctx.out_features, grad.dtype)
         grad_x = grad @ w
     none = [None] * g  # one per tensor of a list input: autograd wants the inputs' structure back
-    return (grad_x, none, none, none, none) + (None,) * 6 + ([None] * ctx.n_runtime, None, None)
+    return (grad_x, none, none, none, none) + (None,) * 7 + ([None] * ctx.n_runtime, None, None)
 
 
 linear.register_autograd(_backward, setup_context=_setup_context)

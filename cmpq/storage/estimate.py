@@ -36,7 +36,7 @@ def layer_counts(out_f: int, in_f: int, cfg: CMPQConfig) -> tuple[dict[int, int]
 def empty_layer(out_f: int, in_f: int, cfg: CMPQConfig, bias: bool = False) -> CMPQLinear:
     """A ``CMPQLinear`` on the meta device with the tensors a real run would store."""
     counts, n_act, n_sparse = layer_counts(out_f, in_f, cfg)
-    return CMPQLinear(in_f, out_f, counts, n_act, n_sparse, bias, device="meta")
+    return CMPQLinear(in_f, out_f, counts, n_act, n_sparse, bias, device="meta", row_scale=cfg.row_scale)
 
 
 def estimate(model: nn.Module, cfg: CMPQConfig) -> dict:

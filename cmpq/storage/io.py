@@ -21,7 +21,11 @@ from cmpq.model import run_state
 from cmpq.nn.linear import MARKER, CMPQLinear, marker_tensor, prepare_runtime
 from cmpq.storage.layout import LayoutError, check_layout, install, layer_layout, model_layout, same_layout
 
-FORMAT_VERSION = 3  # 3: 8-bit codebooks, narrow ids; 2: FP16 codebooks, int32 ids; 1: indices along the channels
+# 4: optional FP16 row scales per layer; 3: 8-bit codebooks, narrow ids; 2: FP16 codebooks, int32 ids;
+# 1: indices along the channels. v4 is written; v3 is read as well (a v3 layer is a v4 layer without
+# row scales; a v3 reader refuses v4 by its version, so no reader ignores the scales silently)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (3, 4)
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"  # save_pretrained, above max_shard_size
 MANIFEST = "cmpq_manifest.json"
@@ -318,6 +322,9 @@ def _check_layer(name: str, t: dict[str, torch.Tensor], info: dict) -> None:
     for k in ("outlier_weight", "sparse_val"):
         if not torch.isfinite(t[f"{name}.{k}"]).all():
             raise CorruptModelError(f"{name}.{k}: holds NaN or Inf")
+    s = t.get(f"{name}.row_scale")
+    if s is not None and (not torch.isfinite(s).all() or (s <= 0).any()):
+        raise CorruptModelError(f"{name}.row_scale: holds NaN, Inf or a scale that is not positive")
 
 
 def _empty_model(path: Path, config):
@@ -363,7 +370,7 @@ def _read_tensors(f: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch
     try:
         with safe_open(str(f), framework="pt") as st:
             meta = st.metadata() or {}
-            if meta.get("cmpq_format_version") != str(FORMAT_VERSION):
+            if meta.get("cmpq_format_version") not in {str(v) for v in READABLE_VERSIONS}:
                 raise CorruptModelError(f"{f}: cmpq_format_version {meta.get('cmpq_format_version')!r} unsupported")
             names = set(st.keys())
             for name in names:
@@ -497,11 +504,12 @@ def read_layout(path: Path, qc: dict, manifest: dict | None) -> dict:
 
 
 def check_format_version(where: str, v: object) -> None:
-    if v != FORMAT_VERSION:
+    if v not in READABLE_VERSIONS:
         hint = {1: " (written by cmpq 0.1, which packed indices along the channels: quantize the model again)",
                 2: " (FP16 codebooks and int32 ids, written before format v3: quantize the model again with "
                    "this cmpq, or load it with the cmpq that wrote it)"}.get(v, "")
-        raise CorruptModelError(f"{where}: format_version {v!r} unsupported (this cmpq reads {FORMAT_VERSION}){hint}")
+        raise CorruptModelError(f"{where}: format_version {v!r} unsupported (this cmpq reads "
+                                f"{' and '.join(map(str, READABLE_VERSIONS))}){hint}")
 
 
 def weight_files(path: Path) -> list[Path]:

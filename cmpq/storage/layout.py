@@ -16,8 +16,10 @@ from torch import nn
 from cmpq.nn.linear import CMPQLinear
 from cmpq.storage.packing import SUPPORTED_BITS
 
-# per layer: {"in_features", "out_features", "bias", "channels": {"<bits>": n}, "outlier_channels", "sparse_outliers"}
+# per layer: {"in_features", "out_features", "bias", "channels": {"<bits>": n}, "outlier_channels", "sparse_outliers"},
+# and "row_scale" (format v4; absent = false, as in every v3 folder)
 FIELDS = ("in_features", "out_features", "bias", "channels", "outlier_channels", "sparse_outliers")
+OPTIONAL = {"row_scale": False}
 
 
 class LayoutError(ValueError):
@@ -32,6 +34,7 @@ def layer_layout(layer: CMPQLinear) -> dict[str, Any]:
         "channels": {str(b): n for b, n in layer.counts().items()},
         "outlier_channels": layer.outlier_channels.numel(),
         "sparse_outliers": layer.sparse_val.numel(),
+        **({"row_scale": True} if layer.row_scale is not None else {}),
     }
 
 
@@ -65,6 +68,8 @@ def check_layout(layers: object, where: str) -> dict[str, dict[str, Any]]:
             raise LayoutError(f"{what}: in_features and out_features must be positive")
         if not isinstance(info["bias"], bool):
             raise LayoutError(f"{what}: bias must be true or false, got {info['bias']!r}")
+        if not isinstance(info.get("row_scale", False), bool):
+            raise LayoutError(f"{what}: row_scale must be true or false, got {info['row_scale']!r}")
         ch = info["channels"]
         if not isinstance(ch, dict) or not all(k in widths and _count(v) for k, v in ch.items()):
             raise LayoutError(f"{what}: channels must map widths {min(SUPPORTED_BITS)}..{max(SUPPORTED_BITS)} to "
@@ -79,7 +84,10 @@ def check_layout(layers: object, where: str) -> dict[str, dict[str, Any]]:
 
 def same_layout(a: dict, b: dict) -> bool:
     """Two layouts (or a layout and the manifest's richer per-layer summary) describe the same layers."""
-    return a.keys() == b.keys() and all({k: a[n][k] for k in FIELDS} == {k: b[n][k] for k in FIELDS} for n in a)
+    def fields(info: dict) -> dict:
+        return {**{k: info[k] for k in FIELDS}, **{k: info.get(k, d) for k, d in OPTIONAL.items()}}
+
+    return a.keys() == b.keys() and all(fields(a[n]) == fields(b[n]) for n in a)
 
 
 def build_layer(info: dict[str, Any], device: torch.device | str = "meta") -> CMPQLinear:
@@ -87,7 +95,7 @@ def build_layer(info: dict[str, Any], device: torch.device | str = "meta") -> CM
     until the tensors are read and checked)."""
     counts = {int(b): n for b, n in info["channels"].items()}
     return CMPQLinear(info["in_features"], info["out_features"], counts, info["outlier_channels"],
-                      info["sparse_outliers"], info["bias"], device=device)
+                      info["sparse_outliers"], info["bias"], device=device, row_scale=info.get("row_scale", False))
 
 
 def expected_tensors(layers: dict[str, dict[str, Any]]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
