@@ -203,6 +203,38 @@ def test_dispatch_run_on_this_device():
     _check(layer(xl), layer, xl)
 
 
+def test_row_scaled_layer_through_the_kernels():
+    """Format v4 row scales: the kernels run on the scaled values with ``bias / s`` in the runtime
+    layout and the operator multiplies by ``s``; every path must still give ``x @ W_hat^T + bias``."""
+    from cmpq.algorithm.budget import FP16
+    from cmpq.algorithm.compensated import quantize_compensated
+    from cmpq.nn.linear import pack_linear
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(67, 300, generator=g) * 0.05 * torch.exp(torch.randn(67, 1, generator=g))
+    widths = torch.tensor([2, 3, 4] * 99 + [FP16] * 3)
+    parts = quantize_compensated(W, torch.eye(300), widths, n_sparse=20, kmeans_iters=5, row_scale=True)
+    layer = pack_linear(parts, torch.randn(67, generator=g) * 0.1).to(DEV)
+    layer.prepare_runtime()
+    rt = layer.runtime()
+    s = layer.row_scale
+    assert s is not None and not torch.allclose(s.float(), torch.ones_like(s.float()), atol=0.05)
+    torch.testing.assert_close(rt.bias * s.float(), layer.bias.float(), rtol=1e-3, atol=1e-6)
+    for tokens in (1, 3, 40):  # the Triton paths (CPU: interpreter), scaled as the operator scales them
+        xt = torch.randn(tokens, 300, device=DEV).half()
+        _check(dispatch.serve("triton", rt, xt) * s, layer, xt)
+        _check(layer(xt), layer, xt)
+    if DEV == "cpu":
+        return
+    from cmpq.kernels import KERNELS
+
+    for name in KERNELS[:-1]:
+        with force(name):
+            for tokens in (1, 2, 16, 40):
+                xt = torch.randn(tokens, 300, device=DEV).half()
+                _check(layer(xt), layer, xt)
+
+
 # -- v3: CUDA C++ decode kernel (cmpq/kernels/cuda_decode.py) ------------------------------------
 from cmpq.kernels import cuda_decode  # noqa: E402
 
