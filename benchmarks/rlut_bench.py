@@ -54,7 +54,7 @@ def rel_err(y, ref) -> float:
 
 
 def table(rows: list[dict], meta: dict) -> str:
-    lines = [f"# rlut vs best existing (v4s at 1 token, mma at 2..16) vs FP16 cuBLAS", "",
+    lines = ["# rlut vs best existing (v4s at 1 token, mma at 2..16) vs FP16 cuBLAS", "",
              f"{meta['device']}, {meta['date']}, torch {meta['torch']}; {meta['method']}", "",
              "| bits | layer (out x in) | T | FP16 us | best us | rlut us | rlut vs FP16 | rlut vs best | rlut bw | rlut err |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -132,7 +132,7 @@ def main() -> None:
                     print(f"{bits:g} bits {out}x{n_in} T={T}: fp16 {row['fp16_us']:.1f} us, best "
                           f"{row['best_us'] or float('nan'):.1f}, rlut {row['rlut_us'] or float('nan'):.1f} "
                           f"(err {e_r:.1e} / {e_b:.1e}; grid {row['plan']})", flush=True)
-                del layer, lay, w16, w64
+                layer = lay = w16 = w64 = rt = None  # free before the next shape (the timing lambdas are done)
                 torch.cuda.empty_cache()
                 with open(os.path.join(args.out, "rlut_bench.json"), "w") as f:
                     json.dump(dict(meta=meta, rows=rows), f, indent=1)

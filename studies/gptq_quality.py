@@ -31,7 +31,6 @@ import os
 import argparse
 import datetime
 import json
-import math
 import time
 from pathlib import Path
 

@@ -4,7 +4,6 @@ import importlib.util
 import os
 
 import pytest
-import torch
 
 import cmpq
 from cmpq.data.tokens import calibration_windows, eval_windows

@@ -15,7 +15,6 @@ import warnings
 from functools import reduce
 
 import numpy as np
-import torch
 from torch import Tensor
 
 _MAX_DP_CELLS = 200_000_000
