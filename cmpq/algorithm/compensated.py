@@ -104,6 +104,14 @@ def row_scales(weight: torch.Tensor) -> torch.Tensor:
     return s.clamp(2**-14, 2**14).half().float()  # stored in FP16: divide by exactly what is stored
 
 
+def scale_rows(weight: torch.Tensor, row_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(``weight / s``, row weights ``s^2 * row_weight`` that keep a fit's objective the true squared
+    error, ``s``) with ``s = row_scales(weight)``: the one place the allocation's distortion and the
+    compensated pass scale rows, so the widths are planned for the fit that is made."""
+    s = row_scales(weight)
+    return weight.float() / s[:, None], s**2 * (1 if row_weight is None else row_weight), s
+
+
 def quantize_compensated(
     weight: torch.Tensor,
     H: torch.Tensor,
@@ -145,9 +153,8 @@ def quantize_compensated(
     rw = None if row_weight is None else mean_one_weights(row_weight, out_f, dev, name)
     scale = None
     if row_scale:
-        scale = row_scales(W)
-        W /= scale[:, None]
-        rw = mean_one_weights(scale**2 * (1 if rw is None else rw), out_f, dev, name)  # the true squared error
+        W, rw, scale = scale_rows(W, rw)
+        rw = mean_one_weights(rw, out_f, dev, name)  # a fit's scale is irrelevant; mean 1 as elsewhere
     init = initial_codebooks(W, widths, kmeans_iters, rw)
     rows, cols = select_sparse(W, diag, init, n_sparse, rw)
     start = torch.zeros(in_f, max([2**b for b in init] or [1]), device=dev)  # warm start per column

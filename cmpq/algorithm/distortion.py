@@ -32,7 +32,7 @@ def layer_options(weight: torch.Tensor, hdiag: torch.Tensor, widths: tuple[int, 
     """Costs (bits, format v4) and expected losses of each candidate width for every channel
     (``row_scale``: of the row-scaled fit ``quantize_compensated`` will make, whose scales the
     layer's fixed cost includes)."""
-    from cmpq.algorithm.compensated import row_scales
+    from cmpq.algorithm.compensated import scale_rows
 
     out_f, in_f = weight.shape
     if hdiag.shape != (in_f,):
@@ -40,10 +40,8 @@ def layer_options(weight: torch.Tensor, hdiag: torch.Tensor, widths: tuple[int, 
     h = hdiag.to(weight.device).double().clamp(min=0) / (2 * out_f)
     # mean 1, so the loss scale (and the price per bit) is unchanged
     rw = None if row_weight is None else mean_one_weights(row_weight, out_f, weight.device)
-    if row_scale:
-        scale = row_scales(weight)
-        weight = weight.float() / scale[:, None]
-        rw = scale.to(weight.device)**2 * (1 if rw is None else rw)  # not renormalised: the loss stays the true error
+    if row_scale:  # not renormalised: the loss stays the true error
+        weight, rw, _ = scale_rows(weight, rw)
     opts = sorted(set(widths) | ({FP16} if fp16 else set()), key=lambda b: channel_cost_bits(b, out_f, in_f))
     loss = torch.stack([torch.zeros(in_f, dtype=torch.float64, device=weight.device) if b == FP16
                         else h * channel_sse(weight, b, iters, rw) for b in opts], dim=1)

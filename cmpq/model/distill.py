@@ -113,10 +113,6 @@ class TunableLinear(nn.Module):
         # windows (CPU, SmolLM2, 2026-12-05: held-out KL 0.212 -> 0.276 at 3.36 bits, 0.064 -> 0.209 at 4.3)
         self.register_buffer("row_scale", None if layer.row_scale is None else layer.row_scale.float())
 
-    def scale(self) -> torch.Tensor | None:
-        """The row scales as stored (fixed during fine-tuning)."""
-        return self.row_scale
-
     def stored(self) -> torch.Tensor:
         """``values`` as the format will store them, with a straight-through gradient: codebooks on
         their 8-bit grids (``codebook.storable``), outlier columns and sparse values in FP16. The
@@ -132,8 +128,7 @@ class TunableLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.stored()[self.where]
-        s = self.scale()
-        w = (w if s is None else w * s[:, None]).to(x.dtype)
+        w = (w if self.row_scale is None else w * self.row_scale[:, None]).to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     @torch.no_grad()
