@@ -266,6 +266,13 @@ def test_row_scales_round_trip_and_v3_folders_still_load(tiny_llama, calib_ids, 
     set_compute_dtype(q, torch.float16)
     set_compute_dtype(q, torch.float32)
     assert torch.equal(loaded(calib_ids).logits, q(calib_ids).logits)
+    bad = cmpq.save(loaded, tmp_path / "bad")  # a scale that is not positive is refused by name
+    sd = load_file(bad / "model.safetensors")
+    name = next(k for k in sd if k.endswith(".row_scale"))
+    sd[name][0] = -1.0
+    save_file(sd, bad / "model.safetensors", metadata={"cmpq_format_version": "4"})
+    with pytest.raises(CorruptModelError, match="row_scale"):
+        cmpq.load(bad, device="cpu", verify=False)
 
     plain = cmpq.quantize(fresh, None, cmpq.CMPQConfig(bits=4.0, kmeans_iters=5, alloc_kmeans_iters=5,
                                                             finetune_epochs=0, row_scale=False),
