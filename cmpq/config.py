@@ -60,7 +60,8 @@ class CMPQConfig:
     # (cmpq.algorithm.compensated.row_scales); 16 bits per row, charged to the budget. None: on for
     # the compensated algorithm, off for the paper's (which has none)
     row_scale: bool | None = None
-    finetune_lr: float = 5e-3  # Adam step relative to each layer's RMS value
+    # Adam step relative to each layer's RMS value (cmpq.model.distill.finetune says how it was chosen)
+    finetune_lr: float = 1e-3
     # block linears to leave dense, as fnmatch patterns over qualified names ("*.mlp.down_proj")
     skip_modules: tuple = ()
     extra: dict = field(default_factory=dict)

@@ -87,6 +87,7 @@ def test_finetune_keeps_the_model_when_no_epoch_helps(tiny_llama, calib_ids):
     hist = finetune(model, calib_ids, states, torch.device("cpu"), epochs=2, lr=50.0)
     assert hist["kept_epoch"] == 0, hist
     assert min(hist["held_out_kl"][1:]) >= hist["held_out_kl"][0]
+    assert hist["lr_backoffs"] == 1  # epoch 1 overshot: undone, epoch 2 ran with a quarter of the step
     for n, m in model.named_modules():
         if isinstance(m, CMPQLinear):
             assert torch.equal(m.dequantize(torch.float32), before[n]), n
@@ -120,3 +121,18 @@ def test_tunable_linear_applies_row_scales_and_keeps_them(tiny_llama, calib_ids)
     out = t.write_back()
     torch.testing.assert_close(out(x), y_seen, rtol=1e-5, atol=1e-6)
     assert torch.equal(out.row_scale, s0)
+
+
+def test_backoff_restarts_from_the_best_values(tiny_llama, calib_ids, monkeypatch):
+    """After an epoch that raises the held-out KL, the next epoch starts from the best values (not
+    the overshot ones) with a smaller step: with three epochs at a step that overshoots once and
+    then helps, the last epoch must beat the first."""
+    import cmpq.model.distill as distill
+
+    monkeypatch.setattr(distill, "BACKOFF", 1000.0)
+    states = teacher_states(tiny_llama, calib_ids, torch.device("cpu"))
+    model = _quantized(tiny_llama, calib_ids)
+    hist = finetune(model, calib_ids, states, torch.device("cpu"), epochs=3, lr=5.0)
+    kl = hist["held_out_kl"]
+    assert hist["lr_backoffs"] >= 1 and kl[1] > kl[0]
+    assert min(kl[2:]) < kl[1]  # from the restored values with 1/1000 of the step, not further from epoch 1's

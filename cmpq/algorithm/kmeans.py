@@ -33,7 +33,7 @@ def mean_one_weights(raw: torch.Tensor, n: int, device: torch.device, name: str 
 
 def kmeans_1d(
     x: torch.Tensor, k: int, keep: torch.Tensor | None = None, max_iter: int = 100,
-    init: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+    init: torch.Tensor | None = None, weight: torch.Tensor | None = None, swaps: int = 0,
 ) -> torch.Tensor:
     """Centroids ``[rows, k]`` (float32, ascending) of each row of ``x`` ``[rows, n]``.
 
@@ -43,6 +43,11 @@ def kmeans_1d(
     Rows with fewer distinct kept values than ``k`` get repeated centroids; rows with none get zeros.
     ``init`` (``[rows, k]``) replaces the two default starts by one warm start: CMPQ's second pass
     starts from the first pass's codebooks, since removing 0.05% of the values moves them little.
+    ``swaps`` rounds of merge-and-split moves (``_swap_start``) follow the cold start: Lloyd stops at
+    the first fixed point, which at 16 entries is often a poor one (on SmolLM2-135M columns its
+    squared error was 1.089x the global optimum's at k=16, 1.016x at k=8; after 9 rounds, 1.016x
+    at k=16: ``studies/kmeans_gap.py``). Each round is one warm-started Lloyd run per row, kept only
+    where it lowers the error, so the result is never worse than Lloyd's.
     """
     if init is not None and init.shape != (x.shape[0], k):
         raise ValueError(f"init must have shape {(x.shape[0], k)}, got {tuple(init.shape)}")
@@ -59,14 +64,16 @@ def kmeans_1d(
     step = max(1, CHUNK_ELEMENTS // max(n, 1))
     out = [
         _kmeans_chunk(x[i : i + step], k, None if keep is None else keep[i : i + step], max_iter,
-                      None if init is None else init[i : i + step], None if weight is None else weight[i : i + step])
+                      None if init is None else init[i : i + step], None if weight is None else weight[i : i + step],
+                      swaps)
         for i in range(0, rows, step)
     ]
     return torch.cat(out) if out else x.new_zeros(0, k, dtype=torch.float32)
 
 
 def _kmeans_chunk(x: torch.Tensor, k: int, keep: torch.Tensor | None, max_iter: int,
-                  init: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
+                  init: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                  swaps: int = 0) -> torch.Tensor:
     rows, n = x.shape
     dev = x.device
     if n == 0:
@@ -108,7 +115,48 @@ def _kmeans_chunk(x: torch.Tensor, k: int, keep: torch.Tensor | None, max_iter: 
             better = sse < best_sse
             best = torch.where(better[:, None], cent, best)
             best_sse = torch.where(better, sse, best_sse)
+    if k >= 3:
+        c2 = torch.cat([zero, (wz * xz * xz).cumsum(dim=1)], dim=1)
+        for r in range(swaps):
+            cent, sse = _lloyd(xs, csum, cw, nvalid, _swap_start(best, xs, csum, cw, c2, nvalid, r), max_iter)
+            better = sse < best_sse
+            best = torch.where(better[:, None], cent, best)
+            best_sse = torch.where(better, sse, best_sse)
     return best
+
+
+def _swap_start(cent: torch.Tensor, xs: torch.Tensor, csum: torch.Tensor, cw: torch.Tensor, c2: torch.Tensor,
+                nvalid: torch.Tensor, r: int) -> torch.Tensor:
+    """A new start one move away from ``cent`` (a Lloyd fixed point): two neighbouring clusters merge
+    into one centroid and the freed centroid splits a high-error cluster in two (at its quartiles).
+    Round ``r`` tries the ``r // 3``-th cheapest merge with the ``r % 3``-th largest cluster, so
+    successive rounds try different moves; all rows move at once."""
+    rows, k = cent.shape
+    n = xs.shape[1]
+    mids = (cent[:, 1:] + cent[:, :-1]) * 0.5
+    bnd = torch.searchsorted(xs, mids.contiguous(), right=True).clamp(max=nvalid[:, None])
+    lo = torch.cat([torch.zeros(rows, 1, dtype=torch.long, device=xs.device), bnd], dim=1)
+    hi = torch.cat([bnd, nvalid[:, None]], dim=1)
+
+    def cost(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # weighted SSE of the sorted run a..b-1
+        s = csum.gather(1, b) - csum.gather(1, a)
+        return (c2.gather(1, b) - c2.gather(1, a)) - s * s / (cw.gather(1, b) - cw.gather(1, a)).clamp(min=1e-300)
+
+    own = cost(lo, hi)
+    merge = cost(lo[:, :-1], hi[:, 1:]) - own[:, :-1] - own[:, 1:]
+    m = merge.argsort(dim=1)[:, (r // 3) % (k - 1), None]  # merge clusters m and m + 1
+    pair = torch.zeros_like(own, dtype=torch.bool).scatter_(1, m, True).scatter_(1, m + 1, True)
+    split = own.masked_fill(pair, -1.0).argsort(dim=1, descending=True)[:, min(r % 3, k - 3), None]
+    a, b = lo.gather(1, m), hi.gather(1, m + 1)
+    merged = ((csum.gather(1, b) - csum.gather(1, a)) / (cw.gather(1, b) - cw.gather(1, a)).clamp(min=1e-300)).float()
+    merged = torch.where(b > a, merged, cent.gather(1, m))
+    sa, sb = lo.gather(1, split), hi.gather(1, split)
+    q1 = xs.gather(1, (sa + (sb - sa) // 4).clamp(max=n - 1))
+    q3 = xs.gather(1, (sa + 3 * (sb - sa) // 4).clamp(max=n - 1))
+    gone = pair.scatter(1, split, True)
+    rest = cent[~gone].view(rows, k - 3)
+    new = torch.cat([rest, merged, q1, q3], dim=1)
+    return torch.sort(torch.where(torch.isfinite(new), new, cent.gather(1, split).expand_as(new)), dim=1).values
 
 
 def _lloyd(xs: torch.Tensor, csum: torch.Tensor, cw: torch.Tensor, nvalid: torch.Tensor, cent: torch.Tensor,
