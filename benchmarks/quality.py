@@ -110,6 +110,9 @@ def grid(a: argparse.Namespace) -> list[dict]:
     if "cmpq" in m:  # the default (compensated) at effective budgets, then the paper's method at nominal ones
         out += [cell("cmpq", b, "CMPQ", opts={"algorithm": "compensated"}) for b in a.cmpq_budgets]
         out += [cell("cmpq", b, "CMPQ-paper", opts={"algorithm": "paper"}) for b in a.paper_budgets]
+        for name, opts, budgets in a.cmpq_variant:  # a candidate part beside the default, same budgets
+            out += [cell("cmpq", b, f"CMPQ {name}", opts={"algorithm": "compensated", **opts}, table="ablation")
+                    for b in budgets]
     for meth in ("rtn", "gptq", "awq"):
         if meth in m:
             # g64 as well, so the baselines' curves reach ~4.5 effective bits (never g32 on SmolLM2:
@@ -659,6 +662,26 @@ def run_worker(a: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ entry point
 
 
+def parse_variant(spec: str) -> tuple[str, dict, list[float]]:
+    """``NAME:K=V[,K=V]:B[,B]`` -> (name, CMPQConfig fields, budgets); values as JSON where they parse."""
+    from cmpq.config import CMPQConfig
+
+    try:
+        name, kvs, budgets = spec.split(":")
+        opts = {}
+        for kv in kvs.split(","):
+            k, v = kv.split("=", 1)
+            try:
+                opts[k] = json.loads(v)
+            except json.JSONDecodeError:
+                opts[k] = v
+        bits = [float(b) for b in budgets.split(",")]
+        CMPQConfig(**opts)  # unknown fields and bad values fail here, before any work
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(f"--cmpq-variant {spec!r}: {e} (expected NAME:K=V[,K=V]:B[,B])") from None
+    return name, opts, bits
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -672,6 +695,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-sizes", type=int, nargs="+", default=[128, 64], help="rtn, gptq, awq group sizes")
     ap.add_argument("--llmmq-budgets", type=float, nargs="+", default=[2, 2.5, 3, 3.5, 4])
     ap.add_argument("--ablations", action="store_true", help="add the paper's ablations (Tables 1, 4, 5, 6, 7)")
+    ap.add_argument("--cmpq-variant", type=parse_variant, action="append", default=[], metavar="NAME:K=V[,K=V]:B[,B]",
+                    help="the default with config fields changed, at effective budgets B, as ablation rows "
+                         "'CMPQ NAME' (e.g. 'k-means swaps:kmeans_swaps=9:3.36,4.3')")
     ap.add_argument("--quick", action="store_true", help="CPU smoke: few short windows (defaults below shrink)")
     ap.add_argument("--datasets", nargs="+", default=["wikitext2", "c4"])
     ap.add_argument("--calib", default="c4")

@@ -40,6 +40,9 @@ class CMPQConfig:
     allocator: str = "auto"  # "distortion" (compensated) or "algorithm1" (paper); "auto" picks by algorithm
     edge_frac: float = 0.01  # at exactly 3 bits: fraction of channels moved to 2 bits and to 4 bits
     kmeans_iters: int = 100
+    # compensated algorithm: merge-and-split rounds after Lloyd's k-means (cmpq.algorithm.kmeans), in
+    # the allocation's distortion and the initial codebooks; 0: plain Lloyd (two starts)
+    kmeans_swaps: int = 0
     # compensated algorithm
     # candidate widths per channel, FP16 columns too if fp16_columns. 1 is allowed; the GPU
     # kernels take 2..4 (a layer with 1-bit channels runs through dequantization)
@@ -121,6 +124,8 @@ class CMPQConfig:
         if not isinstance(self.finetune_lr, (int, float)) or not math.isfinite(self.finetune_lr) \
                 or not 0 < self.finetune_lr < 1:
             raise ValueError(f"finetune_lr must be in (0, 1), got {self.finetune_lr!r}")
+        if not isinstance(self.kmeans_swaps, int) or isinstance(self.kmeans_swaps, bool) or self.kmeans_swaps < 0:
+            raise ValueError(f"kmeans_swaps must be a non-negative integer, got {self.kmeans_swaps!r}")
         for name in ("block_size", "alloc_kmeans_iters"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:

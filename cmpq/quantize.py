@@ -105,7 +105,8 @@ def _compensated_steps(model: nn.Module, windows: Windows, cfg: CMPQConfig, devi
                 parts = quantize_compensated(
                     lin.weight.data, stats[name].H, plan[(i, name)], n_sparse(lin, cfg), cfg.kmeans_iters,
                     cfg.damp, cfg.block_size, cfg.compensate, name=f"block {i} {name}",
-                    row_weight=None if rows is None else rows[(i, name)], row_scale=cfg.row_scale)
+                    row_weight=None if rows is None else rows[(i, name)], row_scale=cfg.row_scale,
+                    kmeans_swaps=cfg.kmeans_swaps)
             stats[name].sum = None  # the Hessian can go before the next one is built
             _install(block, name, lin, parts)
 

@@ -179,3 +179,15 @@ def test_llmmq_cache_keyed_by_model_and_calibration():
     ids2[0, 0] = (ids2[0, 0] + 1) % 128
     recal = quantize_baseline(clone(m), None, "llmmq", 3, calib=ids2, device="cpu", log=None, cache=cache)
     assert not recal.get("reused_candidates") and len(cache) == 3
+
+
+def test_cmpq_variant_cells_and_bad_specs():
+    import argparse
+
+    from benchmarks import quality
+
+    name, opts, bits = quality.parse_variant("k-means swaps:kmeans_swaps=9,row_scale=false:3.36,4.3")
+    assert (name, opts, bits) == ("k-means swaps", {"kmeans_swaps": 9, "row_scale": False}, [3.36, 4.3])
+    for bad in ("no colons", "x:kmeans_swaps=-1:3", "x:not_a_field=1:3", "x:kmeans_swaps=9:three"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            quality.parse_variant(bad)

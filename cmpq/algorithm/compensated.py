@@ -49,20 +49,22 @@ from cmpq.storage.codebook import storable
 
 
 def _codebooks(x: torch.Tensor, k: int, keep: torch.Tensor | None, iters: int,
-               init: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
+               init: torch.Tensor | None = None, weight: torch.Tensor | None = None, swaps: int = 0) -> torch.Tensor:
     # what is stored is what is used
-    return storable(kmeans_1d(x, k, keep, max_iter=iters, init=init, weight=weight))
+    return storable(kmeans_1d(x, k, keep, max_iter=iters, init=init, weight=weight, swaps=swaps))
 
 
 def initial_codebooks(W: torch.Tensor, widths: torch.Tensor, iters: int,
-                      row_weight: torch.Tensor | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+                      row_weight: torch.Tensor | None = None, swaps: int = 0) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """width -> (columns, codebooks ``[n_b, 2**b]``) fitted on the original columns, one vectorized
     k-means call per width: the sparse-outlier search uses them, and every lazy block warm-starts
-    from them (k-means calls are launch-bound; a warm start needs few iterations)."""
+    from them (k-means calls are launch-bound; a warm start needs few iterations). ``swaps``: merge-and-split
+    rounds after Lloyd (``kmeans_1d``); the warm-started refits inherit the better start."""
     out = {}
     for b in sorted(set(widths.tolist()) - {FP16}):
         cols = (widths == b).nonzero().squeeze(1)
-        out[b] = (cols, _codebooks(W[:, cols].T.float().contiguous(), 2**b, None, iters, weight=row_weight))
+        out[b] = (cols, _codebooks(W[:, cols].T.float().contiguous(), 2**b, None, iters, weight=row_weight,
+                                   swaps=swaps))
     return out
 
 
@@ -124,13 +126,15 @@ def quantize_compensated(
     name: str = "weight",
     row_weight: torch.Tensor | None = None,
     row_scale: bool = False,
+    kmeans_swaps: int = 0,
 ) -> QuantizedParts:
     """Quantize ``weight`` ``[out, in]`` with per-channel ``widths`` (``FP16``: keep the column) and
     Hessian ``H`` ``[in, in]``; ``compensate=False`` skips the error feedback (same codebooks and
     outliers, each column on its own) for ablations. ``row_weight`` ``[out]`` (positive) weights
     the output rows in every codebook fit and in the sparse-outlier choice: GPTQ's error feedback
     works row by row, so it is unchanged, but a codebook is shared by all rows of its channel.
-    ``row_scale``: fit the rows divided by ``row_scales(weight)`` (returned in the parts)."""
+    ``row_scale``: fit the rows divided by ``row_scales(weight)`` (returned in the parts).
+    ``kmeans_swaps``: merge-and-split rounds of the initial codebooks (``kmeans_1d``)."""
     out_f, in_f = weight.shape
     dev = weight.device
     if H.shape != (in_f, in_f):
@@ -155,7 +159,7 @@ def quantize_compensated(
     if row_scale:
         W, rw, scale = scale_rows(W, rw)
         rw = mean_one_weights(rw, out_f, dev, name)  # a fit's scale is irrelevant; mean 1 as elsewhere
-    init = initial_codebooks(W, widths, kmeans_iters, rw)
+    init = initial_codebooks(W, widths, kmeans_iters, rw, kmeans_swaps)
     rows, cols = select_sparse(W, diag, init, n_sparse, rw)
     start = torch.zeros(in_f, max([2**b for b in init] or [1]), device=dev)  # warm start per column
     for b, (c, cb) in init.items():
