@@ -690,8 +690,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4], help="rtn, gptq, awq, hqq bit widths")
     ap.add_argument("--cmpq-budgets", type=float, nargs="+", default=[2.3, 2.5, 2.8, 3, 3.36, 3.6, 4, 4.3, 4.6],
                     help="the default algorithm's budgets: effective bits, every byte counted")
-    ap.add_argument("--paper-budgets", type=float, nargs="+", default=[2, 2.2, 2.5, 3, 3.2, 3.5, 4],
-                    help="the paper's method: nominal bits")
+    ap.add_argument("--paper-budgets", type=float, nargs="*", default=[2, 2.2, 2.5, 3, 3.2, 3.5, 4],
+                    help="the paper's method: nominal bits (none given: no paper cells)")
     ap.add_argument("--group-sizes", type=int, nargs="+", default=[128, 64], help="rtn, gptq, awq group sizes")
     ap.add_argument("--llmmq-budgets", type=float, nargs="+", default=[2, 2.5, 3, 3.5, 4])
     ap.add_argument("--ablations", action="store_true", help="add the paper's ablations (Tables 1, 4, 5, 6, 7)")
