@@ -262,7 +262,9 @@ def test_quads_roundtrip(mix):
     rows = torch.repeat_interleave(torch.arange(67), (lay.sparse_crow[1:] - lay.sparse_crow[:-1]).long())
     y.index_add_(1, rows, lay.sparse_corr.double() * x[:, lay.sparse_col.long()])
     ref = x @ layer.dequantize(torch.float32).double().T
-    assert ((y - ref).norm() / ref.norm()).item() < 1e-6
+    # the reference is dequantized in float32: its rounding over 300 channels is ~sqrt(300) * 2**-24
+    # ~ 1e-6 relative (1.35e-6 measured on an H200, 2026-12-05); a layout bug gives O(1)
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-5
 
 
 def test_plan_fits_shared_memory():

@@ -200,6 +200,24 @@ def test_swaps_never_worse_and_closer_to_the_optimum():
     assert gap_swapped < 0.5 * gap_plain, (gap_plain, gap_swapped)
 
 
+def test_starts_run_side_by_side_as_they_would_alone():
+    """``_lloyd`` runs S starts per row in one pass (shared searchsorted and gathers); each start's
+    result must be the one it reaches alone, re-seeds of empty clusters included."""
+    from cmpq.algorithm import kmeans as km
+
+    torch.manual_seed(3)
+    x = torch.cat([torch.randn(6, 90), torch.randint(0, 3, (2, 90)).float()])  # 3 distinct values: re-seeds
+    xs = torch.sort(x, dim=1).values.double()
+    zero = torch.zeros(8, 1, dtype=torch.float64)
+    csum, cw = torch.cat([zero, xs.cumsum(1)], 1), torch.cat([zero, torch.ones_like(xs).cumsum(1)], 1)
+    nvalid = torch.full((8,), 90)
+    starts = torch.sort(torch.randn(8, 3, 8), dim=2).values
+    cent, sse = km._lloyd(xs.float(), csum, cw, nvalid, starts, 30)
+    for s in range(3):
+        c1, e1 = km._lloyd(xs.float(), csum, cw, nvalid, starts[:, s : s + 1], 30)
+        assert torch.allclose(cent[:, s], c1[:, 0]) and torch.allclose(sse[:, s], e1[:, 0])
+
+
 def test_swaps_respect_masks_and_weights():
     torch.manual_seed(1)
     x = torch.randn(8, 200)

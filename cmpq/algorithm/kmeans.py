@@ -46,8 +46,9 @@ def kmeans_1d(
     ``swaps`` rounds of merge-and-split moves (``_swap_start``) follow the cold start: Lloyd stops at
     the first fixed point, which at 16 entries is often a poor one (on SmolLM2-135M columns its
     squared error was 1.089x the global optimum's at k=16, 1.016x at k=8; after 9 rounds, 1.016x
-    at k=16: ``studies/kmeans_gap.py``). Each round is one warm-started Lloyd run per row, kept only
-    where it lowers the error, so the result is never worse than Lloyd's.
+    at k=16: ``studies/kmeans_gap.py``). Each move is a warm-started Lloyd run per row, kept only
+    where it lowers the error, so the result is never worse than Lloyd's; ``SWAP_BATCH`` moves from
+    the same fixed point run side by side, so 9 moves cost three Lloyd runs' kernel launches.
     """
     if init is not None and init.shape != (x.shape[0], k):
         raise ValueError(f"init must have shape {(x.shape[0], k)}, got {tuple(init.shape)}")
@@ -95,7 +96,7 @@ def _kmeans_chunk(x: torch.Tensor, k: int, keep: torch.Tensor | None, max_iter: 
     if k == 1:
         return (csum[:, -1:] / cw[:, -1:].clamp(min=1e-300)).float()
     if init is not None:
-        return _lloyd(xs, csum, cw, nvalid, torch.sort(init.float(), dim=1).values, max_iter)[0]
+        return _lloyd(xs, csum, cw, nvalid, torch.sort(init.float(), dim=1).values[:, None], max_iter)[0][:, 0]
 
     # Finite samples have many Lloyd fixed points; which one we reach depends on the start. Start from
     # the mid-quantiles (equal mass per cluster) and from their average with evenly spaced levels
@@ -106,31 +107,35 @@ def _kmeans_chunk(x: torch.Tensor, k: int, keep: torch.Tensor | None, max_iter: 
     lo_v = quantiles.new_zeros(rows).where(nvalid == 0, xs[:, 0])
     hi_v = quantiles.new_zeros(rows).where(nvalid == 0, xs.gather(1, (nvalid - 1).clamp(min=0)[:, None]).squeeze(1))
     even = lo_v[:, None] + (hi_v - lo_v)[:, None] * q[None, :].float()
-    best, best_sse = None, None
-    for start in (quantiles, 0.5 * (quantiles + even)):
-        cent, sse = _lloyd(xs, csum, cw, nvalid, start, max_iter)
-        if best is None:
-            best, best_sse = cent, sse
-        else:
-            better = sse < best_sse
-            best = torch.where(better[:, None], cent, best)
-            best_sse = torch.where(better, sse, best_sse)
-    if k >= 3:
+    cent, sse = _lloyd(xs, csum, cw, nvalid, torch.stack([quantiles, 0.5 * (quantiles + even)], dim=1), max_iter)
+    best, best_sse = _best_start(cent, sse)
+    if k >= 3 and swaps > 0:
         c2 = torch.cat([zero, (wz * xz * xz).cumsum(dim=1)], dim=1)
-        for r in range(swaps):
-            cent, sse = _lloyd(xs, csum, cw, nvalid, _swap_start(best, xs, csum, cw, c2, nvalid, r), max_iter)
+        for r0 in range(0, swaps, SWAP_BATCH):
+            starts = torch.stack([_swap_start(best, xs, csum, cw, c2, nvalid, r)
+                                  for r in range(r0, min(r0 + SWAP_BATCH, swaps))], dim=1)
+            cent, sse = _best_start(*_lloyd(xs, csum, cw, nvalid, starts, max_iter))
             better = sse < best_sse
             best = torch.where(better[:, None], cent, best)
             best_sse = torch.where(better, sse, best_sse)
     return best
 
 
+SWAP_BATCH = 3  # merge-and-split moves tried side by side from the same fixed point (one Lloyd run)
+
+
+def _best_start(cent: torch.Tensor, sse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lowest-error start per row: (centroids ``[rows, k]``, SSE ``[rows]``) from ``[rows, S, k]``."""
+    best_sse, j = sse.min(dim=1)
+    return cent.gather(1, j[:, None, None].expand(-1, 1, cent.shape[2])).squeeze(1), best_sse
+
+
 def _swap_start(cent: torch.Tensor, xs: torch.Tensor, csum: torch.Tensor, cw: torch.Tensor, c2: torch.Tensor,
                 nvalid: torch.Tensor, r: int) -> torch.Tensor:
     """A new start one move away from ``cent`` (a Lloyd fixed point): two neighbouring clusters merge
     into one centroid and the freed centroid splits a high-error cluster in two (at its quartiles).
-    Round ``r`` tries the ``r // 3``-th cheapest merge with the ``r % 3``-th largest cluster, so
-    successive rounds try different moves; all rows move at once."""
+    Move ``r`` tries the ``r // 3``-th cheapest merge with the ``r % 3``-th largest cluster, so
+    successive moves differ; all rows move at once."""
     rows, k = cent.shape
     n = xs.shape[1]
     mids = (cent[:, 1:] + cent[:, :-1]) * 0.5
@@ -159,49 +164,62 @@ def _swap_start(cent: torch.Tensor, xs: torch.Tensor, csum: torch.Tensor, cw: to
     return torch.sort(torch.where(torch.isfinite(new), new, cent.gather(1, split).expand_as(new)), dim=1).values
 
 
+CHECK_EVERY = 4  # Lloyd iterations between convergence checks (each check is a host sync)
+
+
 def _lloyd(xs: torch.Tensor, csum: torch.Tensor, cw: torch.Tensor, nvalid: torch.Tensor, cent: torch.Tensor,
-           max_iter: int):
-    """Lloyd iterations on sorted rows; returns (centroids, within-cluster (weighted) SSE minus a row
-    constant). ``csum``/``cw``: prefix sums of the weighted values and of the weights."""
+           max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd iterations on sorted rows from ``S`` starts per row at once (``cent`` ``[rows, S, k]``,
+    ascending); returns (centroids ``[rows, S, k]``, within-cluster (weighted) SSE minus a row constant
+    ``[rows, S]``). ``csum``/``cw``: prefix sums of the weighted values and of the weights.
+
+    The starts share one ``searchsorted`` and one set of gathers per iteration (their boundaries are
+    concatenated), so S starts cost the kernel launches of one: on a GPU this loop is launch-bound.
+    Means of contiguous runs stay in order, so centroids are re-sorted only after a re-seed, and
+    re-seeding (the only step that needs more than a gather per cluster) runs at the convergence checks.
+    """
     rows, n = xs.shape
-    dev = xs.device
-    first_lo = torch.zeros(rows, 1, dtype=torch.long, device=dev)
-    prev = None
-    for it in range(max_iter):
-        mids = (cent[:, 1:] + cent[:, :-1]) * 0.5
-        bnd = torch.searchsorted(xs, mids.contiguous(), right=True).clamp(max=nvalid[:, None])
-        lo = torch.cat([first_lo, bnd], dim=1)  # [rows, k]
-        hi = torch.cat([bnd, nvalid[:, None]], dim=1)
-        cnt = hi - lo
+    S, k = cent.shape[1], cent.shape[2]
+    nv = nvalid[:, None, None]
+    zeros = torch.zeros(rows, S, 1, dtype=torch.long, device=xs.device)
+
+    def runs(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        mids = ((c[..., 1:] + c[..., :-1]) * 0.5).reshape(rows, S * (k - 1))
+        bnd = torch.searchsorted(xs, mids, right=True).view(rows, S, k - 1).clamp(max=nv)
+        lo = torch.cat([zeros, bnd], dim=2).view(rows, S * k)
+        hi = torch.cat([bnd, nv.expand(rows, S, 1)], dim=2).view(rows, S * k)
         sums = csum.gather(1, hi) - csum.gather(1, lo)
         wts = cw.gather(1, hi) - cw.gather(1, lo)
-        new = torch.where((cnt > 0) & (wts > 0), (sums / wts.clamp(min=1e-300)).float(), cent)
+        return bnd, lo, hi, (sums.view(rows, S, k), wts.view(rows, S, k))
 
-        # Re-seed one empty cluster per row at the kept value farthest from its centroid.
-        empty = (cnt == 0) & (nvalid[:, None] > 0)
-        first = xs.gather(1, lo.clamp(max=n - 1))
-        lastv = xs.gather(1, (hi - 1).clamp(min=0))
-        d_first, d_last = (first - new).abs(), (lastv - new).abs()
-        d = torch.where(cnt > 0, torch.maximum(d_first, d_last), -1.0)
-        far_d, far_j = d.max(dim=1, keepdim=True)
-        far = torch.where(d_first.gather(1, far_j) >= d_last.gather(1, far_j), first.gather(1, far_j), lastv.gather(1, far_j))
-        reseed = empty.any(dim=1) & (far_d.squeeze(1) > 0)
-        slot = empty.float().argmax(dim=1, keepdim=True)  # first empty cluster of the row
-        new = torch.where(reseed[:, None], new.scatter(1, slot, far), new)
-        new, _ = torch.sort(new, dim=1)
-        changed = prev is None or not torch.equal(bnd, prev) or bool(reseed.any()) if it % 4 == 3 or it == max_iter - 1 else True
+    prev = None
+    for it in range(max_iter):
+        bnd, lo, hi, (sums, wts) = runs(cent)
+        filled = wts > 0
+        new = torch.where(filled, (sums / wts.clamp(min=1e-300)).float(), cent)
+        if it % CHECK_EVERY != CHECK_EVERY - 1 and it != max_iter - 1:
+            cent, prev = new, bnd
+            continue
+        # Re-seed one empty cluster per (row, start) at the kept value farthest from its centroid:
+        # the first or last value of some cluster's run.
+        first = xs.gather(1, lo.clamp(max=n - 1)).view(rows, S, k)
+        last = xs.gather(1, (hi - 1).clamp(min=0)).view(rows, S, k)
+        d_first, d_last = (first - new).abs(), (last - new).abs()
+        d = torch.where(filled, torch.maximum(d_first, d_last), -1.0)
+        far_d, far_j = d.max(dim=2, keepdim=True)
+        far = torch.where(d_first.gather(2, far_j) >= d_last.gather(2, far_j), first.gather(2, far_j),
+                          last.gather(2, far_j))
+        empty = ~filled & (nv > 0)
+        reseed = empty.any(dim=2, keepdim=True) & (far_d > 0)
+        slot = empty.float().argmax(dim=2, keepdim=True)  # first empty cluster
+        new = torch.sort(torch.where(reseed, new.scatter(2, slot, far), new), dim=2).values
+        done = prev is not None and bool(((bnd == prev).all() & ~reseed.any()).item())
         cent, prev = new, bnd
-        if not changed:
+        if done:
             break
     # SSE = sum x^2 - sum_j S_j^2 / n_j; the first term is the same for every start, so drop it.
-    mids = (cent[:, 1:] + cent[:, :-1]) * 0.5
-    bnd = torch.searchsorted(xs, mids.contiguous(), right=True).clamp(max=nvalid[:, None])
-    lo = torch.cat([first_lo, bnd], dim=1)
-    hi = torch.cat([bnd, nvalid[:, None]], dim=1)
-    sums = csum.gather(1, hi) - csum.gather(1, lo)
-    wts = cw.gather(1, hi) - cw.gather(1, lo)
-    sse = -(sums**2 / wts.clamp(min=1e-300)).sum(dim=1)
-    return cent.float(), sse
+    _, _, _, (sums, wts) = runs(cent)
+    return cent.float(), -(sums**2 / wts.clamp(min=1e-300)).sum(dim=2)
 
 
 def assign_nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,115 @@
+"""Time the compensated algorithm's k-means-heavy layer steps (the allocation's distortion,
+``layer_options``, and ``quantize_compensated``) on SmolLM2-135M-shaped random layers, with the
+current k-means and, given ``--before FILE`` (for example ``git show a1bb851:cmpq/algorithm/kmeans.py``
+saved to a file), the one before the Lloyd runs were batched (2026-12-05). On a GPU these steps are launch-bound, so the time tracks
+the number of kernel launches, not the FLOPs; the 2026-12-05 quality grid on an H200 could not
+finish one default cell in 9 minutes.
+
+    python studies/kmeans_launch_time.py [--device cuda] [--blocks 2] [--before OLD.py] [--out X.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from cmpq.algorithm import kmeans
+from cmpq.algorithm.budget import FP16
+from cmpq.algorithm.compensated import quantize_compensated
+from cmpq.algorithm.distortion import layer_options
+
+SHAPES = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576),
+          "gate": (1536, 576), "up": (1536, 576), "down": (576, 1536)}  # [out, in], one SmolLM2 block
+
+
+def layers(blocks: int, dev: torch.device):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(blocks):
+        for name, (o, i) in SHAPES.items():
+            w = (torch.distributions.StudentT(5.0).sample((o, i)) * 0.02).to(dev)
+            x = torch.randn(512, i, generator=g).to(dev) * (torch.rand(i, generator=g).to(dev) * 3 + 0.1)
+            u = torch.rand(i, generator=g)
+            widths = torch.where(u < 0.15, 2, torch.where(u < 0.75, 3, torch.where(u < 0.99, 4, FP16)))
+            yield name, w, x.T @ x, widths
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts ATen operator calls: on a GPU each is about one kernel launch (plus its Python cost)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def timed(fn, dev) -> float:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--blocks", type=int, default=2)
+    ap.add_argument("--before", default=None, help="an earlier cmpq/algorithm/kmeans.py to compare")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    dev = torch.device(a.device)
+    variants = [("batched", None, 15), ("batched", None, 0)]
+    if a.before:
+        spec = importlib.util.spec_from_file_location("kmeans_before", a.before)
+        before = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(before)
+        variants += [("before", before, 9), ("before", before, 0)]
+    current = kmeans._kmeans_chunk
+    data = list(layers(a.blocks, dev))
+    rows = []
+    for label, mod, swaps in variants:
+        kmeans._kmeans_chunk = current if mod is None else mod._kmeans_chunk  # kmeans_1d looks it up per call
+        try:
+            counter = OpCounter()
+            with counter:
+                _, w, H, widths = data[-1]  # one down_proj-shaped layer: ops per layer step
+                layer_options(w, torch.ones(w.shape[1], device=dev), (2, 3, 4), int(0.005 * w.numel()), 25, True,
+                              None, True, swaps)
+                alloc_ops = counter.ops
+                quantize_compensated(w, H, widths, int(0.005 * w.numel()), 100, 0.01, 128, True, row_scale=True,
+                                     kmeans_swaps=swaps)
+                comp_ops = counter.ops - alloc_ops
+            alloc = sum(timed(lambda: layer_options(w, torch.ones(w.shape[1], device=dev), (2, 3, 4),
+                                                    int(0.005 * w.numel()), 25, True, None, True, swaps), dev)
+                        for _, w, _, _ in data)
+            comp = sum(timed(lambda: quantize_compensated(w, H, widths, int(0.005 * w.numel()), 100, 0.01, 128, True,
+                                                          row_scale=True, kmeans_swaps=swaps), dev)
+                       for _, w, H, widths in data)
+        finally:
+            kmeans._kmeans_chunk = current
+        row = {"kmeans": label, "swaps": swaps, "allocation_s_per_block": round(alloc / a.blocks, 3),
+               "compensation_s_per_block": round(comp / a.blocks, 3),
+               "aten_ops_allocation_down_proj": alloc_ops, "aten_ops_compensation_down_proj": comp_ops}
+        rows.append(row)
+        print(row, flush=True)
+    res = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} threads",
+           "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+           "blocks": a.blocks, "note": "SmolLM2-135M has 30 blocks", "rows": rows}
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
