@@ -46,7 +46,7 @@ def kmeans_1d(
     ``swaps`` rounds of merge-and-split moves (``_swap_start``) follow the cold start: Lloyd stops at
     the first fixed point, which at 16 entries is often a poor one (on SmolLM2-135M columns its
     squared error was 1.089x the global optimum's at k=16, 1.016x at k=8; after 9 rounds, 1.016x
-    at k=16: ``studies/kmeans_gap.py``). Each move is a warm-started Lloyd run per row, kept only
+    at k=16, and 1.013x after 15 moves batched three at a time: ``studies/kmeans_gap.py``). Each move is a warm-started Lloyd run per row, kept only
     where it lowers the error, so the result is never worse than Lloyd's; ``SWAP_BATCH`` moves from
     the same fixed point run side by side, so 9 moves cost three Lloyd runs' kernel launches.
     """
