@@ -6,11 +6,16 @@ also removes Python launch overhead, as in a graph-captured decode loop. The dev
 bandwidth is measured in the same run; "bw" is (packed layer + activations + output bytes) / time
 as a fraction of it. Usage: ``python benchmarks/kernel_bench.py [--out PATH] [--quick]
 [--impl dispatch|cuda|triton|prefill] [--force KERNEL] [--models 7B,70B] [--bits 3] [--batches 1,4,16]
-[--sweep] [--max-minutes M]``. ``--impl dispatch`` (default) times exactly what ``CMPQLinear.forward``
+[--sweep] [--max-minutes M] [--peer gemlite]``. ``--impl dispatch`` (default) times exactly what ``CMPQLinear.forward``
 runs (the kernel ``cmpq.kernels.dispatch.TABLE`` picks; ``--force v4s`` etc. imposes one through
 ``cmpq.kernels.force``); ``cuda`` times the v3b CUDA kernel, ``triton`` the Triton kernel
 (cmpq/kernels/lut_gemv.py), ``prefill`` the dequantize + cuBLAS path at any token count.
 A Markdown table is written next to the JSON.
+
+``--peer gemlite`` times, in the same run and the same way, what a user would pick instead: gemlite's
+Triton weight-only kernels (HQQ/vLLM's; asymmetric INT with an FP16 scale and zero per group of
+128, 4 and 2 bits) on the same shapes and token counts, as ``peer_rows`` in the JSON. gemlite is not
+a dependency: install its wheel (pure Python) beside the package.
 """
 
 from __future__ import annotations
@@ -109,7 +114,80 @@ def sweep() -> None:
                     print(f"sweep {out}x{n_in} T={T} block_n={bn} splits={sp}: {us:.1f} us", flush=True)
 
 
-def write_table(rows: list[dict], meta: dict, path: str) -> str:
+PEER_BITS = (4, 2)
+PEER_GROUP = 128
+
+
+def peer_layers(out: int, n_in: int, bits: int, n: int, dev: str) -> tuple[list, list[torch.Tensor]]:
+    """``n`` random gemlite layers (``W = (W_q - zero) * scale`` per group of ``PEER_GROUP``) and
+    their dense FP32 weights (only the first, for the error check)."""
+    from gemlite.helper import A16Wn
+
+    layers, dense = [], []
+    for i in range(n):
+        w_q = torch.randint(0, 2 ** bits, (out, n_in), device=dev, dtype=torch.uint8)
+        scale = torch.rand(out, n_in // PEER_GROUP, device=dev, dtype=torch.float16) * 0.01 + 0.005
+        zero = torch.full_like(scale, (2 ** bits - 1) / 2)
+        if i == 0:
+            s = scale.float().repeat_interleave(PEER_GROUP, 1)
+            z = zero.float().repeat_interleave(PEER_GROUP, 1)
+            dense.append((w_q.float() - z) * s)
+        layers.append(A16Wn(device=dev, dtype=torch.float16).from_weights(w_q, scale, zero, bits, PEER_GROUP))
+    return layers, dense
+
+
+def _peer_config() -> str | None:
+    """gemlite ships tuned configs per GPU and autotunes (minutes per shape) where it has none. It
+    has none for an H200, the same SM90 chip as the H100 with more memory: use the H100's."""
+    import gemlite
+
+    name = torch.cuda.get_device_name().lower()
+    path = os.path.join(os.path.dirname(gemlite.__file__), "configs", "h100.json")
+    if "h200" in name and os.path.exists(path):
+        gemlite.load_config(path)
+        return path
+    return None
+
+
+def measure_peer(out: int, n_in: int, batches: list[int], fp16_us: dict, bw: float, model: str, dev: str) -> list[dict]:
+    """gemlite rows for one shape; an error (not installed, a shape it refuses) is a row too."""
+    import gemlite
+
+    rows = []
+    for bits in PEER_BITS:
+        nbytes = out * n_in * bits // 8 + out * (n_in // PEER_GROUP) * 4
+        nl = max(2, min(32, math.ceil(ROTATE_BYTES / nbytes)))
+        try:
+            layers, dense = peer_layers(out, n_in, bits, nl, dev)
+        except Exception as e:  # noqa: BLE001 - a refused shape is a result
+            rows.append(dict(model=model, out=out, inp=n_in, bits=bits, error=f"{type(e).__name__}: {e}"))
+            continue
+        for T in batches:
+            xs = [torch.randn(T, n_in, device=dev, dtype=torch.float16) for _ in range(nl)]
+            r = dict(peer=f"gemlite {gemlite.__version__}", model=model, out=out, inp=n_in, bits=bits,
+                     group=PEER_GROUP, eff_bits=bits + 32 / PEER_GROUP, tokens=T)
+            try:
+                with torch.no_grad():
+                    y = layers[0](xs[0])
+                    ref = F.linear(xs[0].float(), dense[0])
+                    r["rel_err"] = ((y.float() - ref).norm() / ref.norm()).item()
+                    us = time_graph([lambda l=l, x=x: l(x) for l, x in zip(layers, xs)], nl)
+            except Exception as e:  # noqa: BLE001
+                r["error"] = f"{type(e).__name__}: {e}"
+                rows.append(r)
+                continue
+            moved = nbytes + 2 * T * (n_in + out)
+            r.update(peer_us=us, fp16_us=fp16_us[(out, n_in, T)], speedup=fp16_us[(out, n_in, T)] / us,
+                     bw_frac=moved / (us * 1e-6) / bw)
+            rows.append(r)
+            print(f"peer {r['peer']} {model} {out}x{n_in} {bits}b g{PEER_GROUP} T={T}: {us:.1f}us "
+                  f"x{r['speedup']:.2f} err {r['rel_err']:.1e}", flush=True)
+        del layers
+        torch.cuda.empty_cache()
+    return rows
+
+
+def write_table(rows: list[dict], meta: dict, path: str, peer_rows: list[dict] | None = None) -> str:
     """The Markdown table of a run (also rebuilt from its JSON by ``--table-only``)."""
     lines = [f"# CMPQ layers vs FP16 cuBLAS ({meta['impl']})", "",
              f"{meta['device']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}, "
@@ -120,6 +198,18 @@ def write_table(rows: list[dict], meta: dict, path: str) -> str:
         lines.append(f"| {r['model']} {r['out']}x{r['inp']} | {r['bits']} | {r['eff_bits']:.2f} | {r['tokens']} | "
                      f"{r['cmpq_us']:.1f} | {r['fp16_us']:.1f} | {r['speedup']:.2f} | {r['floor_us']:.1f} | "
                      f"{100 * r['bw_frac']:.0f} |")
+    if peer_rows:
+        lines += ["", "Peer, same run and timing (FP16 us as above):", "",
+                  "| peer | layer (out x in) | bits, group | eff. bits | tokens | peer us | speedup | % copy bw |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in peer_rows:
+            if "peer_us" not in r:
+                lines.append(f"| {r.get('peer', 'gemlite')} | {r['model']} {r['out']}x{r['inp']} | {r['bits']} | | "
+                             f"{r.get('tokens', '')} | error: {r['error'][:80]} | | |")
+                continue
+            lines.append(f"| {r['peer']} | {r['model']} {r['out']}x{r['inp']} | {r['bits']}, g{r['group']} | "
+                         f"{r['eff_bits']:.2f} | {r['tokens']} | {r['peer_us']:.1f} | {r['speedup']:.2f} | "
+                         f"{100 * r['bw_frac']:.0f} |")
     if meta.get("cut_short"):
         lines += ["", f"Cut short: {meta['cut_short']}."]
     text = "\n".join(lines) + "\n"
@@ -143,10 +233,12 @@ def main() -> None:
     ap.add_argument("--models", default="7B,13B,70B")
     ap.add_argument("--bits", default=",".join(str(b) for b in BITS))
     ap.add_argument("--batches", default=",".join(str(b) for b in BATCHES))
+    ap.add_argument("--peer", choices=["gemlite"], default=None,
+                    help="also time a peer's low-bit kernel on every shape and token count (see the docstring)")
     args = ap.parse_args()
     if args.table_only:
         d = json.load(open(args.out))
-        print(write_table(d["rows"], d["meta"], os.path.splitext(args.out)[0] + ".md"))
+        print(write_table(d["rows"], d["meta"], os.path.splitext(args.out)[0] + ".md", d.get("peer_rows")))
         return
     with force(args.force) if args.force else contextlib.nullcontext():
         measure(args)
@@ -176,16 +268,18 @@ def measure(args: argparse.Namespace) -> None:
     print(f"{torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     if args.sweep:
         sweep_cuda() if args.impl == "cuda" else sweep()
-    rows, fp16_us = [], {}
+    rows, peer_rows, fp16_us = [], [], {}
     meta = dict(device=torch.cuda.get_device_name(), date=datetime.datetime.now().isoformat(timespec="seconds"),
                 torch=torch.__version__, triton=triton.__version__, copy_bw_Bps=bw, block_n=args.block_n, impl=args.impl,
                 forced=args.force,
                 method="median of do_bench over a CUDA graph rotating weight/input sets (> 192 MiB)")
+    if args.peer:
+        meta["peer_config"] = _peer_config()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
     def save() -> None:  # after every point: a run cut short still leaves its rows
         with open(args.out, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+            json.dump(dict(meta=meta, rows=rows, peer_rows=peer_rows), f, indent=1)
 
     shapes = [(m, s) for m in models for s in SHAPES[m] if not args.quick or m == "7B"]
     t_start = time.time()
@@ -201,6 +295,9 @@ def measure(args: argparse.Namespace) -> None:
             xs = [torch.randn(T, n_in, device=dev, dtype=torch.float16) for _ in range(nw)]
             fp16_us[(out, n_in, T)] = time_graph([lambda w=w, x=x: F.linear(x, w) for w, x in zip(ws, xs)], nw)
         del ws
+        if args.peer:
+            peer_rows += measure_peer(out, n_in, batches, fp16_us, bw, model, dev)
+            save()
         for bits in bits_list:
             counts, n_act = mix_counts(n_in, bits)
             n_sparse = round(0.0005 * out * n_in)
@@ -229,7 +326,7 @@ def measure(args: argparse.Namespace) -> None:
             del layers, first
             torch.cuda.empty_cache()
     save()
-    print("\n" + write_table(rows, meta, os.path.splitext(args.out)[0] + ".md"))
+    print("\n" + write_table(rows, meta, os.path.splitext(args.out)[0] + ".md", peer_rows))
 
 
 if __name__ == "__main__":
