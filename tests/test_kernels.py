@@ -75,9 +75,9 @@ def test_prefill(mix, dtype):
 @pytest.mark.parametrize("outliers", [False, True])
 @pytest.mark.parametrize("mix", list(MIXES))
 @pytest.mark.parametrize("out", [67, 1028])  # the CUDA kernel's scalar path, and its 4-row vector path
-def test_dequantize_permuted_exact(mix, outliers, dtype, out):
+def test_dequantize_t_exact(mix, outliers, dtype, out):
     """Both dequantizers (CUDA and Triton, both from the runtime layout's quads) give exactly the
-    reference weight, permuted and transposed; on CPU only the Triton one runs."""
+    reference weight, transposed; on CPU only the Triton one runs."""
     from cmpq.kernels import dequant
 
     layer = _layer(mix, outliers, seed=11, out=out)
@@ -86,15 +86,15 @@ def test_dequantize_permuted_exact(mix, outliers, dtype, out):
     cuda_wt = dequant._dequantize_cuda(rt, dtype)
     if DEV == "cuda":
         assert cuda_wt is not None, dequant._LIBRARY.error
-        assert torch.equal(cuda_wt, ref[:, rt.perm].T)
+        assert torch.equal(cuda_wt, ref.T)
     else:
         assert cuda_wt is None
-    wt, perm = dequant.dequantize_permuted_t(rt, dtype, cuda=False)
+    wt = dequant.dequantize_t(rt, dtype, cuda=False)
     assert wt.is_contiguous()
     if dtype == torch.float16:
-        assert torch.equal(wt, ref[:, perm].T)
+        assert torch.equal(wt, ref.T)
     else:  # Triton's interpreter truncates fp16 -> bf16 where torch rounds: one bf16 step apart at most
-        torch.testing.assert_close(wt, ref[:, perm].T, rtol=2**-7, atol=0)
+        torch.testing.assert_close(wt, ref.T, rtol=2**-7, atol=0)
 
 
 def test_decode_splits_and_batch_dims():

@@ -4,12 +4,12 @@ Both dequantizers read the runtime layout's quads (``cmpq/kernels/layout.py``, n
 the indices): on CUDA with nvcc ``dequant_cuda.cu``; elsewhere (the Triton interpreter in tests,
 no nvcc) the Triton kernel below.
 
-The weight is dequantized in *storage order* (each group's channels, then the outlier columns) and
-*transposed*, ``[in, out]``: the lanes of a warp hold consecutive output rows, so every store is
-one contiguous run (a plain ``[out, in]`` store would put each lane on another row: one 32-byte
-sector written per 2-byte value). ``x`` is gathered into the same order with one cheap
-``index_select``; cuBLAS takes the transposed weight as it is. Sparse outliers overwrite their
-positions afterwards (they replace values).
+The weight is dequantized *transposed*, ``[in, out]``: the lanes of a warp hold consecutive output
+rows, so every store is one contiguous run (a plain ``[out, in]`` store would put each lane on
+another row: one 32-byte sector written per 2-byte value). Each channel's values go to its own row
+(the group's channel ids), so ``x`` is used as it comes; cuBLAS takes the transposed weight as it
+is. Sparse outliers overwrite their positions afterwards (they replace values). (Until 2026-12-06
+the rows were written in storage order and ``x`` gathered into it, one more pass over ``x``.)
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ NTHREADS = 256
 
 
 class _DQ(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_void_p) for n in ("q", "cb", "wt")] + [
+    _fields_ = [(n, ctypes.c_void_p) for n in ("q", "cb", "ch", "wt")] + [
                 (n, ctypes.c_int) for n in ("nq", "out", "n", "bits", "off", "is_bf16")]
 
 
@@ -38,7 +38,7 @@ _LIBRARY = cd.KernelLibrary(SRC, "cmpq_dq", _DQ, n_int_args=1)
 
 
 def _dequantize_cuda(rt: Runtime, dtype: torch.dtype) -> torch.Tensor | None:
-    """``W_hat[:, perm]^T`` ``[in, out]`` from the CUDA kernel, or None where it does not apply."""
+    """``W_hat^T`` ``[in, out]`` from the CUDA kernel, or None where it does not apply."""
     dev = rt.device
     if dev.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return None
@@ -46,29 +46,28 @@ def _dequantize_cuda(rt: Runtime, dtype: torch.dtype) -> torch.Tensor | None:
     if lib is None:
         return None
     wt = torch.empty(rt.n_in, rt.out, dtype=dtype, device=dev)
-    off, stream = 0, torch.cuda.current_stream(dev).cuda_stream
+    stream = torch.cuda.current_stream(dev).cuda_stream
     for g in rt.groups:
-        p = _DQ(g.q.data_ptr(), g.codebook.data_ptr(), wt.data_ptr(), g.nq, rt.out, g.n, g.bits, off,
-                int(dtype == torch.bfloat16))
+        p = _DQ(g.q.data_ptr(), g.codebook.data_ptr(), g.channels.data_ptr(), wt.data_ptr(), g.nq, rt.out, g.n,
+                g.bits, int(dtype == torch.bfloat16))
         err = lib.cmpq_dq_launch(ctypes.byref(p), g.nq, stream)
         if err:
             raise RuntimeError(f"cmpq dequant kernel failed: {lib.cmpq_dq_error_string(err).decode()}")
-        off += g.n
     return _fill_outliers(wt, rt)
 
 
 def _fill_outliers(wt: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    """The FP16 outlier columns (last rows of ``wt``) and the sparse outliers (they replace values)."""
-    n_act = rt.outlier_weight_t.shape[0]
-    if n_act:
-        wt[wt.shape[0] - n_act:] = rt.outlier_weight_t.to(wt.dtype)
+    """The FP16 outlier columns (rows ``outlier_channels`` of ``wt``) and the sparse outliers (they
+    replace values)."""
+    if rt.outlier_channels.numel():
+        wt[rt.outlier_channels.long()] = rt.outlier_weight_t.to(wt.dtype)
     if rt.sparse_flat.numel():
         wt.view(-1)[rt.sparse_flat] = rt.sparse_val.to(wt.dtype)
     return wt
 
 
 @triton.jit
-def _dequant_t(q, cb, wt, col0, n, out, B: tl.constexpr, K: tl.constexpr, CP: tl.constexpr,
+def _dequant_t(q, cb, ch, wt, n, out, B: tl.constexpr, K: tl.constexpr, CP: tl.constexpr,
                BLOCK_R: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     g = tl.program_id(1)  # quad
@@ -79,36 +78,29 @@ def _dequant_t(q, cb, wt, col0, n, out, B: tl.constexpr, K: tl.constexpr, CP: tl
     w = tl.load(q + (g * out + rows[None, :]) * 4 + (c // K)[:, None], mask=jm[:, None] & rm[None, :], other=0)
     idx = (w >> ((c % K) * B)[:, None]) & ((1 << B) - 1)  # [CP, BLOCK_R], rows fastest
     v = tl.load(cb + j[:, None] * (1 << B) + idx, mask=jm[:, None], other=0.0)
-    ptr = wt + (col0 + j[:, None]).to(tl.int64) * out + rows[None, :]
+    col = tl.load(ch + j, mask=jm, other=0)
+    ptr = wt + col[:, None].to(tl.int64) * out + rows[None, :]
     tl.store(ptr, v.to(wt.dtype.element_ty), mask=rm[None, :] & jm[:, None])
 
 
-def dequantize_permuted_t(rt: Runtime, dtype: torch.dtype, cuda: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(W_hat[:, perm]^T, perm)``: the dense weight, columns in storage order, as a contiguous
-    ``[in, out]`` tensor of ``dtype``, and that column order. ``cuda=False`` skips the CUDA kernel."""
+def dequantize_t(rt: Runtime, dtype: torch.dtype, cuda: bool = True) -> torch.Tensor:
+    """``W_hat^T``: the dense weight as a contiguous ``[in, out]`` tensor of ``dtype``.
+    ``cuda=False`` skips the CUDA kernel."""
     wt = _dequantize_cuda(rt, dtype) if cuda else None
     if wt is not None:
-        return wt, rt.perm
+        return wt
     out = rt.out
     wt = torch.empty(rt.n_in, out, dtype=dtype, device=rt.device)
     BR = 128
-    off = 0
     for g in rt.groups:
         K = 32 // g.bits
         grid = (triton.cdiv(out, BR), g.nq)
-        _dequant_t[grid](g.q, g.codebook, wt, off, g.n, out, B=g.bits, K=K,
+        _dequant_t[grid](g.q, g.codebook, g.channels, wt, g.n, out, B=g.bits, K=K,
                          CP=triton.next_power_of_2(QUAD_WORDS * K), BLOCK_R=BR, num_warps=4)
-        off += g.n
-    return _fill_outliers(wt, rt), rt.perm
-
-
-def dequantize_permuted(rt: Runtime, dtype: torch.dtype) -> torch.Tensor:
-    """``W_hat[:, perm]`` as a dense ``[out, in]`` tensor (a transposed view)."""
-    return dequantize_permuted_t(rt, dtype)[0].t()
+    return _fill_outliers(wt, rt)
 
 
 def prefill(rt: Runtime, x: torch.Tensor, cuda: bool = True) -> torch.Tensor:
     """``x @ W^T + bias`` for many tokens: dequantize + ``F.linear`` (cuBLAS)."""
-    wt, perm = dequantize_permuted_t(rt, x.dtype, cuda)
     bias = None if rt.bias is None else rt.bias.to(x.dtype)
-    return F.linear(x.index_select(-1, perm), wt.t(), bias)
+    return F.linear(x, dequantize_t(rt, x.dtype, cuda).t(), bias)

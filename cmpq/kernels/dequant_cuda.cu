@@ -1,5 +1,6 @@
-// CMPQ prefill dequantization, CUDA C++: one b-bit group of a layer -> rows of the transposed,
-// permuted dense weight Wt [in_perm, out] (fp16 or bf16), which cuBLAS then multiplies.
+// CMPQ prefill dequantization, CUDA C++: one b-bit group of a layer -> rows of the transposed dense
+// weight Wt [in, out] (fp16 or bf16), each channel at its own row (the group's channel ids), which
+// cuBLAS then multiplies with x as it comes.
 //
 // Reads the runtime layout's quads (cmpq/kernels/layout.py; per group: q [nq, out, 4] int32, K = 32/b contiguous b-bit
 // fields per word, 4 words = one "quad" of 4K channels per row; codebooks padded to whole quads).
@@ -19,8 +20,9 @@
 struct DQ {
   const int4* q;       // [nq, out] int4
   const __half* cb;    // [nq * 4K, 2^b]
-  void* wt;            // [in_perm, out]
-  int nq, out, n, bits, off, is_bf16;  // n: channels of the group; off: its first row of Wt
+  const int* ch;       // [nq * 4K] input channel of each quad field (zero-padded)
+  void* wt;            // [in, out]
+  int nq, out, n, bits, is_bf16;  // n: channels of the group
 };
 
 template <typename T> __device__ __forceinline__ unsigned short bits_of(float v) {
@@ -55,7 +57,7 @@ __global__ void __launch_bounds__(NTHREADS) dequant4_kernel(const DQ p) {
           const unsigned word = i == 0 ? w[k].x : i == 1 ? w[k].y : i == 2 ? w[k].z : w[k].w;
           h[k] = bits_of<T>(__half2float(cb[c * V + ((word >> (B * f)) & (V - 1))]));
         }
-        wt[((size_t)(p.off + j) * p.out + r0) / R] =
+        wt[((size_t)p.ch[j] * p.out + r0) / R] =
             make_uint2(h[0] | ((unsigned)h[1] << 16), h[2] | ((unsigned)h[3] << 16));
       }
     }
@@ -85,7 +87,7 @@ __global__ void __launch_bounds__(NTHREADS) dequant_kernel(const DQ p) {
         T out;
         if constexpr (sizeof(T) == 2 && std::is_same<T, __half>::value) out = __float2half(v);
         else out = __float2bfloat16(v);
-        wt[(size_t)(p.off + j) * p.out + r] = out;
+        wt[(size_t)p.ch[j] * p.out + r] = out;
       }
     }
   }

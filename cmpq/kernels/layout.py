@@ -20,9 +20,8 @@ What it holds (docs/format.md, "Runtime layout"):
 - the sparse outliers as int32 CSR with ``corr = sparse_val - W_q`` (fp32) at each position: the
   decode kernels add every quantized weight, then ``corr * x``, so a sparse outlier replaces the
   quantized value without a per-weight test.
-- ``perm`` (storage order of the columns: each group, then the outlier columns) and
-  ``sparse_flat`` (positions of the sparse outliers in the transposed permuted dense weight
-  ``[in, out]``), for prefill; ``bias`` in fp32.
+- ``sparse_flat`` (positions of the sparse outliers in the transposed dense weight ``[in, out]``),
+  for prefill; ``bias`` in fp32.
 - optionally the tensor-core kernel's fragment order (``mma``, 2..16 tokens): a second copy of
   the indices, in the order one lane's m16n8k16 A fragments need. It stays separate because
   folding it into the quads means rewriting ``kernel_mma.cu``, which needs a GPU to test.
@@ -50,7 +49,7 @@ ROWS_PER_STEP = 2048  # build this many output rows at a time (bounds the int64 
 MMA_KINDS = (2, 3, 4, 16)
 MMA_KS = {2: 8, 3: 5, 4: 4, 16: 1}
 
-_COMMON = ("och", "owt", "crow", "scol", "corr", "bias", "perm", "sflat")
+_COMMON = ("och", "owt", "crow", "scol", "corr", "bias", "sflat")
 _MMA = ("mma_q", "mma_tbl", "mma_chl")
 
 
@@ -98,13 +97,12 @@ class Runtime:
     sparse_corr: torch.Tensor  # fp32 [nnz]: sparse_val - W_q at that position
     sparse_val: torch.Tensor  # fp16 [nnz] (the stored buffer)
     bias: torch.Tensor | None  # fp32 [out]
-    perm: torch.Tensor  # int64 [in]
-    sparse_flat: torch.Tensor  # int64 [nnz]: perm position of the column * out + row
+    sparse_flat: torch.Tensor  # int64 [nnz]: column * out + row
     mma: Mma | None
 
     @property
     def device(self) -> torch.device:
-        return self.perm.device
+        return self.sparse_crow.device
 
     @cached_property
     def key(self) -> tuple:
@@ -113,7 +111,7 @@ class Runtime:
         going stale (cmpq/kernels/cuda_decode.py, ``PlanCache``)."""
         ts = [t for g in self.groups for t in (g.q, g.codebook, g.channels)]
         ts += [self.outlier_channels, self.outlier_weight_t, self.sparse_crow, self.sparse_col, self.sparse_corr,
-               self.sparse_val, self.perm, self.sparse_flat]
+               self.sparse_val, self.sparse_flat]
         ts += [] if self.bias is None else [self.bias]
         ts += [] if self.mma is None else [self.mma.q, self.mma.tbl, self.mma.chl]
         return (self.device, tuple(g.bits for g in self.groups),
@@ -141,10 +139,10 @@ class Runtime:
             if q.dim() != 3 or q.shape[1:] != (out, QUAD_WORDS) or cb.shape != (q.shape[0] * QUAD_WORDS * (32 // b), 1 << b):
                 return None
             groups.append(Group(b, n, q, cb, ch))
-        och, owt, crow, scol, corr, bias, perm, sflat = tensors[ng: ng + len(_COMMON)]
+        och, owt, crow, scol, corr, bias, sflat = tensors[ng: ng + len(_COMMON)]
         wanted = ((och, torch.int32), (owt, torch.float16), (crow, torch.int32), (scol, torch.int32),
-                  (corr, torch.float32), (bias, torch.float32), (perm, torch.int64), (sflat, torch.int64))
-        if any(t.dtype != dt for t, dt in wanted) or perm.numel() != n_in or crow.numel() != out + 1:
+                  (corr, torch.float32), (bias, torch.float32), (sflat, torch.int64))
+        if any(t.dtype != dt for t, dt in wanted) or crow.numel() != out + 1:
             return None
         mma = None
         if len(tensors) > ng + len(_COMMON):
@@ -153,7 +151,7 @@ class Runtime:
                 return None
             mma = Mma(mq, tbl, chl, mma_chunk_starts(dict(zip(bits, counts)), och.numel()), -(-out // 16))
         return Runtime(out, n_in, tuple(groups), och, owt, crow, scol, corr, sparse_val,
-                       bias if bias.numel() else None, perm, sflat, mma)
+                       bias if bias.numel() else None, sflat, mma)
 
 
 def names(bits_present: Sequence[int], mma: bool) -> list[str]:
@@ -347,9 +345,6 @@ def build(layer, mma: bool = True) -> dict[str, torch.Tensor]:
     crow, col = layer.sparse_crow, layer.sparse_col
     rows = torch.repeat_interleave(torch.arange(out, device=dev), (crow[1:] - crow[:-1]).long(),
                                    output_size=col.numel())
-    perm = torch.cat([layer.group(b)[0].long() for b in layer.bit_widths] + [layer.outlier_channels.long()])
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), device=dev)
     t["rt_och"] = layer.outlier_channels.to(torch.int32).contiguous()
     t["rt_owt"] = layer.outlier_weight.t().contiguous()
     t["rt_crow"] = crow.to(torch.int32).contiguous()
@@ -359,8 +354,7 @@ def build(layer, mma: bool = True) -> dict[str, torch.Tensor]:
     if bias is not None and getattr(layer, "row_scale", None) is not None:
         bias = bias / layer.row_scale.float()  # the kernels compute x @ (W / s)^T + bias / s; the op scales by s
     t["rt_bias"] = (bias.contiguous() if bias is not None else torch.zeros(0, dtype=torch.float32, device=dev))
-    t["rt_perm"] = perm
-    t["rt_sflat"] = inv[col.long()] * out + rows
+    t["rt_sflat"] = col.long() * out + rows
     if mma:
         t.update(mma_fragments(layer))
     assert list(t) == names([b for b in layer.bit_widths if counts[b]], mma)

@@ -166,7 +166,7 @@ def decode(rt: Runtime, x: torch.Tensor, block_n: int = 64, splits: int | None =
             args += [g.q, g.codebook, g.channels, g.nq]
             bits.append(g.bits)
         else:
-            args += [rt.perm, rt.perm, rt.perm, 0]  # never read: this group has B == 0
+            args += [rt.sparse_crow] * 3 + [0]  # never read: this group has B == 0
             bits.append(0)
     ks = [32 // b if b else 1 for b in bits]
     cp = triton.next_power_of_2(max(QUAD_WORDS * k for k, b in zip(ks, bits) if b) if any(bits) else 16)
