@@ -72,13 +72,14 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.G
     return torch.multinomial(probs, 1, generator=gen)
 
 
-def _static_cache(model, max_len: int, device, dtype):
+def _static_cache(model, max_len: int, device, dtype, batch: int = 1):
     from transformers import StaticCache
 
-    try:
+    try:  # 5.x: sized from the first keys it stores (batch included)
         return StaticCache(config=model.config, max_cache_len=max_len)
     except TypeError:  # older signature
-        return StaticCache(config=model.config, max_batch_size=1, max_cache_len=max_len, device=device, dtype=dtype)
+        return StaticCache(config=model.config, max_batch_size=batch, max_cache_len=max_len, device=device,
+                           dtype=dtype)
 
 
 def cache_kwarg(model) -> str:
@@ -100,7 +101,12 @@ def _eos_set(eos_token_id: int | Iterable[int] | None) -> set[int]:
 def generate_ids(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  cuda_graph: bool | None = None, seed: int = 0, eos_token_id: int | Iterable[int] | None = None,
                  compile: bool = False, fuse: bool = False, streamer=None, progress: bool = False) -> tuple:
-    """Token ids -> (all ids [1, n], prefill seconds, decode seconds, graph used).
+    """Token ids ``[B, n0]`` -> (all ids ``[B, n]``, prefill seconds, decode seconds, graph used).
+
+    ``B`` prompts of one length run as one batch (every step decodes ``B`` tokens; the CMPQ layers
+    then run their several-token kernels). With ``eos_token_id`` the loop stops once every row has
+    made one; a row that finished earlier keeps going (its tokens after the end are not meaningful).
+    ``streamer`` takes one row only.
 
     Decode seconds cover the token loop only: the one-time compile and graph capture before it are
     not counted (a server pays them once, not per request). ``fuse``: for this call, the CMPQ
@@ -111,6 +117,10 @@ def generate_ids(model, input_ids: torch.Tensor, max_new_tokens: int, temperatur
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if input_ids.dim() != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids must be [batch, tokens] with both at least 1, got {tuple(input_ids.shape)}")
+    if streamer is not None and input_ids.shape[0] != 1:
+        raise ValueError(f"a streamer takes one sequence; got a batch of {input_ids.shape[0]}")
     with fused(model) if fuse else contextlib.nullcontext():
         return _generate_ids(model, input_ids, max_new_tokens, temperature, top_p, cuda_graph, seed,
                              _eos_set(eos_token_id), compile, streamer, progress)
@@ -124,7 +134,7 @@ def _generate_ids(model, input_ids, max_new_tokens, temperature, top_p, cuda_gra
     dtype = next(model.parameters()).dtype
     gen = torch.Generator(device=dev).manual_seed(seed) if temperature > 0 else None
     n0 = input_ids.shape[1]
-    cache = _static_cache(model, n0 + max_new_tokens + 1, dev, dtype)
+    cache = _static_cache(model, n0 + max_new_tokens + 1, dev, dtype, input_ids.shape[0])
     name = cache_kwarg(model)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
@@ -178,7 +188,7 @@ def _generate_ids(model, input_ids, max_new_tokens, temperature, top_p, cuda_gra
         except Exception as e:  # noqa: BLE001 - any capture problem: run eagerly
             print(f"[cmpq generate] CUDA graph capture failed ({type(e).__name__}: {str(e)[:200]}); running eagerly")
             graph = None
-            cache = _static_cache(model, n0 + max_new_tokens + 1, dev, dtype)  # capture may have left it dirty
+            cache = _static_cache(model, n0 + max_new_tokens + 1, dev, dtype, input_ids.shape[0])  # capture may have left it dirty
             warmed = True
     if warmed:
         cache.reset()  # in place: a captured graph keeps pointing at the same tensors
@@ -187,11 +197,15 @@ def _generate_ids(model, input_ids, max_new_tokens, temperature, top_p, cuda_gra
         streamer.put(nxt.cpu())
     pbar = bar(max_new_tokens, "generate", "tok", enabled=progress)
     pbar.update(1)
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=dev)
+    eos_t = torch.tensor(sorted(eos), device=dev) if eos else None
     sync()
     t_loop = time.perf_counter()
     for k in range(steps):
-        if eos and int(out[-1]) in eos:
-            break
+        if eos_t is not None:
+            done |= torch.isin(out[-1][:, 0], eos_t)
+            if bool(done.all()):  # one host sync per step, as the single-row check had
+                break
         ids_buf.copy_(out[-1])
         pos_buf.fill_(n0 + k)
         if graph is not None:

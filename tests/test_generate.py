@@ -25,6 +25,35 @@ def test_cached_generation_matches_full_forward(quantized, calib_ids):
     assert torch.equal(out, ref)
 
 
+def test_batch_gives_each_row_what_it_gives_alone(quantized, calib_ids):
+    """Prompts of one length decode as one batch (the several-token kernels' end-to-end case):
+    every row gets the tokens it gets alone."""
+    ids = calib_ids[:3, :8]
+    out, *_ = generate_ids(quantized, ids, 6)
+    assert out.shape == (3, 14)
+    for i in range(3):
+        alone, *_ = generate_ids(quantized, ids[i:i + 1], 6)
+        assert torch.equal(out[i:i + 1], alone)
+
+
+def test_batch_stops_when_every_row_has_ended(quantized, calib_ids):
+    ids = calib_ids[:2, :8]
+    free, *_ = generate_ids(quantized, ids, 6)
+    first_eos = int(free[0, 9])  # row 0's second new token: row 0 ends there, row 1 (most likely) does not
+    out, *_ = generate_ids(quantized, ids, 6, eos_token_id=first_eos)
+    ended = free[:, 8:] == first_eos  # [row, new token]
+    n = next((n for n in range(1, 7) if bool(ended[:, :n].any(1).all())), 6)  # first n where every row ended
+    assert out.shape[1] == 8 + n
+    assert torch.equal(out, free[:, :8 + n])
+
+
+def test_batch_refuses_a_streamer_and_bad_shapes(quantized, calib_ids):
+    with pytest.raises(ValueError, match="one sequence"):
+        generate_ids(quantized, calib_ids[:2, :8], 3, streamer=_Recorder(quantized))
+    with pytest.raises(ValueError, match=r"\[batch, tokens\]"):
+        generate_ids(quantized, calib_ids[0, :8], 3)
+
+
 def test_compiled_step_same_tokens(quantized, calib_ids, capsys):
     ids = calib_ids[:1, :8]
     torch._dynamo.reset()
