@@ -12,6 +12,7 @@ import json
 
 import torch
 
+from cmpq.algorithm import kmeans
 from cmpq.algorithm.kmeans import kmeans_1d, kmeans_1d_exact
 from cmpq.model.loading import load_model
 
@@ -20,9 +21,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--columns", type=int, default=40)
     ap.add_argument("--swaps", type=int, default=9)
+    ap.add_argument("--swap-batch", type=int, default=None, help="moves per batched Lloyd run (kmeans.SWAP_BATCH)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--layers", default="model.layers.3.self_attn.q_proj,model.layers.10.mlp.down_proj,model.layers.25.mlp.up_proj")
     a = ap.parse_args()
+    if a.swap_batch:
+        kmeans.SWAP_BATCH = a.swap_batch
     model, _ = load_model("smollm2-135m")
     mods = dict(model.named_modules())
     g = torch.Generator().manual_seed(0)
@@ -45,6 +49,7 @@ def main() -> None:
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"date": datetime.date.today().isoformat(), "machine": "CPU, 2 cores", "columns": a.columns,
+                       "swaps": a.swaps, "swap_batch": kmeans.SWAP_BATCH,
                        "rows": rows}, f, indent=1)
 
 

@@ -67,19 +67,25 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=2)
     ap.add_argument("--before", default=None, help="an earlier cmpq/algorithm/kmeans.py to compare")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--variants", default="15:3,0", help="swaps:moves per batched run (kmeans.SWAP_BATCH), comma-separated")
     a = ap.parse_args()
     dev = torch.device(a.device)
-    variants = [("batched", None, 15), ("batched", None, 0)]
+    variants = []
+    for v in a.variants.split(","):
+        s, _, b = v.partition(":")
+        variants.append((f"batched{b or ''}", None, int(s), int(b) if b else kmeans.SWAP_BATCH))
     if a.before:
         spec = importlib.util.spec_from_file_location("kmeans_before", a.before)
         before = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(before)
-        variants += [("before", before, 9), ("before", before, 0)]
+        variants += [("before", before, 9, None), ("before", before, 0, None)]
     current = kmeans._kmeans_chunk
     data = list(layers(a.blocks, dev))
     rows = []
-    for label, mod, swaps in variants:
+    default_batch = kmeans.SWAP_BATCH
+    for label, mod, swaps, batch in variants:
         kmeans._kmeans_chunk = current if mod is None else mod._kmeans_chunk  # kmeans_1d looks it up per call
+        kmeans.SWAP_BATCH = batch or default_batch
         try:
             counter = OpCounter()
             with counter:
@@ -97,8 +103,8 @@ def main() -> None:
                                                           row_scale=True, kmeans_swaps=swaps), dev)
                        for _, w, H, widths in data)
         finally:
-            kmeans._kmeans_chunk = current
-        row = {"kmeans": label, "swaps": swaps, "allocation_s_per_block": round(alloc / a.blocks, 3),
+            kmeans._kmeans_chunk, kmeans.SWAP_BATCH = current, default_batch
+        row = {"kmeans": label, "swaps": swaps, "swap_batch": batch, "allocation_s_per_block": round(alloc / a.blocks, 3),
                "compensation_s_per_block": round(comp / a.blocks, 3),
                "aten_ops_allocation_down_proj": alloc_ops, "aten_ops_compensation_down_proj": comp_ops}
         rows.append(row)
