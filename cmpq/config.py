@@ -43,8 +43,13 @@ class CMPQConfig:
     # compensated algorithm: merge-and-split moves after Lloyd's k-means (cmpq.algorithm.kmeans), in
     # the allocation's distortion and the initial codebooks; 0: plain Lloyd (two starts). None: 15 for
     # the compensated algorithm (five batched Lloyd runs of 3 moves; 9 sequential moves gave, on CPU,
-    # SmolLM2, no fine-tuning: 3.36 bits 34.21 -> 33.73, 4.3 bits 27.49 -> 27.37), 0 for the paper's
+    # SmolLM2, no fine-tuning: 3.36 bits 34.21 -> 33.73, 4.3 bits 27.49 -> 27.37), 0 for the paper's method
     kmeans_swaps: int | None = None
+    # the moves in the allocation's distortion estimates; None: as kmeans_swaps. They are most of the
+    # allocation's GPU time (H100, one SmolLM2 block: 2.45 s with 15 moves, 0.33 s without); 0 there (and
+    # 16 moves, 8 per run, in the pass) measured 31.43 vs 31.02 WikiText-2 at 3.36 bits (CPU, 4 windows;
+    # held-out KL 0.171 vs 0.173): not clearly worse, not adopted without the GPU grid
+    alloc_kmeans_swaps: int | None = None
     # compensated algorithm
     # candidate widths per channel, FP16 columns too if fp16_columns. 1 is allowed; the GPU
     # kernels take 2..4 (a layer with 1-bit channels runs through dequantization)
@@ -128,8 +133,12 @@ class CMPQConfig:
             raise ValueError(f"finetune_lr must be in (0, 1), got {self.finetune_lr!r}")
         if self.kmeans_swaps is None:
             self.kmeans_swaps = 15 if self.algorithm == "compensated" else 0
-        if not isinstance(self.kmeans_swaps, int) or isinstance(self.kmeans_swaps, bool) or self.kmeans_swaps < 0:
-            raise ValueError(f"kmeans_swaps must be a non-negative integer, got {self.kmeans_swaps!r}")
+        if self.alloc_kmeans_swaps is None:
+            self.alloc_kmeans_swaps = self.kmeans_swaps
+        for name in ("kmeans_swaps", "alloc_kmeans_swaps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
         for name in ("block_size", "alloc_kmeans_iters"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:

@@ -184,3 +184,30 @@ def test_row_scale_cost_is_in_the_layer_options():
     scaled = layer_options(W, hd, (2, 3), n_sparse=0, iters=10, row_scale=True)
     assert scaled.fixed - plain.fixed == 16 * 64
     torch.testing.assert_close(scaled.cost, plain.cost)
+
+
+def test_allocation_and_quantization_take_their_own_kmeans_moves(tiny_llama, calib_ids, monkeypatch):
+    """``alloc_kmeans_swaps`` reaches the allocation's distortion estimates, ``kmeans_swaps`` the
+    codebooks that are stored; None makes the allocation follow ``kmeans_swaps``."""
+    import cmpq
+    from cmpq.algorithm import compensated
+    from cmpq.config import CMPQConfig
+    from cmpq.model import planning
+
+    seen = {"alloc": set(), "quant": set()}
+    real_options, real_quant = planning.layer_options, compensated.quantize_compensated
+
+    def options(*args, **kw):
+        seen["alloc"].add(args[8])
+        return real_options(*args, **kw)
+
+    def quant(*args, **kw):
+        seen["quant"].add(kw["kmeans_swaps"])
+        return real_quant(*args, **kw)
+
+    monkeypatch.setattr(planning, "layer_options", options)
+    monkeypatch.setattr(compensated, "quantize_compensated", quant)
+    cfg = CMPQConfig(bits=4.5, kmeans_swaps=3, alloc_kmeans_swaps=0, finetune_epochs=0)
+    cmpq.quantize(tiny_llama, None, cfg, calib=calib_ids[:4, :32], device="cpu", log=None)
+    assert seen == {"alloc": {0}, "quant": {3}}
+    assert CMPQConfig(kmeans_swaps=5).alloc_kmeans_swaps == 5

@@ -164,7 +164,8 @@ def test_channel_packing_roundtrip_row_ranges_and_no_channel_padding():
 @pytest.mark.parametrize("bad", [{"compensate": "no"}, {"kmeans_iters": 0},
                                  {"bits": 17}, {"bits": 1.0}, {"bits": float("nan")}, {"widths": (0, 2)},
                                  {"token_weighting": "fisher"}, {"damp": 0}, {"finetune_epochs": -1},
-                                 {"finetune_lr": 0}, {"algorithm": "magic"}])
+                                 {"finetune_lr": 0}, {"algorithm": "magic"}, {"kmeans_swaps": -1},
+                                 {"alloc_kmeans_swaps": -1}, {"alloc_kmeans_swaps": True}])
 def test_config_refuses_bad_fields(bad):
     with pytest.raises(ValueError):
         CMPQConfig(**bad)

@@ -77,7 +77,7 @@ def plan_widths(model: nn.Module, hdiag: dict[tuple[int, str], torch.Tensor], cf
             options.append(layer_options(w, hdiag[(i, name)], cfg.widths, n_sparse(lin, cfg),
                                          cfg.alloc_kmeans_iters, cfg.fp16_columns,
                                          None if row_weight is None else row_weight.get((i, name)), cfg.row_scale,
-                                         cfg.kmeans_swaps))
+                                         cfg.alloc_kmeans_swaps))
             keys.append((i, name))
             numel += lin.weight.numel()
     budget = cfg.bits * numel
