@@ -550,3 +550,20 @@ def test_cuda_decode_mma_big_splits_graph():
     g.replay()
     torch.cuda.synchronize()
     _check(yg.reshape(4, out), layer, x.reshape(4, n_in))
+
+
+def test_dequant_params_match_the_cuda_struct():
+    """The ctypes mirror of ``struct DQ`` names the same fields in the same order as the CUDA source
+    (padding can make a wrong mirror the same size, so the library's size check alone misses it)."""
+    import re
+
+    from cmpq.kernels import dequant
+
+    src = open(dequant.SRC).read()
+    body = re.search(r"struct DQ \{(.*?)\};", src, re.S).group(1)
+    names = []
+    for decl in re.sub(r"//[^\n]*", "", body).split(";"):
+        decl = decl.strip()
+        if decl:
+            names += [n.strip().lstrip("*") for n in re.sub(r"^(const\s+)?\w+\*?\s+\*?", "", decl).split(",")]
+    assert names == [f for f, _ in dequant._DQ._fields_]

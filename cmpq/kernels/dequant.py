@@ -31,7 +31,7 @@ NTHREADS = 256
 
 class _DQ(ctypes.Structure):
     _fields_ = [(n, ctypes.c_void_p) for n in ("q", "cb", "ch", "wt")] + [
-                (n, ctypes.c_int) for n in ("nq", "out", "n", "bits", "off", "is_bf16")]
+                (n, ctypes.c_int) for n in ("nq", "out", "n", "bits", "is_bf16")]
 
 
 _LIBRARY = cd.KernelLibrary(SRC, "cmpq_dq", _DQ, n_int_args=1)
