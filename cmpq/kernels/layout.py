@@ -144,6 +144,8 @@ class Runtime:
                   (corr, torch.float32), (bias, torch.float32), (sflat, torch.int64))
         if any(t.dtype != dt for t, dt in wanted) or crow.numel() != out + 1:
             return None
+        if sum(n for _, n in present) + och.numel() != n_in:  # every input channel in a group or an FP16 column
+            return None
         mma = None
         if len(tensors) > ng + len(_COMMON):
             mq, tbl, chl = tensors[ng + len(_COMMON):]
