@@ -46,9 +46,10 @@ def kmeans_1d(
     ``swaps`` rounds of merge-and-split moves (``_swap_start``) follow the cold start: Lloyd stops at
     the first fixed point, which at 16 entries is often a poor one (on SmolLM2-135M columns its
     squared error was 1.089x the global optimum's at k=16, 1.016x at k=8; after 9 rounds, 1.016x
-    at k=16, and 1.013x after 15 moves batched three at a time: ``studies/kmeans_gap.py``). Each move is a warm-started Lloyd run per row, kept only
-    where it lowers the error, so the result is never worse than Lloyd's; ``SWAP_BATCH`` moves from
-    the same fixed point run side by side, so 9 moves cost three Lloyd runs' kernel launches.
+    at k=16, and 1.013x after 15 moves batched three at a time: ``studies/kmeans_gap.py``). Each
+    move is a warm-started Lloyd run per row, kept only where it lowers the error, so the result is
+    never worse than Lloyd's; ``SWAP_BATCH`` moves from the same fixed point run side by side, so 15
+    moves cost five Lloyd runs' kernel launches.
     """
     if init is not None and init.shape != (x.shape[0], k):
         raise ValueError(f"init must have shape {(x.shape[0], k)}, got {tuple(init.shape)}")
@@ -183,18 +184,18 @@ def _lloyd(xs: torch.Tensor, csum: torch.Tensor, cw: torch.Tensor, nvalid: torch
     nv = nvalid[:, None, None]
     zeros = torch.zeros(rows, S, 1, dtype=torch.long, device=xs.device)
 
-    def runs(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def runs(c: torch.Tensor) -> tuple[torch.Tensor, ...]:  # boundaries, run starts/ends, sums, weights
         mids = ((c[..., 1:] + c[..., :-1]) * 0.5).reshape(rows, S * (k - 1))
         bnd = torch.searchsorted(xs, mids, right=True).view(rows, S, k - 1).clamp(max=nv)
         lo = torch.cat([zeros, bnd], dim=2).view(rows, S * k)
         hi = torch.cat([bnd, nv.expand(rows, S, 1)], dim=2).view(rows, S * k)
         sums = csum.gather(1, hi) - csum.gather(1, lo)
         wts = cw.gather(1, hi) - cw.gather(1, lo)
-        return bnd, lo, hi, (sums.view(rows, S, k), wts.view(rows, S, k))
+        return bnd, lo, hi, sums.view(rows, S, k), wts.view(rows, S, k)
 
     prev = None
     for it in range(max_iter):
-        bnd, lo, hi, (sums, wts) = runs(cent)
+        bnd, lo, hi, sums, wts = runs(cent)
         filled = wts > 0
         new = torch.where(filled, (sums / wts.clamp(min=1e-300)).float(), cent)
         if it % CHECK_EVERY != CHECK_EVERY - 1 and it != max_iter - 1:
@@ -218,7 +219,7 @@ def _lloyd(xs: torch.Tensor, csum: torch.Tensor, cw: torch.Tensor, nvalid: torch
         if done:
             break
     # SSE = sum x^2 - sum_j S_j^2 / n_j; the first term is the same for every start, so drop it.
-    _, _, _, (sums, wts) = runs(cent)
+    *_, sums, wts = runs(cent)
     return cent.float(), -(sums**2 / wts.clamp(min=1e-300)).sum(dim=2)
 
 
