@@ -198,6 +198,8 @@ class Bench:
     def __init__(self, a: argparse.Namespace, with_model: bool = True) -> None:
         self.a = a
         self.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        t0 = time.perf_counter()
+        self.log = (lambda m: print(f"[{time.perf_counter() - t0:7.1f}s] {m}", flush=True)) if getattr(a, "verbose", False) else None
         self.dtype = torch.float16 if self.dev.type == "cuda" else torch.float32
         if with_model:
             self.base, self.tok = load_model(a.model, device="cpu", dtype=self.dtype)
@@ -235,7 +237,7 @@ class Bench:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            cmpq.quantize(model, self.tok, cfg, calib=calib, device=self.dev, log=None)
+            cmpq.quantize(model, self.tok, cfg, calib=calib, device=self.dev, log=self.log)
             qs = round(time.perf_counter() - t0, 2)
             peak = torch.cuda.max_memory_allocated() / 2**30 if self.dev.type == "cuda" else None
             nom, eff = cmpq_bits(model)
@@ -714,6 +716,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--core", default=None, help="core sweep JSON to import CMPQ cells from "
                     "(default <out-dir>/core-<model>.json; 'none' to skip)")
+    ap.add_argument("--verbose", action="store_true", help="log CMPQ quantization steps (per block, with seconds) "
+                    "to stdout: where a cell's time goes when it does not finish")
     ap.add_argument("--fresh", action="store_true", help="discard an existing JSON with another signature")
     ap.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)  # set by the parent only
     ap.add_argument("--queue", default=None, help=argparse.SUPPRESS)
