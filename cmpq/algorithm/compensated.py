@@ -45,6 +45,8 @@ from cmpq.algorithm.budget import FP16
 from cmpq.algorithm.kmeans import assign_nearest, kmeans_1d, mean_one_weights
 from cmpq.algorithm.layer import QuantizedParts
 from cmpq.baselines.gptq import _inverse_hessian_cholesky
+from cmpq.kernels.dispatch import triton_available
+from cmpq.kernels.feedback import column_feedback, column_feedback_reference
 from cmpq.storage.codebook import storable
 
 
@@ -94,6 +96,17 @@ def select_sparse(W: torch.Tensor, hdiag: torch.Tensor, books: dict[int, tuple[t
 REFIT_ITERS = 10  # Lloyd iterations of each lazy block's warm-started refit
 
 
+def _column_loop(choice: str, dev: torch.device):
+    """The lazy block's column walk for ``choice`` (``quantize_compensated``'s ``column_loop``)."""
+    if choice not in ("auto", "torch", "triton"):
+        raise ValueError(f"column_loop must be 'auto', 'torch' or 'triton', got {choice!r}")
+    if choice == "auto":
+        choice = "triton" if dev.type == "cuda" and triton_available() else "torch"
+    if choice == "triton" and not triton_available():
+        raise RuntimeError("column_loop='triton' needs Triton (pip install triton)")
+    return column_feedback if choice == "triton" else column_feedback_reference
+
+
 @torch.no_grad()
 def row_scales(weight: torch.Tensor) -> torch.Tensor:
     """Per-row scales ``s`` ``[out]`` (FP16 values, float32): each row's RMS over the layer's mean
@@ -127,6 +140,7 @@ def quantize_compensated(
     row_weight: torch.Tensor | None = None,
     row_scale: bool = False,
     kmeans_swaps: int = 0,
+    column_loop: str = "auto",
 ) -> QuantizedParts:
     """Quantize ``weight`` ``[out, in]`` with per-channel ``widths`` (``FP16``: keep the column) and
     Hessian ``H`` ``[in, in]``; ``compensate=False`` skips the error feedback (same codebooks and
@@ -134,7 +148,10 @@ def quantize_compensated(
     the output rows in every codebook fit and in the sparse-outlier choice: GPTQ's error feedback
     works row by row, so it is unchanged, but a codebook is shared by all rows of its channel.
     ``row_scale``: fit the rows divided by ``row_scales(weight)`` (returned in the parts).
-    ``kmeans_swaps``: merge-and-split rounds of the initial codebooks (``kmeans_1d``)."""
+    ``kmeans_swaps``: merge-and-split rounds of the initial codebooks (``kmeans_1d``).
+    ``column_loop``: how a lazy block's columns are walked, ``"torch"`` (a Python loop, five kernels
+    a column), ``"triton"`` (one launch a block) or ``"auto"`` (Triton on CUDA when it is installed);
+    the two agree to float rounding."""
     out_f, in_f = weight.shape
     dev = weight.device
     if H.shape != (in_f, in_f):
@@ -145,6 +162,7 @@ def quantize_compensated(
         raise ValueError(f"{name}: weight holds NaN or Inf; refusing to quantize")
     if not torch.isfinite(H).all():
         raise ValueError(f"{name}: Hessian holds NaN or Inf (did calibration overflow?)")
+    loop = _column_loop(column_loop, dev)
     widths = widths.to(dev).long()
     W = weight.detach().float().clone()
     H = H.detach().to(device=dev, dtype=torch.float32).clone()
@@ -202,22 +220,11 @@ def quantize_compensated(
             Q[:, i1:i2] = q.T
             idx[:, i1:i2] = j.T.to(torch.uint8)
             continue
-        Q1 = torch.empty_like(W1)
-        E1 = torch.empty_like(W1)
-        J1 = torch.zeros(count, out_f, dtype=torch.long, device=dev)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        dinv = Hinv1.diagonal().reciprocal()
-        # The per-column step is launch-bound (one column is tiny), so it is written as few kernels as
-        # possible: 6 per column. Exact weights are kept at their updated value (the FP16 rounding at
-        # packing is ~1e-3 relative and left uncompensated).
-        for i in range(count):
-            w = W1[i]
-            if kmax > 1:
-                torch.searchsorted(mids[i], w, right=True, out=J1[i])
-            torch.where(EX[i], w, cent[i].gather(0, J1[i]), out=Q1[i])
-            torch.sub(w, Q1[i], out=E1[i]).mul_(dinv[i])
-            if i + 1 < count:
-                W1[i + 1 :].addr_(Hinv1[i, i + 1 :], E1[i], alpha=-1)
+        # The per-column step is launch-bound (one column is tiny): on a GPU the whole block's loop is
+        # one Triton launch (cmpq.kernels.feedback). Exact weights are kept at their updated value (the
+        # FP16 rounding at packing is ~1e-3 relative and left uncompensated).
+        Q1, E1, J1 = loop(W1, EX, mids, cent, Hinv1, Hinv1.diagonal().reciprocal())
         Q[:, i1:i2] = Q1.T
         idx[:, i1:i2] = J1.T.to(torch.uint8)
         if i2 < in_f:
