@@ -26,14 +26,16 @@ from cmpq.algorithm.distortion import layer_options
 
 SHAPES = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576),
           "gate": (1536, 576), "up": (1536, 576), "down": (576, 1536)}  # [out, in], one SmolLM2 block
+SHAPES_7B = {"q": (4096, 4096), "k": (4096, 4096), "v": (4096, 4096), "o": (4096, 4096),
+             "gate": (11008, 4096), "up": (11008, 4096), "down": (4096, 11008)}  # one Llama-2-7B block
 
 
-def layers(blocks: int, dev: torch.device):
+def layers(blocks: int, dev: torch.device, shapes: dict = SHAPES):
     g = torch.Generator().manual_seed(0)
     for _ in range(blocks):
-        for name, (o, i) in SHAPES.items():
+        for name, (o, i) in shapes.items():
             w = (torch.distributions.StudentT(5.0).sample((o, i)) * 0.02).to(dev)
-            x = torch.randn(512, i, generator=g).to(dev) * (torch.rand(i, generator=g).to(dev) * 3 + 0.1)
+            x = torch.randn(max(512, i + 64), i, generator=g).to(dev) * (torch.rand(i, generator=g).to(dev) * 3 + 0.1)
             u = torch.rand(i, generator=g)
             widths = torch.where(u < 0.15, 2, torch.where(u < 0.75, 3, torch.where(u < 0.99, 4, FP16)))
             yield name, w, x.T @ x, widths
@@ -68,7 +70,15 @@ def main() -> None:
     ap.add_argument("--before", default=None, help="an earlier cmpq/algorithm/kmeans.py to compare")
     ap.add_argument("--out", default=None)
     ap.add_argument("--variants", default="15:3,0", help="swaps:moves per batched run (kmeans.SWAP_BATCH), comma-separated")
+    ap.add_argument("--column-loop", default="auto", choices=("auto", "torch", "triton"),
+                    help="the compensated pass's column walk (quantize_compensated's column_loop)")
+    ap.add_argument("--count", default=None, metavar="SHAPE", choices=("smollm2", "7b"),
+                    help="only count ATen calls of the compensated pass, layer by layer, for one block of SHAPE "
+                         "(64 output rows: the count depends on the columns), with the PyTorch column loop "
+                         "and with one launch per lazy block in its place")
     a = ap.parse_args()
+    if a.count:
+        return count_calls(SHAPES if a.count == "smollm2" else SHAPES_7B, a.out)
     dev = torch.device(a.device)
     variants = []
     for v in a.variants.split(","):
@@ -94,13 +104,14 @@ def main() -> None:
                               None, True, swaps)
                 alloc_ops = counter.ops
                 quantize_compensated(w, H, widths, int(0.005 * w.numel()), 100, 0.01, 128, True, row_scale=True,
-                                     kmeans_swaps=swaps)
+                                     kmeans_swaps=swaps, column_loop=a.column_loop)
                 comp_ops = counter.ops - alloc_ops
             alloc = sum(timed(lambda: layer_options(w, torch.ones(w.shape[1], device=dev), (2, 3, 4),
                                                     int(0.005 * w.numel()), 25, True, None, True, swaps), dev)
                         for _, w, _, _ in data)
             comp = sum(timed(lambda: quantize_compensated(w, H, widths, int(0.005 * w.numel()), 100, 0.01, 128, True,
-                                                          row_scale=True, kmeans_swaps=swaps), dev)
+                                                          row_scale=True, kmeans_swaps=swaps,
+                                                          column_loop=a.column_loop), dev)
                        for _, w, H, widths in data)
         finally:
             kmeans._kmeans_chunk, kmeans.SWAP_BATCH = current, default_batch
@@ -111,10 +122,56 @@ def main() -> None:
         print(row, flush=True)
     res = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} threads",
            "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-           "blocks": a.blocks, "note": "SmolLM2-135M has 30 blocks", "rows": rows}
+           "blocks": a.blocks, "column_loop": a.column_loop, "note": "SmolLM2-135M has 30 blocks", "rows": rows}
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
+
+
+def count_calls(shapes: dict, out: str | None) -> None:
+    """ATen calls of ``quantize_compensated`` (default k-means moves, row scales) per layer of one
+    block: all of them with the PyTorch column loop, the loop's own share, and the total when the loop
+    is one launch per lazy block (the Triton kernel on a GPU). CPU, 64 output rows."""
+    from cmpq.algorithm import compensated
+
+    ref = compensated.column_feedback_reference
+    rows = []
+    for name, (o, i) in shapes.items():
+        w, H, widths = next(layers(1, torch.device("cpu"), {name: (64, i)}))[1:]
+        counter, loop = OpCounter(), [0, 0]
+
+        def counted(*args):
+            before = counter.ops
+            r = ref(*args)
+            loop[0] += counter.ops - before
+            loop[1] += 1
+            return r
+
+        compensated.column_feedback_reference = counted
+        try:
+            with counter:
+                quantize_compensated(w, H, widths, int(0.005 * w.numel()), 100, 0.01, 128, True, row_scale=True,
+                                     kmeans_swaps=kmeans_default_swaps(), column_loop="torch")
+        finally:
+            compensated.column_feedback_reference = ref
+        row = {"layer": name, "shape": [o, i], "aten_calls_torch_loop": counter.ops, "of_which_column_loop": loop[0],
+               "lazy_blocks": loop[1], "aten_calls_one_launch_per_lazy_block": counter.ops - loop[0] + loop[1]}
+        rows.append(row)
+        print(row, flush=True)
+    tot = {k: sum(r[k] for r in rows) for k in ("aten_calls_torch_loop", "aten_calls_one_launch_per_lazy_block")}
+    print("block:", tot)
+    res = {"device": f"cpu, {torch.get_num_threads()} threads", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+           "torch": torch.__version__, "rows": rows, "block": tot,
+           "note": "ATen calls (about one GPU launch each) of the compensated pass, counted on CPU with 64 output rows"}
+    if out:
+        with open(out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+def kmeans_default_swaps() -> int:
+    from cmpq.config import CMPQConfig
+
+    return CMPQConfig().kmeans_swaps
 
 
 if __name__ == "__main__":

@@ -237,3 +237,21 @@ def test_swaps_on_small_k_and_degenerate_rows():
     for k in (2, 3, 4, 8):
         c = kmeans_1d(x, k, swaps=5)
         assert c.shape == (2, k) and torch.isfinite(c).all()
+
+
+def test_inf_in_a_warm_start_is_an_absent_centroid():
+    """Rows with smaller codebooks share a run with larger ones (the compensated pass refits every
+    width of a lazy block at once): each row's result equals its own run, and pads stay +inf."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.distributions.StudentT(4.0).sample((12, 300)) * torch.rand(12, 1, generator=g)
+    keep = torch.rand(12, 300, generator=g) > 0.02
+    ks = [4, 8, 16] * 4
+    alone = [kmeans_1d(x[i : i + 1], k, keep[i : i + 1], max_iter=30) for i, k in enumerate(ks)]
+    init = torch.full((12, 16), torch.inf)
+    for i, (k, c) in enumerate(zip(ks, alone)):
+        init[i, :k] = c + 0.01 * c.abs().mean()  # a start near, not at, the fixed point
+    together = kmeans_1d(x, 16, keep, max_iter=30, init=init)
+    for i, k in enumerate(ks):
+        own = kmeans_1d(x[i : i + 1], k, keep[i : i + 1], max_iter=30, init=init[i : i + 1, :k])
+        torch.testing.assert_close(together[i, :k], own[0])
+        assert torch.isinf(together[i, k:]).all()

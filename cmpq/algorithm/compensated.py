@@ -46,7 +46,7 @@ from cmpq.algorithm.kmeans import assign_nearest, kmeans_1d, mean_one_weights
 from cmpq.algorithm.layer import QuantizedParts
 from cmpq.baselines.gptq import _inverse_hessian_cholesky
 from cmpq.kernels.dispatch import triton_available
-from cmpq.kernels.feedback import column_feedback, column_feedback_reference
+from cmpq.kernels.feedback import MAX_KERNEL_BLOCK, MAX_KERNEL_ENTRIES, column_feedback, column_feedback_reference
 from cmpq.storage.codebook import storable
 
 
@@ -96,12 +96,13 @@ def select_sparse(W: torch.Tensor, hdiag: torch.Tensor, books: dict[int, tuple[t
 REFIT_ITERS = 10  # Lloyd iterations of each lazy block's warm-started refit
 
 
-def _column_loop(choice: str, dev: torch.device):
+def _column_loop(choice: str, dev: torch.device, kmax: int, block_size: int):
     """The lazy block's column walk for ``choice`` (``quantize_compensated``'s ``column_loop``)."""
     if choice not in ("auto", "torch", "triton"):
         raise ValueError(f"column_loop must be 'auto', 'torch' or 'triton', got {choice!r}")
     if choice == "auto":
-        choice = "triton" if dev.type == "cuda" and triton_available() else "torch"
+        fits = kmax <= MAX_KERNEL_ENTRIES and block_size <= MAX_KERNEL_BLOCK
+        choice = "triton" if dev.type == "cuda" and fits and triton_available() else "torch"
     if choice == "triton" and not triton_available():
         raise RuntimeError("column_loop='triton' needs Triton (pip install triton)")
     return column_feedback if choice == "triton" else column_feedback_reference
@@ -150,8 +151,9 @@ def quantize_compensated(
     ``row_scale``: fit the rows divided by ``row_scales(weight)`` (returned in the parts).
     ``kmeans_swaps``: merge-and-split rounds of the initial codebooks (``kmeans_1d``).
     ``column_loop``: how a lazy block's columns are walked, ``"torch"`` (a Python loop, five kernels
-    a column), ``"triton"`` (one launch a block) or ``"auto"`` (Triton on CUDA when it is installed);
-    the two agree to float rounding."""
+    a column), ``"triton"`` (one launch a block; widths up to 4 bits, blocks up to 256 columns) or
+    ``"auto"`` (Triton on CUDA when it is installed and the layer fits it); the two agree to float
+    rounding."""
     out_f, in_f = weight.shape
     dev = weight.device
     if H.shape != (in_f, in_f):
@@ -162,8 +164,9 @@ def quantize_compensated(
         raise ValueError(f"{name}: weight holds NaN or Inf; refusing to quantize")
     if not torch.isfinite(H).all():
         raise ValueError(f"{name}: Hessian holds NaN or Inf (did calibration overflow?)")
-    loop = _column_loop(column_loop, dev)
     widths = widths.to(dev).long()
+    quantized = widths[widths != FP16]
+    loop = _column_loop(column_loop, dev, 2 ** int(quantized.max()) if quantized.numel() else 1, block_size)
     W = weight.detach().float().clone()
     H = H.detach().to(device=dev, dtype=torch.float32).clone()
     diag = H.diagonal().clone()
@@ -205,14 +208,18 @@ def quantize_compensated(
         wb = wp[i1:i2]
         mids = torch.full((count, max(kmax - 1, 1)), torch.inf, device=dev)
         cent = torch.zeros(count, kmax, device=dev)
-        for b in sorted(set(wb.tolist()) - {FP16}):
-            r = (wb == b).nonzero().squeeze(1)
-            k = 2**b
-            cb = _codebooks(W1[r], k, ~EX[r], REFIT_ITERS, init=start[i1:i2][r, :k], weight=rw)
-            cent[r, :k] = cb
-            cent[r, k:] = cb[:, -1:]  # never selected (mids are inf there); keeps gathers in range
-            if k > 1:
-                mids[r, : k - 1] = (cb[:, 1:] + cb[:, :-1]) * 0.5
+        r = (wb != FP16).nonzero().squeeze(1)
+        if r.numel():
+            # One refit for every width of the block: a codebook of k < kmax entries is padded with
+            # +inf, which k-means treats as absent, so each column's Lloyd run is the one it would
+            # have alone, and the block costs one run's launches instead of one per width.
+            k = (2 ** wp[i1:i2][r])[:, None]
+            slot = torch.arange(kmax, device=dev)[None, :]
+            init = torch.where(slot < k, start[i1:i2][r], torch.inf)
+            cb = kmeans_1d(W1[r], kmax, ~EX[r], max_iter=REFIT_ITERS, init=init, weight=rw)
+            cb = storable(torch.where(slot < k, cb, cb.gather(1, k - 1)))  # pads repeat the last entry
+            cent[r] = cb  # pads are never selected (mids are inf there); they keep gathers in range
+            mids[r] = torch.where(slot[:, 1:] < k, (cb[:, 1:] + cb[:, :-1]) * 0.5, torch.inf)
         books[i1:i2] = cent
         if not compensate:
             j = torch.searchsorted(mids, W1, right=True).clamp(max=kmax - 1)

@@ -43,6 +43,9 @@ def kmeans_1d(
     Rows with fewer distinct kept values than ``k`` get repeated centroids; rows with none get zeros.
     ``init`` (``[rows, k]``) replaces the two default starts by one warm start: CMPQ's second pass
     starts from the first pass's codebooks, since removing 0.05% of the values moves them little.
+    A ``+inf`` in ``init`` is an absent centroid (it stays ``+inf`` and is never re-seeded), so rows
+    with smaller codebooks share one run with larger ones: each row's run is the one it would have
+    alone, and one run costs the kernel launches of one.
     ``swaps`` rounds of merge-and-split moves (``_swap_start``) follow the cold start: Lloyd stops at
     the first fixed point, which at 16 entries is often a poor one (on SmolLM2-135M columns its
     squared error was 1.089x the global optimum's at k=16, 1.016x at k=8; after 9 rounds, 1.016x
@@ -210,7 +213,7 @@ def _lloyd(xs: torch.Tensor, csum: torch.Tensor, cw: torch.Tensor, nvalid: torch
         far_d, far_j = d.max(dim=2, keepdim=True)
         far = torch.where(d_first.gather(2, far_j) >= d_last.gather(2, far_j), first.gather(2, far_j),
                           last.gather(2, far_j))
-        empty = ~filled & (nv > 0)
+        empty = ~filled & (nv > 0) & torch.isfinite(new)  # +inf: an absent centroid (see kmeans_1d)
         reseed = empty.any(dim=2, keepdim=True) & (far_d > 0)
         slot = empty.float().argmax(dim=2, keepdim=True)  # first empty cluster
         new = torch.sort(torch.where(reseed, new.scatter(2, slot, far), new), dim=2).values

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 
 BLOCK_R = 32  # output rows per program: a 128 x 32 float32 tile is 32 registers a thread at 4 warps
+MAX_KERNEL_BLOCK = 256  # columns of a lazy block the register tile holds
+MAX_KERNEL_ENTRIES = 16  # codebook entries (4 bits); wider codebooks take the PyTorch loop
 
 
 def column_feedback_reference(W1: torch.Tensor, EX: torch.Tensor, mids: torch.Tensor, cent: torch.Tensor,
@@ -57,10 +59,10 @@ def column_feedback(W1: torch.Tensor, EX: torch.Tensor, mids: torch.Tensor, cent
 
     count, out_f = W1.shape
     kmax = cent.shape[1]
-    if count > 256:
-        raise ValueError(f"column_feedback: lazy blocks of at most 256 columns, got {count}")
-    if kmax > 16:
-        raise ValueError(f"column_feedback: codebooks of at most 16 entries, got {kmax}")
+    if count > MAX_KERNEL_BLOCK:
+        raise ValueError(f"column_feedback: lazy blocks of at most {MAX_KERNEL_BLOCK} columns, got {count}")
+    if kmax > MAX_KERNEL_ENTRIES:
+        raise ValueError(f"column_feedback: codebooks of at most {MAX_KERNEL_ENTRIES} entries, got {kmax}")
     W1, mids, cent = W1.float().contiguous(), mids.float().contiguous(), cent.float().contiguous()
     Hinv1, dinv = Hinv1.float().contiguous(), dinv.float().contiguous()
     ex = EX.contiguous().view(torch.uint8) if EX.dtype == torch.bool else EX.to(torch.uint8).contiguous()
