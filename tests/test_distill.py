@@ -7,7 +7,7 @@ import torch
 
 import cmpq
 from cmpq.config import CMPQConfig
-from cmpq.model.distill import TunableLinear, _kl, finetune, teacher_states
+from cmpq.model.distill import TunableLinear, _kl, finetune, project, teacher_states
 from cmpq.nn.linear import CMPQLinear
 
 from tiny_models import one_thread  # noqa: F401
@@ -43,6 +43,29 @@ def test_tunable_linear_is_the_layer_and_writes_back_exactly(tiny_llama, calib_i
     assert not torch.equal(w_seen, t.values[t.where].detach()), "the perturbation must need rounding"
     cb = out.group(b)[2].float()
     assert (cb[:, 1:] >= cb[:, :-1]).all(), "codebooks must stay ascending"
+
+
+def test_projection_of_all_layers_at_once_equals_layer_by_layer(tiny_llama, calib_ids):
+    """Fine-tuning rounds every layer's codebooks of one width onto their 8-bit grids in one call
+    (``project``); it must give each layer exactly what rounding it alone gives."""
+    model = _quantized(tiny_llama, calib_ids)
+    tunables = [TunableLinear(m) for m in model.modules() if isinstance(m, CMPQLinear)]
+    assert len({b for t in tunables for b in t.layer.bit_widths}) > 1, "needs several widths to mean anything"
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in tunables:  # off the grid, and by different amounts per layer
+            t.values += torch.randn(t.values.shape, generator=g) * 1e-3 * t.values.abs().mean()
+    project(tunables)
+    together = [t.target for t in tunables]
+    for t, target in zip(tunables, together):
+        t.target = None
+        project([t])
+        assert torch.equal(t.target, target)
+        assert not torch.equal(target, t.values.detach())  # the rounding did something
+        # a forward uses the projected values once, then computes them afresh
+        t.target = None
+        w = t.stored().detach()
+        assert torch.equal(w, target) and t.target is None
 
 
 def test_finetune_lowers_kl_and_keeps_indices(tiny_llama, calib_ids):
