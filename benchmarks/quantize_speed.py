@@ -42,7 +42,7 @@ SHAPES = {
     "7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
     "13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
 }
-TINY = dict(nsamples=4, seqlen=64, batch=2)
+TINY = dict(nsamples=4, seqlen=64, batch=2, bits=4.0)  # a tiny model's layers cannot reach 3 effective bits
 
 
 def char_tokenizer():
@@ -95,7 +95,8 @@ def _calibration(vocab: int, nsamples: int, seqlen: int) -> torch.Tensor:
 
 
 def run(path: Path, out: Path, device: torch.device, nsamples: int, seqlen: int, bits: float, batch: int,
-        cap: str | None, offload: bool, checkpoint: bool = True, dist=None) -> dict | None:
+        cap: str | None, offload: bool, checkpoint: bool = True, dist=None, algorithm: str = "compensated",
+        finetune_epochs: int | None = None) -> dict | None:
     """One CMPQ run (load, quantize, save); with ``dist``, this process's part of it (None except on rank 0)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -107,7 +108,7 @@ def run(path: Path, out: Path, device: torch.device, nsamples: int, seqlen: int,
     tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer.json").is_file() else None
     load_s = time.perf_counter() - t0
     ids = _calibration(model.config.vocab_size, nsamples, seqlen)
-    cfg = cmpq.CMPQConfig(bits=bits)
+    cfg = cmpq.CMPQConfig(bits=bits, algorithm=algorithm, finetune_epochs=finetune_epochs)
     options = cmpq.RunOptions(calib=ids, calib_batch_size=batch, device=None if dist is not None else device,
                               log=None, offload_activations=offload, max_gpu_memory=cap, dist=dist,
                               checkpoint_dir=Path(str(out) + ".partial") if checkpoint else None)
@@ -120,7 +121,8 @@ def run(path: Path, out: Path, device: torch.device, nsamples: int, seqlen: int,
     cmpq.save(model, out, tokenizer=tok, overwrite=True)
     save_s = time.perf_counter() - t0
     qc = model.config.quantization_config
-    return {"method": "cmpq", "processes": qc.get("processes", 1), "load_s": round(load_s, 2),
+    return {"method": "cmpq", "algorithm": algorithm, "finetune_epochs": cfg.finetune_epochs,
+            "processes": qc.get("processes", 1), "load_s": round(load_s, 2),
             "quantize_s": round(quant_s, 2), "save_s": round(save_s, 2), "split_s": qc["time_split_seconds"],
             "peak_gpu_gib": qc.get("peak_gpu_memory_gib"),
             "peak_gpu_gib_per_process": qc.get("peak_gpu_memory_gib_per_process", [qc.get("peak_gpu_memory_gib")]),
@@ -222,7 +224,8 @@ def mode_row(a, argv: list[str]) -> None:
                 shutil.rmtree(Path(str(out) + ".partial"), ignore_errors=True)
             if dist is not None:
                 dist.broadcast_object(None)  # nobody starts before rank 0 has cleared the output
-            r = run(path, out, device, a.nsamples, a.seqlen, a.bits, a.batch, a.cap, False, a.checkpoint, dist)
+            r = run(path, out, device, a.nsamples, a.seqlen, a.bits, a.batch, a.cap, False, a.checkpoint, dist,
+                    a.algorithm, a.finetune_epochs)
         else:
             r = run_baseline(path, a.method, device, a.nsamples, a.seqlen, a.bits, a.batch)
         if r is not None:
@@ -277,13 +280,15 @@ def mode_all(a) -> None:
             path = build(shape, work, dtype)
             out = _q_out(work, shape, 1, cap)
             shutil.rmtree(out, ignore_errors=True)
-            r = {"shape": shape, **run(path, out, device, a.nsamples, a.seqlen, a.bits, a.batch, cap, False)}
+            r = {"shape": shape, **run(path, out, device, a.nsamples, a.seqlen, a.bits, a.batch, cap, False,
+                                       algorithm=a.algorithm, finetune_epochs=a.finetune_epochs)}
             rows.append(r)
             print(json.dumps(r), flush=True)
         if a.tiny:  # the multi-process row (two gloo processes) and a device-map evaluation, all on the CPU
             me = [sys.executable, os.path.abspath(__file__)]
+            # several processes run the paper's algorithm only (cmpq.quantize), so these rows use it
             common = ["--shape", "tiny", "--workdir", str(work), "--nsamples", str(a.nsamples), "--seqlen",
-                      str(a.seqlen), "--batch", str(a.batch), "--cpu"]
+                      str(a.seqlen), "--batch", str(a.batch), "--bits", "3", "--algorithm", "paper", "--cpu"]
             jl = work / "rows.jsonl"
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
             for extra in (["--nproc", "1"], ["--nproc", "2"]):
@@ -299,7 +304,8 @@ def mode_all(a) -> None:
         if a.out or not a.tiny:
             out = Path(a.out or "benchmarks/results/quantize-speed.json")
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({**_env_info(device), "bits": a.bits, "nsamples": a.nsamples, "seqlen": a.seqlen,
+            out.write_text(json.dumps({**_env_info(device), "bits": a.bits, "algorithm": a.algorithm,
+                                       "nsamples": a.nsamples, "seqlen": a.seqlen,
                                        "batch": a.batch, "runs": rows}, indent=1))
     finally:
         if not a.workdir:
@@ -317,6 +323,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--workdir", default=None, help="where the random models are built (default: a temp folder)")
     ap.add_argument("--cpu", action="store_true", help="run on the CPU (gloo with several processes)")
+    ap.add_argument("--algorithm", choices=("compensated", "paper"), default="compensated",
+                    help="CMPQ's algorithm (the default's --bits are effective bits, the paper's nominal)")
+    ap.add_argument("--finetune-epochs", type=int, default=None,
+                    help="codebook fine-tuning epochs (default: the algorithm's own, 2 for compensated)")
     if mode == "all":
         ap.add_argument("--tiny", action="store_true", help="tiny shape on the CPU, small calibration (smoke test)")
         ap.add_argument("--shapes", nargs="+", default=["7b", "13b"])
@@ -351,7 +361,7 @@ def main() -> None:
     else:
         if a.tiny:
             a.shapes, a.capped = ["tiny"], "tiny:1GiB"
-            a.nsamples, a.seqlen, a.batch = TINY["nsamples"], TINY["seqlen"], TINY["batch"]
+            a.nsamples, a.seqlen, a.batch, a.bits = TINY["nsamples"], TINY["seqlen"], TINY["batch"], TINY["bits"]
         mode_all(a)
 
 
