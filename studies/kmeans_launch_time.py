@@ -73,9 +73,9 @@ def main() -> None:
     ap.add_argument("--column-loop", default="auto", choices=("auto", "torch", "triton"),
                     help="the compensated pass's column walk (quantize_compensated's column_loop)")
     ap.add_argument("--count", default=None, metavar="SHAPE", choices=("smollm2", "7b"),
-                    help="only count ATen calls of the compensated pass, layer by layer, for one block of SHAPE "
-                         "(64 output rows: the count depends on the columns), with the PyTorch column loop "
-                         "and with one launch per lazy block in its place")
+                    help="only count ATen calls of the allocation and the compensated pass, layer by layer, for "
+                         "one block of SHAPE (64 output rows: the count depends on the columns), as a CPU and "
+                         "as a GPU runs them")
     a = ap.parse_args()
     if a.count:
         return count_calls(SHAPES if a.count == "smollm2" else SHAPES_7B, a.out)
@@ -129,40 +129,54 @@ def main() -> None:
 
 
 def count_calls(shapes: dict, out: str | None) -> None:
-    """ATen calls of ``quantize_compensated`` (default k-means moves, row scales) per layer of one
-    block: all of them with the PyTorch column loop, the loop's own share, and the total when the loop
-    is one launch per lazy block (the Triton kernel on a GPU). CPU, 64 output rows."""
-    from cmpq.algorithm import compensated
+    """ATen calls (about one GPU launch each) per layer of one block, default k-means moves and row
+    scales, CPU, 64 output rows (the count depends on the columns): the allocation's distortion and
+    the compensated pass, as a CPU runs them (one k-means run per width, the column loop in PyTorch)
+    and as a GPU runs them (widths sharing one run, ``kmeans.share_runs``; the column loop one Triton
+    launch per lazy block, counted as one call)."""
+    from cmpq.algorithm import compensated, distortion
 
     ref = compensated.column_feedback_reference
+    swaps = kmeans_default_swaps()
     rows = []
     for name, (o, i) in shapes.items():
         w, H, widths = next(layers(1, torch.device("cpu"), {name: (64, i)}))[1:]
-        counter, loop = OpCounter(), [0, 0]
+        row = {"layer": name, "shape": [o, i]}
+        for path, shared in (("cpu_path", False), ("gpu_path", True)):
+            counter, loop = OpCounter(), [0, 0]
 
-        def counted(*args):
-            before = counter.ops
-            r = ref(*args)
-            loop[0] += counter.ops - before
-            loop[1] += 1
-            return r
+            def counted(*args):
+                before = counter.ops
+                r = ref(*args)
+                loop[0] += counter.ops - before
+                loop[1] += 1
+                return r
 
-        compensated.column_feedback_reference = counted
-        try:
-            with counter:
-                quantize_compensated(w, H, widths, int(0.005 * w.numel()), 100, 0.01, 128, True, row_scale=True,
-                                     kmeans_swaps=kmeans_default_swaps(), column_loop="torch")
-        finally:
-            compensated.column_feedback_reference = ref
-        row = {"layer": name, "shape": [o, i], "aten_calls_torch_loop": counter.ops, "of_which_column_loop": loop[0],
-               "lazy_blocks": loop[1], "aten_calls_one_launch_per_lazy_block": counter.ops - loop[0] + loop[1]}
+            compensated.column_feedback_reference = counted
+            saved = kmeans.share_runs
+            kmeans.share_runs = compensated.share_runs = lambda device, s=shared: s
+            try:
+                with counter:
+                    distortion.layer_options(w, torch.ones(i), (2, 3, 4), int(0.005 * w.numel()), 25, True, None,
+                                             True, swaps)
+                    alloc = counter.ops
+                    quantize_compensated(w, H, widths, int(0.005 * w.numel()), 100, 0.01, 128, True, row_scale=True,
+                                         kmeans_swaps=swaps, column_loop="torch")
+            finally:
+                compensated.column_feedback_reference = ref
+                kmeans.share_runs = compensated.share_runs = saved
+            comp = counter.ops - alloc
+            row[path] = {"allocation": alloc,
+                         "compensated": comp if path == "cpu_path" else comp - loop[0] + loop[1],
+                         "of_which_column_loop": loop[0] if path == "cpu_path" else loop[1]}
         rows.append(row)
         print(row, flush=True)
-    tot = {k: sum(r[k] for r in rows) for k in ("aten_calls_torch_loop", "aten_calls_one_launch_per_lazy_block")}
+    tot = {p: {k: sum(r[p][k] for r in rows) for k in ("allocation", "compensated")} for p in ("cpu_path", "gpu_path")}
     print("block:", tot)
     res = {"device": f"cpu, {torch.get_num_threads()} threads", "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "torch": torch.__version__, "rows": rows, "block": tot,
-           "note": "ATen calls (about one GPU launch each) of the compensated pass, counted on CPU with 64 output rows"}
+           "note": "ATen calls counted on CPU, 64 output rows; gpu_path: the calls a GPU run makes (widths share "
+                   "k-means runs, the column loop is one launch per lazy block)"}
     if out:
         with open(out, "w") as f:
             json.dump(res, f, indent=1)

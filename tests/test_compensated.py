@@ -211,3 +211,23 @@ def test_allocation_and_quantization_take_their_own_kmeans_moves(tiny_llama, cal
     cmpq.quantize(tiny_llama, None, cfg, calib=calib_ids[:4, :32], device="cpu", log=None)
     assert seen == {"alloc": {0}, "quant": {3}}
     assert CMPQConfig(kmeans_swaps=5).alloc_kmeans_swaps == 5
+
+
+def test_widths_sharing_one_kmeans_run_change_nothing():
+    """On a GPU the widths of a layer share one k-means run (``kmeans.share_runs``); the codebooks
+    and distortions must be exactly those of one run per width (the CPU path)."""
+    from cmpq.algorithm.compensated import initial_codebooks
+    from cmpq.algorithm.distortion import channel_sse
+
+    g = torch.Generator().manual_seed(5)
+    W = torch.distributions.StudentT(4.0).sample((48, 90)) * 0.02
+    widths = torch.tensor([1, 2, 3, 4, FP16, 3] * 15)
+    rw = torch.rand(48, generator=g) + 0.5
+    rw = rw / rw.mean()
+    a = initial_codebooks(W, widths, 30, rw, swaps=7, shared=True)
+    b = initial_codebooks(W, widths, 30, rw, swaps=7, shared=False)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for k in a:
+        assert torch.equal(a[k][0], b[k][0]) and torch.equal(a[k][1], b[k][1])
+    assert torch.equal(channel_sse(W, [1, 2, 3, 4], 20, rw, 7, shared=True),
+                       channel_sse(W, [1, 2, 3, 4], 20, rw, 7, shared=False))

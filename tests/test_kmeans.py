@@ -255,3 +255,24 @@ def test_inf_in_a_warm_start_is_an_absent_centroid():
         own = kmeans_1d(x[i : i + 1], k, keep[i : i + 1], max_iter=30, init=init[i : i + 1, :k])
         torch.testing.assert_close(together[i, :k], own[0])
         assert torch.isinf(together[i, k:]).all()
+
+
+def test_rows_with_their_own_codebook_size_match_separate_calls():
+    """``ks``: the widths of a layer share one cold-started run, moves included; each row must get
+    exactly what a call with its own ``k`` gives, and +inf in the other slots."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.distributions.StudentT(3.0).sample((30, 257)) * (torch.rand(30, 1, generator=g) + 0.1)
+    x[5, :] = 0.25  # a constant row: empty clusters everywhere
+    x[6, 100:] = x[6, :157].clone()  # repeated values
+    keep = torch.rand(30, 257, generator=g) > 0.03
+    w = torch.rand(257, generator=g) + 0.5
+    ks = torch.tensor([2, 4, 8, 16, 3, 1] * 5)
+    for swaps in (0, 7):
+        together = kmeans_1d(x, 16, keep, max_iter=40, weight=w, swaps=swaps, ks=ks)
+        for k in ks.unique().tolist():
+            r = (ks == k).nonzero().squeeze(1)
+            alone = kmeans_1d(x[r], k, keep[r], max_iter=40, weight=w, swaps=swaps)
+            assert torch.equal(together[r, :k], alone), (swaps, k)
+            assert torch.isinf(together[r, k:]).all()
+    with pytest.raises(ValueError, match="ks"):
+        kmeans_1d(x, 4, ks=torch.full((30,), 5))

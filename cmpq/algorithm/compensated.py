@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 
 from cmpq.algorithm.budget import FP16
-from cmpq.algorithm.kmeans import assign_nearest, kmeans_1d, mean_one_weights
+from cmpq.algorithm.kmeans import assign_nearest, kmeans_1d, mean_one_weights, share_runs
 from cmpq.algorithm.layer import QuantizedParts
 from cmpq.baselines.gptq import _inverse_hessian_cholesky
 from cmpq.kernels.dispatch import triton_available
@@ -50,24 +50,30 @@ from cmpq.kernels.feedback import MAX_KERNEL_BLOCK, MAX_KERNEL_ENTRIES, column_f
 from cmpq.storage.codebook import storable
 
 
-def _codebooks(x: torch.Tensor, k: int, keep: torch.Tensor | None, iters: int,
-               init: torch.Tensor | None = None, weight: torch.Tensor | None = None, swaps: int = 0) -> torch.Tensor:
-    # what is stored is what is used
-    return storable(kmeans_1d(x, k, keep, max_iter=iters, init=init, weight=weight, swaps=swaps))
-
-
 def initial_codebooks(W: torch.Tensor, widths: torch.Tensor, iters: int,
-                      row_weight: torch.Tensor | None = None, swaps: int = 0) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """width -> (columns, codebooks ``[n_b, 2**b]``) fitted on the original columns, one vectorized
-    k-means call per width: the sparse-outlier search uses them, and every lazy block warm-starts
-    from them (k-means calls are launch-bound; a warm start needs few iterations). ``swaps``: merge-and-split
-    rounds after Lloyd (``kmeans_1d``); the warm-started refits inherit the better start."""
-    out = {}
-    for b in sorted(set(widths.tolist()) - {FP16}):
-        cols = (widths == b).nonzero().squeeze(1)
-        out[b] = (cols, _codebooks(W[:, cols].T.float().contiguous(), 2**b, None, iters, weight=row_weight,
-                                   swaps=swaps))
-    return out
+                      row_weight: torch.Tensor | None = None, swaps: int = 0,
+                      shared: bool | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """width -> (columns, codebooks ``[n_b, 2**b]``) fitted on the original columns, every width in
+    one vectorized k-means call (``kmeans_1d``'s ``ks``: each column gets its own codebook size; on a
+    GPU, ``shared=None``, see ``kmeans.share_runs``; else one call per width, the same result): the
+    sparse-outlier search uses them, and every lazy block warm-starts from them (k-means calls are
+    launch-bound; a warm start needs few iterations). ``swaps``: merge-and-split rounds after Lloyd;
+    the warm-started refits inherit the better start."""
+    bits = sorted(set(widths.tolist()) - {FP16})
+    if not bits:
+        return {}
+    if not (share_runs(W.device) if shared is None else shared):
+        out = {}
+        for b in bits:
+            cols = (widths == b).nonzero().squeeze(1)
+            out[b] = (cols, storable(kmeans_1d(W[:, cols].T.float().contiguous(), 2**b, None, max_iter=iters,
+                                               weight=row_weight, swaps=swaps)))
+        return out
+    cols = (widths != FP16).nonzero().squeeze(1)
+    wc = widths[cols]
+    cb = kmeans_1d(W[:, cols].T.float().contiguous(), 2 ** bits[-1], None, max_iter=iters, weight=row_weight,
+                   swaps=swaps, ks=2**wc)
+    return {b: (cols[wc == b], storable(cb[wc == b, : 2**b])) for b in bits}
 
 
 def select_sparse(W: torch.Tensor, hdiag: torch.Tensor, books: dict[int, tuple[torch.Tensor, torch.Tensor]],

@@ -13,18 +13,33 @@ from __future__ import annotations
 import torch
 
 from cmpq.algorithm.budget import FP16, LayerOptions, channel_cost_bits, row_scale_cost_bits, sparse_cost_bits
-from cmpq.algorithm.kmeans import assign_nearest, kmeans_1d, mean_one_weights
+from cmpq.algorithm import kmeans
+from cmpq.algorithm.kmeans import mean_one_weights
 from cmpq.storage.codebook import storable
 
 
-def channel_sse(weight: torch.Tensor, bits: int, iters: int, row_weight: torch.Tensor | None = None,
-                swaps: int = 0) -> torch.Tensor:
+def channel_sse(weight: torch.Tensor, bits: int | list[int], iters: int, row_weight: torch.Tensor | None = None,
+                swaps: int = 0, shared: bool | None = None) -> torch.Tensor:
     """``SSE_j`` ``[in]`` of each column of ``weight`` ``[out, in]`` with a ``2**bits`` k-means codebook
-    (rows weighted by ``row_weight`` ``[out]``, mean 1, when given)."""
+    (rows weighted by ``row_weight`` ``[out]``, mean 1, when given); for a list of widths,
+    ``[len(bits), in]``, every width in one k-means call (``kmeans_1d``'s ``ks``) while the copies fit
+    one k-means chunk and ``shared`` (None: ``kmeans.share_runs``, on a GPU), else one call per width
+    (the same result: rows are independent)."""
+    if isinstance(bits, int):
+        return channel_sse(weight, [bits], iters, row_weight, swaps)[0]
     x = weight.detach().float().T.contiguous()
-    cb = storable(kmeans_1d(x, 2**bits, max_iter=iters, weight=row_weight, swaps=swaps))
-    err = (x - cb.gather(1, assign_nearest(x, cb))).pow(2)
-    return (err if row_weight is None else err * row_weight[None, :]).sum(dim=1).double()
+    shared = kmeans.share_runs(x.device) if shared is None else shared
+    if len(bits) > 1 and (not shared or x.numel() * len(bits) > kmeans.CHUNK_ELEMENTS):
+        return torch.stack([channel_sse(weight, b, iters, row_weight, swaps) for b in bits])
+    n = x.shape[0]
+    ks = torch.tensor([2**b for b in bits], device=x.device).repeat_interleave(n)
+    cb = kmeans.kmeans_1d(x.repeat(len(bits), 1), 2 ** max(bits), max_iter=iters, weight=row_weight, swaps=swaps, ks=ks)
+    out = []
+    for i, b in enumerate(bits):
+        c = storable(cb[i * n : (i + 1) * n, : 2**b])
+        err = (x - c.gather(1, kmeans.assign_nearest(x, c))).pow(2)
+        out.append((err if row_weight is None else err * row_weight[None, :]).sum(dim=1).double())
+    return torch.stack(out)
 
 
 def layer_options(weight: torch.Tensor, hdiag: torch.Tensor, widths: tuple[int, ...], n_sparse: int,
@@ -44,8 +59,10 @@ def layer_options(weight: torch.Tensor, hdiag: torch.Tensor, widths: tuple[int, 
     if row_scale:  # not renormalised: the loss stays the true error
         weight, rw, _ = scale_rows(weight, rw)
     opts = sorted(set(widths) | ({FP16} if fp16 else set()), key=lambda b: channel_cost_bits(b, out_f, in_f))
+    quantized = [b for b in opts if b != FP16]
+    sse = dict(zip(quantized, channel_sse(weight, quantized, iters, rw, swaps))) if quantized else {}
     loss = torch.stack([torch.zeros(in_f, dtype=torch.float64, device=weight.device) if b == FP16
-                        else h * channel_sse(weight, b, iters, rw, swaps) for b in opts], dim=1)
+                        else h * sse[b] for b in opts], dim=1)
     cost = torch.tensor([channel_cost_bits(b, out_f, in_f) for b in opts], dtype=torch.float64)
     fixed = sparse_cost_bits(out_f, n_sparse, in_f) + (row_scale_cost_bits(out_f) if row_scale else 0)
     return LayerOptions(tuple(opts), cost, loss.cpu(), float(fixed))

@@ -34,6 +34,7 @@ def mean_one_weights(raw: torch.Tensor, n: int, device: torch.device, name: str 
 def kmeans_1d(
     x: torch.Tensor, k: int, keep: torch.Tensor | None = None, max_iter: int = 100,
     init: torch.Tensor | None = None, weight: torch.Tensor | None = None, swaps: int = 0,
+    ks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Centroids ``[rows, k]`` (float32, ascending) of each row of ``x`` ``[rows, n]``.
 
@@ -46,6 +47,9 @@ def kmeans_1d(
     A ``+inf`` in ``init`` is an absent centroid (it stays ``+inf`` and is never re-seeded), so rows
     with smaller codebooks share one run with larger ones: each row's run is the one it would have
     alone, and one run costs the kernel launches of one.
+    ``ks`` (``[rows]``, each in ``1..k``) does the same for cold starts: row ``i`` gets ``ks[i]``
+    centroids and ``+inf`` in the other slots, exactly what a call with ``k = ks[i]`` gives it, so
+    the widths of a layer share one run (starts and moves included).
     ``swaps`` rounds of merge-and-split moves (``_swap_start``) follow the cold start: Lloyd stops at
     the first fixed point, which at 16 entries is often a poor one (on SmolLM2-135M columns its
     squared error was 1.089x the global optimum's at k=16, 1.016x at k=8; after 9 rounds, 1.016x
@@ -61,6 +65,12 @@ def kmeans_1d(
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     rows, n = x.shape
+    if ks is not None:
+        if init is not None:
+            raise ValueError("ks is for cold starts; a warm start marks absent centroids with +inf")
+        if ks.shape != (rows,) or (rows and (int(ks.min()) < 1 or int(ks.max()) > k)):
+            raise ValueError(f"ks must hold {rows} codebook sizes in 1..{k}")
+        ks = ks.to(x.device).long()
     if weight is not None:
         if weight.shape == (n,):
             weight = weight.expand(rows, n)
@@ -70,15 +80,24 @@ def kmeans_1d(
     out = [
         _kmeans_chunk(x[i : i + step], k, None if keep is None else keep[i : i + step], max_iter,
                       None if init is None else init[i : i + step], None if weight is None else weight[i : i + step],
-                      swaps)
+                      swaps, None if ks is None else ks[i : i + step])
         for i in range(0, rows, step)
     ]
     return torch.cat(out) if out else x.new_zeros(0, k, dtype=torch.float32)
 
 
+def share_runs(device: torch.device) -> bool:
+    """Whether the widths of a layer should share one k-means run (``ks``) on ``device``. The result
+    is the same either way; the cost is not. On a GPU the runs are launch-bound and sharing cuts the
+    ATen calls (one SmolLM2 ``down_proj``, CPU-counted 2026-12-06: allocation 22,670 -> 8,130). On a
+    CPU the work binds, and sharing pads every row to the widest codebook: a SmolLM2-shaped block
+    took 5.8 -> 6.6 s (allocation) and 5.1 -> 6.9 s (compensated pass) on 2 cores, so it stays off."""
+    return torch.device(device).type == "cuda"
+
+
 def _kmeans_chunk(x: torch.Tensor, k: int, keep: torch.Tensor | None, max_iter: int,
                   init: torch.Tensor | None = None, weight: torch.Tensor | None = None,
-                  swaps: int = 0) -> torch.Tensor:
+                  swaps: int = 0, ks: torch.Tensor | None = None) -> torch.Tensor:
     rows, n = x.shape
     dev = x.device
     if n == 0:
@@ -99,24 +118,27 @@ def _kmeans_chunk(x: torch.Tensor, k: int, keep: torch.Tensor | None, max_iter: 
     cw = torch.cat([zero, wz.cumsum(dim=1)], dim=1)  # and of their weights (counts when unweighted)
     if k == 1:
         return (csum[:, -1:] / cw[:, -1:].clamp(min=1e-300)).float()
+    kr = torch.full((rows,), k, dtype=torch.long, device=dev) if ks is None else ks
+    real = torch.arange(k, device=dev)[None, :] < kr[:, None]  # slots past a row's codebook are +inf
     if init is not None:
         return _lloyd(xs, csum, cw, nvalid, torch.sort(init.float(), dim=1).values[:, None], max_iter)[0][:, 0]
 
     # Finite samples have many Lloyd fixed points; which one we reach depends on the start. Start from
     # the mid-quantiles (equal mass per cluster) and from their average with evenly spaced levels
     # (more centroids in the tails), keep the better result per row. Sorting and prefix sums are shared.
-    q = (torch.arange(k, device=dev, dtype=torch.float64) + 0.5) / k
-    pos = (q[None, :] * nvalid[:, None]).long().clamp(max=n - 1)
+    q = (torch.arange(k, device=dev, dtype=torch.float64)[None, :] + 0.5) / kr[:, None].double()
+    pos = (q * nvalid[:, None]).long().clamp(max=n - 1)
     quantiles = torch.where(nvalid[:, None] > 0, xs.gather(1, pos), 0.0)
     lo_v = quantiles.new_zeros(rows).where(nvalid == 0, xs[:, 0])
     hi_v = quantiles.new_zeros(rows).where(nvalid == 0, xs.gather(1, (nvalid - 1).clamp(min=0)[:, None]).squeeze(1))
-    even = lo_v[:, None] + (hi_v - lo_v)[:, None] * q[None, :].float()
-    cent, sse = _lloyd(xs, csum, cw, nvalid, torch.stack([quantiles, 0.5 * (quantiles + even)], dim=1), max_iter)
+    even = lo_v[:, None] + (hi_v - lo_v)[:, None] * q.float()
+    starts = torch.stack([quantiles, 0.5 * (quantiles + even)], dim=1)
+    cent, sse = _lloyd(xs, csum, cw, nvalid, torch.where(real[:, None], starts, torch.inf), max_iter)
     best, best_sse = _best_start(cent, sse)
     if k >= 3 and swaps > 0:
         c2 = torch.cat([zero, (wz * xz * xz).cumsum(dim=1)], dim=1)
         for r0 in range(0, swaps, SWAP_BATCH):
-            starts = torch.stack([_swap_start(best, xs, csum, cw, c2, nvalid, r)
+            starts = torch.stack([_swap_start(best, xs, csum, cw, c2, nvalid, r, kr)
                                   for r in range(r0, min(r0 + SWAP_BATCH, swaps))], dim=1)
             cent, sse = _best_start(*_lloyd(xs, csum, cw, nvalid, starts, max_iter))
             better = sse < best_sse
@@ -135,13 +157,16 @@ def _best_start(cent: torch.Tensor, sse: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def _swap_start(cent: torch.Tensor, xs: torch.Tensor, csum: torch.Tensor, cw: torch.Tensor, c2: torch.Tensor,
-                nvalid: torch.Tensor, r: int) -> torch.Tensor:
+                nvalid: torch.Tensor, r: int, kr: torch.Tensor) -> torch.Tensor:
     """A new start one move away from ``cent`` (a Lloyd fixed point): two neighbouring clusters merge
     into one centroid and the freed centroid splits a high-error cluster in two (at its quartiles).
     Move ``r`` tries the ``r // 3``-th cheapest merge with the ``r % 3``-th largest cluster, so
-    successive moves differ; all rows move at once."""
+    successive moves differ; all rows move at once. ``kr`` ``[rows]``: each row's codebook size (its
+    other slots are +inf and take no part); rows of fewer than 3 entries keep ``cent``. Stable sorts,
+    so a row's move does not depend on how many pad slots it has."""
     rows, k = cent.shape
     n = xs.shape[1]
+    slot = torch.arange(k, device=xs.device)[None, :]
     mids = (cent[:, 1:] + cent[:, :-1]) * 0.5
     bnd = torch.searchsorted(xs, mids.contiguous(), right=True).clamp(max=nvalid[:, None])
     lo = torch.cat([torch.zeros(rows, 1, dtype=torch.long, device=xs.device), bnd], dim=1)
@@ -153,9 +178,15 @@ def _swap_start(cent: torch.Tensor, xs: torch.Tensor, csum: torch.Tensor, cw: to
 
     own = cost(lo, hi)
     merge = cost(lo[:, :-1], hi[:, 1:]) - own[:, :-1] - own[:, 1:]
-    m = merge.argsort(dim=1)[:, (r // 3) % (k - 1), None]  # merge clusters m and m + 1
+    merge = merge.masked_fill(slot[:, 1:] >= kr[:, None], torch.inf)  # no merges with a pad slot
+    pick = ((r // 3) % (kr - 1).clamp(min=1))[:, None]
+    m = merge.argsort(dim=1, stable=True).gather(1, pick)  # merge clusters m and m + 1
     pair = torch.zeros_like(own, dtype=torch.bool).scatter_(1, m, True).scatter_(1, m + 1, True)
-    split = own.masked_fill(pair, -1.0).argsort(dim=1, descending=True)[:, min(r % 3, k - 3), None]
+    # split a real cluster outside the pair (pads rank below real clusters, the pair below pads, so a
+    # row too small to move still finds three distinct slots and keeps its shape)
+    rank = own.masked_fill(slot >= kr[:, None], -1.0).masked_fill(pair, -2.0)
+    which = torch.minimum(torch.full_like(kr, r % 3), (kr - 3).clamp(min=0))[:, None]
+    split = rank.argsort(dim=1, descending=True, stable=True).gather(1, which)
     a, b = lo.gather(1, m), hi.gather(1, m + 1)
     merged = ((csum.gather(1, b) - csum.gather(1, a)) / (cw.gather(1, b) - cw.gather(1, a)).clamp(min=1e-300)).float()
     merged = torch.where(b > a, merged, cent.gather(1, m))
@@ -163,9 +194,11 @@ def _swap_start(cent: torch.Tensor, xs: torch.Tensor, csum: torch.Tensor, cw: to
     q1 = xs.gather(1, (sa + (sb - sa) // 4).clamp(max=n - 1))
     q3 = xs.gather(1, (sa + 3 * (sb - sa) // 4).clamp(max=n - 1))
     gone = pair.scatter(1, split, True)
-    rest = cent[~gone].view(rows, k - 3)
-    new = torch.cat([rest, merged, q1, q3], dim=1)
-    return torch.sort(torch.where(torch.isfinite(new), new, cent.gather(1, split).expand_as(new)), dim=1).values
+    rest = cent[~gone].view(rows, k - 3)  # the row's other centroids, its pads (+inf) among them
+    moved = torch.cat([merged, q1, q3], dim=1)
+    moved = torch.where(torch.isfinite(moved), moved, cent.gather(1, split).expand_as(moved))
+    new = torch.sort(torch.cat([rest, moved], dim=1), dim=1).values
+    return torch.where((kr >= 3)[:, None], new, cent)
 
 
 CHECK_EVERY = 4  # Lloyd iterations between convergence checks (each check is a host sync)
