@@ -130,11 +130,13 @@ def main() -> None:
 
 def count_calls(shapes: dict, out: str | None) -> None:
     """ATen calls (about one GPU launch each) per layer of one block, default k-means moves and row
-    scales, CPU, 64 output rows (the count depends on the columns): the allocation's distortion and
+    scales, CPU, 64 output rows (the count depends on the columns; the k-means chunk is scaled so a
+    chunk holds as many rows as at full size): the allocation's distortion and
     the compensated pass, as a CPU runs them (one k-means run per width, the column loop in PyTorch)
     and as a GPU runs them (widths sharing one run, ``kmeans.share_runs``; the column loop one Triton
     launch per lazy block, counted as one call)."""
     from cmpq.algorithm import compensated, distortion
+    from cmpq.model.memory import kmeans_chunk
 
     ref = compensated.column_feedback_reference
     swaps = kmeans_default_swaps()
@@ -155,8 +157,10 @@ def count_calls(shapes: dict, out: str | None) -> None:
             compensated.column_feedback_reference = counted
             saved = kmeans.share_runs
             kmeans.share_runs = compensated.share_runs = lambda device, s=shared: s
+            # 64 rows stand for o: scale the k-means chunk so a chunk holds as many rows as at full size
+            chunk = kmeans_chunk(max(1, kmeans.CHUNK_ELEMENTS * 64 // o))
             try:
-                with counter:
+                with chunk, counter:
                     distortion.layer_options(w, torch.ones(i), (2, 3, 4), int(0.005 * w.numel()), 25, True, None,
                                              True, swaps)
                     alloc = counter.ops
