@@ -286,7 +286,7 @@ def mode_all(a) -> None:
             print(json.dumps(r), flush=True)
         if a.tiny:  # the multi-process row (two gloo processes) and a device-map evaluation, all on the CPU
             me = [sys.executable, os.path.abspath(__file__)]
-            # several processes run the paper's algorithm only (cmpq.quantize), so these rows use it
+            # the paper's algorithm: its 1- and 2-process results are byte-identical, which the line below checks
             common = ["--shape", "tiny", "--workdir", str(work), "--nsamples", str(a.nsamples), "--seqlen",
                       str(a.seqlen), "--batch", str(a.batch), "--bits", "3", "--algorithm", "paper", "--cpu"]
             jl = work / "rows.jsonl"

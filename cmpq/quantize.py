@@ -66,9 +66,11 @@ def _paper_block(cfg: CMPQConfig, log=None):
 
 
 def _compensated_steps(model: nn.Module, windows: Windows, cfg: CMPQConfig, device: torch.device, log,
-                       progress: bool = True):
+                       progress: bool = True, dist=None):
     """Sensitivity pass and whole-model width plan, then the walk's statistics (token-weighted
-    Hessians) and per-block step (``quantize_compensated``)."""
+    Hessians) and per-block step (``quantize_compensated``). With ``dist`` every process runs the
+    sensitivity pass on all windows (each needs every token's weight) and all take rank 0's plan,
+    so the budget holds however the ranks' floating point differs."""
     from cmpq.algorithm.compensated import quantize_compensated
     from cmpq.model import sensitivity
     from cmpq.model.blocks import find_blocks, find_linears
@@ -88,6 +90,8 @@ def _compensated_steps(model: nn.Module, windows: Windows, cfg: CMPQConfig, devi
             plan = plan_widths(model, hdiag, cfg, device, log, rows)
         else:
             plan = {k: algorithm1_widths(h, cfg) for k, h in hdiag.items()}
+        if dist is not None:
+            plan = dist.broadcast_object({k: v.cpu() for k, v in plan.items()} if dist.main else None)
     _, blocks = find_blocks(model)
     key_of = {id(lin): (i, n) for i, b in enumerate(blocks) for n, lin in find_linears(b).items()}
 
@@ -174,7 +178,7 @@ def quantize(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     teacher = None
-    if cfg.finetune_epochs:
+    if cfg.finetune_epochs and (dist is None or dist.main):  # rank 0 fine-tunes, then shares the result
         from cmpq.model.distill import teacher_states
 
         t0 = time.perf_counter()
@@ -182,10 +186,7 @@ def quantize(
         finetune_s = time.perf_counter() - t0
     make_stats = lambda name, lin: SquaredNorm(lin.in_features, lin.weight.device)  # noqa: E731
     if cfg.algorithm == "compensated":
-        if dist is not None:
-            raise NotImplementedError("several processes (--nproc) run only algorithm 'paper' so far; "
-                                      "run the compensated algorithm on one device")
-        make_stats, quantize_block = _compensated_steps(model, windows, cfg, device, log, progress)
+        make_stats, quantize_block = _compensated_steps(model, windows, cfg, device, log, progress, dist)
     else:
         quantize_block = _paper_block(cfg, log)
 
@@ -239,6 +240,13 @@ def quantize(
         tuned = finetune(model, windows.ids, teacher, device, cfg.finetune_epochs, cfg.finetune_lr, log,
                          progress=progress)
         finetune_s += time.perf_counter() - t0
+    if cfg.finetune_epochs and dist is not None:
+        from cmpq.model.blocks import find_blocks
+        from cmpq.model.distributed import sync_modules
+
+        home = next(model.parameters()).device
+        for block in find_blocks(model)[1]:  # every rank takes rank 0's fine-tuned layers
+            sync_modules(block, {n: 0 for n, m in block.named_modules() if isinstance(m, CMPQLinear)}, dist, home)
     total = time.perf_counter() - start
     qc = {
         "quant_method": "cmpq",

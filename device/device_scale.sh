@@ -5,8 +5,8 @@
 #   1. build the model once (safetensors on local disk, char tokenizer)
 #   2. quantize on 1 GPU                      -> row kind=quantize processes=1
 #   3. quantize on 2 GPUs (torchrun, NCCL)    -> row kind=quantize processes=2 (same weights_sha256 expected)
-#      (2 and 3 run the paper's algorithm: several processes run only that one so far)
-#   3b. the default (compensated, 2 epochs of fine-tuning) on 1 GPU: issue 10's 3-minute 7B target
+#      (2 and 3 run the paper's algorithm, the one whose N-process result is byte-identical)
+#   3b. the default (compensated, 2 epochs of fine-tuning) on 1 GPU (issue 10's 3-minute 7B target), then on 2
 #   4. `cmpq eval --device-map auto` over GPUs 0,1, then over GPU 0 alone (8 windows x 2048, same ppl expected)
 #   5. while time remains: 13B under --max-gpu-memory 8GiB (1 GPU), RTN and GPTQ 7B rows (1 GPU)
 # Every part appends its JSON line to $OUT/device_scale.jsonl as soon as it ends (skips and timeouts too);
@@ -66,6 +66,7 @@ part "build-$S"        60 150 "${B[@]}" build --shape "$S" "${C[@]}"
 part "cmpq-$S-1gpu"   150 300 "${B[@]}" row --shape "$S" "${C[@]}" --algorithm paper --nproc 1 --append "$RES"
 part "cmpq-$S-2gpu"   100 240 "${B[@]}" row --shape "$S" "${C[@]}" --algorithm paper --nproc 2 --append "$RES"
 part "default-$S"     200 420 "${B[@]}" row --shape "$S" "${C[@]}" --nproc 1 --append "$RES"
+part "default-$S-2gpu" 200 420 "${B[@]}" row --shape "$S" "${C[@]}" --nproc 2 --append "$RES"
 part "eval-$S-2gpu"    45 100 "${B[@]}" eval --shape "$S" "${C[@]}" --gpus 0,1 --windows 8 --append "$RES"
 part "eval-$S-1gpu"    45 100 "${B[@]}" eval --shape "$S" "${C[@]}" --gpus 0 --windows 8 --append "$RES"
 part "build-$BIG"     360 120 "${B[@]}" build --shape "$BIG" "${C[@]}"

@@ -59,14 +59,16 @@ class WeightedHessian:
         if token_weight is not None:  # relative weights: the scale of H does not matter to GPTQ
             self.token_weight = (token_weight / token_weight.mean().clamp(min=1e-30)).float()
         self.tokens = 0
+        self.start = 0  # token_weight index of the first token seen (a process's share starts later)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         n = x.shape[0]
         if self.token_weight is not None:
-            if self.tokens + n > self.token_weight.numel():
+            at = self.start + self.tokens
+            if at + n > self.token_weight.numel():
                 raise ValueError("more calibration tokens reached a linear than the sensitivity pass saw")
-            w = self.token_weight[self.tokens : self.tokens + n].to(x.device, non_blocking=True)
+            w = self.token_weight[at : at + n].to(x.device, non_blocking=True)
             xw = x * w[:, None]
         else:
             xw = x
@@ -233,6 +235,8 @@ def walk_blocks(
                 for s in stats.values():
                     if isinstance(s, SquaredNorm):
                         s.parts = []
+                    elif isinstance(s, WeightedHessian):  # this process's tokens start after the others'
+                        s.start = lo * batch_size * ids.shape[1]
             hooks = [
                 lin.register_forward_pre_hook(lambda m, args, s=stats[name]: s.add(args[0]))
                 for name, lin in linears.items()

@@ -18,12 +18,16 @@ others, holding the current block on its own device (``cuda:LOCAL_RANK``):
 5. Rank 0 alone writes: checkpoints (the hidden states are sent to it batch by batch) and the result.
 
 Single-process runs never touch this module. With the same per-batch arithmetic (same kernels,
-same thread count) the result is byte-identical to a one-process run's, and a checkpoint written by
-N processes resumes with any other number. The baselines (``--method gptq`` etc.) run in one process.
+same thread count) the paper's algorithm gives a result byte-identical to a one-process run's, and a
+checkpoint written by N processes resumes with any other number. The compensated algorithm's
+Hessians are all-reduced instead (step 2 would move ``[in, in]`` per batch), so its result equals
+one process's up to float rounding; its fine-tuning runs on rank 0, whose layers ``sync_modules``
+then gives to every rank. The baselines (``--method gptq`` etc.) run in one process.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +102,9 @@ def init(device: str | torch.device | None = None) -> Dist:
     else:
         raise ValueError(f"several processes run on CUDA or the CPU, not {kind!r}")
     if not tdist.is_initialized():
-        tdist.init_process_group(backend, rank=rank, world_size=world)
+        # ranks wait for each other while one quantizes a large layer or fine-tunes the model: give
+        # collectives far longer than NCCL's default ten minutes before calling a rank lost
+        tdist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(hours=3))
     return Dist(tdist.get_rank(), tdist.get_world_size(), dev)
 
 
@@ -126,16 +132,26 @@ def reduce_stats(stats: dict, dist: Dist) -> None:
 
     Each ``SquaredNorm`` keeps one sum per batch (``parts``); these are all-gathered and added in the
     global batch order, exactly as one process adds them, so the result is bit for bit the same.
+    ``WeightedHessian`` sums (the compensated algorithm's ``[in, in]`` Hessians) are all-reduced: the
+    same on every rank, though not bit for bit one process's sum (its order of additions differs).
     Other statistics are refused (the baselines run in one process).
     """
-    from cmpq.model.calibration import SquaredNorm
+    from cmpq.model.calibration import SquaredNorm, WeightedHessian
 
-    names = list(stats)
+    cdev = dist.comm_device
+    for n, s in stats.items():  # Hessians (the compensated algorithm): summed, in the order the collective adds
+        if isinstance(s, WeightedHessian):
+            total = s.sum.to(cdev)
+            tdist.all_reduce(total)
+            s.sum = total.to(s.sum.device)
+            s.tokens = _all_sum(s.tokens, cdev)
+    names = [n for n in stats if not isinstance(stats[n], WeightedHessian)]
     bad = [n for n in names if not isinstance(stats[n], SquaredNorm) or stats[n].parts is None]
     if bad:
         raise NotImplementedError(f"statistics of type {type(stats[bad[0]]).__name__} cannot be combined across "
                                   f"processes; run this method in one process")
-    cdev = dist.comm_device
+    if not names:
+        return
     counts = torch.tensor([len(stats[n].parts) for n in names], dtype=torch.int64, device=cdev)
     every = [torch.empty_like(counts) for _ in range(dist.world_size)]
     tdist.all_gather(every, counts)
@@ -170,7 +186,8 @@ def _describe(mod: nn.Module) -> dict:
     meta: dict = {"tensors": [(k, tuple(t.shape), t.dtype) for k, t in mod.state_dict().items()]}
     if isinstance(mod, CMPQLinear):
         meta.update(kind="cmpq", args=(mod.in_features, mod.out_features, mod.counts(), mod.outlier_channels.numel(),
-                                       mod.sparse_val.numel(), mod.bias is not None), cache_dense=mod.cache_dense)
+                                       mod.sparse_val.numel(), mod.bias is not None), cache_dense=mod.cache_dense,
+                    row_scale=mod.row_scale is not None)  # format v4's per-row scales (the compensated default)
     else:
         meta["kind"] = "inplace"  # same module class as before (e.g. a fake-quantized nn.Linear): overwrite its tensors
     return meta
@@ -222,7 +239,7 @@ def sync_modules(root: nn.Module, owners: dict[str, int], dist: Dist, device: to
         for n in names:
             meta = metas[n]
             if meta["kind"] == "cmpq":
-                built[n] = CMPQLinear(*meta["args"], device=device)
+                built[n] = CMPQLinear(*meta["args"], device=device, row_scale=meta["row_scale"])
                 built[n].cache_dense = meta["cache_dense"]
             else:
                 built[n] = root.get_submodule(n)
