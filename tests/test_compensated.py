@@ -231,3 +231,7 @@ def test_widths_sharing_one_kmeans_run_change_nothing():
         assert torch.equal(a[k][0], b[k][0]) and torch.equal(a[k][1], b[k][1])
     assert torch.equal(channel_sse(W, [1, 2, 3, 4], 20, rw, 7, shared=True),
                        channel_sse(W, [1, 2, 3, 4], 20, rw, 7, shared=False))
+    x = torch.randn(512, 90, generator=g)
+    p = [quantize_compensated(W, x.T @ x, widths, 9, 30, row_weight=rw, row_scale=True, kmeans_swaps=7,
+                              shared_runs=s) for s in (True, False)]
+    assert torch.equal(p[0].dequantize(), p[1].dequantize())

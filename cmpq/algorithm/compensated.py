@@ -148,6 +148,7 @@ def quantize_compensated(
     row_scale: bool = False,
     kmeans_swaps: int = 0,
     column_loop: str = "auto",
+    shared_runs: bool | None = None,
 ) -> QuantizedParts:
     """Quantize ``weight`` ``[out, in]`` with per-channel ``widths`` (``FP16``: keep the column) and
     Hessian ``H`` ``[in, in]``; ``compensate=False`` skips the error feedback (same codebooks and
@@ -159,7 +160,8 @@ def quantize_compensated(
     ``column_loop``: how a lazy block's columns are walked, ``"torch"`` (a Python loop, five kernels
     a column), ``"triton"`` (one launch a block; widths up to 4 bits, blocks up to 256 columns) or
     ``"auto"`` (Triton on CUDA when it is installed and the layer fits it); the two agree to float
-    rounding."""
+    rounding. ``shared_runs``: one k-means run for all widths, initial fits and lazy-block refits
+    (None: on a GPU, ``kmeans.share_runs``); the same codebooks either way."""
     out_f, in_f = weight.shape
     dev = weight.device
     if H.shape != (in_f, in_f):
@@ -173,6 +175,7 @@ def quantize_compensated(
     widths = widths.to(dev).long()
     quantized = widths[widths != FP16]
     loop = _column_loop(column_loop, dev, 2 ** int(quantized.max()) if quantized.numel() else 1, block_size)
+    shared = share_runs(dev) if shared_runs is None else shared_runs
     W = weight.detach().float().clone()
     H = H.detach().to(device=dev, dtype=torch.float32).clone()
     diag = H.diagonal().clone()
@@ -186,7 +189,7 @@ def quantize_compensated(
     if row_scale:
         W, rw, scale = scale_rows(W, rw)
         rw = mean_one_weights(rw, out_f, dev, name)  # a fit's scale is irrelevant; mean 1 as elsewhere
-    init = initial_codebooks(W, widths, kmeans_iters, rw, kmeans_swaps)
+    init = initial_codebooks(W, widths, kmeans_iters, rw, kmeans_swaps, shared)
     rows, cols = select_sparse(W, diag, init, n_sparse, rw)
     start = torch.zeros(in_f, max([2**b for b in init] or [1]), device=dev)  # warm start per column
     for b, (c, cb) in init.items():
@@ -214,18 +217,22 @@ def quantize_compensated(
         wb = wp[i1:i2]
         mids = torch.full((count, max(kmax - 1, 1)), torch.inf, device=dev)
         cent = torch.zeros(count, kmax, device=dev)
-        r = (wb != FP16).nonzero().squeeze(1)
-        if r.numel():
-            # One refit for every width of the block: a codebook of k < kmax entries is padded with
-            # +inf, which k-means treats as absent, so each column's Lloyd run is the one it would
-            # have alone, and the block costs one run's launches instead of one per width.
-            k = (2 ** wp[i1:i2][r])[:, None]
-            slot = torch.arange(kmax, device=dev)[None, :]
-            init = torch.where(slot < k, start[i1:i2][r], torch.inf)
-            cb = kmeans_1d(W1[r], kmax, ~EX[r], max_iter=REFIT_ITERS, init=init, weight=rw)
+        # One refit for every width of the block (on a GPU, ``share_runs``): a codebook of k < kmax
+        # entries is padded with +inf, which k-means treats as absent, so each column's Lloyd run is
+        # the one it would have alone, and the block costs one run's launches instead of one per width.
+        for r in ([(wb != FP16).nonzero().squeeze(1)] if shared else
+                  [(wb == b).nonzero().squeeze(1) for b in sorted(set(wb.tolist()) - {FP16})]):
+            if not r.numel():
+                continue
+            k = (2 ** wb[r])[:, None]
+            kr = kmax if shared else int(k[0])
+            slot = torch.arange(kr, device=dev)[None, :]
+            init = torch.where(slot < k, start[i1:i2][r, :kr], torch.inf)
+            cb = kmeans_1d(W1[r], kr, ~EX[r], max_iter=REFIT_ITERS, init=init, weight=rw)
             cb = storable(torch.where(slot < k, cb, cb.gather(1, k - 1)))  # pads repeat the last entry
-            cent[r] = cb  # pads are never selected (mids are inf there); they keep gathers in range
-            mids[r] = torch.where(slot[:, 1:] < k, (cb[:, 1:] + cb[:, :-1]) * 0.5, torch.inf)
+            cent[r, :kr] = cb  # pads are never selected (mids are inf there); they keep gathers in range
+            cent[r, kr:] = cb[:, -1:]
+            mids[r, : kr - 1] = torch.where(slot[:, 1:] < k, (cb[:, 1:] + cb[:, :-1]) * 0.5, torch.inf)
         books[i1:i2] = cent
         if not compensate:
             j = torch.searchsorted(mids, W1, right=True).clamp(max=kmax - 1)
