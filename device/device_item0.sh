@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# README item 0 in ONE device call (nvidia-h200 or nvidia-h100-x1), which is also call 1 of
+# ../shared/tools/split-for-device.sh's recipe, so call 2 (the quality cell) can follow back to back:
+#   carry: [".carry/p1", ".carry/whl"]     command: bash device/device_item0.sh
+# Parts, each under `timeout`, results under $OUT as they end:
+#   1. GPU tests of the CPU-built paths: the column-loop kernel, fine-tuning, the compensated pass,
+#      k-means (pytest.txt), and the default end to end on a tiny Llama (smoke.txt)
+#   2. seconds per SmolLM2-shaped block, compensated column loop in PyTorch vs the Triton kernel
+#      (launch-torch.json, launch-auto.json)
+#   3. issue 10's 7B target: build the 7B-shaped model, then the default (compensated, 2 epochs of
+#      fine-tuning) on one GPU (device_scale.jsonl, device_scale.log)
+set -uo pipefail
+T0=$(date +%s)
+LIMIT=${CMPQ_ITEM0_LIMIT_S:-585}
+mkdir -p /root/m && cp .carry/p1/* /root/m/ \
+  && python3 -m pip install -q --no-index --no-deps --target /root/site .carry/whl/*.whl
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+date -u | tee -a "$OUT/gpu.txt"
+
+timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_feedback_kernel.py tests/test_distill.py \
+  tests/test_compensated.py tests/test_kmeans.py > "$OUT/pytest.txt" 2>&1
+echo "pytest rc $? at $(( $(date +%s) - T0 ))s"; tail -3 "$OUT/pytest.txt"
+timeout 90 python3 device/smoke_gpu.py cuda > "$OUT/smoke.txt" 2>&1
+echo "smoke rc $? at $(( $(date +%s) - T0 ))s"; tail -3 "$OUT/smoke.txt"
+for loop in torch auto; do
+  timeout 60 python3 studies/kmeans_launch_time.py --device cuda --blocks 1 --variants 15:3 \
+    --column-loop "$loop" --out "$OUT/launch-$loop.json" > "$OUT/launch-$loop.txt" 2>&1
+  echo "launch $loop rc $? at $(( $(date +%s) - T0 ))s"; tail -4 "$OUT/launch-$loop.txt"
+done
+L=$(left)
+echo "7B parts get ${L}s"
+CMPQ_SCALE_LIMIT_S=$L CMPQ_SCALE_PARTS="build-7b default-7b" bash device/device_scale.sh > "$OUT/scale-stdout.txt" 2>&1
+tail -5 "$OUT/scale-stdout.txt"
+echo "done at $(( $(date +%s) - T0 ))s"
