@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from cmpq import __version__
-from cmpq.algorithm import phases
+from cmpq.algorithm import kmeans, phases
 from cmpq.algorithm.layer import quantize_weights
 from cmpq.config import CMPQConfig
 from cmpq.data.tokens import Windows, calibration_windows
@@ -19,7 +19,7 @@ from cmpq.model.calibration import SquaredNorm, walk_blocks
 from cmpq.model.experts import expand_fused_experts, fill_unrouted, sibling_key
 from cmpq.model.blocks import mark_skipped, set_module
 from cmpq.model.run_state import remember
-from cmpq.model.memory import enforce_cap, kmeans_chunk, plan_memory
+from cmpq.model.memory import AUTO_CHUNK_SHARE, auto_chunk_elements, enforce_cap, kmeans_chunk, plan_memory
 from cmpq.nn.linear import CMPQLinear, pack_linear
 from cmpq.options import RunOptions, merge_options
 from cmpq.storage.io import FORMAT_VERSION
@@ -173,6 +173,34 @@ def quantize(
             log(f"{dist.world_size} processes ({device.type}), each runs 1/{dist.world_size} of the calibration "
                 f"batches and quantizes its share of each block's linears")
 
+    batch_size = opts.calib_batch_size
+    offload_activations = opts.offload_activations
+    chunk_elements = None  # None: kmeans.CHUNK_ELEMENTS as it is
+    nsamples, seqlen = windows.ids.shape
+    if dist is not None:  # each process holds the hidden states of its own batches only
+        n_batches = -(-nsamples // batch_size)
+        nsamples = min(nsamples, -(-n_batches // dist.world_size) * batch_size)
+    # how many widths of a layer one k-means run holds (kmeans.share_runs: GPU only)
+    shared = len(cfg.widths) if cfg.algorithm == "compensated" and kmeans.share_runs(device) else 1
+    if opts.max_gpu_memory is not None:
+        cap = opts.max_gpu_memory
+        plan = plan_memory(model, cap, nsamples, seqlen, batch_size, offload_activations, shared_widths=shared)
+        offload_activations = plan.offload
+        chunk_elements = plan.chunk_elements
+        enforce_cap(device, cap)
+        if log:
+            log(f"GPU memory estimate {plan.estimate.describe()}" + "".join(f"; {n}" for n in plan.notes))
+    elif device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        chunk_elements = auto_chunk_elements(model, total, nsamples, seqlen, batch_size, offload_activations,
+                                             shared_widths=shared)
+        if log and chunk_elements != kmeans.CHUNK_ELEMENTS:
+            log(f"k-means chunk raised to {chunk_elements:,} values (fewer launches; "
+                f"the walk is estimated under {AUTO_CHUNK_SHARE:.0%} of the GPU's {total / 2**30:.0f} GiB)")
+
+    # the allocation and the walk cluster under this chunk (rows are independent: results do not depend on it)
+    chunk = lambda: kmeans_chunk(chunk_elements) if chunk_elements else contextlib.nullcontext()  # noqa: E731
+
     start = time.perf_counter()
     phases.reset()
     if device.type == "cuda":
@@ -186,25 +214,10 @@ def quantize(
         finetune_s = time.perf_counter() - t0
     make_stats = lambda name, lin: SquaredNorm(lin.in_features, lin.weight.device)  # noqa: E731
     if cfg.algorithm == "compensated":
-        make_stats, quantize_block = _compensated_steps(model, windows, cfg, device, log, progress, dist)
+        with chunk():
+            make_stats, quantize_block = _compensated_steps(model, windows, cfg, device, log, progress, dist)
     else:
         quantize_block = _paper_block(cfg, log)
-
-    batch_size = opts.calib_batch_size
-    offload_activations = opts.offload_activations
-    chunk = contextlib.nullcontext()
-    if opts.max_gpu_memory is not None:
-        cap = opts.max_gpu_memory
-        nsamples, seqlen = windows.ids.shape
-        if dist is not None:  # each process holds the hidden states of its own batches only
-            n_batches = -(-nsamples // batch_size)
-            nsamples = min(nsamples, -(-n_batches // dist.world_size) * batch_size)
-        plan = plan_memory(model, cap, nsamples, seqlen, batch_size, offload_activations)
-        offload_activations = plan.offload
-        chunk = kmeans_chunk(plan.chunk_elements)
-        enforce_cap(device, cap)
-        if log:
-            log(f"GPU memory estimate {plan.estimate.describe()}" + "".join(f"; {n}" for n in plan.notes))
 
     ckpt = None
     if opts.checkpoint_dir is not None:
@@ -218,7 +231,7 @@ def quantize(
 
             ckpt = open_checkpoint(lambda: BlockCheckpoint(opts.checkpoint_dir, identity, opts.resume), dist)
 
-    with chunk:
+    with chunk():
         times = walk_blocks(
             model,
             windows.ids,

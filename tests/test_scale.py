@@ -11,7 +11,8 @@ import torch
 import cmpq
 from cmpq.algorithm import kmeans
 from cmpq.cli import main
-from cmpq.model.memory import MemoryCapError, estimate_walk_memory, parse_bytes, plan_memory
+from cmpq.model.memory import (AUTO_CHUNK_SHARE, MAX_AUTO_CHUNK_ELEMENTS, MemoryCapError, auto_chunk_elements,
+                               estimate_walk_memory, parse_bytes, plan_memory)
 from cmpq.storage.checkpoint import CheckpointMismatch
 
 TIMING_KEYS = ("quantize_seconds", "time_split_seconds", "peak_gpu_memory_gib")
@@ -167,6 +168,31 @@ def test_plan_lowers_chunk_and_results_do_not_depend_on_it():
         assert torch.equal(kmeans.kmeans_1d(x, 8), ref)
     finally:
         kmeans.CHUNK_ELEMENTS = old
+
+
+def test_auto_chunk_grows_to_the_shared_layer_and_stays_under_its_share():
+    m = llama_on_meta(**LLAMA2_7B)
+    kw = dict(nsamples=128, seqlen=2048, batch_size=8, dtype=torch.float16)
+    big = 80 * 2**30
+    # three widths of the 45 M-weight MLP layers share one run: 135 M values -> 2^28 (2^27 is short)
+    assert auto_chunk_elements(m, big, shared_widths=3, **kw) == MAX_AUTO_CHUNK_ELEMENTS
+    # one width: the first power of two that holds the largest layer, no more
+    assert auto_chunk_elements(m, big, shared_widths=1, **kw) == 1 << 26
+    # a card where the larger chunk would pass the share keeps a smaller one, never below the default
+    for mem in (12 * 2**30, 16 * 2**30, 24 * 2**30):
+        c = auto_chunk_elements(m, mem, shared_widths=3, **kw)
+        assert c >= kmeans.CHUNK_ELEMENTS
+        if c > kmeans.CHUNK_ELEMENTS:
+            assert estimate_walk_memory(m, offload=False, chunk_elements=c, shared_widths=3, **kw).total \
+                <= AUTO_CHUNK_SHARE * mem
+        if c < MAX_AUTO_CHUNK_ELEMENTS:
+            assert estimate_walk_memory(m, offload=False, chunk_elements=2 * c, shared_widths=3, **kw).total \
+                > AUTO_CHUNK_SHARE * mem
+    assert auto_chunk_elements(m, 2**30, shared_widths=3, **kw) == kmeans.CHUNK_ELEMENTS
+    # the shared copies count in the estimate
+    one = estimate_walk_memory(m, offload=False, chunk_elements=1 << 28, **kw)
+    three = estimate_walk_memory(m, offload=False, chunk_elements=1 << 28, shared_widths=3, **kw)
+    assert three.search == 3 * 4096 * 11008 * 40 > one.search == 4096 * 11008 * 40
 
 
 def test_cli_rejects_bad_memory_string(folder4, tmp_path, capsys):

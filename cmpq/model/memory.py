@@ -30,6 +30,11 @@ from cmpq.model.blocks import find_blocks
 KMEANS_BYTES_PER_ELEMENT = 40  # _kmeans_chunk: x, keep, sorted values + int64 order, float64 prefix sums
 OUTLIER_BYTES_PER_WEIGHT = 24  # quantize_weights' O_q search: float32 error + int64 index, listed then cat'ed
 MIN_CHUNK_ELEMENTS = 1 << 20
+# Without a cap, a GPU run raises the k-means chunk up to this while the whole walk stays under
+# AUTO_CHUNK_SHARE of the card: on a GPU k-means is launch-bound, so fewer, larger chunks are faster
+# (a 7B-shaped layer's three widths, 135 M values, are six runs at the default chunk and one at 2^28).
+MAX_AUTO_CHUNK_ELEMENTS = 1 << 28
+AUTO_CHUNK_SHARE = 0.5
 HEADROOM = 1.10  # allocator rounding and fragmentation
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
@@ -87,8 +92,11 @@ class WalkMemory:
 
 
 def estimate_walk_memory(model: nn.Module, nsamples: int, seqlen: int, batch_size: int, offload: bool = False,
-                         chunk_elements: int | None = None, dtype: torch.dtype | None = None) -> WalkMemory:
-    """Estimated accelerator memory of ``walk_blocks`` + CMPQ for ``model`` (works on a meta-device model)."""
+                         chunk_elements: int | None = None, dtype: torch.dtype | None = None,
+                         shared_widths: int = 1) -> WalkMemory:
+    """Estimated accelerator memory of ``walk_blocks`` + CMPQ for ``model`` (works on a meta-device model).
+    ``shared_widths``: how many copies of a layer one k-means run may hold (the compensated
+    algorithm's widths share a run on a GPU when they fit one chunk: ``kmeans.share_runs``)."""
     _, blocks = find_blocks(model)
     dtype = dtype or next(blocks[0].parameters()).dtype
     es = torch.finfo(dtype).bits // 8
@@ -110,7 +118,8 @@ def estimate_walk_memory(model: nn.Module, nsamples: int, seqlen: int, batch_siz
         hidden=0 if offload else nsamples * seqlen * hidden_size * es,
         batch=tokens * (2 * hidden_size + outs) * es + tokens * max_in * 4,
         quant=2 * block_numel * 4,
-        search=max(min(chunk, largest) * KMEANS_BYTES_PER_ELEMENT, largest * OUTLIER_BYTES_PER_WEIGHT),
+        search=max(min(chunk, largest * max(shared_widths, 1)) * KMEANS_BYTES_PER_ELEMENT,
+                   largest * OUTLIER_BYTES_PER_WEIGHT),
         offload=offload,
         chunk_elements=chunk,
     )
@@ -129,9 +138,10 @@ class MemoryPlan:
 
 
 def plan_memory(model: nn.Module, cap: int, nsamples: int, seqlen: int, batch_size: int,
-                offload: bool = False, dtype: torch.dtype | None = None) -> MemoryPlan:
+                offload: bool = False, dtype: torch.dtype | None = None, shared_widths: int = 1) -> MemoryPlan:
     """Fit the walk under ``cap`` bytes: as asked, else offload activations, else smaller k-means chunks, else refuse."""
-    est = lambda off, chunk=None: estimate_walk_memory(model, nsamples, seqlen, batch_size, off, chunk, dtype)  # noqa: E731
+    est = lambda off, chunk=None: estimate_walk_memory(model, nsamples, seqlen, batch_size, off, chunk, dtype,  # noqa: E731
+                                                       shared_widths)
     e = est(offload)
     notes: list[str] = []
     if e.total <= cap:
@@ -154,6 +164,21 @@ def plan_memory(model: nn.Module, cap: int, nsamples: int, seqlen: int, batch_si
         f"activations offloaded and the k-means chunk at {e.chunk_elements:,} values; "
         f"lower --calib-batch-size or raise --max-gpu-memory"
     )
+
+
+def auto_chunk_elements(model: nn.Module, device_memory: int, nsamples: int, seqlen: int, batch_size: int,
+                        offload: bool = False, dtype: torch.dtype | None = None, shared_widths: int = 1) -> int:
+    """The k-means chunk for a GPU run without a memory cap: the largest power of two from
+    ``kmeans.CHUNK_ELEMENTS`` up to ``MAX_AUTO_CHUNK_ELEMENTS`` whose walk estimate stays under
+    ``AUTO_CHUNK_SHARE`` of ``device_memory`` bytes; never below the default (results do not depend on
+    it). It stops growing once a chunk holds the largest layer's shared copies: more buys nothing."""
+    est = lambda c: estimate_walk_memory(model, nsamples, seqlen, batch_size, offload, c, dtype,  # noqa: E731
+                                         shared_widths)
+    chunk = kmeans.CHUNK_ELEMENTS
+    need = est(MAX_AUTO_CHUNK_ELEMENTS).search // KMEANS_BYTES_PER_ELEMENT  # values one run can hold at most
+    while chunk < min(MAX_AUTO_CHUNK_ELEMENTS, need) and est(chunk * 2).total <= AUTO_CHUNK_SHARE * device_memory:
+        chunk *= 2
+    return chunk
 
 
 @contextlib.contextmanager
