@@ -94,6 +94,12 @@ def _calibration(vocab: int, nsamples: int, seqlen: int) -> torch.Tensor:
     return torch.randint(0, vocab, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
 
 
+def _stamped(t0: float):
+    """Log lines to stderr with the seconds since ``t0``: a run cut off by its time limit still shows
+    how far each phase got (the JSON row is written only at the end)."""
+    return lambda msg: print(f"[{time.perf_counter() - t0:7.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
 def run(path: Path, out: Path, device: torch.device, nsamples: int, seqlen: int, bits: float, batch: int,
         cap: str | None, offload: bool, checkpoint: bool = True, dist=None, algorithm: str = "compensated",
         finetune_epochs: int | None = None) -> dict | None:
@@ -110,7 +116,7 @@ def run(path: Path, out: Path, device: torch.device, nsamples: int, seqlen: int,
     ids = _calibration(model.config.vocab_size, nsamples, seqlen)
     cfg = cmpq.CMPQConfig(bits=bits, algorithm=algorithm, finetune_epochs=finetune_epochs)
     options = cmpq.RunOptions(calib=ids, calib_batch_size=batch, device=None if dist is not None else device,
-                              log=None, offload_activations=offload, max_gpu_memory=cap, dist=dist,
+                              log=_stamped(t0), progress=False, offload_activations=offload, max_gpu_memory=cap, dist=dist,
                               checkpoint_dir=Path(str(out) + ".partial") if checkpoint else None)
     t0 = time.perf_counter()
     cmpq.quantize(model, None, cfg, options)
