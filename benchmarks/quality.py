@@ -13,7 +13,8 @@ temporary folder) of the pending cells in priority order; each worker claims the
 lock (all LLM-MQ budgets form one unit, so its budget-independent layer scores are computed once),
 and merges every finished cell into the JSON under the same lock (re-read, add, temp file +
 ``os.replace``). A worker starts no cell that its estimate (``COST_S`` scaled by the slowdown it has
-measured on its own cells) says would end after the ``--max-minutes`` deadline. Worker output is
+measured on its own cells) says would end after the ``--max-minutes`` deadline; a serial run scales
+``COST_S`` by its own measured pace the same way (faster or slower). Worker output is
 relayed line by line prefixed ``[wI]``. The parent writes the Markdown table and the PNG once at the
 end, and exits non-zero if a worker crashed (the other workers' cells are kept). Each cell records
 ``gpu_workers``: how many processes shared the GPU when it ran (its timings are not comparable to
@@ -60,7 +61,7 @@ ALL_METHODS = ("fp16", "cmpq", "rtn", "gptq", "awq", "llmmq", "hqq", "rtn-pc")
 # H200 seconds per cell (quantize + batched eval of both sets), from core-smollm2-135m.json and
 # the baselines' cost relative to CMPQ; used only to skip cells that would overrun --max-minutes.
 COST_S = {"fp16": 8, "rtn": 9, "rtn-pc": 9, "hqq": 12, "gptq": 25, "awq": 30, "llmmq": 15, "llmmq-first": 80,
-          "cmpq": 35, "cmpq-compensated": 180}  # the latter: a guess from the 2026-12-02 probe (5-8 s per block)
+          "cmpq": 35, "cmpq-compensated": 410}  # the latter: the v4 default's 4.3-bit cell, 408 s (H100, 2026-12-06)
 OUTLIER_ABLATIONS = {  # paper Table 6: the remaining kind of outlier makes up 0.5% of the weights
     "w/o O_q": {"act_outlier_frac": 0.005, "weight_outlier_frac": 0.0},
     "w/o O_act": {"act_outlier_frac": 0.0, "weight_outlier_frac": 0.005},
@@ -761,13 +762,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(todo)} cells to run ({len(done)} already in {jpath})", flush=True)
     skipped, llmmq_seen = [], False
     ver, mach = versions(), result["machine"]
+    spent = estimated = 0.0  # measured seconds vs COST_S over this run's cells: this machine's pace
     for c in todo:
         kind = cost_kind(c)
         if kind == "llmmq":
             kind, llmmq_seen = ("llmmq" if llmmq_seen or bench.llmmq_cache else "llmmq-first"), True
         est = COST_S[kind] if bench.dev.type == "cuda" else 0.0
+        pace = spent / estimated if estimated else 1.0
         elapsed = time.perf_counter() - t_start
-        if a.max_minutes is not None and elapsed + est > 60 * a.max_minutes:
+        if a.max_minutes is not None and elapsed + est * pace > 60 * a.max_minutes:
+            print(f"not starting {label(c)}: ~{est * pace:.0f}s would end after the deadline", flush=True)
             skipped.append(label(c))
             continue
         if c["method"] == "hqq" and hqq_why:
@@ -775,6 +779,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t0 = time.perf_counter()
         finished, err = run_cell(bench, c, ver, mach, 1)
+        if est:
+            spent, estimated = spent + time.perf_counter() - t0, estimated + est
         if err is not None:
             print(f"FAILED {label(c)}: {err}", flush=True)
             skipped.append(f"{label(c)} (failed: {err})")
