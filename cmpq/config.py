@@ -72,9 +72,6 @@ class CMPQConfig:
     row_scale: bool | None = None
     # Adam step relative to each layer's RMS value (cmpq.model.distill.finetune says how it was chosen)
     finetune_lr: float = 1e-3
-    # fine-tuning also trains the normalization layers' weights (dense, a few per channel; no
-    # storage change), as QuIP#'s and PV-Tuning's fine-tuning train every non-quantized parameter
-    finetune_norms: bool = False
     # block linears to leave dense, as fnmatch patterns over qualified names ("*.mlp.down_proj")
     skip_modules: tuple = ()
     extra: dict = field(default_factory=dict)
@@ -154,7 +151,7 @@ class CMPQConfig:
             raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
         if self.allocator not in ALLOCATOR_NAMES:
             raise ValueError(f"unknown allocator {self.allocator!r}; choose from {ALLOCATOR_NAMES}")
-        for name in ("compensate", "fp16_columns", "finetune_norms"):
+        for name in ("compensate", "fp16_columns"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.kmeans_iters, int) or self.kmeans_iters < 1:

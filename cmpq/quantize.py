@@ -251,7 +251,7 @@ def quantize(
 
         t0 = time.perf_counter()
         tuned = finetune(model, windows.ids, teacher, device, cfg.finetune_epochs, cfg.finetune_lr, log,
-                         progress=progress, norms=cfg.finetune_norms)
+                         progress=progress)
         finetune_s += time.perf_counter() - t0
     if cfg.finetune_epochs and dist is not None:
         from cmpq.model.blocks import find_blocks
@@ -260,11 +260,6 @@ def quantize(
         home = next(model.parameters()).device
         for block in find_blocks(model)[1]:  # every rank takes rank 0's fine-tuned layers
             sync_modules(block, {n: 0 for n, m in block.named_modules() if isinstance(m, CMPQLinear)}, dist, home)
-        if cfg.finetune_norms:  # and its norms
-            from cmpq.model.distill import norm_parameters
-            from cmpq.model.distributed import broadcast_tensors
-
-            broadcast_tensors(norm_parameters(model), dist)
     total = time.perf_counter() - start
     qc = {
         "quant_method": "cmpq",

@@ -199,7 +199,6 @@ def finetune(
     lr: float = 1e-3,
     log: Callable[[str], None] | None = None,
     progress: bool | None = None,
-    norms: bool = False,
 ) -> dict:
     """Train every ``CMPQLinear``'s stored values (indices fixed) to match ``teacher`` (from
     ``teacher_states``) on the windows ``ids``; Adam, one window per step, linear decay to zero;
@@ -218,8 +217,6 @@ def finetune(
     budget. At 2.5 bits the pass removes a third of the perplexity; at 4.3 bits, where little error
     is left to correct, the same steps overshoot (CPU study, SmolLM2-135M, 64 x 512 tokens: training
     KL rose from 0.223 to 0.280 over two epochs and WikiText-2 went 27.79 -> 29.94).
-    ``norms``: train the normalization layers' weights and biases too (``norm_parameters``), each
-    tensor's step ``lr`` times its RMS like a layer's values; they stay dense, so storage is unchanged.
     ``progress``: a bar over all steps (epochs x windows) with the running KL, on a terminal only
     (None: when ``log`` is set); the pass is as long as a few block walks, so it gets an ETA too.
     Returns the first and last epoch's mean training KL, the held-out KL before training and after
@@ -253,20 +250,12 @@ def finetune(
     # root-mean-square of its own stored values
     groups = [{"params": list(t.parameters()), "lr": lr * float(t.values.detach().pow(2).mean().sqrt().clamp(min=1e-8))}
               for _, _, t in swapped]
-    # norm weights train through float32 masters: a 1e-3 step on an fp16 weight near 1 is below its
-    # resolution. The model's own tensor gets the master's value (rounded) before every forward.
-    extra = norm_parameters(model) if norms else []
-    masters = [p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_(True) for p in extra]
-    for p in extra:
-        p.requires_grad_(True)
-    groups += [{"params": [m], "lr": lr * float(m.detach().pow(2).mean().sqrt().clamp(min=1e-8))} for m in masters]
     opt = torch.optim.Adam(groups, fused=True if torch.device(device).type == "cuda" else None)  # one launch a step on a GPU
     train, held = held_out_split(ids.shape[0])
     steps = epochs * train.numel()
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
     history = []
-    params = [p for _, _, t in swapped for p in t.parameters()] + masters
-    copies = [(p, m) for p, m in zip(extra, masters) if p is not m]  # (model tensor, float32 master)
+    params = [p for _, _, t in swapped for p in t.parameters()]
     tunables = [t for _, _, t in swapped]
     held_kl = [_mean_kl(model, ids, teacher, head, device, held, tunables)]
     best, kept, backoffs = [p.detach().clone() for p in params], 0, 0
@@ -288,11 +277,8 @@ def finetune(
                         raise FloatingPointError(f"codebook fine-tuning diverged (loss {loss.item()}) at epoch {epoch}")
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
-                    for p, m in copies:
-                        m.grad, p.grad = p.grad.float(), None
                     loss = loss / logits.shape[0]
                     opt.step()
-                    _copy_masters(copies)
                     sched.step()
                     kl = loss.item()
                     total += kl
@@ -306,7 +292,6 @@ def finetune(
                     with torch.no_grad():
                         for p, b in zip(params, best):
                             p.copy_(b)
-                    _copy_masters(copies)
                     opt.state.clear()
                     sched.base_lrs = [v / BACKOFF for v in sched.base_lrs]
                     backoffs += 1
@@ -321,13 +306,10 @@ def finetune(
         with torch.no_grad():  # the best epoch's values (also after an error mid-epoch)
             for p, b in zip(params, best):
                 p.copy_(b)
-        _copy_masters(copies)
         for root, name, t in swapped:
             t.target = None  # a layer no forward used may hold a stale one
             set_module(root, name, t.write_back())
         place.restore()
-        for p in extra:
-            p.requires_grad_(False)
         for p in frozen:
             p.requires_grad_(True)
     if log and kept < epochs:
@@ -338,26 +320,6 @@ def finetune(
 
 
 BACKOFF = 4.0  # step divisor after an epoch that raised the held-out KL
-
-
-@torch.no_grad()
-def _copy_masters(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    for p, m in copies:
-        p.copy_(m)
-
-
-def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The weights and biases of the model's normalization layers (RMSNorm, LayerNorm and kin of
-    every family, known by their class name), each once."""
-    seen: set[int] = set()
-    out = []
-    for m in model.modules():
-        if "norm" in type(m).__name__.lower() and not isinstance(m, (CMPQLinear, nn.Linear)):
-            for p in m.parameters(recurse=False):
-                if id(p) not in seen and p.is_floating_point():
-                    seen.add(id(p))
-                    out.append(p)
-    return out
 
 
 def held_out_split(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

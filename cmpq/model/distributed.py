@@ -329,16 +329,5 @@ class FollowerCheckpoint(BlockCheckpoint):
         pass
 
 
-@torch.no_grad()
-def broadcast_tensors(tensors: list[torch.Tensor], dist: Dist, src: int = 0) -> None:
-    """Every rank's ``tensors`` (same shapes and order everywhere) take ``src``'s values, in place."""
-    cdev = dist.comm_device
-    for t in tensors:
-        buf = t.detach().to(cdev).contiguous()
-        tdist.broadcast(buf, src=src)
-        if dist.rank != src:
-            t.copy_(buf)
-
-
 def gather_floats(x: float, dist: Dist) -> list[float]:
     return [float(v) for v in dist.all_gather_object(float(x))]
