@@ -95,8 +95,8 @@ def _calibration(vocab: int, nsamples: int, seqlen: int) -> torch.Tensor:
 
 
 def _stamped(t0: float):
-    """Log lines to stderr with the seconds since ``t0``: a run cut off by its time limit still shows
-    how far each phase got (the JSON row is written only at the end)."""
+    """Log lines to stderr with the seconds since ``t0`` (the model load's start): a run cut off by
+    its time limit still shows how far each phase got (the JSON row is written only at the end)."""
     return lambda msg: print(f"[{time.perf_counter() - t0:7.1f} s] {msg}", file=sys.stderr, flush=True)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
 from pathlib import Path
@@ -198,9 +197,6 @@ def quantize(
             log(f"k-means chunk raised to {chunk_elements:,} values (fewer launches; "
                 f"the walk is estimated under {AUTO_CHUNK_SHARE:.0%} of the GPU's {total / 2**30:.0f} GiB)")
 
-    # the allocation and the walk cluster under this chunk (rows are independent: results do not depend on it)
-    chunk = lambda: kmeans_chunk(chunk_elements) if chunk_elements else contextlib.nullcontext()  # noqa: E731
-
     start = time.perf_counter()
     phases.reset()
     if device.type == "cuda":
@@ -214,7 +210,7 @@ def quantize(
         finetune_s = time.perf_counter() - t0
     make_stats = lambda name, lin: SquaredNorm(lin.in_features, lin.weight.device)  # noqa: E731
     if cfg.algorithm == "compensated":
-        with chunk():
+        with kmeans_chunk(chunk_elements):  # the allocation clusters under the walk's chunk
             make_stats, quantize_block = _compensated_steps(model, windows, cfg, device, log, progress, dist)
     else:
         quantize_block = _paper_block(cfg, log)
@@ -231,7 +227,7 @@ def quantize(
 
             ckpt = open_checkpoint(lambda: BlockCheckpoint(opts.checkpoint_dir, identity, opts.resume), dist)
 
-    with chunk():
+    with kmeans_chunk(chunk_elements):
         times = walk_blocks(
             model,
             windows.ids,

@@ -2,15 +2,16 @@
 # README item 0 in ONE device call (nvidia-h200 or nvidia-h100-x1), which is also call 1 of
 # ../shared/tools/split-for-device.sh's recipe, so call 2 (the quality cell) can follow back to back:
 #   carry: [".carry/p1", ".carry/whl"]     command: bash device/device_item0.sh
-# (CMPQ_ITEM0_LIMIT_S=240 bash device/device_item0.sh: the tests only, when device time is short)
+# (CMPQ_ITEM0_LIMIT_S=240 bash device/device_item0.sh when device time is short: the tests, then the
+#  7B parts only if 120 s are left)
 # Parts, each under `timeout`, results under $OUT as they end:
 #   1. GPU tests of the CPU-built paths: the column-loop kernel, fine-tuning, the compensated pass,
 #      k-means (pytest.txt), and the default end to end on a tiny Llama (smoke.txt)
 #   2. issue 10's 7B target, with 120 s or more left: build the 7B-shaped model, then the default
 #      (compensated, 2 epochs of fine-tuning) on one GPU for as long as the call allows
 #      (device_scale.jsonl if it finishes; default-7b.log has every phase with its elapsed seconds)
-#   3. with what the 7B parts leave (CMPQ_ITEM0_LAUNCH_S reserves some): seconds per SmolLM2-shaped block, compensated column loop in PyTorch vs
-#      the Triton kernel (launch-torch.json, launch-auto.json)
+#   3. with what the 7B parts leave (CMPQ_ITEM0_LAUNCH_S reserves some): seconds per SmolLM2-shaped
+#      block, compensated column loop in PyTorch vs the Triton kernel (launch-{torch,auto}.json)
 set -uo pipefail
 T0=$(date +%s)
 LIMIT=${CMPQ_ITEM0_LIMIT_S:-585}

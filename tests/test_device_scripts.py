@@ -12,6 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted((ROOT / "device").glob("*.sh"))
+# a repository file run by a script: python3 path.py, bash path.sh, source path.sh
+RUNS = re.compile(r"(?:python3?|bash|source)\s+((?:benchmarks|studies|device|tests)/[\w./-]+\.(?:py|sh))")
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
@@ -19,15 +21,12 @@ SCRIPTS = sorted((ROOT / "device").glob("*.sh"))
 def test_device_script_parses_and_its_files_exist(script):
     r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    # every repository file the script runs (python3 path.py, bash path.sh, source path.sh) exists
     text = script.read_text()
-    called = re.findall(r"(?:python3?|bash|source)\s+((?:benchmarks|studies|device|tests)/[\w./-]+\.(?:py|sh))", text)
+    called = RUNS.findall(text)
     called += re.findall(r"\b(tests/test_\w+\.py)", text)  # the GPU tests they hand to pytest
     for rel in called:
         assert (ROOT / rel).is_file(), f"{script.name} calls {rel}, which does not exist"
 
 
 def test_the_check_sees_what_the_scripts_call():
-    calls = [re.findall(r"(?:python3?|bash|source)\s+((?:benchmarks|studies|device|tests)/[\w./-]+\.(?:py|sh))",
-                        s.read_text()) for s in SCRIPTS]
-    assert len(SCRIPTS) >= 5 and sum(map(len, calls)) >= 10
+    assert len(SCRIPTS) >= 5 and sum(len(RUNS.findall(s.read_text())) for s in SCRIPTS) >= 10

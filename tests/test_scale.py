@@ -179,8 +179,10 @@ def test_auto_chunk_grows_to_the_shared_layer_and_stays_under_its_share():
     # one width: the first power of two that holds the largest layer, no more
     assert auto_chunk_elements(m, big, shared_widths=1, **kw) == 1 << 26
     # a card where the larger chunk would pass the share keeps a smaller one, never below the default
+    seen = []
     for mem in (12 * 2**30, 16 * 2**30, 24 * 2**30):
         c = auto_chunk_elements(m, mem, shared_widths=3, **kw)
+        seen.append(c)
         assert c >= kmeans.CHUNK_ELEMENTS
         if c > kmeans.CHUNK_ELEMENTS:
             assert estimate_walk_memory(m, offload=False, chunk_elements=c, shared_widths=3, **kw).total \
@@ -188,6 +190,7 @@ def test_auto_chunk_grows_to_the_shared_layer_and_stays_under_its_share():
         if c < MAX_AUTO_CHUNK_ELEMENTS:
             assert estimate_walk_memory(m, offload=False, chunk_elements=2 * c, shared_widths=3, **kw).total \
                 > AUTO_CHUNK_SHARE * mem
+    assert seen == sorted(seen) and any(kmeans.CHUNK_ELEMENTS < c < MAX_AUTO_CHUNK_ELEMENTS for c in seen), seen
     assert auto_chunk_elements(m, 2**30, shared_widths=3, **kw) == kmeans.CHUNK_ELEMENTS
     # the shared copies count in the estimate
     one = estimate_walk_memory(m, offload=False, chunk_elements=1 << 28, **kw)

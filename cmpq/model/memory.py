@@ -91,6 +91,12 @@ class WalkMemory:
         return f"{gib(self.total)} (peak in {peak}, x{HEADROOM} headroom): {parts}"
 
 
+def largest_linear(model: nn.Module) -> int:
+    """Weights of the largest linear in the model's decoder blocks (0 if none)."""
+    _, blocks = find_blocks(model)
+    return max((m.weight.numel() for b in blocks for m in b.modules() if isinstance(m, nn.Linear)), default=0)
+
+
 def estimate_walk_memory(model: nn.Module, nsamples: int, seqlen: int, batch_size: int, offload: bool = False,
                          chunk_elements: int | None = None, dtype: torch.dtype | None = None,
                          shared_widths: int = 1) -> WalkMemory:
@@ -104,9 +110,7 @@ def estimate_walk_memory(model: nn.Module, nsamples: int, seqlen: int, batch_siz
     block_ids = {id(p) for p in blocks.parameters()}
     rest = sum(p.numel() for p in model.parameters() if id(p) not in block_ids) * es
     block_numel = max(sum(p.numel() for p in b.parameters()) for b in blocks)
-    lins = [max((m for m in b.modules() if isinstance(m, nn.Linear)), key=lambda m: m.weight.numel(), default=None)
-            for b in blocks]
-    largest = max((m.weight.numel() for m in lins if m is not None), default=0)
+    largest = largest_linear(model)
     outs = max(sum(m.out_features for m in b.modules() if isinstance(m, nn.Linear)) for b in blocks)
     max_in = max((m.in_features for b in blocks for m in b.modules() if isinstance(m, nn.Linear)), default=0)
     hidden_size = model.get_input_embeddings().embedding_dim
@@ -175,17 +179,18 @@ def auto_chunk_elements(model: nn.Module, device_memory: int, nsamples: int, seq
     est = lambda c: estimate_walk_memory(model, nsamples, seqlen, batch_size, offload, c, dtype,  # noqa: E731
                                          shared_widths)
     chunk = kmeans.CHUNK_ELEMENTS
-    need = est(MAX_AUTO_CHUNK_ELEMENTS).search // KMEANS_BYTES_PER_ELEMENT  # values one run can hold at most
+    need = largest_linear(model) * max(shared_widths, 1)  # the most values one run holds
     while chunk < min(MAX_AUTO_CHUNK_ELEMENTS, need) and est(chunk * 2).total <= AUTO_CHUNK_SHARE * device_memory:
         chunk *= 2
     return chunk
 
 
 @contextlib.contextmanager
-def kmeans_chunk(elements: int):
-    """Run with ``kmeans.CHUNK_ELEMENTS`` set to ``elements`` (results do not depend on it: rows are independent)."""
+def kmeans_chunk(elements: int | None):
+    """Run with ``kmeans.CHUNK_ELEMENTS`` set to ``elements`` (None: as it is; results do not depend
+    on it: rows are independent)."""
     old = kmeans.CHUNK_ELEMENTS
-    kmeans.CHUNK_ELEMENTS = elements
+    kmeans.CHUNK_ELEMENTS = old if elements is None else elements
     try:
         yield
     finally:

@@ -108,7 +108,8 @@ def measure(
             model.to(home)
             raise RuntimeError(
                 "the sensitivity pass needs the whole model on the device and it does not fit; "
-                "use token_weighting='none' with algorithm='paper', or a device with more memory") from None
+                "use token_weighting='none' with algorithm='paper', a device with more memory, or a higher "
+                "--max-gpu-memory (the cap holds from the start of the run)") from None
         from cmpq.progress import bar
 
         pbar = bar(ids.shape[0], "calibration (sensitivity)", "window", enabled=log is not None if progress is None else progress)
