@@ -1,6 +1,8 @@
 """Tiny driver for ncu: one 4096x11008 3-bit layer, two calls per kernel (the first builds its plan;
 ncu -k/-c picks the kernels). One-token kernels by name (``cmpq.kernels.dispatch.RUNNERS``); ``mma4``
-is the tensor-core kernel at 4 tokens. Used by kernel_variants.sh and device_ncu.sh."""
+is the tensor-core kernel at 4 tokens; ``rlut1`` / ``rlut4`` the standalone register-lookup kernel
+(its own layout, ``kernel_rlut.prepare``) at 1 / 4 tokens, whose ~20 us fixed cost per launch is
+what the profile should explain. Used by kernel_variants.sh and device_ncu.sh."""
 import sys
 
 import torch
@@ -15,9 +17,25 @@ layer = random_layer(4096, 11008, counts, n_act, round(5e-4 * 4096 * 11008), dev
 x = torch.randn(1, 11008, device="cuda", dtype=torch.float16)
 x4 = torch.randn(4, 11008, device="cuda", dtype=torch.float16)
 rt = layer.runtime()
+rlut = None
+if any(v.startswith("rlut") for v in variants):
+    from cmpq.kernels import kernel_rlut
+
+    assert kernel_rlut.library(), kernel_rlut.library_error()
+    rlut = kernel_rlut.prepare(layer)
+
+
+def run(v: str) -> torch.Tensor | None:
+    if v == "mma4":
+        return dispatch.RUNNERS["mma"](rt, x4)
+    if v in ("rlut1", "rlut4"):
+        return kernel_rlut.linear(x if v == "rlut1" else x4, rlut)
+    return dispatch.RUNNERS[v](rt, x)
+
+
 for v in variants:
     for _ in range(2):
-        y = dispatch.RUNNERS["mma"](rt, x4) if v == "mma4" else dispatch.RUNNERS[v](rt, x)
+        y = run(v)
         assert y is not None, f"{v} does not apply"
 torch.cuda.synchronize()
 print("done", variants)
