@@ -47,7 +47,7 @@ def scale_tunable(base: type, lr: float, scale_lr: float) -> type:
             self.u = torch.nn.Parameter(torch.zeros(layer.out_features, device=self.values.device))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            w = self.stored()[self.where]
+            w = distill._Gather.apply(self.stored(), self.where)
             if self.row_scale is not None:
                 s = self.row_scale * (1 + self.k * self.u)
                 w = w * s.half().float()[:, None]  # the scale as FP16 stores it
