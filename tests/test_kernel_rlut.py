@@ -313,6 +313,10 @@ def test_plan_covers_units():
                 rb, S, smem, slot, xs_off, red_off, usplit = pl
                 assert smem <= kr.MAX_SMEM and 1 <= S <= kr.MAXS and len(usplit) == S + 1
                 assert usplit[0] == 0 and usplit[-1] == cs[-1] and (np.diff(usplit) >= 0).all()
+                # whole waves: no tail wave of a few blocks (ncu, 2026-12-06: 400 blocks where 396 fit)
+                wave = 132 * min(kr.BLOCKS_PER_SM[kr.ntl_of(T)], kr.SM_SMEM // (smem + 1024))
+                s_x = -(-nch * 4 * kr.ntl_of(T) * 2 // kr.XS_MAX)  # splits the gathered x needs
+                assert rb * S <= max(1, -(-rb * s_x // wave)) * wave or S == 1, (out, n_in, bits, T, rb, S, wave)
 
 
 def test_linear_declines_what_it_cannot_serve():

@@ -231,7 +231,13 @@ def _ch_off(cs, chbase, u: np.ndarray) -> np.ndarray:
 
 def plan(lay: RlutLayout, T: int, sms: int, splits: int | None = None):
     """(rb, S, smem, slot, xs_off, red_off, usplit): row blocks, splits of the unit list balanced by
-    COST, one wave of ~BLOCKS_PER_SM blocks per SM unless a split's gathered x needs more."""
+    COST, and a grid of whole waves: as many blocks as the SMs hold at once (``resident`` from the
+    plan's own shared memory), or a whole multiple of that when a split's gathered x needs more splits.
+
+    Why whole waves: the ncu profile of 4096x11008 at one token (H100, 2026-12-06,
+    ``benchmarks/results/ncu-rlut-h100.txt``) showed 400 blocks where 3 x 132 = 396 fit, the split
+    count having been rounded up: 4 blocks ran in a second wave, each as long as a block of the first
+    (the kernel is latency-bound, 0.26 instructions issued per scheduler cycle)."""
     ntl = ntl_of(T)
     Q = 2 if ntl == 1 else 1
     TP = 4 * ntl
@@ -242,22 +248,33 @@ def plan(lay: RlutLayout, T: int, sms: int, splits: int | None = None):
     red = Q * 128 * TP * 4
     cost = np.cumsum(np.asarray(COST)[unit_kinds(lay.cs)])
     total_ch = lay.chan.numel()
+
+    def layout(S: int):
+        S = max(1, min(S, NU, MAXS))
+        bounds = np.searchsorted(cost, cost[-1] * np.arange(1, S) / S, side="left") + 1 if NU else np.zeros(S - 1, int)
+        usplit = np.concatenate([[0], np.minimum(bounds, NU), [NU]]).astype(np.int64)
+        usplit = np.maximum.accumulate(usplit)
+        choff = _ch_off(lay.cs, lay.chbase, usplit)
+        xs_bytes = int((np.diff(choff).max() if S else 0) * TP * 2)
+        xs_off = -(-ring // 16) * 16
+        red_off = xs_off + -(-xs_bytes // 16) * 16
+        return S, red_off + red + 128, xs_off, red_off, usplit  # + 128: the kernel aligns its base
+
     if splits is None:
-        fixed = ring + red + 2048
-        resident = max(1, min(BLOCKS_PER_SM[ntl], SM_SMEM // (fixed + 8192)))
-        S = max(1, min(-(-sms * resident // rb), NU // NWARPS or 1))
-        S = max(S, -(-total_ch * TP * 2 // XS_MAX))
+        S_x = max(1, -(-total_ch * TP * 2 // XS_MAX))  # fewest splits whose gathered x fits XS_MAX
+        S = max(S_x, min(sms // rb, NU // NWARPS) or 1)
+        for _ in range(4):  # the smem, hence the residency, depends on S: settle in a few rounds
+            S, smem = layout(S)[:2]
+            resident = max(1, min(BLOCKS_PER_SM[ntl], SM_SMEM // (smem + 1024)))
+            wave = sms * resident
+            waves = max(1, -(-rb * S_x // wave))  # one wave unless the x gather forces more
+            S_new = max(S_x, min(waves * wave // rb, NU // NWARPS or 1), 1)
+            if S_new == S:
+                break
+            S = S_new
     else:
         S = splits
-    S = max(1, min(S, NU, MAXS))
-    bounds = np.searchsorted(cost, cost[-1] * np.arange(1, S) / S, side="left") + 1 if NU else np.zeros(S - 1, int)
-    usplit = np.concatenate([[0], np.minimum(bounds, NU), [NU]]).astype(np.int64)
-    usplit = np.maximum.accumulate(usplit)
-    choff = _ch_off(lay.cs, lay.chbase, usplit)
-    xs_bytes = int((np.diff(choff).max() if S else 0) * TP * 2)
-    xs_off = -(-ring // 16) * 16
-    red_off = xs_off + -(-xs_bytes // 16) * 16
-    smem = red_off + red + 128  # + 128: the kernel aligns its base
+    S, smem, xs_off, red_off, usplit = layout(S)
     if smem > MAX_SMEM:
         return None
     return rb, S, smem, slot, xs_off, red_off, usplit
