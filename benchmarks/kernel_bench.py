@@ -65,6 +65,9 @@ def time_graph(fns, n: int) -> float:
     return 1e3 * ms / n
 
 
+DEFAULT_OUT = "benchmarks/results/kernels-h200.json"
+
+
 def copy_bandwidth() -> float:
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_(0, 255)
     dst = torch.empty_like(src)
@@ -96,6 +99,45 @@ def sweep_cuda() -> None:
                 print(f"sweep-cuda {out}x{n_in} T={T} splits={sp}{' (default)' if sp == d else ''}: {us:.1f} us", flush=True)
         del ls
         torch.cuda.empty_cache()
+
+
+def sweep_mma(out_path: str) -> None:
+    """Split sweep of the tensor-core kernel (2..16 tokens): its default plan rounds the split count
+    up and gives 1.01-1.13 waves of blocks on the 7B/13B shapes (3 blocks per SM); the splits that
+    fill exactly one wave are timed beside it (benchmarks/notes-kernels.md, "Where rlut's fixed cost
+    goes"). Graph-timed like the grid; rows also go to ``out_path`` as JSON."""
+    from cmpq.kernels import kernel_mma
+
+    sms, rows = cuda_decode._num_sms(torch.device("cuda")), []
+    for out, n_in in [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]:
+        counts, n_act = mix_counts(n_in, 3.0)
+        gen = torch.Generator().manual_seed(1)
+        nl = max(2, min(12, math.ceil(ROTATE_BYTES / (out * n_in * 0.4))))
+        ls = [random_layer(out, n_in, counts, n_act, round(5e-4 * out * n_in), device="cuda", generator=gen, pack=False)
+              for _ in range(nl)]
+        rts = [l.runtime() for l in ls]
+        for T in (2, 4, 8, 16):
+            ntl = 1 if T <= 8 else 2
+            rb, d = kernel_mma.plan(rts[0].mma.cs, rts[0].mma.ntiles, ntl, sms)[:2]
+            one_wave = max(1, sms * kernel_mma.BLOCKS_PER_SM // rb)
+            xs = [torch.randn(T, n_in, device="cuda", dtype=torch.float16) for _ in ls]
+            for sp in sorted({d, one_wave, max(1, one_wave - 1), d + 1}):
+                fns = [lambda rt=rt, x=x: kernel_mma.decode(rt, x, splits=sp) for rt, x in zip(rts, xs)]
+                if fns[0]() is None:
+                    continue
+                us = time_graph(fns, len(ls))
+                tag = " (default)" if sp == d else (" (one wave)" if sp == one_wave else "")
+                print(f"sweep-mma {out}x{n_in} T={T} splits={sp} blocks={rb * sp}{tag}: {us:.1f} us", flush=True)
+                rows.append({"out": out, "in": n_in, "tokens": T, "splits": sp, "blocks": rb * sp, "us": us,
+                             "default": sp == d, "one_wave": sp == one_wave})
+        del ls, rts
+        torch.cuda.empty_cache()
+    meta = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "sms": sms, "method": "CUDA-graph replay over rotating layers, median (time_graph)"}
+    tmp = out_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    os.replace(tmp, out_path)
 
 
 def sweep() -> None:
@@ -220,12 +262,12 @@ def write_table(rows: list[dict], meta: dict, path: str, peer_rows: list[dict] |
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="benchmarks/results/kernels-h200.json")
+    ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--quick", action="store_true", help="7B shapes only")
     ap.add_argument("--block-n", type=int, default=64)
     ap.add_argument("--sweep", action="store_true", help="split sweep (cuda) / block_n x splits sweep (triton)")
-    ap.add_argument("--impl", choices=["dispatch", "cuda", "triton", "prefill"], default="dispatch",
-                    help="prefill: the many-token path (use with e.g. --batches 64,512,2048)")
+    ap.add_argument("--impl", choices=["dispatch", "cuda", "triton", "prefill", "mma"], default="dispatch",
+                    help="prefill: the many-token path (use with e.g. --batches 64,512,2048); mma: with --sweep only")
     ap.add_argument("--force", choices=KERNELS, default=None,
                     help="with --impl dispatch: serve every call with this kernel (cmpq.kernels.force)")
     ap.add_argument("--max-minutes", type=float, default=None, help="start no new layer after this long")
@@ -267,6 +309,8 @@ def measure(args: argparse.Namespace) -> None:
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     if args.sweep:
+        if args.impl == "mma":
+            return sweep_mma(args.out if args.out != DEFAULT_OUT else "benchmarks/results/mma-splits.json")
         sweep_cuda() if args.impl == "cuda" else sweep()
     rows, peer_rows, fp16_us = [], [], {}
     meta = dict(device=torch.cuda.get_device_name(), date=datetime.datetime.now().isoformat(timespec="seconds"),
