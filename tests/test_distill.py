@@ -125,6 +125,19 @@ def test_quantize_with_finetune_records_it(tiny_llama, calib_ids):
     assert model.config.quantization_config["time_split_seconds"]["finetune"] >= 0
 
 
+def test_finetune_logs_its_pace_within_an_epoch(tiny_llama, calib_ids):
+    """A quarter-epoch line, so a pass cut off by a time limit still shows how fast it went."""
+    ids = torch.cat([calib_ids, calib_ids.flip(0)])  # 8 windows: 7 train, 1 held out
+    states = teacher_states(tiny_llama, ids, torch.device("cpu"))
+    model = _quantized(tiny_llama, calib_ids)
+    lines: list[str] = []
+    finetune(model, ids, states, torch.device("cpu"), epochs=2, lr=1e-3, log=lines.append, progress=False)
+    pace = [ln for ln in lines if "windows, mean KL so far" in ln]
+    # 7 training windows: a line after windows 1..6 each (the 7th ends the epoch and gets its own line)
+    assert [ln.split(":")[1].split()[0] for ln in pace] == [f"{k}/7" for k in range(1, 7)] * 2, lines
+    assert sum("KL to full precision" in ln for ln in lines) == 2
+
+
 def test_finetune_keeps_the_model_when_no_epoch_helps(tiny_llama, calib_ids):
     """A step far too large makes every epoch worse on the held-out windows: the pass must hand
     back the quantized model exactly as it came, and say so."""

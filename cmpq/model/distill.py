@@ -288,7 +288,7 @@ def finetune(
             for epoch in range(epochs):
                 total = 0.0
                 order = train[torch.randperm(train.numel(), generator=torch.Generator().manual_seed(epoch))]
-                for i in order.tolist():
+                for step, i in enumerate(order.tolist(), 1):
                     project(tunables)
                     logits = model(ids[i][None].to(device), use_cache=False).logits[0]
                     with torch.no_grad():
@@ -307,6 +307,11 @@ def finetune(
                     total += kl
                     pbar.set_postfix(epoch=f"{epoch + 1}/{epochs}", kl=f"{kl:.4f}", refresh=False)
                     pbar.update(1)
+                    # a quarter-epoch line: on a 7B model an epoch is minutes, and a run cut off by a
+                    # time limit should still show its pace (H100, 2026-12-06: none was logged in 220 s)
+                    if log and step < train.numel() and step % max(1, train.numel() // 4) == 0:
+                        log(f"fine-tune epoch {epoch + 1}/{epochs}: {step}/{train.numel()} windows, "
+                            f"mean KL so far {total / step:.4f}")
                 history.append(total / train.numel())
                 held_kl.append(_mean_kl(model, ids, teacher, head, device, held, tunables))
                 if held_kl[-1] < min(held_kl[:-1]):
