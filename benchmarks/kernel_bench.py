@@ -79,14 +79,20 @@ def layer_bytes(layer) -> int:
     return sum(layer.storage_bytes().values())
 
 
+def _sweep_layers(out: int, n_in: int) -> list:
+    """3-bit layers of one shape for the split sweeps: enough copies (2..12) that a graph replay over
+    them reads more than ROTATE_BYTES, so L2 holds none of them."""
+    counts, n_act = mix_counts(n_in, 3.0)
+    gen = torch.Generator().manual_seed(1)
+    nl = max(2, min(12, math.ceil(ROTATE_BYTES / (out * n_in * 0.4))))
+    return [random_layer(out, n_in, counts, n_act, round(5e-4 * out * n_in), device="cuda", generator=gen, pack=False)
+            for _ in range(nl)]
+
+
 def sweep_cuda() -> None:
     """Split sweep of the v3 CUDA kernel (default = BLOCKS_PER_SM * SMs blocks)."""
     for out, n_in in [(4096, 11008), (11008, 4096), (28672, 8192)]:
-        counts, n_act = mix_counts(n_in, 3.0)
-        gen = torch.Generator().manual_seed(1)
-        nl = max(2, min(12, math.ceil(ROTATE_BYTES / (out * n_in * 0.4))))
-        ls = [random_layer(out, n_in, counts, n_act, round(5e-4 * out * n_in), device="cuda", generator=gen, pack=False)
-              for _ in range(nl)]
+        ls = _sweep_layers(out, n_in)
         for T in (1, 16):
             xs = [torch.randn(T, n_in, device="cuda", dtype=torch.float16) for _ in ls]
             rts = [l.runtime() for l in ls]
@@ -110,11 +116,7 @@ def sweep_mma(out_path: str) -> None:
 
     sms, rows = cuda_decode._num_sms(torch.device("cuda")), []
     for out, n_in in [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]:
-        counts, n_act = mix_counts(n_in, 3.0)
-        gen = torch.Generator().manual_seed(1)
-        nl = max(2, min(12, math.ceil(ROTATE_BYTES / (out * n_in * 0.4))))
-        ls = [random_layer(out, n_in, counts, n_act, round(5e-4 * out * n_in), device="cuda", generator=gen, pack=False)
-              for _ in range(nl)]
+        ls = _sweep_layers(out, n_in)
         rts = [l.runtime() for l in ls]
         for T in (2, 4, 8, 16):
             ntl = 1 if T <= 8 else 2
@@ -278,6 +280,8 @@ def main() -> None:
     ap.add_argument("--peer", choices=["gemlite"], default=None,
                     help="also time a peer's low-bit kernel on every shape and token count (see the docstring)")
     args = ap.parse_args()
+    if args.impl == "mma" and not args.sweep:
+        ap.error("--impl mma is the tensor-core kernel's split sweep: add --sweep (the grid times it through --impl dispatch)")
     if args.table_only:
         d = json.load(open(args.out))
         print(write_table(d["rows"], d["meta"], os.path.splitext(args.out)[0] + ".md", d.get("peer_rows")))

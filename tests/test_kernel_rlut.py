@@ -292,8 +292,8 @@ def test_prepare_cached_and_rebuilt():
 
 def test_plan_covers_units():
     """Splits cover every unit once, stay in order, and the shared memory fits, on the 7B/70B shapes."""
-    for out, n_in in [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192), (8192, 28672),
-                      (67, 300)]:
+    for out, n_in in [(4096, 4096), (11008, 4096), (4096, 11008), (5120, 5120), (13824, 5120), (5120, 13824),
+                      (8192, 8192), (28672, 8192), (8192, 28672), (67, 300)]:
         for bits in (2.0, 2.5, 3.0, 3.5, 4.0):
             counts, n_act = mix_counts(n_in, bits)
             cs, chbase, nch = [0], [], 0
@@ -315,7 +315,7 @@ def test_plan_covers_units():
                 assert usplit[0] == 0 and usplit[-1] == cs[-1] and (np.diff(usplit) >= 0).all()
                 # whole waves: no tail wave of a few blocks (ncu, 2026-12-06: 400 blocks where 396 fit)
                 wave = 132 * min(kr.BLOCKS_PER_SM[kr.ntl_of(T)], kr.SM_SMEM // (smem + 1024))
-                s_x = -(-nch * 4 * kr.ntl_of(T) * 2 // kr.XS_MAX)  # splits the gathered x needs
+                s_x = kr.x_splits(nch, T)  # splits the gathered x needs
                 assert rb * S <= max(1, -(-rb * s_x // wave)) * wave or S == 1, (out, n_in, bits, T, rb, S, wave)
 
 

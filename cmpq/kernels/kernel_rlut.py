@@ -229,6 +229,11 @@ def _ch_off(cs, chbase, u: np.ndarray) -> np.ndarray:
     return np.asarray(chbase)[k] + (u - np.asarray(cs)[k]) * np.asarray(KU)[k] * 8
 
 
+def x_splits(channels: int, T: int) -> int:
+    """The fewest splits whose gathered x (``channels`` x the token tile, fp16) fits ``XS_MAX``."""
+    return max(1, -(-channels * 4 * ntl_of(T) * 2 // XS_MAX))
+
+
 def plan(lay: RlutLayout, T: int, sms: int, splits: int | None = None):
     """(rb, S, smem, slot, xs_off, red_off, usplit): row blocks, splits of the unit list balanced by
     COST, and a grid of whole waves: as many blocks as the SMs hold at once (``resident`` from the
@@ -247,7 +252,6 @@ def plan(lay: RlutLayout, T: int, sms: int, splits: int | None = None):
     ring = NWARPS * RING_D * slot
     red = Q * 128 * TP * 4
     cost = np.cumsum(np.asarray(COST)[unit_kinds(lay.cs)])
-    total_ch = lay.chan.numel()
 
     def layout(S: int):
         S = max(1, min(S, NU, MAXS))
@@ -261,14 +265,14 @@ def plan(lay: RlutLayout, T: int, sms: int, splits: int | None = None):
         return S, red_off + red + 128, xs_off, red_off, usplit  # + 128: the kernel aligns its base
 
     if splits is None:
-        S_x = max(1, -(-total_ch * TP * 2 // XS_MAX))  # fewest splits whose gathered x fits XS_MAX
+        S_x = x_splits(lay.chan.numel(), T)
         S = max(S_x, min(sms // rb, NU // NWARPS) or 1)
         for _ in range(4):  # the smem, hence the residency, depends on S: settle in a few rounds
             S, smem = layout(S)[:2]
             resident = max(1, min(BLOCKS_PER_SM[ntl], SM_SMEM // (smem + 1024)))
             wave = sms * resident
             waves = max(1, -(-rb * S_x // wave))  # one wave unless the x gather forces more
-            S_new = max(S_x, min(waves * wave // rb, NU // NWARPS or 1), 1)
+            S_new = max(S_x, min(waves * wave // rb, NU // NWARPS or 1))
             if S_new == S:
                 break
             S = S_new
