@@ -7,9 +7,7 @@ of single calls, each after a 256 MiB write that flushes L2, after warm-up calls
 output is checked against the float64 reference first; a wrong one is reported and not timed.
 Writes ``$OUT/rlut_bench.json`` after every shape and ``$OUT/rlut_bench.md``; the table is printed last.
 Usage: python benchmarks/rlut_bench.py [--out DIR] [--models 7B,70B] [--bits 3,2,4] [--tokens 1,2,4,8,16]
-[--reps 30] [--budget 120] [--rings 3,2]
-``--rings``: the cp.async ring depths to time (``rlut_us`` is the first, the default plan's; each other
-depth's time is in ``ring_us`` and in the table's last column).
+[--reps 30] [--budget 120]
 """
 
 from __future__ import annotations
@@ -58,17 +56,15 @@ def rel_err(y, ref) -> float:
 def table(rows: list[dict], meta: dict) -> str:
     lines = ["# rlut vs best existing (v4s at 1 token, mma at 2..16) vs FP16 cuBLAS", "",
              f"{meta['device']}, {meta['date']}, torch {meta['torch']}; {meta['method']}", "",
-             "| bits | layer (out x in) | T | FP16 us | best us | rlut us | rlut vs FP16 | rlut vs best | rlut bw | rlut err "
-             "| other rings us |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| bits | layer (out x in) | T | FP16 us | best us | rlut us | rlut vs FP16 | rlut vs best | rlut bw | rlut err |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
         sp = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}x"  # noqa: E731
         bw = "-" if r["rlut_us"] is None else f"{r['bytes'] / (r['rlut_us'] * 1e-6) / meta['copy_bw_Bps']:.0%}"
         lines.append(f"| {r['bits']:g} | {r['out']}x{r['in']} | {r['T']} | {f(r['fp16_us'])} | {f(r['best_us'])} | "
                      f"{f(r['rlut_us'])} | {sp(r['fp16_us'], r['rlut_us'])} | {sp(r['best_us'], r['rlut_us'])} | {bw} | "
-                     f"{r['rlut_err']:.1e} | "
-                     + ", ".join(f"{k}: {f(v)}" for k, v in r.get("ring_us", {}).items()) + " |")
+                     f"{r['rlut_err']:.1e} |")
     return "\n".join(lines) + "\n"
 
 
@@ -87,7 +83,6 @@ def main() -> None:
     ap.add_argument("--tokens", default="1,2,4,8,16")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--budget", type=float, default=120.0, help="seconds of wall clock; later points are skipped")
-    ap.add_argument("--rings", default="3", help="cp.async ring depths, the default first (e.g. 3,2)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if kr.library() is None:
@@ -100,7 +95,6 @@ def main() -> None:
     print(f"{meta['device']}  copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     rows: list[dict] = []
     tokens = [int(t) for t in args.tokens.split(",")]
-    rings = [int(r) for r in args.rings.split(",")]
     for bits in [float(b) for b in args.bits.split(",")]:
         for model in args.models.split(","):
             for out, n_in in SHAPES[model]:
@@ -123,7 +117,7 @@ def main() -> None:
                 for T in tokens:
                     x = torch.randn(T, n_in, device="cuda").half()
                     ref = x.double() @ w64.T
-                    y_r = kr.linear(x, lay, ring=rings[0])
+                    y_r = kr.linear(x, lay)
                     y_b = dispatch.run(x, rt)
                     e_r = rel_err(y_r, ref) if y_r is not None else float("nan")
                     e_b = rel_err(y_b, ref) if y_b is not None else float("nan")
@@ -131,18 +125,13 @@ def main() -> None:
                     row = dict(bits=bits, out=out, **{"in": n_in}, T=T, bytes=nbytes + 2 * T * (n_in + out),
                                fp16_us=bench(lambda: F.linear(x, w16)),
                                best_us=bench(lambda: dispatch.run(x, rt)) if ok_b else None,
-                               rlut_us=bench(lambda: kr.linear(x, lay, ring=rings[0])) if ok_r else None,
+                               rlut_us=bench(lambda: kr.linear(x, lay)) if ok_r else None,
                                rlut_err=e_r, best_err=e_b, prepare_s=round(prep_s, 2),
-                               plan=list(kr._params(lay, T, False, None, rings[0])[1:]))
-                    row["ring_us"] = {}
-                    for rd in rings[1:]:
-                        y_d = kr.linear(x, lay, ring=rd)
-                        ok_d = y_d is not None and rel_err(y_d, ref) < 2e-3
-                        row["ring_us"][rd] = bench(lambda: kr.linear(x, lay, ring=rd)) if ok_d else None
+                               plan=list(kr._params(lay, T, False, None)[1:]))
                     rows.append(row)
                     print(f"{bits:g} bits {out}x{n_in} T={T}: fp16 {row['fp16_us']:.1f} us, best "
                           f"{row['best_us'] or float('nan'):.1f}, rlut {row['rlut_us'] or float('nan'):.1f} "
-                          f"(err {e_r:.1e} / {e_b:.1e}; grid {row['plan']}); other rings {row['ring_us']}", flush=True)
+                          f"(err {e_r:.1e} / {e_b:.1e}; grid {row['plan']})", flush=True)
                 layer = lay = w16 = w64 = rt = None  # free before the next shape (the timing lambdas are done)
                 torch.cuda.empty_cache()
                 with open(os.path.join(args.out, "rlut_bench.json"), "w") as f:

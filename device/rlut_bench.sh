@@ -2,8 +2,7 @@
 # One GPU call for the rlut kernel (issue 11), under 3 minutes on one H100/H200:
 # build rlut + the kernels it is compared with (in parallel) -> GPU tests of rlut
 # (tests/test_kernel_rlut.py, incl. kernel == CPU emulation) -> timing of rlut vs v4s/mma vs FP16
-# cuBLAS at T = 1, 2, 4, 8, 16 on 7B + 70B shapes, 3 then 2 then 4 bits, ring depths 3 and 2
-# (benchmarks/rlut_bench.py; extra arguments go to it, e.g. --bits 3).
+# cuBLAS at T = 1, 2, 4, 8, 16 on 7B + 70B shapes, 3 then 2 then 4 bits (benchmarks/rlut_bench.py).
 # Everything lands in $OUT (default benchmarks/results/rlut); the table is printed last.
 # Usage: OUT=/some/dir PYTHON=python3 bash device/rlut_bench.sh
 set -u
@@ -29,6 +28,6 @@ timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_kernel_rlut.py -k gpu
 echo "[$(el)s] tests rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/tests.log" | tail -25
 
 LEFT=$(( 170 - $(el) )); [ $LEFT -lt 40 ] && LEFT=40
-timeout $LEFT $PY benchmarks/rlut_bench.py --out "$OUT" --budget $(( LEFT - 25 )) --rings 3,2 "$@" >"$OUT/bench.log" 2>&1
+timeout $LEFT $PY benchmarks/rlut_bench.py --out "$OUT" --budget $(( LEFT - 25 )) >"$OUT/bench.log" 2>&1
 echo "[$(el)s] bench rc=$?"
 if [ -f "$OUT/rlut_bench.md" ]; then cat "$OUT/rlut_bench.md"; else tail -60 "$OUT/bench.log"; fi

@@ -39,7 +39,10 @@ Widths may be any of 1..8 bits per channel, or ``FP16`` for a whole FP16 column.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 
 from cmpq.algorithm.budget import FP16
 from cmpq.algorithm.kmeans import assign_nearest, kmeans_1d, mean_one_weights, share_runs
@@ -134,6 +137,254 @@ def scale_rows(weight: torch.Tensor, row_weight: torch.Tensor | None) -> tuple[t
     return weight.float() / s[:, None], s**2 * (1 if row_weight is None else row_weight), s
 
 
+@dataclass
+class LayerJob:
+    """One layer's inputs to the compensated pass (``quantize_compensated``'s per-layer arguments)."""
+
+    weight: torch.Tensor
+    H: torch.Tensor
+    widths: torch.Tensor
+    n_sparse: int
+    name: str = "weight"
+    row_weight: torch.Tensor | None = None
+
+
+@dataclass
+class _Fit:
+    """One k-means request of one layer: rows ``x`` ``[n, out]`` with ``k`` ``[n]`` entries each,
+    padded to ``kr`` slots; ``keep``/``init`` as ``kmeans_1d`` takes them (``init`` None: a cold start)."""
+
+    x: torch.Tensor
+    k: torch.Tensor
+    kr: int
+    weight: torch.Tensor | None
+    keep: torch.Tensor | None = None
+    init: torch.Tensor | None = None
+
+
+def _run_fits(fits: list[_Fit], iters: int, swaps: int, shared: bool) -> list[torch.Tensor]:
+    """Codebooks ``[n, kr]`` for each request, several layers' requests in one ``kmeans_1d`` call.
+
+    Each row's k-means run is independent of the others in its call, and a codebook padded with
+    absent (+inf) entries runs exactly as it would alone (``kmeans_1d``'s ``ks`` and ``init``), so
+    merging changes no result, only the number of launches: on a GPU (``shared``) every request is
+    merged into one call; on a CPU, where padding costs work, only requests of the same size are."""
+    out: list[torch.Tensor | None] = [None] * len(fits)
+    keys = [0 if shared else f.kr for f in fits]
+    for key in dict.fromkeys(keys):
+        ids = [i for i, kk in enumerate(keys) if kk == key]
+        K = max(fits[i].kr for i in ids)
+        x = torch.cat([fits[i].x for i in ids])
+        weight = None
+        if any(fits[i].weight is not None for i in ids):
+            weight = torch.cat([(fits[i].weight if fits[i].weight is not None else torch.ones(
+                fits[i].x.shape[1], device=x.device)).expand(fits[i].x.shape[0], -1) for i in ids])
+        if fits[ids[0]].init is None:
+            ks = torch.cat([fits[i].k for i in ids])
+            cb = kmeans_1d(x.float().contiguous(), K, None, max_iter=iters, weight=weight, swaps=swaps,
+                           ks=ks if shared else None)  # not shared: every row has K entries
+        else:
+            keep = torch.cat([fits[i].keep for i in ids])
+            init = torch.cat([F.pad(fits[i].init, (0, K - fits[i].kr), value=torch.inf) for i in ids])
+            cb = kmeans_1d(x, K, keep, max_iter=iters, init=init, weight=weight)
+        for i, part in zip(ids, cb.split([fits[i].x.shape[0] for i in ids])):
+            out[i] = part[:, : fits[i].kr]
+    return out  # type: ignore[return-value]
+
+
+class _LayerPass:
+    """One layer through the compensated pass: ``quantize_compensated``'s state, cut at its k-means
+    calls so that layers of one shape (q/k/v/o, gate/up) walk their lazy blocks in lockstep and
+    share every k-means run (``quantize_compensated_group``). The walk of a 7B block was ~250k
+    launches, most of them k-means steps (``studies/results/compensated-calls-7b-cpu.json``)."""
+
+    def __init__(self, job: LayerJob, damp: float, block_size: int, compensate: bool, row_scale: bool,
+                 column_loop: str, shared: bool) -> None:
+        weight, H, widths, name = job.weight, job.H, job.widths, job.name
+        out_f, in_f = weight.shape
+        dev = weight.device
+        if H.shape != (in_f, in_f):
+            raise ValueError(f"{name}: Hessian has shape {tuple(H.shape)}, expected ({in_f}, {in_f})")
+        if widths.shape != (in_f,):
+            raise ValueError(f"{name}: {widths.numel()} channel widths for {in_f} input channels")
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"{name}: weight holds NaN or Inf; refusing to quantize")
+        if not torch.isfinite(H).all():
+            raise ValueError(f"{name}: Hessian holds NaN or Inf (did calibration overflow?)")
+        self.out_f, self.in_f, self.dev, self.n_sparse = out_f, in_f, dev, job.n_sparse
+        self.block_size, self.compensate, self.shared, self.damp = block_size, compensate, shared, damp
+        self.widths = widths = widths.to(dev).long()
+        quantized = widths[widths != FP16]
+        self.loop = _column_loop(column_loop, dev, 2 ** int(quantized.max()) if quantized.numel() else 1, block_size)
+        W = weight.detach().float().clone()
+        H = H.detach().to(device=dev, dtype=torch.float32).clone()
+        self.diag = H.diagonal().clone()
+        self.mean_diag = self.diag.mean()
+        dead = self.diag == 0
+        H.diagonal().masked_fill_(dead, 1.0)
+        W.masked_fill_(dead, 0.0)
+        rw = None if job.row_weight is None else mean_one_weights(job.row_weight, out_f, dev, name)
+        self.scale = None
+        if row_scale:
+            W, rw, self.scale = scale_rows(W, rw)
+            rw = mean_one_weights(rw, out_f, dev, name)  # a fit's scale is irrelevant; mean 1 as elsewhere
+        self.W, self.H, self.rw = W, H, rw
+        self.bits = sorted(set(widths.tolist()) - {FP16})
+        self._init_cols: list[torch.Tensor] = []
+
+    # -- initial codebooks (``initial_codebooks``, as requests) ------------------------------------
+    def initial_fits(self) -> list[_Fit]:
+        if not self.bits:
+            return []
+        if self.shared:
+            cols = (self.widths != FP16).nonzero().squeeze(1)
+            self._init_cols = [cols]
+            return [_Fit(self.W[:, cols].T, 2 ** self.widths[cols], 2 ** self.bits[-1], self.rw)]
+        self._init_cols = [(self.widths == b).nonzero().squeeze(1) for b in self.bits]
+        return [_Fit(self.W[:, c].T, torch.full((c.numel(),), 2**b, device=self.dev), 2**b, self.rw)
+                for b, c in zip(self.bits, self._init_cols)]
+
+    def begin(self, fitted: list[torch.Tensor]) -> None:
+        """The sparse outliers, the column order and the inverse Hessian, from the initial codebooks."""
+        dev, W, in_f, out_f = self.dev, self.W, self.in_f, self.out_f
+        if self.shared and self.bits:
+            cols, cb = self._init_cols[0], fitted[0]
+            wc = self.widths[cols]
+            init = {b: (cols[wc == b], storable(cb[wc == b, : 2**b])) for b in self.bits}
+        else:
+            init = {b: (c, storable(cb)) for b, c, cb in zip(self.bits, self._init_cols, fitted)}
+        rows, cols = select_sparse(W, self.diag, init, self.n_sparse, self.rw)
+        start = torch.zeros(in_f, max([2**b for b in init] or [1]), device=dev)  # warm start per column
+        for b, (c, cb) in init.items():
+            start[c, : 2**b] = cb
+        exact = torch.zeros(out_f, in_f, dtype=torch.bool, device=dev)
+        exact[rows, cols] = True
+        fp = self.widths == FP16
+        exact[:, fp] = True
+        perm = torch.argsort(torch.where(fp, -1.0, self.diag), descending=True, stable=True)  # FP16 last
+        self.W, self.exact, self.wp, self.start = W[:, perm], exact[:, perm], self.widths[perm], start[perm]
+        self.Hinv = _inverse_hessian_cholesky(self.H[perm][:, perm], self.damp, self.mean_diag) if self.compensate else None
+        self.H = None
+        self.perm, self.rows, self.cols, self.fp = perm, rows, cols, fp
+        self.Q = torch.empty_like(self.W)
+        self.idx = torch.zeros(out_f, in_f, dtype=torch.uint8, device=dev)
+        wp = self.wp
+        self.kmax = 2 ** int(wp[~(wp == FP16)].max()) if (wp != FP16).any() else 1
+        self.books = torch.zeros(in_f, self.kmax, device=dev)  # per permuted column, ascending, padded
+
+    # -- one lazy block -----------------------------------------------------------------------------
+    def block_fits(self, i1: int) -> list[_Fit]:
+        """The block's refits: one request for every width (on a GPU, ``share_runs``): a codebook of
+        k < kmax entries is padded with +inf, which k-means treats as absent, so each column's Lloyd
+        run is the one it would have alone, and the block costs one run's launches instead of one
+        per width. Warm-started from the initial codebooks."""
+        i2 = min(i1 + self.block_size, self.in_f)
+        self._W1 = W1 = self.W[:, i1:i2].T.contiguous()  # [count, out]: column i is row i
+        self._EX = EX = self.exact[:, i1:i2].T
+        wb = self.wp[i1:i2]
+        self._runs = [r for r in ([(wb != FP16).nonzero().squeeze(1)] if self.shared else
+                                  [(wb == b).nonzero().squeeze(1) for b in sorted(set(wb.tolist()) - {FP16})])
+                      if r.numel()]
+        fits = []
+        for r in self._runs:
+            k = 2 ** wb[r]
+            kr = self.kmax if self.shared else int(k[0])
+            slot = torch.arange(kr, device=self.dev)[None, :]
+            init = torch.where(slot < k[:, None], self.start[i1:i2][r, :kr], torch.inf)
+            fits.append(_Fit(W1[r], k, kr, self.rw, keep=~EX[r], init=init))
+        return fits
+
+    def end_block(self, i1: int, fitted: list[torch.Tensor]) -> None:
+        """Store the block's codebooks, walk its columns (error feedback), update the later columns."""
+        i2 = min(i1 + self.block_size, self.in_f)
+        count, kmax, dev = i2 - i1, self.kmax, self.dev
+        W1, EX, wb = self._W1, self._EX, self.wp[i1:i2]
+        mids = torch.full((count, max(kmax - 1, 1)), torch.inf, device=dev)
+        cent = torch.zeros(count, kmax, device=dev)
+        for r, cb in zip(self._runs, fitted):
+            k = (2 ** wb[r])[:, None]
+            kr = cb.shape[1]
+            slot = torch.arange(kr, device=dev)[None, :]
+            cb = storable(torch.where(slot < k, cb, cb.gather(1, k - 1)))  # pads repeat the last entry
+            cent[r, :kr] = cb  # pads are never selected (mids are inf there); they keep gathers in range
+            cent[r, kr:] = cb[:, -1:]
+            mids[r, : kr - 1] = torch.where(slot[:, 1:] < k, (cb[:, 1:] + cb[:, :-1]) * 0.5, torch.inf)
+        self.books[i1:i2] = cent
+        if not self.compensate:
+            j = torch.searchsorted(mids, W1, right=True).clamp(max=kmax - 1)
+            self.Q[:, i1:i2] = torch.where(EX, W1, cent.gather(1, j)).T
+            self.idx[:, i1:i2] = j.T.to(torch.uint8)
+            return
+        Hinv1 = self.Hinv[i1:i2, i1:i2]
+        # The per-column step is launch-bound (one column is tiny): on a GPU the whole block's loop is
+        # one Triton launch (cmpq.kernels.feedback). Exact weights are kept at their updated value (the
+        # FP16 rounding at packing is ~1e-3 relative and left uncompensated).
+        Q1, E1, J1 = self.loop(W1, EX, mids, cent, Hinv1, Hinv1.diagonal().reciprocal())
+        self.Q[:, i1:i2] = Q1.T
+        self.idx[:, i1:i2] = J1.T.to(torch.uint8)
+        if i2 < self.in_f:
+            self.W[:, i2:] -= E1.T.contiguous() @ self.Hinv[i1:i2, i2:]
+
+    def parts(self) -> QuantizedParts:
+        in_f, widths = self.in_f, self.widths
+        inv = torch.empty_like(self.perm)
+        inv[self.perm] = torch.arange(in_f, device=self.dev)
+        Q, idx, books = self.Q[:, inv], self.idx[:, inv], self.books[inv]
+        groups = {}
+        for b in self.bits:
+            ch = (widths == b).nonzero().squeeze(1)
+            groups[b] = (ch, idx[:, ch].contiguous(), books[ch, : 2**b].half())
+        fp_ch = self.fp.nonzero().squeeze(1)
+        order = torch.argsort(self.rows * in_f + self.cols)
+        rows, cols = self.rows[order], self.cols[order]
+        return QuantizedParts(
+            out_features=self.out_f, in_features=in_f, groups=groups,
+            outlier_channels=fp_ch, outlier_weight=Q[:, fp_ch].half(),
+            sparse_rows=rows, sparse_cols=cols, sparse_vals=Q[rows, cols].half(),
+            row_scale=None if self.scale is None else self.scale.half(),
+        )
+
+
+def quantize_compensated_group(
+    jobs: list[LayerJob],
+    kmeans_iters: int = 100,
+    damp: float = 0.01,
+    block_size: int = 128,
+    compensate: bool = True,
+    row_scale: bool = False,
+    kmeans_swaps: int = 0,
+    column_loop: str = "auto",
+    shared_runs: bool | None = None,
+) -> list[QuantizedParts]:
+    """``quantize_compensated`` for layers of one shape at once (e.g. a block's q/k/v/o or gate/up):
+    the same result for each as alone, with each k-means run shared by all of them (``_run_fits``),
+    which divides the walk's k-means launches by the number of layers. Their working copies (the
+    weight, its inverse Hessian, the result) are held together: the caller bounds the group's size."""
+    if not jobs:
+        return []
+    shape = tuple(jobs[0].weight.shape)
+    if any(tuple(j.weight.shape) != shape for j in jobs):
+        raise ValueError(f"quantize_compensated_group: layers of different shapes {[tuple(j.weight.shape) for j in jobs]}")
+    shared = share_runs(jobs[0].weight.device) if shared_runs is None else shared_runs
+    passes = [_LayerPass(j, damp, block_size, compensate, row_scale, column_loop, shared) for j in jobs]
+
+    def run(requests: list[list[_Fit]], iters: int, swaps: int) -> list[list[torch.Tensor]]:
+        flat = [f for r in requests for f in r]
+        done = _run_fits(flat, iters, swaps, shared) if flat else []
+        out, i = [], 0
+        for r in requests:
+            out.append(done[i: i + len(r)])
+            i += len(r)
+        return out
+
+    for p, fitted in zip(passes, run([p.initial_fits() for p in passes], kmeans_iters, kmeans_swaps)):
+        p.begin(fitted)
+    for i1 in range(0, shape[1], block_size):
+        for p, fitted in zip(passes, run([p.block_fits(i1) for p in passes], REFIT_ITERS, 0)):
+            p.end_block(i1, fitted)
+    return [p.parts() for p in passes]
+
+
 def quantize_compensated(
     weight: torch.Tensor,
     H: torch.Tensor,
@@ -162,107 +413,6 @@ def quantize_compensated(
     ``"auto"`` (Triton on CUDA when it is installed and the layer fits it); the two agree to float
     rounding. ``shared_runs``: one k-means run for all widths, initial fits and lazy-block refits
     (None: on a GPU, ``kmeans.share_runs``); the same codebooks either way."""
-    out_f, in_f = weight.shape
-    dev = weight.device
-    if H.shape != (in_f, in_f):
-        raise ValueError(f"{name}: Hessian has shape {tuple(H.shape)}, expected ({in_f}, {in_f})")
-    if widths.shape != (in_f,):
-        raise ValueError(f"{name}: {widths.numel()} channel widths for {in_f} input channels")
-    if not torch.isfinite(weight).all():
-        raise ValueError(f"{name}: weight holds NaN or Inf; refusing to quantize")
-    if not torch.isfinite(H).all():
-        raise ValueError(f"{name}: Hessian holds NaN or Inf (did calibration overflow?)")
-    widths = widths.to(dev).long()
-    quantized = widths[widths != FP16]
-    loop = _column_loop(column_loop, dev, 2 ** int(quantized.max()) if quantized.numel() else 1, block_size)
-    shared = share_runs(dev) if shared_runs is None else shared_runs
-    W = weight.detach().float().clone()
-    H = H.detach().to(device=dev, dtype=torch.float32).clone()
-    diag = H.diagonal().clone()
-    mean_diag = diag.mean()
-    dead = diag == 0
-    H.diagonal().masked_fill_(dead, 1.0)
-    W.masked_fill_(dead, 0.0)
-
-    rw = None if row_weight is None else mean_one_weights(row_weight, out_f, dev, name)
-    scale = None
-    if row_scale:
-        W, rw, scale = scale_rows(W, rw)
-        rw = mean_one_weights(rw, out_f, dev, name)  # a fit's scale is irrelevant; mean 1 as elsewhere
-    init = initial_codebooks(W, widths, kmeans_iters, rw, kmeans_swaps, shared)
-    rows, cols = select_sparse(W, diag, init, n_sparse, rw)
-    start = torch.zeros(in_f, max([2**b for b in init] or [1]), device=dev)  # warm start per column
-    for b, (c, cb) in init.items():
-        start[c, : 2**b] = cb
-    exact = torch.zeros(out_f, in_f, dtype=torch.bool, device=dev)
-    exact[rows, cols] = True
-    fp = widths == FP16
-    exact[:, fp] = True
-
-    perm = torch.argsort(torch.where(fp, -1.0, diag), descending=True, stable=True)  # FP16 last
-    W, exact, wp, start = W[:, perm], exact[:, perm], widths[perm], start[perm]
-    if compensate:
-        Hinv = _inverse_hessian_cholesky(H[perm][:, perm], damp, mean_diag)
-    del H
-    Q = torch.empty_like(W)
-    idx = torch.zeros(out_f, in_f, dtype=torch.uint8, device=dev)
-    kmax = 2 ** int(wp[~(wp == FP16)].max()) if (wp != FP16).any() else 1
-    books = torch.zeros(in_f, kmax, device=dev)  # per permuted column, ascending, padded
-
-    for i1 in range(0, in_f, block_size):
-        i2 = min(i1 + block_size, in_f)
-        count = i2 - i1
-        W1 = W[:, i1:i2].T.contiguous()  # [count, out]: column i is row i
-        EX = exact[:, i1:i2].T
-        wb = wp[i1:i2]
-        mids = torch.full((count, max(kmax - 1, 1)), torch.inf, device=dev)
-        cent = torch.zeros(count, kmax, device=dev)
-        # One refit for every width of the block (on a GPU, ``share_runs``): a codebook of k < kmax
-        # entries is padded with +inf, which k-means treats as absent, so each column's Lloyd run is
-        # the one it would have alone, and the block costs one run's launches instead of one per width.
-        for r in ([(wb != FP16).nonzero().squeeze(1)] if shared else
-                  [(wb == b).nonzero().squeeze(1) for b in sorted(set(wb.tolist()) - {FP16})]):
-            if not r.numel():
-                continue
-            k = (2 ** wb[r])[:, None]
-            kr = kmax if shared else int(k[0])
-            slot = torch.arange(kr, device=dev)[None, :]
-            init = torch.where(slot < k, start[i1:i2][r, :kr], torch.inf)
-            cb = kmeans_1d(W1[r], kr, ~EX[r], max_iter=REFIT_ITERS, init=init, weight=rw)
-            cb = storable(torch.where(slot < k, cb, cb.gather(1, k - 1)))  # pads repeat the last entry
-            cent[r, :kr] = cb  # pads are never selected (mids are inf there); they keep gathers in range
-            cent[r, kr:] = cb[:, -1:]
-            mids[r, : kr - 1] = torch.where(slot[:, 1:] < k, (cb[:, 1:] + cb[:, :-1]) * 0.5, torch.inf)
-        books[i1:i2] = cent
-        if not compensate:
-            j = torch.searchsorted(mids, W1, right=True).clamp(max=kmax - 1)
-            q = torch.where(EX, W1, cent.gather(1, j))
-            Q[:, i1:i2] = q.T
-            idx[:, i1:i2] = j.T.to(torch.uint8)
-            continue
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        # The per-column step is launch-bound (one column is tiny): on a GPU the whole block's loop is
-        # one Triton launch (cmpq.kernels.feedback). Exact weights are kept at their updated value (the
-        # FP16 rounding at packing is ~1e-3 relative and left uncompensated).
-        Q1, E1, J1 = loop(W1, EX, mids, cent, Hinv1, Hinv1.diagonal().reciprocal())
-        Q[:, i1:i2] = Q1.T
-        idx[:, i1:i2] = J1.T.to(torch.uint8)
-        if i2 < in_f:
-            W[:, i2:] -= E1.T.contiguous() @ Hinv[i1:i2, i2:]
-
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(in_f, device=dev)
-    Q, idx, books = Q[:, inv], idx[:, inv], books[inv]
-    groups = {}
-    for b in sorted(set(widths.tolist()) - {FP16}):
-        ch = (widths == b).nonzero().squeeze(1)
-        groups[b] = (ch, idx[:, ch].contiguous(), books[ch, : 2**b].half())
-    fp_ch = fp.nonzero().squeeze(1)
-    order = torch.argsort(rows * in_f + cols)
-    rows, cols = rows[order], cols[order]
-    return QuantizedParts(
-        out_features=out_f, in_features=in_f, groups=groups,
-        outlier_channels=fp_ch, outlier_weight=Q[:, fp_ch].half(),
-        sparse_rows=rows, sparse_cols=cols, sparse_vals=Q[rows, cols].half(),
-        row_scale=None if scale is None else scale.half(),
-    )
+    job = LayerJob(weight, H, widths, n_sparse, name, row_weight)
+    return quantize_compensated_group([job], kmeans_iters, damp, block_size, compensate, row_scale, kmeans_swaps,
+                                      column_loop, shared_runs)[0]

@@ -31,8 +31,7 @@
 //
 // Grid (row blocks of Q*128 rows, S splits of the unit list, host-balanced by cost). A block's 4
 // warps share its rows and take every 4th unit of its split; each warp streams (LUT + Q records)
-// through a RD-slot cp.async ring (RD = 3, or 2 when that lets one more block share the SM's
-// shared memory: the ncu profile found 3 blocks/SM, smem-bound, and a latency-bound kernel). The block first gathers x for its channels into shared memory
+// through a RING_D-slot cp.async ring. The block first gathers x for its channels into shared memory
 // [channel][TP] (the one dependent chan -> x load chain; the ring loads are in flight meanwhile).
 // End: C fragments -> shared fp32 [rows][TP] (+ this split's share of the sparse corrections
 // sparse_val - W_q) -> float4 red.global.add into a self-zeroing accumulator [out][TP]; the last
@@ -44,6 +43,11 @@
 
 #define NWARPS 4
 #define NTHREADS (NWARPS * 32)
+// 2, not 3: a 2-deep ring takes a third less shared memory, so 4 blocks share an SM where 3 did (the
+// kernel is latency-bound, 3 blocks/SM smem-bound in the ncu profile). H100, 2026-12-07: 2 was
+// faster on 51 of 60 shape x width x token points, -2% to -9% summed per token count
+// (benchmarks/results/rlut-rings-h100.json).
+#define RING_D 2
 #define MAXS 512
 
 struct PR {
@@ -277,7 +281,7 @@ __device__ __forceinline__ void issue(const PR& p, int u, int tg0, unsigned slot
 #endif
 }
 
-template <int NTL, int Q, int BF, int RD>
+template <int NTL, int Q, int BF>
 __global__ void __launch_bounds__(NTHREADS, NTL == 4 ? 3 : 4) rlut_kernel(const PR p) {  // 16 tokens: 64 accumulators
   extern __shared__ __align__(16) char smem_raw[];
   __shared__ int is_last;
@@ -289,10 +293,10 @@ __global__ void __launch_bounds__(NTHREADS, NTL == 4 ? 3 : 4) rlut_kernel(const 
   const int g = lane >> 2, t = lane & 3;
   const int u0 = p.usplit[sp], u1 = p.usplit[sp + 1], tg0 = rbk * Q;
   const int nitems = u0 + warp < u1 ? (u1 - u0 - warp + NWARPS - 1) / NWARPS : 0;
-  const unsigned ring = sbase + warp * RD * p.slot;
-  // 1. the first RD units of this warp: in flight while x is gathered
+  const unsigned ring = sbase + warp * RING_D * p.slot;
+  // 1. the first RING_D units of this warp: in flight while x is gathered
 #pragma unroll
-  for (int i = 0; i < RD; ++i) {
+  for (int i = 0; i < RING_D; ++i) {
     if (i < nitems) issue<Q>(p, u0 + warp + i * NWARPS, tg0, ring + i * p.slot, lane);
     cp_commit();
   }
@@ -325,8 +329,8 @@ __global__ void __launch_bounds__(NTHREADS, NTL == 4 ? 3 : 4) rlut_kernel(const 
   const unsigned xsa = sbase + p.xs_off;
 #pragma unroll 1
   for (int i = 0; i < nitems; ++i) {
-    const unsigned slot = ring + (i % RD) * p.slot;
-    cp_wait<RD - 1>();
+    const unsigned slot = ring + (i % RING_D) * p.slot;
+    cp_wait<RING_D - 1>();
     __syncwarp();
     const int u = u0 + warp + i * NWARPS;
     const int k = kind_of(p, u);
@@ -341,7 +345,7 @@ __global__ void __launch_bounds__(NTHREADS, NTL == 4 ? 3 : 4) rlut_kernel(const 
     else unit_body<3, NTL, Q, BF>(slot, p.lutmax, p.recmax, xsa, cl, lane, acc);
 #endif
     __syncwarp();  // every lane has read the slot before it is refilled
-    if (i + RD < nitems) issue<Q>(p, u + RD * NWARPS, tg0, slot, lane);
+    if (i + RING_D < nitems) issue<Q>(p, u + RING_D * NWARPS, tg0, slot, lane);
     cp_commit();
   }
   cp_wait<0>();
@@ -441,37 +445,29 @@ PROBE(2)
 PROBE(3)
 #endif
 
-template <int NTL, int BF, int RD>
+template <int NTL, int BF>
 static int launch(const PR* p, int gx, int gy, int smem, cudaStream_t st) {
   constexpr int Q = NTL == 1 ? 2 : 1;
   static bool init = false;
   if (!init) {
-    cudaError_t e = cudaFuncSetAttribute(rlut_kernel<NTL, Q, BF, RD>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
+    cudaError_t e = cudaFuncSetAttribute(rlut_kernel<NTL, Q, BF>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
     if (e != cudaSuccess) return (int)e;
     init = true;
   }
-  rlut_kernel<NTL, Q, BF, RD><<<dim3(gx, gy), NTHREADS, smem, st>>>(*p);
+  rlut_kernel<NTL, Q, BF><<<dim3(gx, gy), NTHREADS, smem, st>>>(*p);
   return (int)cudaGetLastError();
 }
 
-template <int RD>
-static int launch_rd(const PR* p, int ntl, int bf, int gx, int gy, int smem, cudaStream_t st) {
-  switch (ntl * 2 + bf) {
-    case 2: return launch<1, 0, RD>(p, gx, gy, smem, st);
-    case 3: return launch<1, 1, RD>(p, gx, gy, smem, st);
-    case 4: return launch<2, 0, RD>(p, gx, gy, smem, st);
-    case 5: return launch<2, 1, RD>(p, gx, gy, smem, st);
-    case 8: return launch<4, 0, RD>(p, gx, gy, smem, st);
-    case 9: return launch<4, 1, RD>(p, gx, gy, smem, st);
-  }
-  return -1;
-}
-
-// ring: the cp.async ring depth the plan sized the shared memory for (2 or 3)
-extern "C" int cmpq_rlut_launch(const PR* p, int ntl, int bf, int ring, int gx, int gy, int smem, void* stream) {
+extern "C" int cmpq_rlut_launch(const PR* p, int ntl, int bf, int gx, int gy, int smem, void* stream) {
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  if (ring == 3) return launch_rd<3>(p, ntl, bf, gx, gy, smem, st);
-  if (ring == 2) return launch_rd<2>(p, ntl, bf, gx, gy, smem, st);
+  switch (ntl * 2 + bf) {
+    case 2: return launch<1, 0>(p, gx, gy, smem, st);
+    case 3: return launch<1, 1>(p, gx, gy, smem, st);
+    case 4: return launch<2, 0>(p, gx, gy, smem, st);
+    case 5: return launch<2, 1>(p, gx, gy, smem, st);
+    case 8: return launch<4, 0>(p, gx, gy, smem, st);
+    case 9: return launch<4, 1>(p, gx, gy, smem, st);
+  }
   return -1;
 }
 

@@ -30,8 +30,7 @@ from cmpq.kernels import cuda_decode as cd
 from cmpq.kernels.layout import _quantized_values, stamp
 
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel_rlut.cu")
-NWARPS, MAXS = 4, 512  # kernel_rlut.cu
-RINGS = (3, 2)  # cp.async ring depths the kernel is built for; 3 is the measured default
+NWARPS, RING_D, MAXS = 4, 2, 512  # kernel_rlut.cu (RING_D 3 lost to 2: rlut-rings-h100.json)
 NTHREADS = 32 * NWARPS
 BLOCKS_PER_SM = {1: 4, 2: 4, 4: 3}  # __launch_bounds__ per NTL
 MAX_SMEM = 200 << 10
@@ -54,7 +53,7 @@ class _PR(ctypes.Structure):
                 ("usplit", ctypes.c_int * (MAXS + 1))]
 
 
-_LIBRARY = cd.KernelLibrary(SRC, "cmpq_rlut", _PR, n_int_args=6)
+_LIBRARY = cd.KernelLibrary(SRC, "cmpq_rlut", _PR, n_int_args=5)
 
 
 def library():
@@ -235,7 +234,7 @@ def x_splits(channels: int, T: int) -> int:
     return max(1, -(-channels * 4 * ntl_of(T) * 2 // XS_MAX))
 
 
-def plan(lay: RlutLayout, T: int, sms: int, splits: int | None = None, ring: int = RINGS[0]):
+def plan(lay: RlutLayout, T: int, sms: int, splits: int | None = None):
     """(rb, S, smem, slot, xs_off, red_off, usplit): row blocks, splits of the unit list balanced by
     COST, and a grid of whole waves: as many blocks as the SMs hold at once (``resident`` from the
     plan's own shared memory), or a whole multiple of that when a split's gathered x needs more splits.
@@ -243,20 +242,14 @@ def plan(lay: RlutLayout, T: int, sms: int, splits: int | None = None, ring: int
     Why whole waves: the ncu profile of 4096x11008 at one token (H100, 2026-12-06,
     ``benchmarks/results/ncu-rlut-h100.txt``) showed 400 blocks where 3 x 132 = 396 fit, the split
     count having been rounded up: 4 blocks ran in a second wave, each as long as a block of the first
-    (the kernel is latency-bound, 0.26 instructions issued per scheduler cycle).
-
-    ``ring``: cp.async slots per warp. 3 is what was measured; 2 takes a third less ring memory, so
-    a 4th block fits the SM where 3 did (the same profile: 69.5 KB a block, 3 blocks per SM), at the
-    price of one unit fewer in flight per warp. ``benchmarks/rlut_bench.py --rings`` times both."""
-    if ring not in RINGS:
-        raise ValueError(f"rlut ring depth must be one of {RINGS}, got {ring}")
+    (the kernel is latency-bound, 0.26 instructions issued per scheduler cycle)."""
     ntl = ntl_of(T)
     Q = 2 if ntl == 1 else 1
     TP = 4 * ntl
     rb = -(-lay.ntg // Q)
     NU = lay.cs[-1]
     slot = lay.lutmax + Q * lay.recmax
-    ring_bytes = NWARPS * ring * slot
+    ring = NWARPS * RING_D * slot
     red = Q * 128 * TP * 4
     cost = np.cumsum(np.asarray(COST)[unit_kinds(lay.cs)])
 
@@ -267,7 +260,7 @@ def plan(lay: RlutLayout, T: int, sms: int, splits: int | None = None, ring: int
         usplit = np.maximum.accumulate(usplit)
         choff = _ch_off(lay.cs, lay.chbase, usplit)
         xs_bytes = int((np.diff(choff).max() if S else 0) * TP * 2)
-        xs_off = -(-ring_bytes // 16) * 16
+        xs_off = -(-ring // 16) * 16
         red_off = xs_off + -(-xs_bytes // 16) * 16
         return S, red_off + red + 128, xs_off, red_off, usplit  # + 128: the kernel aligns its base
 
@@ -291,11 +284,11 @@ def plan(lay: RlutLayout, T: int, sms: int, splits: int | None = None, ring: int
     return rb, S, smem, slot, xs_off, red_off, usplit
 
 
-def _params(lay: RlutLayout, T: int, bf: bool, splits: int | None, ring: int = RINGS[0]):
-    k = (ntl_of(T), bf, splits, ring)
+def _params(lay: RlutLayout, T: int, bf: bool, splits: int | None):
+    k = (ntl_of(T), bf, splits)
     if k in lay.plans:
         return lay.plans[k]
-    pl = plan(lay, T, cd._num_sms(lay.rec.device), splits, ring)
+    pl = plan(lay, T, cd._num_sms(lay.rec.device), splits)
     if pl is None:
         lay.plans[k] = None
         return None
@@ -314,7 +307,7 @@ def _params(lay: RlutLayout, T: int, bf: bool, splits: int | None, ring: int = R
         p.usplit[i] = int(v)
     p.ntg, p.out, p.S = lay.ntg, lay.out, S
     p.slot, p.lutmax, p.recmax, p.xs_off, p.red_off = slot, lay.lutmax, lay.recmax, xs_off, red_off
-    lay.plans[k] = (p, rb, S, smem, ring)
+    lay.plans[k] = (p, rb, S, smem)
     return lay.plans[k]
 
 
@@ -328,9 +321,8 @@ def _bias(layer) -> torch.Tensor | None:
     return (b if s is None else b / s.float()).contiguous()
 
 
-def linear(x: torch.Tensor, lay: RlutLayout, splits: int | None = None, ring: int = RINGS[0]) -> torch.Tensor | None:
-    """``layer(x)`` for 1..16 tokens (fp16/bf16, CUDA) from ``prepare(layer)``; None if it does not apply.
-    ``splits`` and ``ring`` override the plan (benchmarks and tests)."""
+def linear(x: torch.Tensor, lay: RlutLayout, splits: int | None = None) -> torch.Tensor | None:
+    """``layer(x)`` for 1..16 tokens (fp16/bf16, CUDA) from ``prepare(layer)``; None if it does not apply."""
     if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) or x.shape[-1] != lay.in_features:
         return None
     lead, n_in, out = x.shape[:-1], x.shape[-1], lay.out
@@ -344,16 +336,16 @@ def linear(x: torch.Tensor, lay: RlutLayout, splits: int | None = None, ring: in
     if lib is None:
         return None
     bf = x.dtype == torch.bfloat16
-    pp = _params(lay, T, bf, splits, ring)
+    pp = _params(lay, T, bf, splits)
     if pp is None:
         return None
-    p, rb, S, smem, ring = pp
+    p, rb, S, smem = pp
     ntl = ntl_of(T)
     part, cnt = cd._workspace(x.device, out * 4 * ntl, rb)
     y = torch.empty(T, out, dtype=x.dtype, device=x.device)
     p.x, p.y, p.part, p.cnt = x2.data_ptr(), y.data_ptr(), part.data_ptr(), cnt.data_ptr()
     p.ldx, p.T = x2.stride(0), T
-    err = lib.cmpq_rlut_launch(ctypes.byref(p), ntl, int(bf), ring, rb, S, smem, torch.cuda.current_stream(x.device).cuda_stream)
+    err = lib.cmpq_rlut_launch(ctypes.byref(p), ntl, int(bf), rb, S, smem, torch.cuda.current_stream(x.device).cuda_stream)
     if err:
         raise RuntimeError(f"cmpq rlut kernel failed: {lib.cmpq_rlut_error_string(err).decode()}")
     if lay.row_scale is not None:
