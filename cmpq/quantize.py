@@ -70,7 +70,7 @@ def _compensated_steps(model: nn.Module, windows: Windows, cfg: CMPQConfig, devi
     Hessians) and per-block step (``quantize_compensated``). With ``dist`` every process runs the
     sensitivity pass on all windows (each needs every token's weight) and all take rank 0's plan,
     so the budget holds however the ranks' floating point differs."""
-    from cmpq.algorithm.compensated import quantize_compensated
+    from cmpq.algorithm.compensated import LayerJob, layer_groups, quantize_compensated_group
     from cmpq.model import sensitivity
     from cmpq.model.blocks import find_blocks, find_linears
     from cmpq.model.calibration import WeightedHessian
@@ -103,15 +103,17 @@ def _compensated_steps(model: nn.Module, windows: Windows, cfg: CMPQConfig, devi
 
     def quantize_block(i: int, block: nn.Module, linears: dict, stats: dict) -> None:
         fill_unrouted(stats, "sum", log, i)
-        for name, lin in linears.items():
-            with phases.phase("compensation", lin.weight.device):
-                parts = quantize_compensated(
-                    lin.weight.data, stats[name].H, plan[(i, name)], n_sparse(lin, cfg), cfg.kmeans_iters,
-                    cfg.damp, cfg.block_size, cfg.compensate, name=f"block {i} {name}",
-                    row_weight=None if rows is None else rows[(i, name)], row_scale=cfg.row_scale,
+        for names in layer_groups(linears):  # layers of one shape share each k-means run
+            jobs = [LayerJob(linears[n].weight.data, stats[n].H, plan[(i, n)], n_sparse(linears[n], cfg),
+                             f"block {i} {n}", None if rows is None else rows[(i, n)]) for n in names]
+            with phases.phase("compensation", linears[names[0]].weight.device):
+                parts = quantize_compensated_group(
+                    jobs, cfg.kmeans_iters, cfg.damp, cfg.block_size, cfg.compensate, row_scale=cfg.row_scale,
                     kmeans_swaps=cfg.kmeans_swaps)
-            stats[name].sum = None  # the Hessian can go before the next one is built
-            _install(block, name, lin, parts)
+            del jobs
+            for n, p in zip(names, parts):
+                stats[n].sum = None  # the Hessians can go before the next group's are built
+                _install(block, n, linears[n], p)
 
     return make_stats, quantize_block
 

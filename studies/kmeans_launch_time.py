@@ -76,9 +76,15 @@ def main() -> None:
                     help="only count ATen calls of the allocation and the compensated pass, layer by layer, for "
                          "one block of SHAPE (64 output rows: the count depends on the columns), as a CPU and "
                          "as a GPU runs them")
+    ap.add_argument("--groups", default=None, metavar="SHAPE", choices=("smollm2", "7b"),
+                    help="one block of SHAPE's compensated pass layer by layer vs in same-shape groups "
+                         "(quantize_compensated_group): on CPU the ATen calls as a GPU makes them (64 output "
+                         "rows), on --device cuda the seconds at full size")
     a = ap.parse_args()
     if a.count:
         return count_calls(SHAPES if a.count == "smollm2" else SHAPES_7B, a.out)
+    if a.groups:
+        return group_study(SHAPES if a.groups == "smollm2" else SHAPES_7B, torch.device(a.device), a.out)
     dev = torch.device(a.device)
     variants = []
     for v in a.variants.split(","):
@@ -181,6 +187,75 @@ def count_calls(shapes: dict, out: str | None) -> None:
            "torch": torch.__version__, "rows": rows, "block": tot,
            "note": "ATen calls counted on CPU, 64 output rows; gpu_path: the calls a GPU run makes (widths share "
                    "k-means runs, the column loop is one launch per lazy block)"}
+    if out:
+        with open(out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+def group_study(shapes: dict, dev: torch.device, out: str | None) -> None:
+    """The compensated pass of one block, layer by layer vs grouped by shape (``layer_groups`` at the
+    chunk a GPU run raises to, 2^28). On CPU: ATen calls of the GPU path (widths share runs; the
+    Triton column loop counted as one call per lazy block) with 64 output rows standing for each
+    layer's rows (chunk scaled to match). On CUDA: the wall seconds at full size."""
+    from cmpq.algorithm import compensated
+    from cmpq.algorithm.compensated import LayerJob, quantize_compensated_group
+    from cmpq.model.memory import MAX_AUTO_CHUNK_ELEMENTS, kmeans_chunk
+
+    swaps = kmeans_default_swaps()
+    groups: dict[tuple, list[str]] = {}
+    for name, shape in shapes.items():
+        groups.setdefault(shape, []).append(name)  # every same-shape set fits one 2^28 chunk at 7B size
+    kw = dict(kmeans_iters=100, damp=0.01, block_size=128, compensate=True, row_scale=True, kmeans_swaps=swaps)
+
+    def jobs(names, rows, device):
+        torch.manual_seed(0)  # layers() draws its weights from the global generator: same data per mode
+        out_ = []
+        for n in names:
+            o, i = shapes[n]
+            w, H, widths = next(layers(1, torch.device("cpu"), {n: (rows or o, i)}))[1:]
+            out_.append(LayerJob(w.to(device), H.to(device), widths, int(0.005 * w.numel()), n))
+        return out_
+
+    ref = compensated.column_feedback_reference
+    rows_out, tot = [], {"layer_by_layer": 0, "grouped": 0}
+    if dev.type == "cuda":  # warm-up: the Triton column loop compiles on its first call
+        quantize_compensated_group(jobs(list(shapes)[:1], 256, dev), **kw)
+    for shape, names in groups.items():
+        row = {"layers": names, "shape": list(shape)}
+        for mode in (("layer_by_layer", "grouped") if dev.type == "cpu" else ()):
+            counter, loop = OpCounter(), [0, 0]
+
+            def counted(*args):
+                before = counter.ops
+                r = ref(*args)
+                loop[0] += counter.ops - before
+                loop[1] += 1
+                return r
+
+            compensated.column_feedback_reference = counted
+            try:
+                with kmeans_chunk(max(1, MAX_AUTO_CHUNK_ELEMENTS * 64 // shape[0])), counter:
+                    js = jobs(names, 64, torch.device("cpu"))
+                    for part in ([[j] for j in js] if mode == "layer_by_layer" else [js]):
+                        quantize_compensated_group(part, column_loop="torch", shared_runs=True, **kw)
+            finally:
+                compensated.column_feedback_reference = ref
+            row[mode] = counter.ops - loop[0] + loop[1]
+            tot[mode] += row[mode]
+        if dev.type == "cuda":
+            with kmeans_chunk(MAX_AUTO_CHUNK_ELEMENTS):
+                js = jobs(names, None, dev)
+                row["layer_by_layer_s"] = round(sum(timed(lambda j=j: quantize_compensated_group([j], **kw), dev)
+                                                    for j in js), 3)
+                row["grouped_s"] = round(timed(lambda: quantize_compensated_group(js, **kw), dev), 3)
+        rows_out.append(row)
+        print(row, flush=True)
+    print("block:", tot)
+    res = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} threads",
+           "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+           "rows": rows_out, "block_calls": tot,
+           "note": "ATen calls of the GPU path counted on CPU with 64 output rows (column loop = 1 call per lazy "
+                   "block); seconds (CUDA only) at full size, chunk 2^28, after a warm-up call"}
     if out:
         with open(out, "w") as f:
             json.dump(res, f, indent=1)

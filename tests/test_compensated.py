@@ -195,7 +195,7 @@ def test_allocation_and_quantization_take_their_own_kmeans_moves(tiny_llama, cal
     from cmpq.model import planning
 
     seen = {"alloc": set(), "quant": set()}
-    real_options, real_quant = planning.layer_options, compensated.quantize_compensated
+    real_options, real_quant = planning.layer_options, compensated.quantize_compensated_group
 
     def options(*args, **kw):
         seen["alloc"].add(args[8])
@@ -206,7 +206,7 @@ def test_allocation_and_quantization_take_their_own_kmeans_moves(tiny_llama, cal
         return real_quant(*args, **kw)
 
     monkeypatch.setattr(planning, "layer_options", options)
-    monkeypatch.setattr(compensated, "quantize_compensated", quant)
+    monkeypatch.setattr(compensated, "quantize_compensated_group", quant)
     cfg = CMPQConfig(bits=4.5, kmeans_swaps=3, alloc_kmeans_swaps=0, finetune_epochs=0)
     cmpq.quantize(tiny_llama, None, cfg, calib=calib_ids[:4, :32], device="cpu", log=None)
     assert seen == {"alloc": {0}, "quant": {3}}
@@ -235,3 +235,52 @@ def test_widths_sharing_one_kmeans_run_change_nothing():
     p = [quantize_compensated(W, x.T @ x, widths, 9, 30, row_weight=rw, row_scale=True, kmeans_swaps=7,
                               shared_runs=s) for s in (True, False)]
     assert torch.equal(p[0].dequantize(), p[1].dequantize())
+
+
+def _parts_equal(a, b) -> bool:
+    same = lambda x, y: (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))  # noqa: E731
+    return (sorted(a.groups) == sorted(b.groups)
+            and all(all(torch.equal(u, v) for u, v in zip(a.groups[k], b.groups[k])) for k in a.groups)
+            and all(same(getattr(a, f), getattr(b, f)) for f in
+                    ("outlier_channels", "outlier_weight", "sparse_rows", "sparse_cols", "sparse_vals", "row_scale")))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("row_scale", [True, False])
+def test_layers_quantized_together_equal_each_alone(shared, row_scale):
+    """``quantize_compensated_group`` merges the k-means runs of layers of one shape; every layer's
+    parts must be exactly those it gets alone: different widths (and largest widths), row weights,
+    Hessians and sparse counts per layer, one layer without row weights."""
+    from cmpq.algorithm.compensated import LayerJob, quantize_compensated_group
+
+    g = torch.Generator().manual_seed(11)
+    jobs = []
+    for j, (mix, n_sparse) in enumerate([([2, 3, 4, FP16, 3], 9), ([1, 2, 2, 3, 2], 0), ([3, 4, FP16, 4, 2], 5)]):
+        W = torch.randn(40, 70, generator=g) * (0.02 + 0.01 * j)
+        x = torch.randn(300, 70, generator=g) * (torch.rand(70, generator=g) + 0.2)
+        rw = None if j == 1 else torch.rand(40, generator=g) + 0.5
+        jobs.append(LayerJob(W, x.T @ x, torch.tensor(mix * 14), n_sparse, f"layer {j}", rw))
+    kw = dict(kmeans_iters=25, block_size=32, row_scale=row_scale, kmeans_swaps=4, shared_runs=shared)
+    together = quantize_compensated_group(jobs, **kw)
+    for job, got in zip(jobs, together):
+        alone = quantize_compensated(job.weight, job.H, job.widths, job.n_sparse, name=job.name,
+                                     row_weight=job.row_weight, **kw)
+        assert _parts_equal(got, alone), job.name
+    with pytest.raises(ValueError, match="different shapes"):
+        quantize_compensated_group([jobs[0], LayerJob(torch.randn(41, 70), jobs[0].H, jobs[0].widths, 0)])
+
+
+def test_layer_groups_by_shape_under_one_kmeans_chunk(monkeypatch):
+    """Same-shape linears are grouped in block order; a group's weights stay within one k-means chunk."""
+    from torch import nn
+
+    from cmpq.algorithm import kmeans
+    from cmpq.algorithm.compensated import layer_groups
+
+    lins = {"q": nn.Linear(64, 64), "k": nn.Linear(64, 32), "v": nn.Linear(64, 32), "o": nn.Linear(64, 64),
+            "gate": nn.Linear(64, 128), "up": nn.Linear(64, 128), "down": nn.Linear(128, 64)}
+    assert layer_groups(lins) == [["q", "o"], ["k", "v"], ["gate", "up"], ["down"]]
+    monkeypatch.setattr(kmeans, "CHUNK_ELEMENTS", 64 * 128)  # room for one gate/up, two q/o
+    assert layer_groups(lins) == [["q", "o"], ["k", "v"], ["gate"], ["up"], ["down"]]
+    monkeypatch.setattr(kmeans, "CHUNK_ELEMENTS", 10)  # smaller than any layer: one layer a group
+    assert layer_groups(lins) == [[n] for n in lins]

@@ -385,6 +385,34 @@ def quantize_compensated_group(
     return [p.parts() for p in passes]
 
 
+def layer_groups(linears: dict) -> list[list[str]]:
+    """The block's linears (name -> ``nn.Linear``) in groups for ``quantize_compensated_group``: same
+    shape and device, in block order, each group's weights at most ``kmeans.CHUNK_ELEMENTS`` (or one
+    layer), so a merged k-means run holds no more than one chunk, the bound the walk's memory
+    estimate already assumes (``cmpq.model.memory``). On a 7B-shaped model with the GPU's raised chunk
+    (2^28) that is q/k/v/o and gate/up; at the default chunk (2^25), pairs of the attention layers."""
+    groups: list[list[str]] = []
+    size: list[int] = []
+    key_of: dict[tuple, int] = {}
+    for name, lin in linears.items():
+        key = (tuple(lin.weight.shape), lin.weight.device)
+        g = key_of.get(key)
+        if g is not None and size[g] + lin.weight.numel() <= kmeans_chunk_elements():
+            groups[g].append(name)
+            size[g] += lin.weight.numel()
+            continue
+        key_of[key] = len(groups)
+        groups.append([name])
+        size.append(lin.weight.numel())
+    return groups
+
+
+def kmeans_chunk_elements() -> int:
+    from cmpq.algorithm import kmeans
+
+    return kmeans.CHUNK_ELEMENTS  # read at call time: the walk may raise it (memory.kmeans_chunk)
+
+
 def quantize_compensated(
     weight: torch.Tensor,
     H: torch.Tensor,
