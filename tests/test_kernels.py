@@ -501,6 +501,27 @@ def test_mma_plan_fits():
                     assert 1 <= S <= max(1, cs[-1]) and smem <= km.MAX_SMEM and tbl % 256 == 0
 
 
+def test_mma_plan_cuts_a_small_tail_wave():
+    """The 7B shapes' grids spilled 5-9% past one wave (416 / 430 blocks where 396 fit) and ran 11-22%
+    faster cut to one wave (H100, mma-splits-h100.json); 8192x8192's 13% spill stays (one wave was slower)."""
+    from cmpq.kernels import kernel_mma as km
+    from cmpq.kernels.testing import mix_counts
+
+    def blocks(out, n_in):
+        counts, n_act = mix_counts(n_in, 3.0)
+        cs = [0]
+        for kind in km.KINDS:
+            n = n_act if kind == 16 else counts.get(kind, 0)
+            cs.append(cs[-1] + -(-n // (16 * km.KS[kind])))
+        rb, S = km.plan(tuple(cs), -(-out // 16), 1, 132)[:2]
+        return rb * S
+
+    wave = 132 * km.BLOCKS_PER_SM
+    assert blocks(4096, 4096) <= wave and blocks(4096, 11008) <= wave and blocks(11008, 4096) <= wave
+    assert blocks(4096, 4096) > wave - 32 and blocks(11008, 4096) > wave - 86  # one wave, not less
+    assert blocks(8192, 8192) > wave * 1.10
+
+
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("outliers", [False, True])

@@ -31,6 +31,13 @@ MAX_SMEM = 200 << 10
 SM_SMEM = 227 << 10
 BLOCKS_PER_SM = 3  # __launch_bounds__(256, 3)
 DEFAULT_TPB = 8
+# A grid that spills past one wave of blocks by at most this share is cut back to one wave: the
+# spilled blocks run as a second wave as long as the first. H100, 2026-12-07
+# (`benchmarks/results/mma-splits-h100.json`, `kernel_bench.py --impl mma --sweep`, 3 bits, graph-timed):
+# 4096x4096 and 4096x11008 (1.05 waves) and 11008x4096 (1.09) ran 11-22% faster at one wave at 2, 4
+# and 16 tokens; at 8 tokens -21%, +2% and +13% respectively. 8192x8192 (1.13 waves) ran 3-13%
+# slower at one wave at 2-8 tokens, so it stays above the bound.
+MAX_TAIL_SHARE = 0.10
 
 
 class _PM(ctypes.Structure):
@@ -84,8 +91,12 @@ def plan(cs, ntiles: int, ntl: int, sms: int, splits: int | None = None, tpb: in
     NC = max(1, cs[-1])
     cstride = NWARPS // tpb
     if splits is None:
-        # ~BLOCKS_PER_SM blocks per SM, each warp >= 2 chunks
-        S = max(1, min(-(-sms * BLOCKS_PER_SM // rb), NC // (2 * cstride)))
+        # ~BLOCKS_PER_SM blocks per SM, each warp >= 2 chunks; a small tail wave is cut (MAX_TAIL_SHARE)
+        wave = sms * BLOCKS_PER_SM
+        S = -(-wave // rb)
+        if wave < rb * S <= wave * (1 + MAX_TAIL_SHARE) and wave // rb >= 1:
+            S = wave // rb
+        S = max(1, min(S, NC // (2 * cstride)))
         while S < NC and smem_layout(cs, S, ntl, tpb)[0] > SM_SMEM // BLOCKS_PER_SM - 1024:
             S += 1
     else:
