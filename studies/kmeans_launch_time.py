@@ -15,6 +15,7 @@ import datetime
 import importlib.util
 import json
 import time
+from types import SimpleNamespace
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -193,12 +194,13 @@ def count_calls(shapes: dict, out: str | None) -> None:
 
 
 def group_study(shapes: dict, dev: torch.device, out: str | None) -> None:
-    """The compensated pass of one block, layer by layer vs grouped by shape (``layer_groups`` at the
-    chunk a GPU run raises to, 2^28). On CPU: ATen calls of the GPU path (widths share runs; the
+    """The compensated pass and the allocation's distortion of one block, layer by layer vs grouped
+    by shape (``layer_groups`` at the chunk a GPU run raises to, 2^28). On CPU: ATen calls of the GPU path (widths share runs; the
     Triton column loop counted as one call per lazy block) with 64 output rows standing for each
     layer's rows (chunk scaled to match). On CUDA: the wall seconds at full size."""
     from cmpq.algorithm import compensated
-    from cmpq.algorithm.compensated import LayerJob, quantize_compensated_group
+    from cmpq.algorithm.compensated import LayerJob, layer_groups, quantize_compensated_group
+    from cmpq.algorithm.distortion import layer_options_group
     from cmpq.model.memory import MAX_AUTO_CHUNK_ELEMENTS, kmeans_chunk
 
     swaps = kmeans_default_swaps()
@@ -242,12 +244,35 @@ def group_study(shapes: dict, dev: torch.device, out: str | None) -> None:
                 compensated.column_feedback_reference = ref
             row[mode] = counter.ops - loop[0] + loop[1]
             tot[mode] += row[mode]
+            # the allocation's distortion (layer_options), its runs merged as plan_widths merges them
+            saved, kmeans.share_runs = kmeans.share_runs, (lambda device: True)
+            try:
+                with kmeans_chunk(max(1, MAX_AUTO_CHUNK_ELEMENTS * 64 // shape[0])), OpCounter() as c2:
+                    js = jobs(names, 64, torch.device("cpu"))
+                    parts = [[j] for j in js] if mode == "layer_by_layer" else [
+                        [js[names.index(n)] for n in part] for part in layer_groups(
+                            {n: SimpleNamespace(weight=j.weight) for n, j in zip(names, js)}, 3)]
+                    for part in parts:
+                        layer_options_group([j.weight for j in part], [torch.ones(shape[1])] * len(part), (2, 3, 4),
+                                            [j.n_sparse for j in part], 25, True, None, True, swaps)
+            finally:
+                kmeans.share_runs = saved
+            row["alloc_" + mode] = c2.ops
+            tot["alloc_" + mode] = tot.get("alloc_" + mode, 0) + c2.ops
         if dev.type == "cuda":
             with kmeans_chunk(MAX_AUTO_CHUNK_ELEMENTS):
                 js = jobs(names, None, dev)
                 row["layer_by_layer_s"] = round(sum(timed(lambda j=j: quantize_compensated_group([j], **kw), dev)
                                                     for j in js), 3)
                 row["grouped_s"] = round(timed(lambda: quantize_compensated_group(js, **kw), dev), 3)
+                ones = torch.ones(shape[1], device=dev)
+                row["alloc_layer_by_layer_s"] = round(sum(timed(lambda j=j: layer_options_group(
+                    [j.weight], [ones], (2, 3, 4), [j.n_sparse], 25, True, None, True, swaps), dev) for j in js), 3)
+                parts = [[js[names.index(n)] for n in part] for part in layer_groups(
+                    {n: SimpleNamespace(weight=j.weight) for n, j in zip(names, js)}, 3)]
+                row["alloc_grouped_s"] = round(sum(timed(lambda p=p: layer_options_group(
+                    [j.weight for j in p], [ones] * len(p), (2, 3, 4), [j.n_sparse for j in p], 25, True, None, True,
+                    swaps), dev) for p in parts), 3)
         rows_out.append(row)
         print(row, flush=True)
     print("block:", tot)

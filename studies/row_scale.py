@@ -11,6 +11,9 @@ layers are installed as dense ``nn.Linear`` (``s * dequantize()``), so fine-tuni
 
 This is the study that led to ``CMPQConfig.row_scale`` (format v4); it patches the algorithm from
 outside and so runs the built-in option off (``row_scale=False``) to measure the same thing.
+It patches ``planning.layer_options`` and ``compensated.quantize_compensated``, which the walk has
+called by other names since 2026-12-07 (layers of one shape quantized together): run it at the
+commit that made its results (24d93d1), where it ran as written; on later code it refuses.
 
     python studies/row_scale.py --run bits=4.3 --run bits=3.36 --out studies/results/row-scale.json
 """
@@ -46,6 +49,8 @@ def row_rms(w: torch.Tensor) -> torch.Tensor:
 
 
 def patch() -> None:
+    if not hasattr(planning, "layer_options"):
+        raise SystemExit("studies/row_scale.py patches functions the walk no longer calls; run it at commit 24d93d1")
     layer_options, quantize_compensated = planning.layer_options, comp.quantize_compensated
 
     def scaled_options(weight, hdiag, widths, n_sparse, iters=25, fp16=True, row_weight=None):

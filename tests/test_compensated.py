@@ -195,7 +195,7 @@ def test_allocation_and_quantization_take_their_own_kmeans_moves(tiny_llama, cal
     from cmpq.model import planning
 
     seen = {"alloc": set(), "quant": set()}
-    real_options, real_quant = planning.layer_options, compensated.quantize_compensated_group
+    real_options, real_quant = planning.layer_options_group, compensated.quantize_compensated_group
 
     def options(*args, **kw):
         seen["alloc"].add(args[8])
@@ -205,7 +205,7 @@ def test_allocation_and_quantization_take_their_own_kmeans_moves(tiny_llama, cal
         seen["quant"].add(kw["kmeans_swaps"])
         return real_quant(*args, **kw)
 
-    monkeypatch.setattr(planning, "layer_options", options)
+    monkeypatch.setattr(planning, "layer_options_group", options)
     monkeypatch.setattr(compensated, "quantize_compensated_group", quant)
     cfg = CMPQConfig(bits=4.5, kmeans_swaps=3, alloc_kmeans_swaps=0, finetune_epochs=0)
     cmpq.quantize(tiny_llama, None, cfg, calib=calib_ids[:4, :32], device="cpu", log=None)
@@ -284,3 +284,24 @@ def test_layer_groups_by_shape_under_one_kmeans_chunk(monkeypatch):
     assert layer_groups(lins) == [["q", "o"], ["k", "v"], ["gate"], ["up"], ["down"]]
     monkeypatch.setattr(kmeans, "CHUNK_ELEMENTS", 10)  # smaller than any layer: one layer a group
     assert layer_groups(lins) == [[n] for n in lins]
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_layer_options_together_equal_each_alone(shared, monkeypatch):
+    """The allocation's distortion of same-shape layers in merged k-means runs (``layer_options_group``)
+    equals each layer's alone; also when the widths' copies overflow one chunk (one run per width)."""
+    from cmpq.algorithm import kmeans
+    from cmpq.algorithm.distortion import layer_options_group
+
+    monkeypatch.setattr(kmeans, "share_runs", lambda device: shared)
+    g = torch.Generator().manual_seed(12)
+    W = [torch.randn(30, 50, generator=g) * (0.02 + 0.01 * j) for j in range(3)]
+    hd = [torch.rand(50, generator=g) + 0.1 for _ in W]
+    rw = [torch.rand(30, generator=g) + 0.5, None, torch.rand(30, generator=g) + 0.5]
+    for chunk in (1 << 25, 30 * 50 * 2):  # all widths in one run; then one run per width
+        monkeypatch.setattr(kmeans, "CHUNK_ELEMENTS", chunk)
+        together = layer_options_group(W, hd, (2, 3, 4), [5, 0, 9], 15, True, rw, True, 3)
+        for j, got in enumerate(together):
+            alone = layer_options(W[j], hd[j], (2, 3, 4), [5, 0, 9][j], 15, True, rw[j], True, 3)
+            assert got.widths == alone.widths and got.fixed == alone.fixed
+            assert torch.equal(got.cost, alone.cost) and torch.equal(got.loss, alone.loss), (chunk, j)

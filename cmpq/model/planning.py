@@ -17,7 +17,9 @@ from torch import nn
 from cmpq.algorithm.allocation import algorithm1
 from cmpq.algorithm.budget import (FP16, BudgetError, channel_cost_bits, row_scale_cost_bits, solve,
                                    sparse_cost_bits, total_cost)
-from cmpq.algorithm.distortion import layer_options
+from cmpq.algorithm import kmeans
+from cmpq.algorithm.compensated import layer_groups
+from cmpq.algorithm.distortion import layer_options_group
 from cmpq.config import CMPQConfig
 from cmpq.model.blocks import find_blocks, find_linears
 
@@ -71,15 +73,19 @@ def plan_widths(model: nn.Module, hdiag: dict[tuple[int, str], torch.Tensor], cf
     _, blocks = find_blocks(model)
     keys, options = [], []
     numel = 0
+    # layers of one shape share each k-means run (the same options as alone; fewer GPU launches); a
+    # shared run holds every width's copy of its layers (channel_sse_many)
+    copies = len(cfg.widths) if kmeans.share_runs(device) else 1
     for i, block in enumerate(blocks):
-        for name, lin in find_linears(block).items():
-            w = lin.weight.detach().to(device)
-            options.append(layer_options(w, hdiag[(i, name)], cfg.widths, n_sparse(lin, cfg),
-                                         cfg.alloc_kmeans_iters, cfg.fp16_columns,
-                                         None if row_weight is None else row_weight.get((i, name)), cfg.row_scale,
-                                         cfg.alloc_kmeans_swaps))
-            keys.append((i, name))
-            numel += lin.weight.numel()
+        linears = find_linears(block)
+        for names in layer_groups(linears, copies):
+            options += layer_options_group(
+                [linears[n].weight.detach().to(device) for n in names], [hdiag[(i, n)] for n in names], cfg.widths,
+                [n_sparse(linears[n], cfg) for n in names], cfg.alloc_kmeans_iters, cfg.fp16_columns,
+                [None if row_weight is None else row_weight.get((i, n)) for n in names], cfg.row_scale,
+                cfg.alloc_kmeans_swaps)
+            keys += [(i, n) for n in names]
+            numel += sum(linears[n].weight.numel() for n in names)
     budget = cfg.bits * numel
     check_reachable(model, cfg)
     choices = solve(options, budget)
