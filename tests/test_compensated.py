@@ -305,3 +305,30 @@ def test_layer_options_together_equal_each_alone(shared, monkeypatch):
             alone = layer_options(W[j], hd[j], (2, 3, 4), [5, 0, 9][j], 15, True, rw[j], True, 3)
             assert got.widths == alone.widths and got.fixed == alone.fixed
             assert torch.equal(got.cost, alone.cost) and torch.equal(got.loss, alone.loss), (chunk, j)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_grouped_walk_and_allocation_change_no_stored_value(tiny_llama, calib_ids, monkeypatch, shared):
+    """Quantizing a model with same-shape layers grouped (allocation and walk) stores exactly what
+    quantizing them one by one stores: every buffer of every CMPQLinear, bit for bit."""
+    import copy
+
+    import cmpq
+    from cmpq.algorithm import compensated, kmeans
+    from cmpq.config import CMPQConfig
+    from cmpq.model import planning
+
+    monkeypatch.setattr(kmeans, "share_runs", lambda device: shared)
+    monkeypatch.setattr(compensated, "share_runs", lambda device: shared)
+    cfg = CMPQConfig(bits=3.3, finetune_epochs=0)
+    grouped = cmpq.quantize(copy.deepcopy(tiny_llama), None, cfg, calib=calib_ids[:4, :32], device="cpu", log=None)
+    singles = lambda linears, copies=1: [[n] for n in linears]  # noqa: E731
+    monkeypatch.setattr(compensated, "layer_groups", singles)
+    monkeypatch.setattr(planning, "layer_groups", singles)
+    alone = cmpq.quantize(copy.deepcopy(tiny_llama), None, cfg, calib=calib_ids[:4, :32], device="cpu", log=None)
+    a, b = grouped.state_dict(), alone.state_dict()
+    assert a.keys() == b.keys() and any("codebook" in k or "idx" in k or "packed" in k for k in a), list(a)[:20]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    shapes = [tuple(m.weight.shape) for m in tiny_llama.model.layers[0].modules() if isinstance(m, torch.nn.Linear)]
+    assert len(set(shapes)) < len(shapes)  # the tiny model has same-shape layers, so groups were formed

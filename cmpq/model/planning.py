@@ -77,15 +77,17 @@ def plan_widths(model: nn.Module, hdiag: dict[tuple[int, str], torch.Tensor], cf
     # shared run holds every width's copy of its layers (channel_sse_many)
     copies = len(cfg.widths) if kmeans.share_runs(device) else 1
     for i, block in enumerate(blocks):
-        linears = find_linears(block)
+        linears, got = find_linears(block), {}
         for names in layer_groups(linears, copies):
-            options += layer_options_group(
+            got.update(zip(names, layer_options_group(
                 [linears[n].weight.detach().to(device) for n in names], [hdiag[(i, n)] for n in names], cfg.widths,
                 [n_sparse(linears[n], cfg) for n in names], cfg.alloc_kmeans_iters, cfg.fp16_columns,
                 [None if row_weight is None else row_weight.get((i, n)) for n in names], cfg.row_scale,
-                cfg.alloc_kmeans_swaps)
-            keys += [(i, n) for n in names]
-            numel += sum(linears[n].weight.numel() for n in names)
+                cfg.alloc_kmeans_swaps)))
+        for name, lin in linears.items():  # block order, as before: the solver's tie-breaks see the same list
+            options.append(got[name])
+            keys.append((i, name))
+            numel += lin.weight.numel()
     budget = cfg.bits * numel
     check_reachable(model, cfg)
     choices = solve(options, budget)
