@@ -7,11 +7,12 @@
 # Parts, each under `timeout`, results under $OUT as they end:
 #   1. GPU tests of the CPU-built paths: the column-loop kernel, fine-tuning, the compensated pass,
 #      k-means (pytest.txt), and the default end to end on a tiny Llama (smoke.txt)
+#   1b. one 7B-shaped block's compensated pass and allocation, layer by layer vs same-shape layers
+#      grouped (studies/kmeans_launch_time.py --groups 7b; groups-7b.json), before the 7B parts
 #   2. issue 10's 7B target, with 120 s or more left: build the 7B-shaped model, then the default
 #      (compensated, 2 epochs of fine-tuning) on one GPU for as long as the call allows
 #      (device_scale.jsonl if it finishes; default-7b.log has every phase with its elapsed seconds)
-#   3. with what the 7B parts leave (CMPQ_ITEM0_LAUNCH_S reserves some): seconds per SmolLM2-shaped
-#      block, compensated column loop in PyTorch vs the Triton kernel (launch-{torch,auto}.json)
+#   (the PyTorch-vs-Triton column-loop study that used to end this call was measured on 2026-12-06)
 set -uo pipefail
 T0=$(date +%s)
 LIMIT=${CMPQ_ITEM0_LIMIT_S:-585}
@@ -27,13 +28,17 @@ timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_feedback_kern
 echo "pytest rc $? at $(( $(date +%s) - T0 ))s"; tail -3 "$OUT/pytest.txt"
 timeout 90 python3 device/smoke_gpu.py cuda > "$OUT/smoke.txt" 2>&1
 echo "smoke rc $? at $(( $(date +%s) - T0 ))s"; tail -3 "$OUT/smoke.txt"
-L=$(( $(left) - ${CMPQ_ITEM0_LAUNCH_S:-0} ))
+# one 7B-shaped block's compensated pass and allocation, layer by layer vs grouped by shape (~1-2 min)
+timeout 150 python3 studies/kmeans_launch_time.py --groups 7b --device cuda --out "$OUT/groups-7b.json" \
+  > "$OUT/groups-7b.txt" 2>&1
+echo "groups-7b rc $? at $(( $(date +%s) - T0 ))s"; tail -5 "$OUT/groups-7b.txt"
+L=$(( $(left) ))
 if (( L >= 120 )); then  # the build takes ~40-60 s; the default then runs as far as the time allows
   echo "7B parts get ${L}s"
   W=/tmp/cmpq-scale
   timeout $(( L - 20 )) python3 benchmarks/quantize_speed.py build --shape 7b --workdir "$W" > "$OUT/build-7b.log" 2>&1
   echo "build-7b rc $? at $(( $(date +%s) - T0 ))s"
-  L=$(( $(left) - ${CMPQ_ITEM0_LAUNCH_S:-0} - 10 ))
+  L=$(( $(left) - 10 ))
   # stamped phase lines on stderr: a run cut off by the limit still shows how far it got
   (( L > 30 )) && timeout "$L" python3 benchmarks/quantize_speed.py row --shape 7b --workdir "$W" --nproc 1 \
     --append "$OUT/device_scale.jsonl" > "$OUT/default-7b.log" 2>&1
@@ -41,11 +46,4 @@ if (( L >= 120 )); then  # the build takes ~40-60 s; the default then runs as fa
 else
   echo "7B parts skipped: ${L}s left (run them on their own: CMPQ_SCALE_PARTS=\"build-7b default-7b\" bash device/device_scale.sh)"
 fi
-for loop in torch auto; do
-  (( $(left) > 20 )) || break
-  t=$(( $(left) < 60 ? $(left) : 60 ))
-  timeout "$t" python3 studies/kmeans_launch_time.py --device cuda --blocks 1 --variants 15:3 \
-    --column-loop "$loop" --out "$OUT/launch-$loop.json" > "$OUT/launch-$loop.txt" 2>&1
-  echo "launch $loop rc $? at $(( $(date +%s) - T0 ))s"; tail -4 "$OUT/launch-$loop.txt"
-done
 echo "done at $(( $(date +%s) - T0 ))s"
