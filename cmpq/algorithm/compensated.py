@@ -52,12 +52,78 @@ import torch
 import torch.nn.functional as F
 
 from cmpq.algorithm.budget import FP16
-from cmpq.algorithm.kmeans import assign_nearest, kmeans_1d, mean_one_weights, share_runs
+from cmpq.algorithm import kmeans
+from cmpq.algorithm.kmeans import assign_nearest, kmeans_1d, mean_one_weights, share_runs, stacked_row_weights
 from cmpq.algorithm.layer import QuantizedParts
 from cmpq.baselines.gptq import _inverse_hessian_cholesky
 from cmpq.kernels.dispatch import triton_available
 from cmpq.kernels.feedback import MAX_KERNEL_BLOCK, MAX_KERNEL_ENTRIES, column_feedback, column_feedback_reference
 from cmpq.storage.codebook import storable
+
+
+@dataclass
+class _Fit:
+    """One k-means request of one layer: rows ``x`` ``[n, out]`` with ``k`` ``[n]`` entries each,
+    padded to ``kr`` slots; ``keep``/``init`` as ``kmeans_1d`` takes them (``init`` None: a cold start)."""
+
+    x: torch.Tensor
+    k: torch.Tensor
+    kr: int
+    weight: torch.Tensor | None
+    keep: torch.Tensor | None = None
+    init: torch.Tensor | None = None
+
+
+def _run_fits(fits: list[_Fit], iters: int, swaps: int, shared: bool) -> list[torch.Tensor]:
+    """Codebooks ``[n, kr]`` for each request, several layers' requests in one ``kmeans_1d`` call.
+
+    Each row's k-means run is independent of the others in its call, and a codebook padded with
+    absent (+inf) entries runs exactly as it would alone (``kmeans_1d``'s ``ks`` and ``init``), so
+    merging changes no result, only the number of launches: on a GPU (``shared``) every request is
+    merged into one call; on a CPU, where padding costs work, only requests of the same size are."""
+    out: list[torch.Tensor | None] = [None] * len(fits)
+    keys = [0 if shared else f.kr for f in fits]
+    for key in dict.fromkeys(keys):
+        ids = [i for i, kk in enumerate(keys) if kk == key]
+        K = max(fits[i].kr for i in ids)
+        x = torch.cat([fits[i].x for i in ids])
+        weight = stacked_row_weights([(fits[i].x.shape[0], fits[i].weight) for i in ids], x.shape[1], x.device)
+        if fits[ids[0]].init is None:
+            ks = torch.cat([fits[i].k for i in ids])
+            cb = kmeans_1d(x.float().contiguous(), K, None, max_iter=iters, weight=weight, swaps=swaps,
+                           ks=ks if shared else None)  # not shared: every row has K entries
+        else:
+            keep = torch.cat([fits[i].keep for i in ids])
+            init = torch.cat([F.pad(fits[i].init, (0, K - fits[i].kr), value=torch.inf) for i in ids])
+            cb = kmeans_1d(x, K, keep, max_iter=iters, init=init, weight=weight)
+        for i, part in zip(ids, cb.split([fits[i].x.shape[0] for i in ids])):
+            out[i] = part[:, : fits[i].kr]
+    return out  # type: ignore[return-value]
+
+
+def _initial_fits(W: torch.Tensor, widths: torch.Tensor, row_weight: torch.Tensor | None,
+                  shared: bool) -> tuple[list[torch.Tensor], list[_Fit]]:
+    """The initial fits' requests (``initial_codebooks``) and the columns of each: all quantized
+    columns in one request when ``shared``, else one request per width."""
+    bits = sorted(set(widths.tolist()) - {FP16})
+    if not bits:
+        return [], []
+    if shared:
+        cols = (widths != FP16).nonzero().squeeze(1)
+        return [cols], [_Fit(W[:, cols].T, 2 ** widths[cols], 2 ** bits[-1], row_weight)]
+    cols = [(widths == b).nonzero().squeeze(1) for b in bits]
+    return cols, [_Fit(W[:, c].T, torch.full((c.numel(),), 2**b, device=W.device), 2**b, row_weight)
+                  for b, c in zip(bits, cols)]
+
+
+def _initial_books(widths: torch.Tensor, cols: list[torch.Tensor], fitted: list[torch.Tensor],
+                   shared: bool) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """``initial_codebooks``'s result from its requests' codebooks (``_initial_fits``)."""
+    bits = sorted(set(widths.tolist()) - {FP16})
+    if shared and bits:
+        wc = widths[cols[0]]
+        return {b: (cols[0][wc == b], storable(fitted[0][wc == b, : 2**b])) for b in bits}
+    return {b: (c, storable(cb)) for b, c, cb in zip(bits, cols, fitted)}
 
 
 def initial_codebooks(W: torch.Tensor, widths: torch.Tensor, iters: int,
@@ -68,22 +134,11 @@ def initial_codebooks(W: torch.Tensor, widths: torch.Tensor, iters: int,
     GPU, ``shared=None``, see ``kmeans.share_runs``; else one call per width, the same result): the
     sparse-outlier search uses them, and every lazy block warm-starts from them (k-means calls are
     launch-bound; a warm start needs few iterations). ``swaps``: merge-and-split rounds after Lloyd;
-    the warm-started refits inherit the better start."""
-    bits = sorted(set(widths.tolist()) - {FP16})
-    if not bits:
-        return {}
-    if not (share_runs(W.device) if shared is None else shared):
-        out = {}
-        for b in bits:
-            cols = (widths == b).nonzero().squeeze(1)
-            out[b] = (cols, storable(kmeans_1d(W[:, cols].T.float().contiguous(), 2**b, None, max_iter=iters,
-                                               weight=row_weight, swaps=swaps)))
-        return out
-    cols = (widths != FP16).nonzero().squeeze(1)
-    wc = widths[cols]
-    cb = kmeans_1d(W[:, cols].T.float().contiguous(), 2 ** bits[-1], None, max_iter=iters, weight=row_weight,
-                   swaps=swaps, ks=2**wc)
-    return {b: (cols[wc == b], storable(cb[wc == b, : 2**b])) for b in bits}
+    the warm-started refits inherit the better start. The compensated pass builds the same requests
+    for several layers at once (``quantize_compensated_group``)."""
+    shared = share_runs(W.device) if shared is None else shared
+    cols, fits = _initial_fits(W, widths, row_weight, shared)
+    return _initial_books(widths, cols, _run_fits(fits, iters, swaps, shared), shared)
 
 
 def select_sparse(W: torch.Tensor, hdiag: torch.Tensor, books: dict[int, tuple[torch.Tensor, torch.Tensor]],
@@ -156,49 +211,6 @@ class LayerJob:
     row_weight: torch.Tensor | None = None
 
 
-@dataclass
-class _Fit:
-    """One k-means request of one layer: rows ``x`` ``[n, out]`` with ``k`` ``[n]`` entries each,
-    padded to ``kr`` slots; ``keep``/``init`` as ``kmeans_1d`` takes them (``init`` None: a cold start)."""
-
-    x: torch.Tensor
-    k: torch.Tensor
-    kr: int
-    weight: torch.Tensor | None
-    keep: torch.Tensor | None = None
-    init: torch.Tensor | None = None
-
-
-def _run_fits(fits: list[_Fit], iters: int, swaps: int, shared: bool) -> list[torch.Tensor]:
-    """Codebooks ``[n, kr]`` for each request, several layers' requests in one ``kmeans_1d`` call.
-
-    Each row's k-means run is independent of the others in its call, and a codebook padded with
-    absent (+inf) entries runs exactly as it would alone (``kmeans_1d``'s ``ks`` and ``init``), so
-    merging changes no result, only the number of launches: on a GPU (``shared``) every request is
-    merged into one call; on a CPU, where padding costs work, only requests of the same size are."""
-    out: list[torch.Tensor | None] = [None] * len(fits)
-    keys = [0 if shared else f.kr for f in fits]
-    for key in dict.fromkeys(keys):
-        ids = [i for i, kk in enumerate(keys) if kk == key]
-        K = max(fits[i].kr for i in ids)
-        x = torch.cat([fits[i].x for i in ids])
-        weight = None
-        if any(fits[i].weight is not None for i in ids):
-            weight = torch.cat([(fits[i].weight if fits[i].weight is not None else torch.ones(
-                fits[i].x.shape[1], device=x.device)).expand(fits[i].x.shape[0], -1) for i in ids])
-        if fits[ids[0]].init is None:
-            ks = torch.cat([fits[i].k for i in ids])
-            cb = kmeans_1d(x.float().contiguous(), K, None, max_iter=iters, weight=weight, swaps=swaps,
-                           ks=ks if shared else None)  # not shared: every row has K entries
-        else:
-            keep = torch.cat([fits[i].keep for i in ids])
-            init = torch.cat([F.pad(fits[i].init, (0, K - fits[i].kr), value=torch.inf) for i in ids])
-            cb = kmeans_1d(x, K, keep, max_iter=iters, init=init, weight=weight)
-        for i, part in zip(ids, cb.split([fits[i].x.shape[0] for i in ids])):
-            out[i] = part[:, : fits[i].kr]
-    return out  # type: ignore[return-value]
-
-
 class _LayerPass:
     """One layer through the compensated pass: ``quantize_compensated``'s state, cut at its k-means
     calls so that layers of one shape (q/k/v/o, gate/up) walk their lazy blocks in lockstep and
@@ -241,25 +253,13 @@ class _LayerPass:
 
     # -- initial codebooks (``initial_codebooks``, as requests) ------------------------------------
     def initial_fits(self) -> list[_Fit]:
-        if not self.bits:
-            return []
-        if self.shared:
-            cols = (self.widths != FP16).nonzero().squeeze(1)
-            self._init_cols = [cols]
-            return [_Fit(self.W[:, cols].T, 2 ** self.widths[cols], 2 ** self.bits[-1], self.rw)]
-        self._init_cols = [(self.widths == b).nonzero().squeeze(1) for b in self.bits]
-        return [_Fit(self.W[:, c].T, torch.full((c.numel(),), 2**b, device=self.dev), 2**b, self.rw)
-                for b, c in zip(self.bits, self._init_cols)]
+        self._init_cols, fits = _initial_fits(self.W, self.widths, self.rw, self.shared)
+        return fits
 
     def begin(self, fitted: list[torch.Tensor]) -> None:
         """The sparse outliers, the column order and the inverse Hessian, from the initial codebooks."""
         dev, W, in_f, out_f = self.dev, self.W, self.in_f, self.out_f
-        if self.shared and self.bits:
-            cols, cb = self._init_cols[0], fitted[0]
-            wc = self.widths[cols]
-            init = {b: (cols[wc == b], storable(cb[wc == b, : 2**b])) for b in self.bits}
-        else:
-            init = {b: (c, storable(cb)) for b, c, cb in zip(self.bits, self._init_cols, fitted)}
+        init = _initial_books(self.widths, self._init_cols, fitted, self.shared)
         rows, cols = select_sparse(W, self.diag, init, self.n_sparse, self.rw)
         start = torch.zeros(in_f, max([2**b for b in init] or [1]), device=dev)  # warm start per column
         for b, (c, cb) in init.items():
@@ -406,7 +406,7 @@ def layer_groups(linears: dict, copies: int = 1) -> list[list[str]]:
     for name, lin in linears.items():
         key = (tuple(lin.weight.shape), lin.weight.device)
         g = key_of.get(key)
-        if g is not None and (size[g] + lin.weight.numel()) * copies <= kmeans_chunk_elements():
+        if g is not None and (size[g] + lin.weight.numel()) * copies <= kmeans.CHUNK_ELEMENTS:  # read now: the walk may raise it
             groups[g].append(name)
             size[g] += lin.weight.numel()
             continue
@@ -414,12 +414,6 @@ def layer_groups(linears: dict, copies: int = 1) -> list[list[str]]:
         groups.append([name])
         size.append(lin.weight.numel())
     return groups
-
-
-def kmeans_chunk_elements() -> int:
-    from cmpq.algorithm import kmeans
-
-    return kmeans.CHUNK_ELEMENTS  # read at call time: the walk may raise it (memory.kmeans_chunk)
 
 
 def quantize_compensated(

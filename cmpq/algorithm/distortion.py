@@ -47,10 +47,7 @@ def channel_sse_many(weights: list[torch.Tensor], bits: list[int], iters: int,
     dev, out_f = xs[0].device, xs[0].shape[1]
     rows = [x.repeat(len(bits), 1) for x in xs]
     ks = torch.cat([torch.tensor([2**b for b in bits], device=dev).repeat_interleave(x.shape[0]) for x in xs])
-    weight = None
-    if any(rw is not None for rw in row_weights):
-        weight = torch.cat([(rw if rw is not None else torch.ones(out_f, device=dev)).expand(r.shape[0], -1)
-                            for r, rw in zip(rows, row_weights)])
+    weight = kmeans.stacked_row_weights([(r.shape[0], rw) for r, rw in zip(rows, row_weights)], out_f, dev)
     cb_all = kmeans.kmeans_1d(torch.cat(rows), 2 ** max(bits), max_iter=iters, weight=weight, swaps=swaps, ks=ks)
     result = []
     for x, rw, cb in zip(xs, row_weights, cb_all.split([r.shape[0] for r in rows])):

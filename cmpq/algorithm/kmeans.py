@@ -31,6 +31,16 @@ def mean_one_weights(raw: torch.Tensor, n: int, device: torch.device, name: str 
     return w / w.mean().clamp(min=1e-30) + 1e-6
 
 
+def stacked_row_weights(parts: list[tuple[int, torch.Tensor | None]], n: int,
+                        device: torch.device) -> torch.Tensor | None:
+    """k-means weights ``[sum of rows, n]`` for the rows of several layers stacked into one
+    ``kmeans_1d`` call: ``parts`` holds each layer's (rows, ``[n]`` weights or None). None becomes
+    ones, which weigh exactly as no weights do; None if no layer has weights."""
+    if all(w is None for _, w in parts):
+        return None
+    return torch.cat([(w if w is not None else torch.ones(n, device=device)).expand(rows, -1) for rows, w in parts])
+
+
 def kmeans_1d(
     x: torch.Tensor, k: int, keep: torch.Tensor | None = None, max_iter: int = 100,
     init: torch.Tensor | None = None, weight: torch.Tensor | None = None, swaps: int = 0,
