@@ -11,6 +11,7 @@ finish one default cell in 9 minutes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -135,6 +136,29 @@ def main() -> None:
             json.dump(res, f, indent=1)
 
 
+@contextlib.contextmanager
+def column_loop_counted(counter: OpCounter):
+    """Route the compensated pass's PyTorch column loop through ``counter``; yields [ATen calls made
+    inside the loop, loop calls], so a count can stand one Triton launch per lazy block (what a GPU
+    run makes) for the loop's calls."""
+    from cmpq.algorithm import compensated
+
+    ref, loop = compensated.column_feedback_reference, [0, 0]
+
+    def counted(*args):
+        before = counter.ops
+        r = ref(*args)
+        loop[0] += counter.ops - before
+        loop[1] += 1
+        return r
+
+    compensated.column_feedback_reference = counted
+    try:
+        yield loop
+    finally:
+        compensated.column_feedback_reference = ref
+
+
 def count_calls(shapes: dict, out: str | None) -> None:
     """ATen calls (about one GPU launch each) per layer of one block, default k-means moves and row
     scales, CPU, 64 output rows (the count depends on the columns; the k-means chunk is scaled so a
@@ -145,36 +169,25 @@ def count_calls(shapes: dict, out: str | None) -> None:
     from cmpq.algorithm import compensated, distortion
     from cmpq.model.memory import kmeans_chunk
 
-    ref = compensated.column_feedback_reference
     swaps = kmeans_default_swaps()
     rows = []
     for name, (o, i) in shapes.items():
         w, H, widths = next(layers(1, torch.device("cpu"), {name: (64, i)}))[1:]
         row = {"layer": name, "shape": [o, i]}
         for path, shared in (("cpu_path", False), ("gpu_path", True)):
-            counter, loop = OpCounter(), [0, 0]
-
-            def counted(*args):
-                before = counter.ops
-                r = ref(*args)
-                loop[0] += counter.ops - before
-                loop[1] += 1
-                return r
-
-            compensated.column_feedback_reference = counted
+            counter = OpCounter()
             saved = kmeans.share_runs
             kmeans.share_runs = compensated.share_runs = lambda device, s=shared: s
             # 64 rows stand for o: scale the k-means chunk so a chunk holds as many rows as at full size
             chunk = kmeans_chunk(max(1, kmeans.CHUNK_ELEMENTS * 64 // o))
             try:
-                with chunk, counter:
+                with chunk, counter, column_loop_counted(counter) as loop:
                     distortion.layer_options(w, torch.ones(i), (2, 3, 4), int(0.005 * w.numel()), 25, True, None,
                                              True, swaps)
                     alloc = counter.ops
                     quantize_compensated(w, H, widths, int(0.005 * w.numel()), 100, 0.01, 128, True, row_scale=True,
                                          kmeans_swaps=swaps, column_loop="torch")
             finally:
-                compensated.column_feedback_reference = ref
                 kmeans.share_runs = compensated.share_runs = saved
             comp = counter.ops - alloc
             row[path] = {"allocation": alloc,
@@ -198,7 +211,6 @@ def group_study(shapes: dict, dev: torch.device, out: str | None) -> None:
     by shape (``layer_groups`` at the chunk a GPU run raises to, 2^28). On CPU: ATen calls of the GPU path (widths share runs; the
     Triton column loop counted as one call per lazy block) with 64 output rows standing for each
     layer's rows (chunk scaled to match). On CUDA: the wall seconds at full size."""
-    from cmpq.algorithm import compensated
     from cmpq.algorithm.compensated import LayerJob, layer_groups, quantize_compensated_group
     from cmpq.algorithm.distortion import layer_options_group
     from cmpq.model.memory import MAX_AUTO_CHUNK_ELEMENTS, kmeans_chunk
@@ -218,30 +230,18 @@ def group_study(shapes: dict, dev: torch.device, out: str | None) -> None:
             out_.append(LayerJob(w.to(device), H.to(device), widths, int(0.005 * w.numel()), n))
         return out_
 
-    ref = compensated.column_feedback_reference
     rows_out, tot = [], {"layer_by_layer": 0, "grouped": 0}
     if dev.type == "cuda":  # warm-up: the Triton column loop compiles on its first call
         quantize_compensated_group(jobs(list(shapes)[:1], 256, dev), **kw)
     for shape, names in groups.items():
         row = {"layers": names, "shape": list(shape)}
         for mode in (("layer_by_layer", "grouped") if dev.type == "cpu" else ()):
-            counter, loop = OpCounter(), [0, 0]
-
-            def counted(*args):
-                before = counter.ops
-                r = ref(*args)
-                loop[0] += counter.ops - before
-                loop[1] += 1
-                return r
-
-            compensated.column_feedback_reference = counted
-            try:
-                with kmeans_chunk(max(1, MAX_AUTO_CHUNK_ELEMENTS * 64 // shape[0])), counter:
-                    js = jobs(names, 64, torch.device("cpu"))
-                    for part in ([[j] for j in js] if mode == "layer_by_layer" else [js]):
-                        quantize_compensated_group(part, column_loop="torch", shared_runs=True, **kw)
-            finally:
-                compensated.column_feedback_reference = ref
+            counter = OpCounter()
+            with kmeans_chunk(max(1, MAX_AUTO_CHUNK_ELEMENTS * 64 // shape[0])), counter, \
+                    column_loop_counted(counter) as loop:
+                js = jobs(names, 64, torch.device("cpu"))
+                for part in ([[j] for j in js] if mode == "layer_by_layer" else [js]):
+                    quantize_compensated_group(part, column_loop="torch", shared_runs=True, **kw)
             row[mode] = counter.ops - loop[0] + loop[1]
             tot[mode] += row[mode]
             # the allocation's distortion (layer_options), its runs merged as plan_widths merges them
