@@ -199,3 +199,34 @@ def test_backoff_restarts_from_the_best_values(tiny_llama, calib_ids, monkeypatc
     kl = hist["held_out_kl"]
     assert hist["lr_backoffs"] >= 1 and kl[1] > kl[0]
     assert min(kl[2:]) < kl[1]  # from the restored values with 1/1000 of the step, not further from epoch 1's
+
+
+def test_finetune_that_runs_out_of_device_memory_leaves_the_model_as_it_was(tiny_llama, calib_ids, monkeypatch):
+    """Layers open up on the device after the model moved there; memory running out half-way through
+    them gives the clear error, every layer back as it was and the parameters trainable again."""
+    import cmpq.model.distill as distill
+
+    model = _quantized(tiny_llama, calib_ids, algorithm="paper")
+    teacher = teacher_states(model, calib_ids, torch.device("cpu"))  # any states of the right shape
+    layers = [m for m in model.modules() if isinstance(m, CMPQLinear)]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opened = []
+    real_init = TunableLinear.__init__
+
+    def init(self, layer):
+        if len(opened) == 3:
+            raise torch.OutOfMemoryError("simulated")
+        real_init(self, layer)
+        opened.append(layer)
+
+    monkeypatch.setattr(distill.TunableLinear, "__init__", init)
+    try:
+        finetune(model, calib_ids, teacher, torch.device("cpu"), epochs=1)
+    except RuntimeError as e:
+        assert "does not fit" in str(e) and "finetune_epochs=0" in str(e)
+    else:
+        raise AssertionError("finetune did not report running out of memory")
+    assert len(opened) == 3
+    assert [m for m in model.modules() if isinstance(m, CMPQLinear)] == layers
+    assert not any(isinstance(m, TunableLinear) for m in model.modules())
+    assert all(p.requires_grad for p in trainable) and trainable
