@@ -16,7 +16,9 @@ and merges every finished cell into the JSON under the same lock (re-read, add, 
 measured on its own cells) says would end after the ``--max-minutes`` deadline; a serial run scales
 ``COST_S`` by its own measured pace the same way (faster or slower). Worker output is
 relayed line by line prefixed ``[wI]``. The parent writes the Markdown table and the PNG once at the
-end, and exits non-zero if a worker crashed (the other workers' cells are kept). Each cell records
+end, and exits non-zero if a worker crashed (the other workers' cells are kept). A cell that runs out
+of GPU memory beside the others goes back to the queue once, behind every fresh cell, and is claimed
+again only when fewer workers hold cells than when it failed (``next_unit``). Each cell records
 ``gpu_workers``: how many processes shared the GPU when it ran (its timings are not comparable to
 serial ones when > 1).
 
@@ -425,10 +427,17 @@ def open_result(a: argparse.Namespace, bench: Bench, jpath: Path, out: Path, nam
     return result
 
 
+OOM = "out of memory: "  # the start of a failure that may pass with fewer processes on the GPU
+
+
 def run_cell(bench: Bench, c: dict, ver: dict, mach: str, gpu_workers: int) -> tuple[dict | None, str | None]:
     """(the finished cell, None) or (None, why it failed): one failing method must not sink the grid."""
     try:
         res = bench.run(c)
+    except torch.OutOfMemoryError as e:  # torch's message runs to a paragraph of per-process figures
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return None, OOM + str(e).split(". ")[0]
     except (RuntimeError, ValueError) as e:
         return None, str(e)
     c = {**c, **res}
@@ -577,6 +586,8 @@ def run_parallel(a: argparse.Namespace, argv: list[str], wall_start: float, unit
                     skipped.append(label(c))
                 elif st is not None:
                     skipped.append(f"{label(c)} ({st})")
+                elif u["worker"] is None and u.get("oom_error"):
+                    skipped.append(f"{label(c)} (failed: {u['oom_error']}; not retried in time)")
                 elif isinstance(u["worker"], int) and u["worker"] in crashed:
                     skipped.append(f"{label(c)} (not run: worker {u['worker']} crashed)")
                 else:
@@ -592,6 +603,34 @@ def run_parallel(a: argparse.Namespace, argv: list[str], wall_start: float, unit
         relay.say(f"error: workers {sorted(crashed)} crashed (exit codes {list(crashed.values())})")
         return 1
     return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def next_unit(q: dict) -> tuple[int | None, bool]:
+    """(the unit a worker should claim now or None, whether a unit is waiting for the GPU to empty).
+
+    A unit that ran out of memory beside other workers (``oom_busy``: how many held cells then,
+    itself included) is put back once, and claimed only when fewer hold cells now, or when no one
+    does: the cells a shared GPU lost to memory (2026-12-07: four of seven on an 80 GB H100) then run
+    in the tail of the call, where workers run out of cells anyway. Workers that died are not counted."""
+    free = [j for j, unit in enumerate(q["units"]) if unit["worker"] is None]
+    fresh = [j for j in free if q["units"][j].get("oom_busy") is None]
+    if fresh:
+        return fresh[0], False
+    busy = sum(_alive(pid) for pid in q.get("active", {}).values())
+    for j in free:  # only units put back are left
+        if busy == 0 or busy < q["units"][j]["oom_busy"] - 1:
+            return j, False
+    return None, bool(free)
 
 
 def run_worker(a: argparse.Namespace) -> int:
@@ -627,14 +666,34 @@ def run_worker(a: argparse.Namespace) -> int:
             qq["units"][u]["status"][k] = status
             atomic_write(qpath, json.dumps(qq))
 
+    def release(u: int | None = None, k: int = 0, err: str = "") -> None:
+        """This worker holds no cell any more; with ``u``: its cell ``k`` ran out of memory, and the
+        unit goes back to the queue once (``next_unit``)."""
+        with locked(qpath):
+            qq = json.loads(qpath.read_text())
+            active = qq.setdefault("active", {})
+            if u is not None:
+                unit = qq["units"][u]
+                unit["oom_busy"] = sum(_alive(pid) for pid in active.values())
+                unit["oom_error"], unit["worker"], unit["retried"] = err, None, True
+                unit["status"][k] = None
+            active.pop(str(i), None)
+            atomic_write(qpath, json.dumps(qq))
+
     while True:
         with locked(qpath):
             qq = json.loads(qpath.read_text())
-            u = next((j for j, unit in enumerate(qq["units"]) if unit["worker"] is None), None)
-            if u is None:
-                break
-            qq["units"][u]["worker"] = i
-            atomic_write(qpath, json.dumps(qq))
+            u, waiting = next_unit(qq)
+            if u is not None:
+                qq["units"][u]["worker"] = i
+                qq.setdefault("active", {})[str(i)] = os.getpid()
+                atomic_write(qpath, json.dumps(qq))
+        if u is None:
+            if waiting and (deadline is None or time.time() < deadline):
+                time.sleep(1.0)  # a unit waits for the GPU to empty
+                continue
+            break
+        retry = None
         # said before any work, so a worker that dies in its first cell has still said which cells it held
         print(f"taking {', '.join(label(c) for c in qq['units'][u]['cells'])}", flush=True)
         for k, c in enumerate(qq["units"][u]["cells"]):
@@ -653,11 +712,16 @@ def run_worker(a: argparse.Namespace) -> int:
             if est:
                 spent, estimated = spent + took, estimated + est
             if err is not None:
+                if err.startswith(OOM) and len(qq["units"][u]["cells"]) == 1 and not qq["units"][u].get("retried"):
+                    print(f"{label(c)}: {err}; back to the queue, for when fewer workers hold cells", flush=True)
+                    retry = (u, k, err)
+                    continue
                 print(f"FAILED {label(c)}: {err}", flush=True)
                 record(u, k, f"failed: {err}")
                 continue
             record(u, k, "done", done)
             print(cell_line(done, time.time() - q["t0"], took), flush=True)
+        release(*(retry or ()))
     print("queue empty; done", flush=True)
     return 0
 

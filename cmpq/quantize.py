@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from pathlib import Path
@@ -65,22 +66,26 @@ def _paper_block(cfg: CMPQConfig, log=None):
 
 
 def _compensated_steps(model: nn.Module, windows: Windows, cfg: CMPQConfig, device: torch.device, log,
-                       progress: bool = True, dist=None):
+                       progress: bool = True, dist=None, teacher: bool = False):
     """Sensitivity pass and whole-model width plan, then the walk's statistics (token-weighted
     Hessians) and per-block step (``quantize_compensated``). With ``dist`` every process runs the
     sensitivity pass on all windows (each needs every token's weight) and all take rank 0's plan,
-    so the budget holds however the ranks' floating point differs."""
+    so the budget holds however the ranks' floating point differs. ``teacher``: also return the
+    fine-tuning's teacher states, recorded during the sensitivity pass (else None)."""
     from cmpq.algorithm.compensated import LayerJob, layer_groups, quantize_compensated_group
     from cmpq.model import sensitivity
     from cmpq.model.blocks import find_blocks, find_linears
+    from cmpq.model.distill import recording_head_inputs
     from cmpq.model.calibration import WeightedHessian
     from cmpq.model.planning import algorithm1_widths, check_reachable, n_sparse, plan_widths
 
     if cfg.allocator == "distortion":
         check_reachable(model, cfg)  # before any work
     t0 = time.perf_counter()
-    sens = sensitivity.measure(model, windows.ids, device, log, rows=cfg.row_weighting == "gradient",
-                               progress=progress)
+    with recording_head_inputs(model) if teacher else contextlib.nullcontext() as heads:
+        sens = sensitivity.measure(model, windows.ids, device, log, rows=cfg.row_weighting == "gradient",
+                                   progress=progress)
+    states = torch.cat(heads) if teacher else None
     phases.add("sensitivity", time.perf_counter() - t0)
     with phases.phase("allocation", device):
         hdiag = {k: s.hdiag for k, s in sens.items()}
@@ -115,7 +120,7 @@ def _compensated_steps(model: nn.Module, windows: Windows, cfg: CMPQConfig, devi
                 stats[n].sum = None  # the Hessians can go before the next group's are built
                 _install(block, n, linears[n], p)
 
-    return make_stats, quantize_block
+    return make_stats, quantize_block, states
 
 
 @torch.no_grad()
@@ -204,17 +209,20 @@ def quantize(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     teacher = None
-    if cfg.finetune_epochs and (dist is None or dist.main):  # rank 0 fine-tunes, then shares the result
-        from cmpq.model.distill import teacher_states
-
-        t0 = time.perf_counter()
-        teacher = teacher_states(model, windows.ids, device, progress=progress)
-        finetune_s = time.perf_counter() - t0
+    finetune_s = 0.0
+    wants_teacher = bool(cfg.finetune_epochs) and (dist is None or dist.main)  # rank 0 fine-tunes, then shares
     make_stats = lambda name, lin: SquaredNorm(lin.in_features, lin.weight.device)  # noqa: E731
-    if cfg.algorithm == "compensated":
+    if cfg.algorithm == "compensated":  # the teacher states come from its sensitivity pass
         with kmeans_chunk(chunk_elements):  # the allocation clusters under the walk's chunk
-            make_stats, quantize_block = _compensated_steps(model, windows, cfg, device, log, progress, dist)
+            make_stats, quantize_block, teacher = _compensated_steps(model, windows, cfg, device, log, progress,
+                                                                     dist, teacher=wants_teacher)
     else:
+        if wants_teacher:
+            from cmpq.model.distill import teacher_states
+
+            t0 = time.perf_counter()
+            teacher = teacher_states(model, windows.ids, device, progress=progress)
+            finetune_s = time.perf_counter() - t0
         quantize_block = _paper_block(cfg, log)
 
     ckpt = None

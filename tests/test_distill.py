@@ -230,3 +230,18 @@ def test_finetune_that_runs_out_of_device_memory_leaves_the_model_as_it_was(tiny
     assert [m for m in model.modules() if isinstance(m, CMPQLinear)] == layers
     assert not any(isinstance(m, TunableLinear) for m in model.modules())
     assert all(p.requires_grad for p in trainable) and trainable
+
+
+def test_the_sensitivity_pass_records_the_teacher_states(tiny_llama, calib_ids):
+    """The compensated algorithm takes its teacher states from the sensitivity pass instead of a
+    second pass over the windows: they must be what ``teacher_states`` gives."""
+    from cmpq.model import sensitivity
+    from cmpq.model.distill import recording_head_inputs
+
+    expected = teacher_states(tiny_llama, calib_ids, torch.device("cpu"))
+    with recording_head_inputs(tiny_llama) as got:
+        sensitivity.measure(tiny_llama, calib_ids, "cpu")
+    recorded = torch.cat(got)
+    assert recorded.shape == expected.shape == (*calib_ids.shape, tiny_llama.config.hidden_size)
+    assert torch.equal(recorded, expected)  # the same forward, so the same numbers (CPU)
+    assert not tiny_llama.lm_head._forward_pre_hooks  # the recorder leaves no hook behind

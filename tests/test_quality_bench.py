@@ -147,6 +147,55 @@ def test_worker_honors_deadline(tmp_path, model_dir, capsys):
     assert "would end after the deadline" in capsys.readouterr().out
 
 
+def test_worker_puts_a_cell_that_ran_out_of_memory_back_once(tmp_path, model_dir, monkeypatch, capsys):
+    """A cell that runs out of GPU memory beside other workers goes back to the queue and runs again
+    once the GPU is emptier (here at once: no other worker holds a cell); a second failure is final."""
+    q = _quality()
+    out = tmp_path / "out"
+    args = _args(model_dir, out)
+    assert q.main(_args(model_dir, out, "--methods", "fp16")) == 0
+    res = json.loads((out / "quality-tiny.json").read_text())
+    ns = q.argparse.Namespace(methods=["rtn"], bits=[3, 4], group_sizes=[128], cmpq_budgets=[], paper_budgets=[],
+                              llmmq_budgets=[], ablations=False)
+    units = [{"cells": u, "worker": None, "status": [None] * len(u)} for u in q.units_of(q.grid(ns))]
+    qpath = out / "quality-tiny.queue.json"
+    qpath.write_text(json.dumps({"signature": res["signature"], "json": str(out / "quality-tiny.json"),
+                                 "t0": time.time(), "deadline": None, "workers": 2, "units": units}))
+    real, calls = q.run_cell, []
+
+    def run_cell(bench, c, *rest):
+        calls.append(c["bits"])
+        if c["bits"] == 4 or len(calls) == 1:  # 3 bits: out of memory once; 4 bits: every time
+            return None, q.OOM + "CUDA out of memory"
+        return real(bench, c, *rest)
+
+    monkeypatch.setattr(q, "run_cell", run_cell)
+    assert q.main(args + ["--worker-index", "0", "--queue", str(qpath)]) == 0
+    assert calls == [3, 4, 3, 4]  # each put back once, behind the rest of the queue
+    queue = json.loads(qpath.read_text())
+    assert [u["status"] for u in queue["units"]] == [["done"], ["failed: out of memory: CUDA out of memory"]]
+    assert queue["active"] == {}
+    assert sorted(c["bits"] for c in _cells(out / "quality-tiny.json").values()) == [3, 16]
+    assert capsys.readouterr().out.count("back to the queue") == 2
+
+
+def test_a_unit_back_after_running_out_of_memory_waits_for_fewer_workers():
+    import subprocess
+    import sys
+
+    q = _quality()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    me = os.getpid()
+    unit = {"cells": [{}], "worker": None, "status": [None], "oom_busy": 3}
+    assert q.next_unit({"units": [unit], "active": {"1": me, "2": me}}) == (None, True)  # as many as when it failed
+    assert q.next_unit({"units": [unit], "active": {"1": me}}) == (0, False)  # one fewer
+    assert q.next_unit({"units": [unit], "active": {"1": me, "2": gone.pid}}) == (0, False)  # a dead one is not counted
+    plain = {"cells": [{}], "worker": None, "status": [None]}
+    assert q.next_unit({"units": [unit, plain], "active": {}}) == (1, False)  # the others go first
+    assert q.next_unit({"units": [{**plain, "worker": 1}], "active": {}}) == (None, False)
+
+
 def test_units_group_llmmq():
     q = _quality()
     a = q.argparse.Namespace(methods=["fp16", "rtn", "llmmq", "hqq"], bits=[3], group_sizes=[128], cmpq_budgets=[], paper_budgets=[],

@@ -18,7 +18,8 @@ logits are one matmul away and no second model is held.
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -38,22 +39,33 @@ def _head(model: nn.Module) -> nn.Module:
     return head
 
 
+@contextlib.contextmanager
+def recording_head_inputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Inside the block, every forward of ``model`` appends its ``lm_head`` input (fp16, CPU) to the
+    yielded list. The compensated algorithm wraps its sensitivity pass in it: that pass already
+    runs the full-precision model over every calibration window, so the teacher states come free
+    instead of from a second pass (``teacher_states``) with two more whole-model transfers."""
+    got: list[torch.Tensor] = []
+    hook = _head(model).register_forward_pre_hook(lambda m, args: got.append(args[0].detach().half().cpu()))
+    try:
+        yield got
+    finally:
+        hook.remove()
+
+
 @torch.no_grad()
 def teacher_states(model: nn.Module, ids: torch.Tensor, device: torch.device, progress: bool = False) -> torch.Tensor:
     """Last hidden state ``[n, seq, hidden]`` (fp16, CPU) of the full-precision model per window.
     ``progress``: a bar over the windows on a terminal (one forward each, the whole model on ``device``)."""
-    head = _head(model)
-    got: list[torch.Tensor] = []
-    hook = head.register_forward_pre_hook(lambda m, args: got.append(args[0].detach().half().cpu()))
     place = _Placement(model, device)
     pbar = bar(ids.shape[0], "teacher (full precision)", "window", enabled=progress)
     try:
-        for row in ids:
-            model(row[None].to(device), use_cache=False)
-            pbar.update(1)
+        with recording_head_inputs(model) as got:
+            for row in ids:
+                model(row[None].to(device), use_cache=False)
+                pbar.update(1)
     finally:
         pbar.close()
-        hook.remove()
         place.restore()
     return torch.cat(got)
 
