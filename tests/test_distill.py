@@ -245,3 +245,25 @@ def test_the_sensitivity_pass_records_the_teacher_states(tiny_llama, calib_ids):
     assert recorded.shape == expected.shape == (*calib_ids.shape, tiny_llama.config.hidden_size)
     assert torch.equal(recorded, expected)  # the same forward, so the same numbers (CPU)
     assert not tiny_llama.lm_head._forward_pre_hooks  # the recorder leaves no hook behind
+
+
+def test_student_and_teacher_logits_are_taken_at_the_same_point(calib_ids):
+    """Gemma-2 soft-caps its logits after ``lm_head``; the teacher's logits are ``lm_head`` of the
+    stored states, so the student's must be ``lm_head``'s output too: a model compared with its own
+    states is then at zero KL (with the capped logits it was not)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from cmpq.model.distill import _mean_kl
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                       final_logit_softcapping=0.05)  # the tiny model's logits are ~0.3
+    model = _quantized(Gemma2ForCausalLM(cfg).eval(), calib_ids, algorithm="paper")
+    states = teacher_states(model, calib_ids, torch.device("cpu"))
+    head = model.get_output_embeddings()
+    every = torch.arange(calib_ids.shape[0])
+    fixed = _mean_kl(model, calib_ids, states, head, torch.device("cpu"), every, [])
+    capped = model(calib_ids[:1], use_cache=False).logits[0]
+    before = _kl(capped, head(states[0].float())).item()  # what the pass compared before
+    assert fixed < 1e-6 and before > 1e-4, (fixed, before)

@@ -53,6 +53,20 @@ def recording_head_inputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
         hook.remove()
 
 
+def _student_logits(model: nn.Module, head: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """``head``'s own output for one window ``[seq, vocab]``: the logits before any post-processing
+    the model applies after ``lm_head`` (Gemma-2's soft-capping, Granite's logit scaling, Cohere's
+    logit scale). The teacher's logits are ``head(teacher_state)``, so the student's must be taken
+    at the same point, or the pass would train towards a different distribution on those families."""
+    got: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda m, args, out: got.append(out))
+    try:
+        model(ids, use_cache=False)
+    finally:
+        hook.remove()
+    return got[-1][0]
+
+
 @torch.no_grad()
 def teacher_states(model: nn.Module, ids: torch.Tensor, device: torch.device, progress: bool = False) -> torch.Tensor:
     """Last hidden state ``[n, seq, hidden]`` (fp16, CPU) of the full-precision model per window.
@@ -310,7 +324,7 @@ def finetune(
                 order = train[torch.randperm(train.numel(), generator=torch.Generator().manual_seed(epoch))]
                 for step, i in enumerate(order.tolist(), 1):
                     project(tunables)
-                    logits = model(ids[i][None].to(device), use_cache=False).logits[0]
+                    logits = _student_logits(model, head, ids[i][None].to(device))
                     with torch.no_grad():
                         target = head(teacher[i].to(device=device, dtype=head.weight.dtype))
                     # summed over tokens for the backward pass: a per-token mean makes the gradients
@@ -388,7 +402,7 @@ def _mean_kl(model: nn.Module, ids: torch.Tensor, teacher: torch.Tensor, head: n
     total, tokens = 0.0, 0
     for i in which.tolist():
         project(tunables)
-        logits = model(ids[i][None].to(device), use_cache=False).logits[0]
+        logits = _student_logits(model, head, ids[i][None].to(device))
         target = head(teacher[i].to(device=device, dtype=head.weight.dtype))
         total += _kl(logits, target, "sum").item()
         tokens += logits.shape[0]
