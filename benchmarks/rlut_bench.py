@@ -6,8 +6,10 @@ dispatcher runs today) vs ``F.linear`` with an FP16 weight. Each point: median o
 of single calls, each after a 256 MiB write that flushes L2, after warm-up calls. Every kernel's
 output is checked against the float64 reference first; a wrong one is reported and not timed.
 Writes ``$OUT/rlut_bench.json`` after every shape and ``$OUT/rlut_bench.md``; the table is printed last.
+``--groups`` also times every tile grouping the kernel is built for where there are several
+(``kernel_rlut.GROUPS``: one or two 128-row tile groups per block at 5-8 tokens) as ``groups_us``.
 Usage: python benchmarks/rlut_bench.py [--out DIR] [--models 7B,70B] [--bits 3,2,4] [--tokens 1,2,4,8,16]
-[--reps 30] [--budget 120]
+[--reps 30] [--budget 120] [--groups]
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ def main() -> None:
     ap.add_argument("--tokens", default="1,2,4,8,16")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--budget", type=float, default=120.0, help="seconds of wall clock; later points are skipped")
+    ap.add_argument("--groups", action="store_true", help="time each tile grouping where the kernel has several")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if kr.library() is None:
@@ -128,6 +131,14 @@ def main() -> None:
                                rlut_us=bench(lambda: kr.linear(x, lay)) if ok_r else None,
                                rlut_err=e_r, best_err=e_b, prepare_s=round(prep_s, 2),
                                plan=list(kr._params(lay, T, False, None)[1:]))
+                    options = kr.GROUPS[kr.ntl_of(T)]
+                    if args.groups and len(options) > 1:
+                        row["groups_us"] = {}
+                        for q in options:
+                            y_q = kr.linear(x, lay, groups=q)
+                            ok = y_q is not None and rel_err(y_q, ref) < 2e-3
+                            row["groups_us"][q] = bench(lambda q=q: kr.linear(x, lay, groups=q)) if ok else None
+                        print(f"  tile groups per block -> us: {row['groups_us']}", flush=True)
                     rows.append(row)
                     print(f"{bits:g} bits {out}x{n_in} T={T}: fp16 {row['fp16_us']:.1f} us, best "
                           f"{row['best_us'] or float('nan'):.1f}, rlut {row['rlut_us'] or float('nan'):.1f} "

@@ -4,7 +4,8 @@
 # (tests/test_kernel_rlut.py, incl. kernel == CPU emulation) -> timing of rlut vs v4s/mma vs FP16
 # cuBLAS at T = 1, 2, 4, 8, 16 on 7B + 70B shapes, 3 then 2 then 4 bits (benchmarks/rlut_bench.py).
 # Everything lands in $OUT (default benchmarks/results/rlut); the table is printed last.
-# Usage: OUT=/some/dir PYTHON=python3 bash device/rlut_bench.sh
+# Extra arguments go to rlut_bench.py (e.g. --groups --tokens 4,5,8 to time the 5-8-token tile groupings).
+# Usage: OUT=/some/dir PYTHON=python3 bash device/rlut_bench.sh [rlut_bench.py args]
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD
@@ -28,6 +29,6 @@ timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_kernel_rlut.py -k gpu
 echo "[$(el)s] tests rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/tests.log" | tail -25
 
 LEFT=$(( 170 - $(el) )); [ $LEFT -lt 40 ] && LEFT=40
-timeout $LEFT $PY benchmarks/rlut_bench.py --out "$OUT" --budget $(( LEFT - 25 )) >"$OUT/bench.log" 2>&1
+timeout $LEFT $PY benchmarks/rlut_bench.py --out "$OUT" --budget $(( LEFT - 25 )) "$@" >"$OUT/bench.log" 2>&1
 echo "[$(el)s] bench rc=$?"
 if [ -f "$OUT/rlut_bench.md" ]; then cat "$OUT/rlut_bench.md"; else tail -60 "$OUT/bench.log"; fi

@@ -307,16 +307,21 @@ def test_plan_covers_units():
             lay = SimpleNamespace(ntg=-(-out // 128), cs=tuple(cs), chbase=tuple(chbase),
                                   chan=torch.empty(nch), lutmax=max(kr.LB[k] for k in present),
                                   recmax=max(kr.RB[k] for k in present))
-            for T in (1, 4, 8, 16):
-                pl = kr.plan(lay, T, 132)
-                assert pl is not None, (out, n_in, bits, T)
-                rb, S, smem, slot, xs_off, red_off, usplit = pl
-                assert smem <= kr.MAX_SMEM and 1 <= S <= kr.MAXS and len(usplit) == S + 1
-                assert usplit[0] == 0 and usplit[-1] == cs[-1] and (np.diff(usplit) >= 0).all()
-                # whole waves: no tail wave of a few blocks (ncu, 2026-12-06: 400 blocks where 396 fit)
-                wave = 132 * min(kr.BLOCKS_PER_SM[kr.ntl_of(T)], kr.SM_SMEM // (smem + 1024))
-                s_x = kr.x_splits(nch, T)  # splits the gathered x needs
-                assert rb * S <= max(1, -(-rb * s_x // wave)) * wave or S == 1, (out, n_in, bits, T, rb, S, wave)
+            for T in (1, 4, 5, 8, 16):
+                for groups in kr.GROUPS[kr.ntl_of(T)]:
+                    pl = kr.plan(lay, T, 132, groups=groups)
+                    assert pl is not None, (out, n_in, bits, T, groups)
+                    rb, S, smem, slot, xs_off, red_off, usplit, Q = pl
+                    assert Q == groups and rb == -(-lay.ntg // Q) and slot == lay.lutmax + Q * lay.recmax
+                    assert smem <= kr.MAX_SMEM and 1 <= S <= kr.MAXS and len(usplit) == S + 1
+                    assert usplit[0] == 0 and usplit[-1] == cs[-1] and (np.diff(usplit) >= 0).all()
+                    # whole waves: no tail wave of a few blocks (ncu, 2026-12-06: 400 blocks where 396 fit)
+                    wave = 132 * min(kr.BLOCKS_PER_SM[kr.ntl_of(T), Q], kr.SM_SMEM // (smem + 1024))
+                    s_x = kr.x_splits(nch, T)  # splits the gathered x needs
+                    assert rb * S <= max(1, -(-rb * s_x // wave)) * wave or S == 1, (out, n_in, bits, T, rb, S, wave)
+                assert kr.plan(lay, T, 132)[-1] == kr.GROUPS[kr.ntl_of(T)][0]  # the first is the default
+            with pytest.raises(ValueError, match="tile groups"):
+                kr.plan(lay, 16, 132, groups=2)
 
 
 def test_linear_declines_what_it_cannot_serve():
@@ -360,6 +365,23 @@ def test_gpu_rlut(mix, outliers, dtype):
         assert y is not None, kr.library_error()
         _check(y, layer, x)
         torch.testing.assert_close(kr.linear(x, lay), y, rtol=2e-3, atol=1e-3)  # accumulator re-zeroed
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_rlut_every_tile_grouping(dtype):
+    """Each tile grouping the kernel is built for (``GROUPS``: 5-8 tokens take one or two) gives the
+    reference, forced splits and odd row counts included."""
+    for out in (300, 129, 1000):
+        layer = _layer("mixed", True, seed=out, out=out, device="cuda")
+        lay = kr.prepare(layer)
+        for tokens in range(1, 17):
+            for groups in kr.GROUPS[kr.ntl_of(tokens)]:
+                for splits in (None, 3):
+                    x = torch.randn(tokens, 300, device="cuda").to(dtype)
+                    y = kr.linear(x, lay, splits=splits, groups=groups)
+                    assert y is not None, (out, tokens, groups, splits)
+                    _check(y, layer, x)
 
 
 @cuda_only

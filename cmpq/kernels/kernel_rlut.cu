@@ -281,8 +281,13 @@ __device__ __forceinline__ void issue(const PR& p, int u, int tg0, unsigned slot
 #endif
 }
 
+// blocks per SM the registers allow: Q * 4 * NTL * 4 accumulators a lane (16 tokens, or 8 tokens
+// over two tile groups: 64; kernel_rlut.BLOCKS_PER_SM mirrors this)
+template <int NTL, int Q>
+constexpr int blocks_per_sm() { return Q * NTL >= 4 ? 3 : 4; }
+
 template <int NTL, int Q, int BF>
-__global__ void __launch_bounds__(NTHREADS, NTL == 4 ? 3 : 4) rlut_kernel(const PR p) {  // 16 tokens: 64 accumulators
+__global__ void __launch_bounds__(NTHREADS, blocks_per_sm<NTL, Q>()) rlut_kernel(const PR p) {
   extern __shared__ __align__(16) char smem_raw[];
   __shared__ int is_last;
   constexpr int TP = 4 * NTL, ROWS = Q * 128;
@@ -445,9 +450,8 @@ PROBE(2)
 PROBE(3)
 #endif
 
-template <int NTL, int BF>
+template <int NTL, int Q, int BF>
 static int launch(const PR* p, int gx, int gy, int smem, cudaStream_t st) {
-  constexpr int Q = NTL == 1 ? 2 : 1;
   static bool init = false;
   if (!init) {
     cudaError_t e = cudaFuncSetAttribute(rlut_kernel<NTL, Q, BF>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
@@ -458,15 +462,18 @@ static int launch(const PR* p, int gx, int gy, int smem, cudaStream_t st) {
   return (int)cudaGetLastError();
 }
 
-extern "C" int cmpq_rlut_launch(const PR* p, int ntl, int bf, int gx, int gy, int smem, void* stream) {
+// q: tile groups of 128 rows per block (kernel_rlut.GROUPS: 2 at 1-4 tokens, 1 or 2 at 5-8, 1 at 9-16)
+extern "C" int cmpq_rlut_launch(const PR* p, int ntl, int q, int bf, int gx, int gy, int smem, void* stream) {
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  switch (ntl * 2 + bf) {
-    case 2: return launch<1, 0>(p, gx, gy, smem, st);
-    case 3: return launch<1, 1>(p, gx, gy, smem, st);
-    case 4: return launch<2, 0>(p, gx, gy, smem, st);
-    case 5: return launch<2, 1>(p, gx, gy, smem, st);
-    case 8: return launch<4, 0>(p, gx, gy, smem, st);
-    case 9: return launch<4, 1>(p, gx, gy, smem, st);
+  switch ((ntl * 4 + q) * 2 + bf) {
+    case (1 * 4 + 2) * 2: return launch<1, 2, 0>(p, gx, gy, smem, st);
+    case (1 * 4 + 2) * 2 + 1: return launch<1, 2, 1>(p, gx, gy, smem, st);
+    case (2 * 4 + 1) * 2: return launch<2, 1, 0>(p, gx, gy, smem, st);
+    case (2 * 4 + 1) * 2 + 1: return launch<2, 1, 1>(p, gx, gy, smem, st);
+    case (2 * 4 + 2) * 2: return launch<2, 2, 0>(p, gx, gy, smem, st);
+    case (2 * 4 + 2) * 2 + 1: return launch<2, 2, 1>(p, gx, gy, smem, st);
+    case (4 * 4 + 1) * 2: return launch<4, 1, 0>(p, gx, gy, smem, st);
+    case (4 * 4 + 1) * 2 + 1: return launch<4, 1, 1>(p, gx, gy, smem, st);
   }
   return -1;
 }

@@ -32,7 +32,12 @@ from cmpq.kernels.layout import _quantized_values, stamp
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel_rlut.cu")
 NWARPS, RING_D, MAXS = 4, 2, 512  # kernel_rlut.cu (RING_D 3 lost to 2: rlut-rings-h100.json)
 NTHREADS = 32 * NWARPS
-BLOCKS_PER_SM = {1: 4, 2: 4, 4: 3}  # __launch_bounds__ per NTL
+# tile groups (128 rows each) per block, per NTL; the first is the default. At 5-8 tokens (NTL 2) the
+# kernel is built both ways: one group is what was measured (H100, 2026-12-07: 2.0-2.5x the 4-token time
+# on 70B shapes, where two groups at 1-4 tokens stay flat), two halve the blocks, the x gathers and
+# the LUT loads per weight at 149 registers (3 blocks per SM instead of 4). `rlut_bench.py --groups` times both.
+GROUPS = {1: (2,), 2: (1, 2), 4: (1,)}
+BLOCKS_PER_SM = {(1, 2): 4, (2, 1): 4, (2, 2): 3, (4, 1): 3}  # __launch_bounds__ (kernel_rlut.cu blocks_per_sm)
 MAX_SMEM = 200 << 10
 SM_SMEM = 227 << 10
 XS_MAX = 32 << 10  # a block's gathered x; more splits when a split's channels would need more
@@ -53,7 +58,7 @@ class _PR(ctypes.Structure):
                 ("usplit", ctypes.c_int * (MAXS + 1))]
 
 
-_LIBRARY = cd.KernelLibrary(SRC, "cmpq_rlut", _PR, n_int_args=5)
+_LIBRARY = cd.KernelLibrary(SRC, "cmpq_rlut", _PR, n_int_args=6)
 
 
 def library():
@@ -234,7 +239,7 @@ def x_splits(channels: int, T: int) -> int:
     return max(1, -(-channels * 4 * ntl_of(T) * 2 // XS_MAX))
 
 
-def plan(lay: RlutLayout, T: int, sms: int, splits: int | None = None):
+def plan(lay: RlutLayout, T: int, sms: int, splits: int | None = None, groups: int | None = None):
     """(rb, S, smem, slot, xs_off, red_off, usplit): row blocks, splits of the unit list balanced by
     COST, and a grid of whole waves: as many blocks as the SMs hold at once (``resident`` from the
     plan's own shared memory), or a whole multiple of that when a split's gathered x needs more splits.
@@ -242,9 +247,13 @@ def plan(lay: RlutLayout, T: int, sms: int, splits: int | None = None):
     Why whole waves: the ncu profile of 4096x11008 at one token (H100, 2026-12-06,
     ``benchmarks/results/ncu-rlut-h100.txt``) showed 400 blocks where 3 x 132 = 396 fit, the split
     count having been rounded up: 4 blocks ran in a second wave, each as long as a block of the first
-    (the kernel is latency-bound, 0.26 instructions issued per scheduler cycle)."""
+    (the kernel is latency-bound, 0.26 instructions issued per scheduler cycle).
+
+    ``groups``: tile groups per block, one of ``GROUPS[ntl]`` (None: the first)."""
     ntl = ntl_of(T)
-    Q = 2 if ntl == 1 else 1
+    Q = GROUPS[ntl][0] if groups is None else groups
+    if Q not in GROUPS[ntl]:
+        raise ValueError(f"rlut at {T} tokens takes {GROUPS[ntl]} tile groups per block, not {groups}")
     TP = 4 * ntl
     rb = -(-lay.ntg // Q)
     NU = lay.cs[-1]
@@ -269,7 +278,7 @@ def plan(lay: RlutLayout, T: int, sms: int, splits: int | None = None):
         S = max(S_x, min(sms // rb, NU // NWARPS) or 1)
         for _ in range(4):  # the smem, hence the residency, depends on S: settle in a few rounds
             S, smem = layout(S)[:2]
-            resident = max(1, min(BLOCKS_PER_SM[ntl], SM_SMEM // (smem + 1024)))
+            resident = max(1, min(BLOCKS_PER_SM[ntl, Q], SM_SMEM // (smem + 1024)))
             wave = sms * resident
             waves = max(1, -(-rb * S_x // wave))  # one wave unless the x gather forces more
             S_new = max(S_x, min(waves * wave // rb, NU // NWARPS or 1))
@@ -281,18 +290,18 @@ def plan(lay: RlutLayout, T: int, sms: int, splits: int | None = None):
     S, smem, xs_off, red_off, usplit = layout(S)
     if smem > MAX_SMEM:
         return None
-    return rb, S, smem, slot, xs_off, red_off, usplit
+    return rb, S, smem, slot, xs_off, red_off, usplit, Q
 
 
-def _params(lay: RlutLayout, T: int, bf: bool, splits: int | None):
-    k = (ntl_of(T), bf, splits)
+def _params(lay: RlutLayout, T: int, bf: bool, splits: int | None, groups: int | None = None):
+    k = (ntl_of(T), bf, splits, groups)
     if k in lay.plans:
         return lay.plans[k]
-    pl = plan(lay, T, cd._num_sms(lay.rec.device), splits)
+    pl = plan(lay, T, cd._num_sms(lay.rec.device), splits, groups)
     if pl is None:
         lay.plans[k] = None
         return None
-    rb, S, smem, slot, xs_off, red_off, usplit = pl
+    rb, S, smem, slot, xs_off, red_off, usplit, Q = pl
     p = _PR()
     p.rec, p.chan = lay.rec.data_ptr(), lay.chan.data_ptr()
     p.ofr = (lay.ofrbf if bf else lay.ofr16).data_ptr()
@@ -307,7 +316,7 @@ def _params(lay: RlutLayout, T: int, bf: bool, splits: int | None):
         p.usplit[i] = int(v)
     p.ntg, p.out, p.S = lay.ntg, lay.out, S
     p.slot, p.lutmax, p.recmax, p.xs_off, p.red_off = slot, lay.lutmax, lay.recmax, xs_off, red_off
-    lay.plans[k] = (p, rb, S, smem)
+    lay.plans[k] = (p, rb, S, smem, Q)
     return lay.plans[k]
 
 
@@ -321,8 +330,9 @@ def _bias(layer) -> torch.Tensor | None:
     return (b if s is None else b / s.float()).contiguous()
 
 
-def linear(x: torch.Tensor, lay: RlutLayout, splits: int | None = None) -> torch.Tensor | None:
-    """``layer(x)`` for 1..16 tokens (fp16/bf16, CUDA) from ``prepare(layer)``; None if it does not apply."""
+def linear(x: torch.Tensor, lay: RlutLayout, splits: int | None = None, groups: int | None = None) -> torch.Tensor | None:
+    """``layer(x)`` for 1..16 tokens (fp16/bf16, CUDA) from ``prepare(layer)``; None if it does not apply.
+    ``splits`` and ``groups`` override the plan (benchmarks and tests)."""
     if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) or x.shape[-1] != lay.in_features:
         return None
     lead, n_in, out = x.shape[:-1], x.shape[-1], lay.out
@@ -336,16 +346,17 @@ def linear(x: torch.Tensor, lay: RlutLayout, splits: int | None = None) -> torch
     if lib is None:
         return None
     bf = x.dtype == torch.bfloat16
-    pp = _params(lay, T, bf, splits)
+    pp = _params(lay, T, bf, splits, groups)
     if pp is None:
         return None
-    p, rb, S, smem = pp
+    p, rb, S, smem, Q = pp
     ntl = ntl_of(T)
     part, cnt = cd._workspace(x.device, out * 4 * ntl, rb)
     y = torch.empty(T, out, dtype=x.dtype, device=x.device)
     p.x, p.y, p.part, p.cnt = x2.data_ptr(), y.data_ptr(), part.data_ptr(), cnt.data_ptr()
     p.ldx, p.T = x2.stride(0), T
-    err = lib.cmpq_rlut_launch(ctypes.byref(p), ntl, int(bf), rb, S, smem, torch.cuda.current_stream(x.device).cuda_stream)
+    err = lib.cmpq_rlut_launch(ctypes.byref(p), ntl, Q, int(bf), rb, S, smem,
+                               torch.cuda.current_stream(x.device).cuda_stream)
     if err:
         raise RuntimeError(f"cmpq rlut kernel failed: {lib.cmpq_rlut_error_string(err).decode()}")
     if lay.row_scale is not None:
