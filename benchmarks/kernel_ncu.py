@@ -1,8 +1,9 @@
 """Tiny driver for ncu: one 4096x11008 3-bit layer, two calls per kernel (the first builds its plan;
-ncu -k/-c picks the kernels). One-token kernels by name (``cmpq.kernels.dispatch.RUNNERS``); ``mma4``
-is the tensor-core kernel at 4 tokens; ``rlut1`` / ``rlut4`` the standalone register-lookup kernel
-(its own layout, ``kernel_rlut.prepare``) at 1 / 4 tokens, whose ~20 us fixed cost per launch is
-what the profile should explain. Used by kernel_variants.sh and device_ncu.sh."""
+ncu -k/-c picks the kernels). One-token kernels by name (``cmpq.kernels.dispatch.RUNNERS``); ``mmaN``
+is the tensor-core kernel at N tokens (``mma4``; ``mma8,mma16``: its time doubles from 8 to 16
+tokens with the same grid and no spills, H100 2026-12-07, and the profile should say why);
+``rlutN`` the standalone register-lookup kernel (its own layout, ``kernel_rlut.prepare``) at N
+tokens. Used by kernel_variants.sh and device_ncu.sh."""
 import sys
 
 import torch
@@ -15,7 +16,6 @@ counts, n_act = mix_counts(11008, 3.0)
 layer = random_layer(4096, 11008, counts, n_act, round(5e-4 * 4096 * 11008), device="cuda",
                      generator=torch.Generator().manual_seed(0), pack=False)
 x = torch.randn(1, 11008, device="cuda", dtype=torch.float16)
-x4 = torch.randn(4, 11008, device="cuda", dtype=torch.float16)
 rt = layer.runtime()
 rlut = None
 if any(v.startswith("rlut") for v in variants):
@@ -26,10 +26,10 @@ if any(v.startswith("rlut") for v in variants):
 
 
 def run(v: str) -> torch.Tensor | None:
-    if v == "mma4":
-        return dispatch.RUNNERS["mma"](rt, x4)
-    if v in ("rlut1", "rlut4"):
-        return kernel_rlut.linear(x if v == "rlut1" else x4, rlut)
+    for name in ("mma", "rlut"):
+        if v.startswith(name) and v[len(name):].isdigit():
+            xt = torch.randn(int(v[len(name):]), 11008, device="cuda", dtype=torch.float16)
+            return dispatch.RUNNERS["mma"](rt, xt) if name == "mma" else kernel_rlut.linear(xt, rlut)
     return dispatch.RUNNERS[v](rt, x)
 
 
