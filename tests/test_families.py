@@ -66,3 +66,30 @@ def test_family_quantize_save_load_forward(family, calib_ids, tmp_path):
     assert torch.isfinite(out).all()
     back = cmpq.load(cmpq.save(q, tmp_path / "m"), device="cpu")
     torch.testing.assert_close(back(calib_ids).logits, out, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_default_with_fine_tuning(family, calib_ids):
+    """The default (compensated, with codebook fine-tuning) on every family: the teacher states the
+    sensitivity pass records are the full-precision model's last hidden states, and the student's
+    logits are taken where the teacher's are (a model against its own states is at zero KL, whatever
+    the family does to its logits after ``lm_head``)."""
+    from cmpq.model import sensitivity
+    from cmpq.model.distill import _mean_kl, recording_head_inputs, teacher_states
+
+    model = build(family)
+    cpu = torch.device("cpu")
+    expected = teacher_states(model, calib_ids, cpu)
+    with recording_head_inputs(model) as got:
+        sensitivity.measure(model, calib_ids, cpu)
+    assert torch.equal(torch.cat(got), expected)
+    cfg = cmpq.CMPQConfig(bits=4.0, kmeans_iters=5, alloc_kmeans_iters=5, finetune_epochs=1)
+    q = cmpq.quantize(model, None, cfg, calib=calib_ids, device="cpu", log=None)
+    frac, left = coverage(q)
+    assert frac >= 0.99 and not left, left
+    record = q.config.quantization_config["finetune"]
+    assert record["kept_epoch"] in (0, 1) and len(record["held_out_kl"]) == 2
+    states = teacher_states(q, calib_ids, cpu)
+    every = torch.arange(calib_ids.shape[0])
+    assert abs(_mean_kl(q, calib_ids, states, q.get_output_embeddings(), cpu, every, [])) < 1e-6
+    assert torch.isfinite(q(calib_ids).logits).all()
