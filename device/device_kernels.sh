@@ -5,10 +5,10 @@
 #   tests    GPU correctness tests of every CUDA kernel (tests/test_kernels.py); failures printed
 #   variants one-token kernels v3b and v4s at 3/2/4 bits, 7B + 70B shapes
 #   grid     the table with the shipped dispatch (what CMPQLinear.forward runs): 1/4/8/16 tokens,
-#            2/2.5/3/3.5/4 bits, 7B, 70B, 13B shapes -> kernels-h200.{json,md}
-#   prefill  dequantize + cuBLAS at 4..2048 tokens, same shapes and bits -> kernels-prefill-h200.{json,md}
+#            2/2.5/3/3.5/4 bits, 7B, 70B, 13B shapes -> kernels-$GPU.{json,md}
+#   prefill  dequantize + cuBLAS at 4..2048 tokens, same shapes and bits -> kernels-prefill-$GPU.{json,md}
 #            (next to the grid, it shows where the dispatch should switch from mma to prefill)
-#   small    SmolLM2-135M's layer shapes, dispatch and prefill, 1/4/16 tokens, 3 bits -> kernels-135m-h200.*
+#   small    SmolLM2-135M's layer shapes, dispatch and prefill, 1/4/16 tokens, 3 bits -> kernels-135m-$GPU.*
 # JSON and tests.log land in $OUT (the device returns at most 8 files: logs and Markdown stay in $LOGS;
 # `python benchmarks/kernel_bench.py --table-only --out X.json` rebuilds a table). Usage: bash device/device_kernels.sh   (CMPQ_KERNELS_LIMIT_S, default 570)
 set -u
@@ -19,6 +19,9 @@ OUT=${OUT:-benchmarks/results/device-kernels}
 LOGS=${LOGS:-/tmp/cmpq-kernel-logs}
 mkdir -p "$OUT" "$LOGS"
 PY=${PYTHON:-python3}
+# results are named after the card they ran on (kernels-h100.json, kernels-h200.json, ...)
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -oE "[HAB][0-9]+" | head -1 | tr 'A-Z' 'a-z')
+GPU=${GPU:-gpu}
 LIMIT=${CMPQ_KERNELS_LIMIT_S:-570}
 STEPS=" ${CMPQ_KERNELS_STEPS:-tests variants grid prefill small} "
 T0=$(date +%s)
@@ -57,23 +60,23 @@ print("v4s vs v3b above 100 M weights, 3 bits:", big, "->",
 PY
 fi
 if want grid; then
-  timeout $(( $(left) > 200 ? 180 : $(left) / 2 )) $PY benchmarks/kernel_bench.py --models 7B,70B,13B --batches 1,4,8,16 \
-    --max-minutes 2 --out "$OUT/kernels-h200.json" >"$LOGS/grid.log" 2>&1
+  timeout $(( $(left) > 200 ? 180 : $(left) / 2 )) $PY benchmarks/kernel_bench.py --models 7B,70B,13B --batches 1,2,4,8,16 \
+    --max-minutes 2 --out "$OUT/kernels-$GPU.json" >"$LOGS/grid.log" 2>&1
   echo "[$(el)s] grid rc=$?"
 fi
 if want prefill; then
   timeout $(( $(left) > 240 ? 200 : $(left) / 2 )) $PY benchmarks/kernel_bench.py --impl prefill --models 7B,70B,13B \
-    --batches 4,8,16,64,512,2048 --max-minutes 2.5 --out "$OUT/kernels-prefill-h200.json" >"$LOGS/prefill.log" 2>&1
-  echo "[$(el)s] prefill rc=$?"; grep -E "^\| 7B 4096x11008 \| 3.0" "$OUT/kernels-prefill-h200.md" 2>/dev/null
+    --batches 4,8,16,64,512,2048 --max-minutes 2.5 --out "$OUT/kernels-prefill-$GPU.json" >"$LOGS/prefill.log" 2>&1
+  echo "[$(el)s] prefill rc=$?"; grep -E "^\| 7B 4096x11008 \| 3.0" "$OUT/kernels-prefill-$GPU.md" 2>/dev/null
 fi
 if want small; then
   timeout $(( $(left) - 5 )) $PY benchmarks/kernel_bench.py --models 135M --bits 3 --batches 1,4,16 \
-    --out "$OUT/kernels-135m-h200.json" >"$LOGS/small.log" 2>&1
+    --out "$OUT/kernels-135m-$GPU.json" >"$LOGS/small.log" 2>&1
   timeout $(( $(left) - 5 )) $PY benchmarks/kernel_bench.py --impl prefill --models 135M --bits 3 --batches 1,4,16,128 \
-    --out "$OUT/kernels-135m-prefill-h200.json" >>"$LOGS/small.log" 2>&1
+    --out "$OUT/kernels-135m-prefill-$GPU.json" >>"$LOGS/small.log" 2>&1
   echo "[$(el)s] small rc=$?"; grep -E "^\| 135M" "$OUT"/kernels-135m-*.md 2>/dev/null
 fi
 if want grid; then
-  echo "grid, 3 bits:"; grep -E "^\| (7B|13B|70B).*\| 3.0 \|" "$OUT/kernels-h200.md" 2>/dev/null | cut -c1-90
+  echo "grid, 3 bits:"; grep -E "^\| (7B|13B|70B).*\| 3.0 \|" "$OUT/kernels-$GPU.md" 2>/dev/null | cut -c1-90
 fi
 mv "$OUT"/*.md "$LOGS"/ 2>/dev/null; true
