@@ -9,7 +9,9 @@ as a fraction of it. Usage: ``python benchmarks/kernel_bench.py [--out PATH] [--
 [--sweep] [--max-minutes M] [--peer gemlite]``. ``--impl dispatch`` (default) times exactly what ``CMPQLinear.forward``
 runs (the kernel ``cmpq.kernels.dispatch.TABLE`` picks; ``--force v4s`` etc. imposes one through
 ``cmpq.kernels.force``); ``cuda`` times the v3b CUDA kernel, ``triton`` the Triton kernel
-(cmpq/kernels/lut_gemv.py), ``prefill`` the dequantize + cuBLAS path at any token count.
+(cmpq/kernels/lut_gemv.py), ``prefill`` the dequantize + cuBLAS path at any token count; prefill rows
+also carry ``fp16_transposed_us``, FP16 cuBLAS with the weight in the layout prefill hands it
+(``[in, out]`` contiguous), so a row's gap to FP16 splits into the dequantization and the GEMM layout.
 A Markdown table is written next to the JSON.
 
 ``--peer gemlite`` times, in the same run and the same way, what a user would pick instead: gemlite's
@@ -316,7 +318,7 @@ def measure(args: argparse.Namespace) -> None:
         if args.impl == "mma":
             return sweep_mma(args.out if args.out != DEFAULT_OUT else "benchmarks/results/mma-splits.json")
         sweep_cuda() if args.impl == "cuda" else sweep()
-    rows, peer_rows, fp16_us = [], [], {}
+    rows, peer_rows, fp16_us, fp16_t_us = [], [], {}, {}
     meta = dict(device=torch.cuda.get_device_name(), date=datetime.datetime.now().isoformat(timespec="seconds"),
                 torch=torch.__version__, triton=triton.__version__, copy_bw_Bps=bw, block_n=args.block_n, impl=args.impl,
                 forced=args.force,
@@ -342,7 +344,17 @@ def measure(args: argparse.Namespace) -> None:
         for T in batches:
             xs = [torch.randn(T, n_in, device=dev, dtype=torch.float16) for _ in range(nw)]
             fp16_us[(out, n_in, T)] = time_graph([lambda w=w, x=x: F.linear(x, w) for w, x in zip(ws, xs)], nw)
-        del ws
+        if args.impl == "prefill":
+            # the GEMM prefill calls: the weight dequantized transposed ([in, out] contiguous), so
+            # cuBLAS gets the other operand layout; this separates that from the dequantization's cost
+            wts = [w.t().contiguous() for w in ws]
+            del ws
+            for T in batches:
+                xs = [torch.randn(T, n_in, device=dev, dtype=torch.float16) for _ in range(nw)]
+                fp16_t_us[(out, n_in, T)] = time_graph([lambda w=w, x=x: F.linear(x, w.t()) for w, x in zip(wts, xs)], nw)
+            del wts
+        else:
+            del ws
         if args.peer:
             peer_rows += measure_peer(out, n_in, batches, fp16_us, bw, model, dev)
             save()
@@ -367,6 +379,8 @@ def measure(args: argparse.Namespace) -> None:
                          fp16_us=fp16_us[(out, n_in, T)], speedup=fp16_us[(out, n_in, T)] / us,
                          bytes=moved, floor_us=moved / bw * 1e6, bw_frac=moved / (us * 1e-6) / bw,
                          eff_bits=first.effective_bits(), rel_err=err)
+                if (out, n_in, T) in fp16_t_us:
+                    r["fp16_transposed_us"] = fp16_t_us[(out, n_in, T)]
                 rows.append(r)
                 print(f"{model} {out}x{n_in} {bits}b T={T}: {us:.1f}us fp16 {r['fp16_us']:.1f}us "
                       f"x{r['speedup']:.2f} bw {r['bw_frac']:.0%} err {err:.1e}", flush=True)
