@@ -605,14 +605,18 @@ def run_parallel(a: argparse.Namespace, argv: list[str], wall_start: float, unit
     return 0
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+def _busy(q: dict) -> int:
+    """Workers holding a cell now (``active``: worker -> pid); a worker that died holds none."""
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
         return True
-    return True
+
+    return sum(alive(pid) for pid in q.get("active", {}).values())
 
 
 def next_unit(q: dict) -> tuple[int | None, bool]:
@@ -626,7 +630,7 @@ def next_unit(q: dict) -> tuple[int | None, bool]:
     fresh = [j for j in free if q["units"][j].get("oom_busy") is None]
     if fresh:
         return fresh[0], False
-    busy = sum(_alive(pid) for pid in q.get("active", {}).values())
+    busy = _busy(q)
     for j in free:  # only units put back are left
         if busy == 0 or busy < q["units"][j]["oom_busy"] - 1:
             return j, False
@@ -671,13 +675,11 @@ def run_worker(a: argparse.Namespace) -> int:
         unit goes back to the queue once (``next_unit``)."""
         with locked(qpath):
             qq = json.loads(qpath.read_text())
-            active = qq.setdefault("active", {})
             if u is not None:
                 unit = qq["units"][u]
-                unit["oom_busy"] = sum(_alive(pid) for pid in active.values())
-                unit["oom_error"], unit["worker"], unit["retried"] = err, None, True
+                unit["oom_busy"], unit["oom_error"], unit["worker"] = _busy(qq), err, None
                 unit["status"][k] = None
-            active.pop(str(i), None)
+            qq.setdefault("active", {}).pop(str(i), None)
             atomic_write(qpath, json.dumps(qq))
 
     while True:
@@ -712,7 +714,7 @@ def run_worker(a: argparse.Namespace) -> int:
             if est:
                 spent, estimated = spent + took, estimated + est
             if err is not None:
-                if err.startswith(OOM) and len(qq["units"][u]["cells"]) == 1 and not qq["units"][u].get("retried"):
+                if err.startswith(OOM) and len(qq["units"][u]["cells"]) == 1 and "oom_busy" not in qq["units"][u]:
                     print(f"{label(c)}: {err}; back to the queue, for when fewer workers hold cells", flush=True)
                     retry = (u, k, err)
                     continue

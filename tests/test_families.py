@@ -83,6 +83,7 @@ def test_family_default_with_fine_tuning(family, calib_ids):
     with recording_head_inputs(model) as got:
         sensitivity.measure(model, calib_ids, cpu)
     assert torch.equal(torch.cat(got), expected)
+    assert not model.get_output_embeddings()._forward_pre_hooks  # the recorder leaves no hook behind
     cfg = cmpq.CMPQConfig(bits=4.0, kmeans_iters=5, alloc_kmeans_iters=5, finetune_epochs=1)
     q = cmpq.quantize(model, None, cfg, calib=calib_ids, device="cpu", log=None)
     frac, left = coverage(q)

@@ -316,7 +316,7 @@ def test_plan_covers_units():
                     assert smem <= kr.MAX_SMEM and 1 <= S <= kr.MAXS and len(usplit) == S + 1
                     assert usplit[0] == 0 and usplit[-1] == cs[-1] and (np.diff(usplit) >= 0).all()
                     # whole waves: no tail wave of a few blocks (ncu, 2026-12-06: 400 blocks where 396 fit)
-                    wave = 132 * min(kr.BLOCKS_PER_SM[kr.ntl_of(T), Q], kr.SM_SMEM // (smem + 1024))
+                    wave = 132 * min(kr.blocks_per_sm(kr.ntl_of(T), Q), kr.SM_SMEM // (smem + 1024))
                     s_x = kr.x_splits(nch, T)  # splits the gathered x needs
                     assert rb * S <= max(1, -(-rb * s_x // wave)) * wave or S == 1, (out, n_in, bits, T, rb, S, wave)
                 assert kr.plan(lay, T, 132)[-1] == kr.GROUPS[kr.ntl_of(T)][0]  # the first is the default

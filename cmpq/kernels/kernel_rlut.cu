@@ -282,7 +282,7 @@ __device__ __forceinline__ void issue(const PR& p, int u, int tg0, unsigned slot
 }
 
 // blocks per SM the registers allow: Q * 4 * NTL * 4 accumulators a lane (16 tokens, or 8 tokens
-// over two tile groups: 64; kernel_rlut.BLOCKS_PER_SM mirrors this)
+// over two tile groups: 64; kernel_rlut.blocks_per_sm mirrors this)
 template <int NTL, int Q>
 constexpr int blocks_per_sm() { return Q * NTL >= 4 ? 3 : 4; }
 

@@ -33,11 +33,10 @@ SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel_rlut.cu")
 NWARPS, RING_D, MAXS = 4, 2, 512  # kernel_rlut.cu (RING_D 3 lost to 2: rlut-rings-h100.json)
 NTHREADS = 32 * NWARPS
 # tile groups (128 rows each) per block, per NTL; the first is the default. At 5-8 tokens (NTL 2) the
-# kernel is built both ways: one group is what was measured (H100, 2026-12-07: 2.0-2.5x the 4-token time
-# on 70B shapes, where two groups at 1-4 tokens stay flat), two halve the blocks, the x gathers and
+# kernel is built both ways: one group is what was measured (H100, 2026-12-07: 2.0-2.4x the 4-token time
+# on the 70B MLP shapes at 8 tokens), two halve the blocks, the x gathers and
 # the LUT loads per weight at 149 registers (3 blocks per SM instead of 4). `rlut_bench.py --groups` times both.
 GROUPS = {1: (2,), 2: (1, 2), 4: (1,)}
-BLOCKS_PER_SM = {(1, 2): 4, (2, 1): 4, (2, 2): 3, (4, 1): 3}  # __launch_bounds__ (kernel_rlut.cu blocks_per_sm)
 MAX_SMEM = 200 << 10
 SM_SMEM = 227 << 10
 XS_MAX = 32 << 10  # a block's gathered x; more splits when a split's channels would need more
@@ -47,6 +46,12 @@ RB = (1024, 1536, 2048, 2048)  # bytes per (unit, tile group) record block
 LB = (256, 512, 1024, 0)  # LUT bytes per unit
 COST = (1.0, 1.25, 1.8, 0.6)  # relative time of a unit per tile group (split balancing), a guess
 ROWS_PER_STEP = 1024
+
+
+def blocks_per_sm(ntl: int, groups: int) -> int:
+    """The kernel's ``__launch_bounds__`` (kernel_rlut.cu ``blocks_per_sm``): 64 accumulators a lane
+    (16 tokens, or 8 over two tile groups) leave room for 3 blocks of 128 threads per SM, else 4."""
+    return 3 if groups * ntl >= 4 else 4
 
 
 class _PR(ctypes.Structure):
@@ -240,7 +245,7 @@ def x_splits(channels: int, T: int) -> int:
 
 
 def plan(lay: RlutLayout, T: int, sms: int, splits: int | None = None, groups: int | None = None):
-    """(rb, S, smem, slot, xs_off, red_off, usplit): row blocks, splits of the unit list balanced by
+    """(rb, S, smem, slot, xs_off, red_off, usplit, groups): row blocks, splits of the unit list balanced by
     COST, and a grid of whole waves: as many blocks as the SMs hold at once (``resident`` from the
     plan's own shared memory), or a whole multiple of that when a split's gathered x needs more splits.
 
@@ -278,7 +283,7 @@ def plan(lay: RlutLayout, T: int, sms: int, splits: int | None = None, groups: i
         S = max(S_x, min(sms // rb, NU // NWARPS) or 1)
         for _ in range(4):  # the smem, hence the residency, depends on S: settle in a few rounds
             S, smem = layout(S)[:2]
-            resident = max(1, min(BLOCKS_PER_SM[ntl, Q], SM_SMEM // (smem + 1024)))
+            resident = max(1, min(blocks_per_sm(ntl, Q), SM_SMEM // (smem + 1024)))
             wave = sms * resident
             waves = max(1, -(-rb * S_x // wave))  # one wave unless the x gather forces more
             S_new = max(S_x, min(waves * wave // rb, NU // NWARPS or 1))

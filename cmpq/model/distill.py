@@ -273,19 +273,17 @@ def finetune(
     if teacher.shape[:2] != ids.shape:
         raise ValueError(f"teacher states {tuple(teacher.shape)} do not match the windows {tuple(ids.shape)}")
     head = _head(model)
+    if not any(isinstance(m, CMPQLinear) for m in model.modules()):
+        raise ValueError("no CMPQLinear layers to fine-tune; quantize the model first")
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    if not any(isinstance(m, CMPQLinear) for m in model.modules()):
-        for p in frozen:
-            p.requires_grad_(True)
-        raise ValueError("no CMPQLinear layers to fine-tune; quantize the model first")
     # the model moves first and the layers open up on the device: ``TunableLinear`` unpacks every
     # index, which on a 7B model took ~60 s on the host (H100 machine, 2026-12-07: 78 s from the
     # end of the block walk to the first quarter-epoch line, of which ~12 s were training) and is a
     # few kernels per layer on a GPU
     swapped: list[tuple[nn.Module, str, TunableLinear]] = []
-    home, place = next(model.parameters()).device, None
+    home = next(model.parameters()).device
     try:
         place = _Placement(model, device)
         for name, m in list(model.named_modules()):
@@ -296,7 +294,6 @@ def finetune(
     except torch.OutOfMemoryError:
         for root, name, t in swapped:
             set_module(root, name, t.layer)
-        swapped.clear()
         model.to(home)  # also after a move that stopped half-way
         for p in frozen:
             p.requires_grad_(True)
