@@ -8,7 +8,7 @@ import torch
 
 import cmpq
 from cmpq.config import CMPQConfig
-from cmpq.model.distill import TunableLinear, _Gather, _kl, finetune, project, teacher_states
+from cmpq.model.distill import TunableLinear, _Weight, _kl, finetune, project, teacher_states
 from cmpq.nn.linear import CMPQLinear
 
 from tiny_models import one_thread  # noqa: F401
@@ -46,31 +46,37 @@ def test_tunable_linear_is_the_layer_and_writes_back_exactly(tiny_llama, calib_i
     assert (cb[:, 1:] >= cb[:, :-1]).all(), "codebooks must stay ascending"
 
 
-def test_gather_gradient_equals_indexing_and_the_layer_uses_it(tiny_llama, calib_ids):
-    """The scatter-add backward (no sort on CUDA) gives autograd's gradient of ``values[where]``:
-    repeated indices summed, untouched values zero, int32 and int64 indices alike."""
+def test_weight_gradient_equals_indexing_and_the_layer_uses_it(tiny_llama, calib_ids):
+    """The scatter-add backward (no sort on CUDA) gives autograd's gradient of
+    ``(values[where] * row_scale).to(dtype)``: repeated indices summed, untouched values zero, int32
+    and int64 indices, with and without row scales, float32 and bfloat16 weights."""
     g = torch.Generator().manual_seed(0)
-    v = torch.randn(50, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(50, generator=g, requires_grad=True)
     for dtype in (torch.int32, torch.int64):
-        where = torch.randint(0, 40, (7, 9), generator=g).to(dtype)  # 40..49 never read
-        grad = torch.randn(7, 9, generator=g, dtype=torch.float64)
-        (ref,) = torch.autograd.grad(v[where], v, grad)
-        (got,) = torch.autograd.grad(_Gather.apply(v, where), v, grad)
-        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
-        assert got[40:].abs().max() == 0 and ref.abs().max() > 0
+        for scale in (None, torch.rand(7, generator=g) + 0.5):
+            for wd in (torch.float32, torch.bfloat16):
+                where = torch.randint(0, 40, (7, 9), generator=g).to(dtype)  # 40..49 never read
+                grad = torch.randn(7, 9, generator=g).to(wd)
+                plain = v[where] if scale is None else v[where] * scale[:, None]
+                (ref,) = torch.autograd.grad(plain.to(wd), v, grad)
+                w = _Weight.apply(v, where, scale, wd)
+                assert w.dtype == wd and torch.equal(w, plain.detach().to(wd))
+                (got,) = torch.autograd.grad(w, v, grad)
+                torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+                assert got[40:].abs().max() == 0 and ref.abs().max() > 0
     model = _quantized(tiny_llama, calib_ids)
     t = TunableLinear(next(m for m in model.modules() if isinstance(m, CMPQLinear)))
     t(torch.randn(2, t.layer.in_features)).pow(2).sum().backward()
     assert t.values.grad is not None and t.values.grad.abs().max() > 0
     nodes, seen = [t(torch.randn(2, t.layer.in_features)).grad_fn], set()
-    while nodes:  # the layer's graph goes through _Gather, not plain indexing
+    while nodes:  # the layer's graph goes through _Weight, not plain indexing
         n = nodes.pop()
         seen.add(type(n).__name__)
         try:
             nodes += [f for f, _ in n.next_functions if f is not None]
         except RuntimeError:  # torch 2.11 (GPU machine) refuses next_functions on some custom-Function nodes
             pass
-    assert "_GatherBackward" in seen and "IndexBackward0" not in seen, seen
+    assert "_WeightBackward" in seen and "IndexBackward0" not in seen, seen
 
 
 def test_projection_of_all_layers_at_once_equals_layer_by_layer(tiny_llama, calib_ids):

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cmpq.kernels import gather_weight
 from cmpq.model.blocks import set_module
 from cmpq.nn.linear import CMPQLinear
 from cmpq.progress import bar
@@ -96,27 +97,33 @@ class _Placement:
         self.model.to(self.home)
 
 
-class _Gather(torch.autograd.Function):
-    """``values[where]`` whose backward adds the gradient into ``values`` with ``index_add_``.
+class _Weight(torch.autograd.Function):
+    """``(values[where] * row_scale[:, None]).to(dtype)`` whose backward adds the gradient into
+    ``values`` (``cmpq.kernels.gather_weight``: one fused pass each way on a GPU, the PyTorch form
+    elsewhere).
 
     Why not plain indexing: autograd's backward of ``values[where]`` is ``index_put_(...,
     accumulate=True)``, which on CUDA sorts every index of the layer on every step. On a 7B-shaped
     model (H100, 2026-12-06) the first epoch of fine-tuning had not ended after 220 s: the sort of
     6.5e9 keys per step fits that time (an estimate from the key count, not a profile). ``where``
-    never changes during the pass, so the sort buys nothing; ``index_add_`` scatters with atomic
+    never changes during the pass, so the sort buys nothing; the gradient is scattered with atomic
     adds. The sums are the same up to the order of float additions."""
 
     @staticmethod
-    def forward(ctx, values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(where)
+    def forward(ctx, values: torch.Tensor, where: torch.Tensor, row_scale: torch.Tensor | None,
+                dtype: torch.dtype) -> torch.Tensor:
+        ctx.save_for_backward(where, row_scale)
         ctx.n = values.numel()
-        return values[where]
+        if gather_weight.fused_available(where) and values.is_cuda:
+            return gather_weight.gather_weight(values, where, row_scale, dtype)
+        return gather_weight.gather_weight_reference(values, where, row_scale, dtype)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (where,) = ctx.saved_tensors
-        out = torch.zeros(ctx.n, dtype=grad.dtype, device=grad.device)
-        return out.index_add_(0, where.reshape(-1), grad.reshape(-1)), None
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        where, row_scale = ctx.saved_tensors
+        if gather_weight.fused_available(where) and grad.is_cuda:
+            return gather_weight.scatter_grad(grad, where, row_scale, ctx.n), None, None, None
+        return gather_weight.scatter_grad_reference(grad, where, row_scale, ctx.n), None, None, None
 
 
 class TunableLinear(nn.Module):
@@ -177,8 +184,7 @@ class TunableLinear(nn.Module):
         return v + (target - v).detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = _Gather.apply(self.stored(), self.where)
-        w = (w if self.row_scale is None else w * self.row_scale[:, None]).to(x.dtype)
+        w = _Weight.apply(self.stored(), self.where, self.row_scale, x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     @torch.no_grad()

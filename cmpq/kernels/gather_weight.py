@@ -1,0 +1,121 @@
+"""Fine-tuning's weight gather, ``W = (values[where] * row_scale[:, None]).to(dtype)``, in one pass
+each way.
+
+Codebook fine-tuning (``cmpq.model.distill``) rebuilds every quantized layer's dense weight from its
+few trainable values on every step, and scatters the weight's gradient back onto them. In PyTorch
+that is a chain of whole-weight passes: the gather writes float32, the row scale reads and writes it
+again, the cast reads it once more; the backward casts the gradient to float32, scales it, and
+``index_add_`` reads both. About 44 bytes of memory traffic per weight per step, against 12 here:
+the forward reads the int32 index and writes the weight in the input's dtype, the backward reads the
+gradient and the index and adds atomically into the float32 value vector. On a 7B model a step
+touches 6.5e9 weights, so the difference is ~0.2 TB of traffic a step (an estimate from byte counts;
+its measured effect on fine-tuning time is in ``docs/results.md`` once a GPU run has taken it).
+
+Same arithmetic as the PyTorch form: the product is taken in float32 and rounded once to ``dtype``;
+the gradient is scaled in float32. Only the order of the float additions in the backward differs.
+
+``gather_weight`` / ``scatter_grad`` need Triton (the tests run them on CPU tensors under
+``TRITON_INTERPRET=1``); ``gather_weight_reference`` / ``scatter_grad_reference`` are the PyTorch
+forms, the CPU path and the tests' oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK = 1024  # weights per program
+
+
+def gather_weight_reference(values: torch.Tensor, where: torch.Tensor, row_scale: torch.Tensor | None,
+                            dtype: torch.dtype) -> torch.Tensor:
+    """``(values[where] * row_scale[:, None]).to(dtype)``; ``values`` float32 ``[n]``, ``where`` ``[out, in]``."""
+    w = values[where.long() if where.dtype != torch.long else where]
+    return (w if row_scale is None else w * row_scale[:, None]).to(dtype)
+
+
+def scatter_grad_reference(grad: torch.Tensor, where: torch.Tensor, row_scale: torch.Tensor | None, n: int) -> torch.Tensor:
+    """The gradient of ``gather_weight`` for ``values``: float32 ``[n]``, ``out[where[r, c]] +=
+    grad[r, c] * row_scale[r]``."""
+    g = grad.float()
+    if row_scale is not None:
+        g = g * row_scale[:, None]
+    out = torch.zeros(n, dtype=torch.float32, device=grad.device)
+    return out.index_add_(0, where.reshape(-1).long(), g.reshape(-1))
+
+
+def gather_weight(values: torch.Tensor, where: torch.Tensor, row_scale: torch.Tensor | None,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """``gather_weight_reference`` in one Triton launch (``where`` int32, contiguous)."""
+    import triton
+
+    out_f, in_f = where.shape
+    w = torch.empty(out_f, in_f, dtype=dtype, device=where.device)
+    total = out_f * in_f
+    if total == 0:
+        return w
+    scale = row_scale if row_scale is not None else values  # a valid pointer; unread when HAS_SCALE is off
+    _kernels["gather"][(triton.cdiv(total, BLOCK),)](
+        values, where, scale, w, total, in_f, HAS_SCALE=row_scale is not None, BLOCK=BLOCK, num_warps=4)
+    return w
+
+
+def scatter_grad(grad: torch.Tensor, where: torch.Tensor, row_scale: torch.Tensor | None, n: int) -> torch.Tensor:
+    """``scatter_grad_reference`` in one Triton launch (atomic float32 adds)."""
+    import triton
+
+    out = torch.zeros(n, dtype=torch.float32, device=grad.device)
+    out_f, in_f = where.shape
+    total = out_f * in_f
+    if total == 0:
+        return out
+    grad = grad.contiguous()
+    scale = row_scale if row_scale is not None else out
+    _kernels["scatter"][(triton.cdiv(total, BLOCK),)](
+        grad, where, scale, out, total, in_f, HAS_SCALE=row_scale is not None, BLOCK=BLOCK, num_warps=4)
+    return out
+
+
+def _build(name: str):
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gather(V_ptr, W_ptr, S_ptr, O_ptr, total, in_f, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < total
+        idx = tl.load(W_ptr + offs, mask=mask, other=0)
+        v = tl.load(V_ptr + idx, mask=mask, other=0.0)
+        if HAS_SCALE:
+            v = v * tl.load(S_ptr + offs // in_f, mask=mask, other=1.0)
+        tl.store(O_ptr + offs, v.to(O_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def scatter(G_ptr, W_ptr, S_ptr, O_ptr, total, in_f, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < total
+        idx = tl.load(W_ptr + offs, mask=mask, other=0)
+        g = tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            g = g * tl.load(S_ptr + offs // in_f, mask=mask, other=1.0)
+        tl.atomic_add(O_ptr + idx, g, mask=mask, sem="relaxed")
+
+    return {"gather": gather, "scatter": scatter}[name]
+
+
+class _Kernels(dict):
+    """Builds each kernel at first use, so importing this module needs no Triton."""
+
+    def __missing__(self, name: str):
+        self[name] = _build(name)
+        return self[name]
+
+
+_kernels = _Kernels()
+
+
+def fused_available(where: torch.Tensor) -> bool:
+    """Whether ``gather_weight``/``scatter_grad`` serve this index: on CUDA with Triton, int32
+    indices (a layer whose values exceed 2^31 keeps int64 and the PyTorch form)."""
+    from cmpq.kernels.dispatch import triton_available
+
+    return where.is_cuda and where.dtype == torch.int32 and where.is_contiguous() and triton_available()

@@ -1,0 +1,74 @@
+"""Fine-tuning's fused weight gather and gradient scatter (``cmpq.kernels.gather_weight``): the
+Triton kernels against the PyTorch forms, on CPU tensors under ``TRITON_INTERPRET=1`` (set by
+conftest) and on CUDA where there is one; and a compile for sm_90 that needs no GPU."""
+
+import os
+
+import pytest
+import torch
+
+from cmpq.kernels import gather_weight as gw
+
+pytest.importorskip("triton")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_fused_gather_and_scatter_match_pytorch(dtype, scaled):
+    g = torch.Generator().manual_seed(1)
+    out_f, in_f, n = 37, 53, 300  # not multiples of the block: the masks are exercised
+    values = torch.randn(n, generator=g).to(DEV)
+    where = torch.randint(0, n - 20, (out_f, in_f), generator=g, dtype=torch.int32).to(DEV)  # the last 20 never read
+    scale = (torch.rand(out_f, generator=g) + 0.5).to(DEV) if scaled else None
+    ref = gw.gather_weight_reference(values, where, scale, dtype)
+    got = gw.gather_weight(values, where, scale, dtype)
+    assert got.dtype == dtype
+    if DEV == "cuda" or dtype == torch.float16:
+        assert torch.equal(got, ref)  # the same float32 product, rounded once to nearest
+    else:  # Triton's interpreter casts float32 -> bfloat16 by truncation: at most one unit in the last place
+        torch.testing.assert_close(got.float(), ref.float(), rtol=2**-7, atol=0)
+    grad = torch.randn(out_f, in_f, generator=g).to(DEV, dtype)
+    ref_g = gw.scatter_grad_reference(grad, where, scale, n)
+    got_g = gw.scatter_grad(grad, where, scale, n)
+    torch.testing.assert_close(got_g, ref_g, rtol=1e-5, atol=1e-5)  # only the order of additions differs
+    assert got_g[-20:].abs().max() == 0 and ref_g.abs().max() > 0
+
+
+def test_fused_path_is_for_cuda_int32_only():
+    where = torch.zeros(2, 3, dtype=torch.int32)
+    assert not gw.fused_available(where)  # CPU tensors take the PyTorch form
+    assert not gw.fused_available(where.long())
+    if DEV == "cuda":
+        assert gw.fused_available(where.cuda()) and not gw.fused_available(where.cuda().long())
+
+
+_COMPILE = """
+import re, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from cmpq.kernels.gather_weight import _build
+n = 0
+for name, first in (("gather", "V_ptr"), ("scatter", "G_ptr")):
+    sig = {first: "*fp32" if name == "gather" else "*fp16", "W_ptr": "*i32", "S_ptr": "*fp32",
+           "O_ptr": "*fp16" if name == "gather" else "*fp32", "total": "i64", "in_f": "i32",
+           "HAS_SCALE": "constexpr", "BLOCK": "constexpr"}
+    src = ASTSource(_build(name), sig, constexprs={"HAS_SCALE": True, "BLOCK": 1024})
+    cc = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert not re.findall(r"(ld|st)[.]local", cc.asm["ptx"]), name
+    n += len(cc.asm["cubin"]) > 0
+print("compiled", n)
+"""
+
+
+def test_kernels_compile_for_hopper():
+    """The interpreter checks the arithmetic, not that the kernels lower (atomics included)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=300)
+    if r.returncode != 0 and ("ptxas" in r.stderr and "not found" in r.stderr.lower()):
+        pytest.skip("Triton's ptxas is not available: cannot compile for the GPU here")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["compiled", "2"], r.stdout
