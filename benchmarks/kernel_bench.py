@@ -110,14 +110,14 @@ def sweep_cuda() -> None:
 
 
 def sweep_mma(out_path: str) -> None:
-    """Split sweep of the tensor-core kernel (2..16 tokens): its default plan rounds the split count
-    up and gives 1.01-1.13 waves of blocks on the 7B/13B shapes (3 blocks per SM); the splits that
-    fill exactly one wave are timed beside it (benchmarks/notes-kernels.md, "Where rlut's fixed cost
-    goes"). Graph-timed like the grid; rows also go to ``out_path`` as JSON."""
+    """The tensor-core kernel (2..16 tokens) at its default split and at the split that fills exactly
+    one wave of blocks (3 per SM), each with x gathered by every block and with x put in fragment
+    order by a pre-kernel first (``kernel_mma.decode(xprep=...)``; benchmarks/notes-kernels.md).
+    Graph-timed like the grid; rows also go to ``out_path`` as JSON."""
     from cmpq.kernels import kernel_mma
 
     sms, rows = cuda_decode._num_sms(torch.device("cuda")), []
-    for out, n_in in [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]:
+    for out, n_in in [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (28672, 8192), (8192, 28672)]:
         ls = _sweep_layers(out, n_in)
         rts = [l.runtime() for l in ls]
         for T in (2, 4, 8, 16):
@@ -125,15 +125,17 @@ def sweep_mma(out_path: str) -> None:
             rb, d = kernel_mma.plan(rts[0].mma.cs, rts[0].mma.ntiles, ntl, sms)[:2]
             one_wave = max(1, sms * kernel_mma.BLOCKS_PER_SM // rb)
             xs = [torch.randn(T, n_in, device="cuda", dtype=torch.float16) for _ in ls]
-            for sp in sorted({d, one_wave, max(1, one_wave - 1), d + 1}):
-                fns = [lambda rt=rt, x=x: kernel_mma.decode(rt, x, splits=sp) for rt, x in zip(rts, xs)]
-                if fns[0]() is None:
-                    continue
-                us = time_graph(fns, len(ls))
-                tag = " (default)" if sp == d else (" (one wave)" if sp == one_wave else "")
-                print(f"sweep-mma {out}x{n_in} T={T} splits={sp} blocks={rb * sp}{tag}: {us:.1f} us", flush=True)
-                rows.append({"out": out, "in": n_in, "tokens": T, "splits": sp, "blocks": rb * sp, "us": us,
-                             "default": sp == d, "one_wave": sp == one_wave})
+            for sp in sorted({d, one_wave}):
+                for xprep in (False, True):
+                    fns = [lambda rt=rt, x=x: kernel_mma.decode(rt, x, splits=sp, xprep=xprep) for rt, x in zip(rts, xs)]
+                    if fns[0]() is None:
+                        continue
+                    us = time_graph(fns, len(ls))
+                    tag = " (default)" if sp == d else (" (one wave)" if sp == one_wave else "")
+                    print(f"sweep-mma {out}x{n_in} T={T} splits={sp} blocks={rb * sp}{tag} xprep={int(xprep)}: "
+                          f"{us:.1f} us", flush=True)
+                    rows.append({"out": out, "in": n_in, "tokens": T, "splits": sp, "blocks": rb * sp, "us": us,
+                                 "default": sp == d, "one_wave": sp == one_wave, "xprep": xprep})
         del ls, rts
         torch.cuda.empty_cache()
     meta = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -142,6 +144,9 @@ def sweep_mma(out_path: str) -> None:
     with open(tmp, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     os.replace(tmp, out_path)
+    for xprep in (False, True):
+        tot = sum(r["us"] for r in rows if r["default"] and r["xprep"] == xprep)
+        print(f"sweep-mma: sum over the default-split points, xprep={int(xprep)}: {tot:.1f} us")
 
 
 def sweep() -> None:

@@ -43,8 +43,9 @@ struct PM {
   const int* chl;         // [total k-steps * 16] channel per MMA k position
   const void* x; void* y; float* part; int* cnt;
   const int* crow; const int* scol; const float* corr; const float* bias;
+  const uint4* xf;        // null, or x in fragment order for every k-step (mma_xprep): [nks][32][NTL] uint2
   int cs[5];              // first chunk of each kind (2, 3, 4, 16 bits), cs[4] = NC
-  int ntiles, out, ldx, T, S, tpb, red_off, tbl_off, xf_off, pad_;
+  int ntiles, out, ldx, T, S, tpb, red_off, tbl_off, xf_off, nks;  // nks: k-steps of all chunks
 };
 
 __device__ __forceinline__ int kind_of(const PM& p, int c) {
@@ -168,9 +169,15 @@ __global__ void __launch_bounds__(NTHREADS, 3) mma_kernel(const PM p) {
     if (BF) { v.x = h2_to_bf2(v.x); v.y = h2_to_bf2(v.y); v.z = h2_to_bf2(v.z); v.w = h2_to_bf2(v.w); }
     *reinterpret_cast<uint4*>(smem + p.tbl_off + i) = v;
   }
-  // 3. x fragments: for each k-step of the range and n8 tile, lane's {b0, b1}
+  // 3. x fragments: for each k-step of the range and n8 tile, lane's {b0, b1}: a contiguous copy of
+  // mma_xprep's output, or (p.xf null) gathered here through the channel list
   const int k0 = koff(p, c0), kn = koff(p, c1) - k0;
-  const int nitx = kn * 32 * NTL;
+  const int nitx = p.xf ? 0 : kn * 32 * NTL;
+  if (p.xf) {
+    const uint4* src = p.xf + (size_t)k0 * (16 * NTL);  // 16 * NTL uint4 per k-step
+    for (int i = tid; i < kn * 16 * NTL; i += NTHREADS)
+      reinterpret_cast<uint4*>(smem + p.xf_off)[i] = __ldg(src + i);
+  }
   // batches of XB items per thread: every channel load, then every x load, then the stores
   constexpr int XB = 4;
   for (int it0 = tid; it0 < nitx; it0 += NTHREADS * XB) {
@@ -302,6 +309,27 @@ __global__ void __launch_bounds__(NTHREADS, 3) mma_kernel(const PM p) {
   if (tid == 0) p.cnt[rb] = 0;
 }
 
+// x in the main kernel's fragment order, once per call for all blocks: item it = (k-step, lane, n8
+// tile) holds {b0, b1} = x[token][chl of the lane's 4 k positions]. Each block then copies its
+// k-step range with 16-byte loads instead of gathering 4 scattered 2-byte values per item itself
+// (every row block repeats the gather of its split; the loads are uncoalesced).
+template <int NTL>
+__global__ void __launch_bounds__(256) mma_xprep(const PM p) {
+  const int it = blockIdx.x * 256 + threadIdx.x;
+  if (it >= p.nks * 32 * NTL) return;
+  const int ks = it / (32 * NTL), rem = it - ks * 32 * NTL, ln = rem / NTL, ntl = rem - ln * NTL;
+  const int n = (ln >> 2) + 8 * ntl;
+  uint2 v = make_uint2(0, 0);
+  if (n < p.T) {
+    const int* cp = p.chl + (size_t)ks * 16 + 2 * (ln & 3);
+    const int2 ca = __ldg(reinterpret_cast<const int2*>(cp)), cb = __ldg(reinterpret_cast<const int2*>(cp + 8));
+    const unsigned short* xr = reinterpret_cast<const unsigned short*>(p.x) + (size_t)n * p.ldx;
+    v.x = __ldg(xr + ca.x) | ((unsigned)__ldg(xr + ca.y) << 16);
+    v.y = __ldg(xr + cb.x) | ((unsigned)__ldg(xr + cb.y) << 16);
+  }
+  reinterpret_cast<uint2*>(const_cast<uint4*>(p.xf))[it] = v;
+}
+
 template <int NTL, int BF>
 static int launch(const PM* p, int gx, int gy, int smem, cudaStream_t st) {
   static bool init = false;
@@ -310,6 +338,7 @@ static int launch(const PM* p, int gx, int gy, int smem, cudaStream_t st) {
     if (e != cudaSuccess) return (int)e;
     init = true;
   }
+  if (p->xf) mma_xprep<NTL><<<(p->nks * 32 * NTL + 255) / 256, 256, 0, st>>>(*p);
   mma_kernel<NTL, BF><<<dim3(gx, gy), NTHREADS, smem, st>>>(*p);
   return (int)cudaGetLastError();
 }
