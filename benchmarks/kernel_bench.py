@@ -111,8 +111,7 @@ def sweep_cuda() -> None:
 
 def sweep_mma(out_path: str) -> None:
     """The tensor-core kernel (2..16 tokens) at its default split and at the split that fills exactly
-    one wave of blocks (3 per SM), each with x gathered by every block and with x put in fragment
-    order by a pre-kernel first (``kernel_mma.decode(xprep=...)``; benchmarks/notes-kernels.md).
+    one wave of blocks (3 per SM), on the 7B, 13B-like and 70B shapes (benchmarks/notes-kernels.md).
     Graph-timed like the grid; rows also go to ``out_path`` as JSON."""
     from cmpq.kernels import kernel_mma
 
@@ -126,16 +125,14 @@ def sweep_mma(out_path: str) -> None:
             one_wave = max(1, sms * kernel_mma.BLOCKS_PER_SM // rb)
             xs = [torch.randn(T, n_in, device="cuda", dtype=torch.float16) for _ in ls]
             for sp in sorted({d, one_wave}):
-                for xprep in (False, True):
-                    fns = [lambda rt=rt, x=x: kernel_mma.decode(rt, x, splits=sp, xprep=xprep) for rt, x in zip(rts, xs)]
-                    if fns[0]() is None:
-                        continue
-                    us = time_graph(fns, len(ls))
-                    tag = " (default)" if sp == d else (" (one wave)" if sp == one_wave else "")
-                    print(f"sweep-mma {out}x{n_in} T={T} splits={sp} blocks={rb * sp}{tag} xprep={int(xprep)}: "
-                          f"{us:.1f} us", flush=True)
-                    rows.append({"out": out, "in": n_in, "tokens": T, "splits": sp, "blocks": rb * sp, "us": us,
-                                 "default": sp == d, "one_wave": sp == one_wave, "xprep": xprep})
+                fns = [lambda rt=rt, x=x: kernel_mma.decode(rt, x, splits=sp) for rt, x in zip(rts, xs)]
+                if fns[0]() is None:
+                    continue
+                us = time_graph(fns, len(ls))
+                tag = " (default)" if sp == d else (" (one wave)" if sp == one_wave else "")
+                print(f"sweep-mma {out}x{n_in} T={T} splits={sp} blocks={rb * sp}{tag}: {us:.1f} us", flush=True)
+                rows.append({"out": out, "in": n_in, "tokens": T, "splits": sp, "blocks": rb * sp, "us": us,
+                             "default": sp == d, "one_wave": sp == one_wave})
         del ls, rts
         torch.cuda.empty_cache()
     meta = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -144,9 +141,6 @@ def sweep_mma(out_path: str) -> None:
     with open(tmp, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     os.replace(tmp, out_path)
-    for xprep in (False, True):
-        tot = sum(r["us"] for r in rows if r["default"] and r["xprep"] == xprep)
-        print(f"sweep-mma: sum over the default-split points, xprep={int(xprep)}: {tot:.1f} us")
 
 
 def sweep() -> None:

@@ -2,7 +2,6 @@
 ncu -k/-c picks the kernels). One-token kernels by name (``cmpq.kernels.dispatch.RUNNERS``); ``mmaN``
 is the tensor-core kernel at N tokens (``mma4``; ``mma8,mma16``: its time doubles from 8 to 16
 tokens with the same grid and no spills, H100 2026-12-07, and the profile should say why);
-``mmaxN`` the same with x put in fragment order by its pre-kernel (``kernel_mma.decode(xprep=True)``);
 ``rlutN`` the standalone register-lookup kernel (its own layout, ``kernel_rlut.prepare``) at N
 tokens. Used by kernel_variants.sh and device_ncu.sh."""
 import sys
@@ -27,10 +26,6 @@ if any(v.startswith("rlut") for v in variants):
 
 
 def run(v: str) -> torch.Tensor | None:
-    if v.startswith("mmax") and v[4:].isdigit():  # x put in fragment order by a pre-kernel first
-        from cmpq.kernels import kernel_mma
-
-        return kernel_mma.decode(rt, torch.randn(int(v[4:]), 11008, device="cuda", dtype=torch.float16), xprep=True)
     for name in ("mma", "rlut"):
         if v.startswith(name) and v[len(name):].isdigit():
             xt = torch.randn(int(v[len(name):]), 11008, device="cuda", dtype=torch.float16)

@@ -537,8 +537,6 @@ def test_cuda_decode_mma(mix, outliers, dtype):
         _check(y, layer, x)
         y2 = kernel_mma.decode(layer.runtime(), x)  # accumulator and counters reset
         torch.testing.assert_close(y, y2, rtol=2e-3, atol=1e-3)
-        for xprep in (False, True):  # x gathered by every block, or put in fragment order first
-            torch.testing.assert_close(kernel_mma.decode(layer.runtime(), x, xprep=xprep), y, rtol=2e-3, atol=1e-3)
         with force("mma"):
             _check(dispatch.run(x, layer.runtime()), layer, x)
 
@@ -554,9 +552,9 @@ def test_cuda_decode_mma_big_splits_graph():
         gen = torch.Generator().manual_seed(4)
         layer = random_layer(out, n_in, counts, n_act, 400, bias=True, device=DEV, generator=gen)
         for splits, tpb in [(None, None), (1, None), (3, 4), (13, 2), (50, 1), (None, 8)]:
-            for tokens, xprep in [(2, False), (7, True), (9, False), (16, True), (16, False)]:
+            for tokens in (2, 7, 9, 16):
                 x = torch.randn(tokens, n_in, device=DEV).half()
-                y = kernel_mma.decode(layer.runtime(), x, splits=splits, tpb=tpb, xprep=xprep)
+                y = kernel_mma.decode(layer.runtime(), x, splits=splits, tpb=tpb)
                 if y is None and (splits, tpb) != (None, None):
                     # a forced split that needs more shared memory than a block has is refused (H200
                     # run 2026-11-30: 300x4100 at 1 split); the default plan must always apply
@@ -573,10 +571,10 @@ def test_cuda_decode_mma_big_splits_graph():
     g.replay()
     torch.cuda.synchronize()
     _check(yg.reshape(4, out), layer, x.reshape(4, n_in))
-    xs = torch.randn(12, n_in, device=DEV).half()  # the two-launch form (x prepared first) in a graph
+    xs = torch.randn(12, n_in, device=DEV).half()  # two n8 tiles, straight through kernel_mma in a graph
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        yg = kernel_mma.decode(layer.runtime(), xs, xprep=True)
+        yg = kernel_mma.decode(layer.runtime(), xs)
     xs.copy_(torch.randn_like(xs))
     g.replay()
     torch.cuda.synchronize()

@@ -4,7 +4,8 @@
 // operand (k16 x n8; T <= 8: one n8 tile, T <= 16: two). Each weight's index is read once (16-byte
 // loads, coalesced), looked up in its channel's fp16 codebook in shared memory (one LDS.U16), two
 // lookups are packed into one fp16x2/bf16x2 A register (PRMT), and 4 A registers feed one MMA per
-// n8 tile. The B fragments (x, in the MMA's k order) are built once per block in shared memory.
+// n8 tile. The B fragments (x, in the MMA's k order) are built once per call by a small kernel
+// (mma_xprep) and copied into each block's shared memory with 16-byte loads.
 //
 // Layout (the runtime layout's fragment part, built once by cmpq/kernels/layout.py, never saved): the input channels of
 // each b-bit group are cut into chunks of 16*KS channels (KS k16-steps: 2-bit 8, 3-bit 5, 4-bit 4;
@@ -43,7 +44,7 @@ struct PM {
   const int* chl;         // [total k-steps * 16] channel per MMA k position
   const void* x; void* y; float* part; int* cnt;
   const int* crow; const int* scol; const float* corr; const float* bias;
-  const uint4* xf;        // null, or x in fragment order for every k-step (mma_xprep): [nks][32][NTL] uint2
+  const uint4* xf;        // x in fragment order for every k-step (mma_xprep): [nks][32][NTL] uint2
   int cs[5];              // first chunk of each kind (2, 3, 4, 16 bits), cs[4] = NC
   int ntiles, out, ldx, T, S, tpb, red_off, tbl_off, xf_off, nks;  // nks: k-steps of all chunks
 };
@@ -170,48 +171,12 @@ __global__ void __launch_bounds__(NTHREADS, 3) mma_kernel(const PM p) {
     *reinterpret_cast<uint4*>(smem + p.tbl_off + i) = v;
   }
   // 3. x fragments: for each k-step of the range and n8 tile, lane's {b0, b1}: a contiguous copy of
-  // mma_xprep's output, or (p.xf null) gathered here through the channel list
+  // mma_xprep's output (16 * NTL uint4 per k-step)
   const int k0 = koff(p, c0), kn = koff(p, c1) - k0;
-  const int nitx = p.xf ? 0 : kn * 32 * NTL;
-  if (p.xf) {
-    const uint4* src = p.xf + (size_t)k0 * (16 * NTL);  // 16 * NTL uint4 per k-step
+  {
+    const uint4* src = p.xf + (size_t)k0 * (16 * NTL);
     for (int i = tid; i < kn * 16 * NTL; i += NTHREADS)
       reinterpret_cast<uint4*>(smem + p.xf_off)[i] = __ldg(src + i);
-  }
-  // batches of XB items per thread: every channel load, then every x load, then the stores
-  constexpr int XB = 4;
-  for (int it0 = tid; it0 < nitx; it0 += NTHREADS * XB) {
-    int2 ca[XB], cb[XB];
-    int nn[XB];
-#pragma unroll
-    for (int u = 0; u < XB; ++u) {
-      const int it = it0 + u * NTHREADS;
-      const int ks = it / (32 * NTL), rem = it - ks * 32 * NTL, ln = rem / NTL, ntl = rem - ln * NTL;
-      nn[u] = (it < nitx && (ln >> 2) + 8 * ntl < p.T) ? (ln >> 2) + 8 * ntl : -1;
-      ca[u] = cb[u] = make_int2(0, 0);
-      if (nn[u] >= 0) {
-        const int* cp = p.chl + (size_t)(k0 + ks) * 16 + 2 * (ln & 3);
-        ca[u] = __ldg(reinterpret_cast<const int2*>(cp));
-        cb[u] = __ldg(reinterpret_cast<const int2*>(cp + 8));
-      }
-    }
-    unsigned short xv[XB][4];
-#pragma unroll
-    for (int u = 0; u < XB; ++u) {
-      const unsigned short* xr = reinterpret_cast<const unsigned short*>(p.x) + (size_t)max(nn[u], 0) * p.ldx;
-      xv[u][0] = xv[u][1] = xv[u][2] = xv[u][3] = 0;
-      if (nn[u] >= 0) {
-        xv[u][0] = __ldg(xr + ca[u].x); xv[u][1] = __ldg(xr + ca[u].y);
-        xv[u][2] = __ldg(xr + cb[u].x); xv[u][3] = __ldg(xr + cb[u].y);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < XB; ++u) {
-      const int it = it0 + u * NTHREADS;
-      if (it < nitx)  // 16-bit patterns of x (fp16 or bf16) -> {b0, b1}
-        *reinterpret_cast<uint2*>(smem + p.xf_off + (size_t)it * 8) =
-            make_uint2(xv[u][0] | ((unsigned)xv[u][1] << 16), xv[u][2] | ((unsigned)xv[u][3] << 16));
-    }
   }
   // 4. zero the block's reduction buffer [tpb*16 rows][NT] fp32
   float* red = reinterpret_cast<float*>(smem + p.red_off);
@@ -338,7 +303,7 @@ static int launch(const PM* p, int gx, int gy, int smem, cudaStream_t st) {
     if (e != cudaSuccess) return (int)e;
     init = true;
   }
-  if (p->xf) mma_xprep<NTL><<<(p->nks * 32 * NTL + 255) / 256, 256, 0, st>>>(*p);
+  mma_xprep<NTL><<<(p->nks * 32 * NTL + 255) / 256, 256, 0, st>>>(*p);
   mma_kernel<NTL, BF><<<dim3(gx, gy), NTHREADS, smem, st>>>(*p);
   return (int)cudaGetLastError();
 }

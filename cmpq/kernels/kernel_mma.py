@@ -38,10 +38,6 @@ DEFAULT_TPB = 8
 # and 16 tokens; at 8 tokens -21%, +2% and +13% respectively. 8192x8192 (1.13 waves) ran 3-13%
 # slower at one wave at 2-8 tokens, so it stays above the bound.
 MAX_TAIL_SHARE = 0.10
-# x in fragment order by a pre-kernel (``mma_xprep``) rather than gathered by every block: built
-# 2026-12-07 against the hypothesis that the gather's uncoalesced loads, which double from 8 to 16
-# tokens, are what doubles the kernel's time; off until a GPU run has timed both (kernel_bench --impl mma-xprep)
-XPREP = False
 
 
 class _PM(ctypes.Structure):
@@ -133,11 +129,9 @@ def _make_params(rt: Runtime, ntl: int, splits: int | None, tpb: int | None):
     return p, rb, S, smem
 
 
-def decode(rt: Runtime, x: torch.Tensor, splits: int | None = None, tpb: int | None = None,
-           xprep: bool | None = None) -> torch.Tensor | None:
+def decode(rt: Runtime, x: torch.Tensor, splits: int | None = None, tpb: int | None = None) -> torch.Tensor | None:
     """``x @ W^T + bias`` for 1..16 tokens on CUDA (tensor cores); None when this kernel does not apply.
-    ``xprep``: x put in fragment order by a small kernel first (``mma_xprep``) instead of gathered by
-    every block (None: ``XPREP``)."""
+    Two launches: ``mma_xprep`` puts x in fragment order once, then the main kernel."""
     if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) or rt.mma is None:
         return None
     lead, n_in, out = x.shape[:-1], x.shape[-1], rt.out
@@ -161,11 +155,11 @@ def decode(rt: Runtime, x: torch.Tensor, splits: int | None = None, tpb: int | N
     y = torch.empty(T, out, dtype=x.dtype, device=x.device)
     p.x, p.y, p.part, p.cnt = x2.data_ptr(), y.data_ptr(), part.data_ptr(), cnt.data_ptr()
     p.ldx, p.T = x2.stride(0), T
-    # (a ctypes struct cached per plan: every field a call sets is set on every call; the buffer
-    # lives past the launch, after which the stream orders any reuse of its memory)
-    xf = torch.empty(p.nks * 32 * ntl * 2, dtype=torch.int32, device=x.device) \
-        if (XPREP if xprep is None else xprep) else None
-    p.xf = None if xf is None else xf.data_ptr()
+    # x in fragment order (``mma_xprep``). The ctypes struct is cached per plan: every field a call
+    # sets is set on every call. The buffer lives past the launch, after which the stream orders
+    # any reuse of its memory.
+    xf = torch.empty(p.nks * 32 * ntl * 2, dtype=torch.int32, device=x.device)
+    p.xf = xf.data_ptr()
     err = lib.cmpq_mma_launch(ctypes.byref(p), ntl, int(x.dtype == torch.bfloat16), rb, S, smem,
                               torch.cuda.current_stream(x.device).cuda_stream)
     if err:
