@@ -23,7 +23,7 @@ left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 date -u | tee -a "$OUT/gpu.txt"
 
-timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_feedback_kernel.py tests/test_distill.py tests/test_gather_weight.py \
+timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_feedback_kernel.py tests/test_distill.py tests/test_gather_weight.py tests/test_lloyd_kernel.py \
   tests/test_compensated.py tests/test_kmeans.py > "$OUT/pytest.txt" 2>&1
 echo "pytest rc $? at $(( $(date +%s) - T0 ))s"; tail -3 "$OUT/pytest.txt"
 timeout 90 python3 device/smoke_gpu.py cuda > "$OUT/smoke.txt" 2>&1

@@ -82,7 +82,10 @@ def main() -> None:
                     help="one block of SHAPE's compensated pass layer by layer vs in same-shape groups "
                          "(quantize_compensated_group): on CPU the ATen calls as a GPU makes them (64 output "
                          "rows), on --device cuda the seconds at full size")
+    ap.add_argument("--fused-lloyd", action="store_true",
+                    help="Lloyd's loop in one Triton launch (kmeans.FUSED_LLOYD; run once with and once without)")
     a = ap.parse_args()
+    kmeans.FUSED_LLOYD = a.fused_lloyd
     if a.count:
         return count_calls(SHAPES if a.count == "smollm2" else SHAPES_7B, a.out)
     if a.groups:

@@ -16,6 +16,9 @@ needs only gathers; with it, data holding K distinct values is recovered exactly
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 
 CHUNK_ELEMENTS = 1 << 25  # rows are processed in chunks of about this many values to bound memory
@@ -131,7 +134,7 @@ def _kmeans_chunk(x: torch.Tensor, k: int, keep: torch.Tensor | None, max_iter: 
     kr = torch.full((rows,), k, dtype=torch.long, device=dev) if ks is None else ks
     real = torch.arange(k, device=dev)[None, :] < kr[:, None]  # slots past a row's codebook are +inf
     if init is not None:
-        return _lloyd(xs, csum, cw, nvalid, torch.sort(init.float(), dim=1).values[:, None], max_iter)[0][:, 0]
+        return _run_lloyd(xs, csum, cw, nvalid, torch.sort(init.float(), dim=1).values[:, None], max_iter)[0][:, 0]
 
     # Finite samples have many Lloyd fixed points; which one we reach depends on the start. Start from
     # the mid-quantiles (equal mass per cluster) and from their average with evenly spaced levels
@@ -143,14 +146,14 @@ def _kmeans_chunk(x: torch.Tensor, k: int, keep: torch.Tensor | None, max_iter: 
     hi_v = quantiles.new_zeros(rows).where(nvalid == 0, xs.gather(1, (nvalid - 1).clamp(min=0)[:, None]).squeeze(1))
     even = lo_v[:, None] + (hi_v - lo_v)[:, None] * q.float()
     starts = torch.stack([quantiles, 0.5 * (quantiles + even)], dim=1)
-    cent, sse = _lloyd(xs, csum, cw, nvalid, torch.where(real[:, None], starts, torch.inf), max_iter)
+    cent, sse = _run_lloyd(xs, csum, cw, nvalid, torch.where(real[:, None], starts, torch.inf), max_iter)
     best, best_sse = _best_start(cent, sse)
     if k >= 3 and swaps > 0:
         c2 = torch.cat([zero, (wz * xz * xz).cumsum(dim=1)], dim=1)
         for r0 in range(0, swaps, SWAP_BATCH):
             starts = torch.stack([_swap_start(best, xs, csum, cw, c2, nvalid, r, kr)
                                   for r in range(r0, min(r0 + SWAP_BATCH, swaps))], dim=1)
-            cent, sse = _best_start(*_lloyd(xs, csum, cw, nvalid, starts, max_iter))
+            cent, sse = _best_start(*_run_lloyd(xs, csum, cw, nvalid, starts, max_iter))
             better = sse < best_sse
             best = torch.where(better[:, None], cent, best)
             best_sse = torch.where(better, sse, best_sse)
@@ -212,6 +215,26 @@ def _swap_start(cent: torch.Tensor, xs: torch.Tensor, csum: torch.Tensor, cw: to
 
 
 CHECK_EVERY = 4  # Lloyd iterations between convergence checks (each check is a host sync)
+# The Lloyd loop in one Triton launch (``cmpq.kernels.lloyd``: the same centroids, per-row early stop)
+# for CUDA tensors. Built 2026-12-07 against the launch-bound k-means of the 7B walk and allocation;
+# off until a GPU run has timed it (tests compare it with ``_lloyd`` under Triton's interpreter).
+FUSED_LLOYD = False
+
+
+def _run_lloyd(xs: torch.Tensor, csum: torch.Tensor, cw: torch.Tensor, nvalid: torch.Tensor, cent: torch.Tensor,
+               max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_lloyd``, or the fused loop where ``FUSED_LLOYD`` is on and it can run (CUDA, or Triton's
+    interpreter as in the tests)."""
+    if FUSED_LLOYD and (xs.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") \
+            and importlib.util.find_spec("triton") is not None:
+        return _fused_lloyd(xs, csum, cw, nvalid, cent, max_iter)
+    return _lloyd(xs, csum, cw, nvalid, cent, max_iter)
+
+
+def _fused_lloyd(xs, csum, cw, nvalid, cent, max_iter):
+    from cmpq.kernels.lloyd import lloyd
+
+    return lloyd(xs, csum, cw, nvalid, cent, max_iter, CHECK_EVERY)
 
 
 def _lloyd(xs: torch.Tensor, csum: torch.Tensor, cw: torch.Tensor, nvalid: torch.Tensor, cent: torch.Tensor,

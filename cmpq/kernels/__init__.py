@@ -8,6 +8,9 @@
   cores, 2..16 tokens), ``dequant`` (prefill: dequantize + cuBLAS; also the Triton dequantizer).
 - Triton: ``lut_gemv`` (decode where nvcc is missing). Imported lazily, so the package works
   without Triton. Tests call the kernels directly on CPU tensors under ``TRITON_INTERPRET=1``.
+- Kernels of the quantizer, not of the operator: ``feedback`` (the compensated pass's column loop),
+  ``gather_weight`` (fine-tuning's weight gather and gradient scatter), ``lloyd`` (k-means' Lloyd
+  loop; off until timed, ``cmpq.algorithm.kmeans.FUSED_LLOYD``).
 """
 
 from cmpq.kernels.dispatch import KERNELS, TABLE, choose, force, forced, triton_available

@@ -1,0 +1,102 @@
+"""k-means' Lloyd loop in one Triton launch (``cmpq.kernels.lloyd``) against the PyTorch loop
+(``kmeans._lloyd``): the same centroids bit for bit, on CPU tensors under ``TRITON_INTERPRET=1``
+(set by conftest) or on CUDA; and through ``kmeans_1d`` with the fused loop switched on."""
+
+import pytest
+import torch
+
+from cmpq.algorithm import kmeans
+
+pytest.importorskip("triton")
+from cmpq.kernels.lloyd import lloyd  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _sorted_rows(x: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor | None):
+    """What ``kmeans._kmeans_chunk`` hands ``_lloyd``: sorted rows, prefix sums, valid counts."""
+    rows, n = x.shape
+    xs, order = torch.sort(torch.where(keep, x, torch.inf), dim=1)
+    nvalid = keep.sum(dim=1)
+    valid = torch.arange(n, device=x.device) < nvalid[:, None]
+    xz = torch.where(valid, xs, 0.0).double()
+    wz = valid.double() if weight is None else torch.where(valid, weight.double().gather(1, order), 0.0)
+    zero = torch.zeros(rows, 1, dtype=torch.float64, device=x.device)
+    return xs, torch.cat([zero, (wz * xz).cumsum(1)], 1), torch.cat([zero, wz.cumsum(1)], 1), nvalid
+
+
+@pytest.mark.parametrize("k,S,weighted,distinct", [(2, 1, False, None), (8, 2, True, None), (16, 3, False, 5),
+                                                    (4, 2, True, 3), (16, 1, True, None)])
+def test_fused_lloyd_matches_the_pytorch_loop(k, S, weighted, distinct):
+    g = torch.Generator().manual_seed(k * 10 + S)
+    rows, n = 7, 61
+    x = torch.randn(rows, n, generator=g)
+    if distinct:  # few distinct values: clusters run empty and are re-seeded
+        x = torch.randint(0, distinct, (rows, n), generator=g).float()
+    keep = torch.rand(rows, n, generator=g) > 0.15
+    keep[2] = False  # a row with nothing kept
+    keep[3, 1:] = False  # a row with one value
+    w = torch.rand(rows, n, generator=g) + 0.1 if weighted else None
+    xs, csum, cw, nvalid = (t.to(DEV) for t in _sorted_rows(x, keep, w))
+    cent = torch.sort(torch.randn(rows, S, k, generator=g), dim=2).values
+    if k > 3:
+        cent[0, 0, k - 2:] = torch.inf  # absent slots (a smaller codebook padded into the run)
+    cent = cent.to(DEV)
+    for max_iter in (1, 4, 10, 100):
+        a, sa = kmeans._lloyd(xs, csum, cw, nvalid, cent.clone(), max_iter)
+        b, sb = lloyd(xs, csum, cw, nvalid, cent.clone(), max_iter, kmeans.CHECK_EVERY)
+        assert torch.equal(a, b), max_iter
+        torch.testing.assert_close(sa, sb, rtol=1e-12, atol=1e-9)  # float64 sums in another order
+
+
+def test_kmeans_1d_is_the_same_with_the_fused_loop(monkeypatch):
+    """Cold starts with merge-and-split moves (weights, masks, mixed codebook sizes) and warm starts,
+    through ``kmeans_1d``: the fused loop gives the same codebooks."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(9, 300, generator=g) * torch.rand(9, 1, generator=g)).to(DEV)
+    keep = (torch.rand(9, 300, generator=g) > 0.05).to(DEV)
+    w = (torch.rand(300, generator=g) + 0.5).to(DEV)
+    ks = torch.tensor([2, 4, 8, 16, 16, 8, 4, 2, 16])
+    init = torch.sort(torch.randn(9, 8, generator=g), 1).values.to(DEV)
+
+    def both():
+        return (kmeans.kmeans_1d(x, 16, keep, 30, weight=w, swaps=6, ks=ks),
+                kmeans.kmeans_1d(x, 8, keep, 10, init=init, weight=w))
+
+    monkeypatch.setattr(kmeans, "FUSED_LLOYD", False)
+    ref = both()
+    calls = []
+    real = kmeans._fused_lloyd
+    monkeypatch.setattr(kmeans, "FUSED_LLOYD", True)
+    monkeypatch.setattr(kmeans, "_fused_lloyd", lambda *a: calls.append(1) or real(*a))
+    got = both()
+    assert len(calls) >= 3, "the fused loop was not used"  # the cold start, the moves, the warm start
+    for r, o in zip(ref, got):
+        assert torch.equal(r, o)
+
+
+_COMPILE = """
+import re, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from cmpq.kernels.lloyd_jit import kernel
+sig = {"XS": "*fp32", "CS": "*fp64", "CW": "*fp64", "NV": "*i64", "C": "*fp32", "SSE": "*fp64", "n": "i32",
+       "S": "i32", "k": "i32", "max_iter": "i32", "check_every": "i32", "KP": "constexpr", "STEPS": "constexpr"}
+src = ASTSource(kernel, sig, constexprs={"KP": 16, "STEPS": 14})
+cc = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+print("spills", len(re.findall(r"(ld|st)[.]local", cc.asm["ptx"])), "cubin", len(cc.asm["cubin"]))
+"""
+
+
+def test_kernel_compiles_for_hopper():
+    """The interpreter checks the arithmetic, not that the kernel lowers (gather, sort, the while loop)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=300)
+    if r.returncode != 0 and ("ptxas" in r.stderr and "not found" in r.stderr.lower()):
+        pytest.skip("Triton's ptxas is not available: cannot compile for the GPU here")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[1] == "0" and int(r.stdout.split()[3]) > 0, r.stdout
