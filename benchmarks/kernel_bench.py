@@ -111,7 +111,7 @@ def sweep_cuda() -> None:
 
 def sweep_mma(out_path: str) -> None:
     """The tensor-core kernel (2..16 tokens) at its default split and at the split that fills exactly
-    one wave of blocks (3 per SM), on the 7B, 13B-like and 70B shapes (benchmarks/notes-kernels.md).
+    one wave of blocks (3 per SM), on 7B and 70B shapes (benchmarks/notes-kernels.md).
     Graph-timed like the grid; rows also go to ``out_path`` as JSON."""
     from cmpq.kernels import kernel_mma
 

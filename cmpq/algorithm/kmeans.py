@@ -16,10 +16,11 @@ needs only gathers; with it, data holding K distinct values is recovered exactly
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
+
+from cmpq.kernels.dispatch import triton_available
 
 CHUNK_ELEMENTS = 1 << 25  # rows are processed in chunks of about this many values to bound memory
 
@@ -223,10 +224,9 @@ FUSED_LLOYD = False
 
 def _run_lloyd(xs: torch.Tensor, csum: torch.Tensor, cw: torch.Tensor, nvalid: torch.Tensor, cent: torch.Tensor,
                max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_lloyd``, or the fused loop where ``FUSED_LLOYD`` is on and it can run (CUDA, or Triton's
-    interpreter as in the tests)."""
-    if FUSED_LLOYD and (xs.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") \
-            and importlib.util.find_spec("triton") is not None:
+    """``_lloyd``, or the fused loop where ``FUSED_LLOYD`` is on and Triton can run it: on CUDA, or
+    on CPU tensors under Triton's interpreter (how the tests check it without a GPU)."""
+    if FUSED_LLOYD and (xs.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and triton_available():
         return _fused_lloyd(xs, csum, cw, nvalid, cent, max_iter)
     return _lloyd(xs, csum, cw, nvalid, cent, max_iter)
 

@@ -114,14 +114,14 @@ class _Weight(torch.autograd.Function):
                 dtype: torch.dtype) -> torch.Tensor:
         ctx.save_for_backward(where, row_scale)
         ctx.n = values.numel()
-        if gather_weight.fused_available(where) and values.is_cuda:
+        if gather_weight.fused_available(where):
             return gather_weight.gather_weight(values, where, row_scale, dtype)
         return gather_weight.gather_weight_reference(values, where, row_scale, dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         where, row_scale = ctx.saved_tensors
-        if gather_weight.fused_available(where) and grad.is_cuda:
+        if gather_weight.fused_available(where):
             return gather_weight.scatter_grad(grad, where, row_scale, ctx.n), None, None, None
         return gather_weight.scatter_grad_reference(grad, where, row_scale, ctx.n), None, None, None
 
