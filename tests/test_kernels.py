@@ -97,6 +97,26 @@ def test_dequantize_t_exact(mix, outliers, dtype, out):
         torch.testing.assert_close(wt, ref.T, rtol=2**-7, atol=0)
 
 
+@pytest.mark.skipif(DEV != "cuda", reason="the CUDA dequantizers")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("outliers", [False, True])
+@pytest.mark.parametrize("mix", list(MIXES))
+@pytest.mark.parametrize("out", [67, 1028])
+def test_dequantize_one_launch_and_per_group_agree(mix, outliers, dtype, out, monkeypatch):
+    """The one-launch dequantizer (every width group and the FP16 columns) and the per-group
+    launches give exactly the reference weight, transposed."""
+    from cmpq.kernels import dequant
+
+    layer = _layer(mix, outliers, seed=13, out=out)
+    rt = layer.runtime()
+    ref = layer.dequantize(dtype).T
+    for one in (True, False):
+        monkeypatch.setattr(dequant, "ONE_LAUNCH", one)
+        wt = dequant._dequantize_cuda(rt, dtype)
+        assert wt is not None, (dequant._LAYER_LIBRARY.error, dequant._LIBRARY.error)
+        assert torch.equal(wt, ref), one
+
+
 def test_decode_splits_and_batch_dims():
     layer = _layer("mixed", True, seed=3)
     x = torch.randn(2, 2, 300, device=DEV).half()
@@ -581,18 +601,22 @@ def test_cuda_decode_mma_big_splits_graph():
     _check(yg, layer, xs)
 
 
-def test_dequant_params_match_the_cuda_struct():
-    """The ctypes mirror of ``struct DQ`` names the same fields in the same order as the CUDA source
-    (padding can make a wrong mirror the same size, so the library's size check alone misses it)."""
+@pytest.mark.parametrize("struct", ["DQ", "DQL"])
+def test_dequant_params_match_the_cuda_struct(struct):
+    """The ctypes mirrors of ``struct DQ`` and ``struct DQL`` name the same fields in the same order
+    as the CUDA source, arrays with the same length (padding can make a wrong mirror the same size,
+    so the library's size check alone misses it)."""
     import re
 
     from cmpq.kernels import dequant
 
     src = open(dequant.SRC).read()
-    body = re.search(r"struct DQ \{(.*?)\};", src, re.S).group(1)
+    body = re.search(r"struct %s \{(.*?)\};" % struct, src, re.S).group(1)
     names = []
     for decl in re.sub(r"//[^\n]*", "", body).split(";"):
         decl = decl.strip()
         if decl:
             names += [n.strip().lstrip("*") for n in re.sub(r"^(const\s+)?\w+\*?\s+\*?", "", decl).split(",")]
-    assert names == [f for f, _ in dequant._DQ._fields_]
+    names = [re.sub(r"\[MAXG\]", "[%s]" % re.search(r"#define MAXG (\d+)", src).group(1), n) for n in names]
+    mirror = getattr(dequant, "_" + struct)._fields_
+    assert names == [f if not hasattr(t, "_length_") else f"{f}[{t._length_}]" for f, t in mirror]

@@ -34,7 +34,17 @@ class _DQ(ctypes.Structure):
                 (n, ctypes.c_int) for n in ("nq", "out", "n", "bits", "is_bf16")]
 
 
+class _DQL(ctypes.Structure):
+    _fields_ = [("g", _DQ * 3), ("owt", ctypes.c_void_p), ("och", ctypes.c_void_p), ("wt", ctypes.c_void_p)] + [
+                (n, ctypes.c_int) for n in ("ng", "n_act", "out", "is_bf16")]
+
+
 _LIBRARY = cd.KernelLibrary(SRC, "cmpq_dq", _DQ, n_int_args=1)
+_LAYER_LIBRARY = cd.KernelLibrary(SRC, "cmpq_dql", _DQL, n_int_args=1)
+# One launch per layer (every width group and the FP16 columns) instead of one per width group and
+# a PyTorch copy for the FP16 columns. On until the A/B (device/device_lloyd.sh's prefill part)
+# has timed both; the loser is then deleted.
+ONE_LAUNCH = True
 
 
 def _dequantize_cuda(rt: Runtime, dtype: torch.dtype) -> torch.Tensor | None:
@@ -47,6 +57,8 @@ def _dequantize_cuda(rt: Runtime, dtype: torch.dtype) -> torch.Tensor | None:
         return None
     wt = torch.empty(rt.n_in, rt.out, dtype=dtype, device=dev)
     stream = torch.cuda.current_stream(dev).cuda_stream
+    if ONE_LAUNCH:
+        return _dequantize_layer(rt, wt, stream)
     for g in rt.groups:
         p = _DQ(g.q.data_ptr(), g.codebook.data_ptr(), g.channels.data_ptr(), wt.data_ptr(), g.nq, rt.out, g.n,
                 g.bits, int(dtype == torch.bfloat16))
@@ -54,6 +66,29 @@ def _dequantize_cuda(rt: Runtime, dtype: torch.dtype) -> torch.Tensor | None:
         if err:
             raise RuntimeError(f"cmpq dequant kernel failed: {lib.cmpq_dq_error_string(err).decode()}")
     return _fill_outliers(wt, rt)
+
+
+def _dequantize_layer(rt: Runtime, wt: torch.Tensor, stream: int) -> torch.Tensor | None:
+    """Every width group and the FP16 columns in one launch (``dequant_layer_kernel``); then the
+    sparse outliers, which replace values."""
+    lib = _LAYER_LIBRARY.get()
+    owt = rt.outlier_weight_t
+    if lib is None or len(rt.groups) > 3 or not rt.outlier_channels.is_contiguous() or (owt.numel() and (owt.dtype != torch.float16 or not owt.is_contiguous())):
+        return None
+    p = _DQL()
+    is_bf16 = int(wt.dtype == torch.bfloat16)
+    for i, g in enumerate(rt.groups):
+        p.g[i] = _DQ(g.q.data_ptr(), g.codebook.data_ptr(), g.channels.data_ptr(), wt.data_ptr(), g.nq, rt.out,
+                     g.n, g.bits, is_bf16)
+    n_act = rt.outlier_channels.numel()
+    p.owt, p.och, p.wt = owt.data_ptr(), rt.outlier_channels.data_ptr(), wt.data_ptr()
+    p.ng, p.n_act, p.out, p.is_bf16 = len(rt.groups), n_act, rt.out, is_bf16
+    err = lib.cmpq_dql_launch(ctypes.byref(p), sum(g.nq for g in rt.groups) + n_act, stream)
+    if err:
+        raise RuntimeError(f"cmpq dequant kernel failed: {lib.cmpq_dql_error_string(err).decode()}")
+    if rt.sparse_flat.numel():
+        wt.view(-1)[rt.sparse_flat] = rt.sparse_val.to(wt.dtype)
+    return wt
 
 
 def _fill_outliers(wt: torch.Tensor, rt: Runtime) -> torch.Tensor:
