@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # ONE device call (1 GPU, no carry, under 10 minutes): Lloyd's loop in one Triton launch
-# (cmpq/kernels/lloyd.py, kmeans.FUSED_LLOYD) timed against the PyTorch loop, then used if it wins:
+# (cmpq/kernels/lloyd.py, kmeans.FUSED_LLOYD, the default on CUDA since 2026-12-07) timed against the
+# PyTorch loop, then the 7B default with it (run on 2026-12-07: docs/results.md):
 #   1. its GPU tests and k-means' (pytest.txt)
 #   2. one 7B-shaped block's compensated pass and allocation, without and with it
-#      (studies/kmeans_launch_time.py --groups 7b [--fused-lloyd] -> groups-7b-torch.json, groups-7b-fused.json)
+#      (studies/kmeans_launch_time.py --groups 7b --lloyd torch|fused -> groups-7b-torch.json, groups-7b-fused.json)
 #   3. if the fused loop was faster and 300 s are left: the 7B-shaped default with it on
 #      (quantize_speed.py build + row; default-7b-fused.log has every phase with its elapsed seconds)
 # Usage: bash device/device_lloyd.sh   (CMPQ_LLOYD_PARTS="tests groups" or "7b" runs only those parts;
@@ -26,8 +27,7 @@ rc=$?; echo "[$(el)s] pytest rc $rc"; tail -3 "$OUT/pytest.txt"
 fi
 if has groups; then
 for mode in torch fused; do
-  flag=""; [[ $mode == fused ]] && flag="--fused-lloyd"
-  timeout 150 python3 studies/kmeans_launch_time.py --groups 7b --device cuda $flag --out "$OUT/groups-7b-$mode.json" \
+  timeout 150 python3 studies/kmeans_launch_time.py --groups 7b --device cuda --lloyd $mode --out "$OUT/groups-7b-$mode.json" \
     > "$OUT/groups-7b-$mode.txt" 2>&1
   echo "[$(el)s] groups-7b $mode rc $?"; tail -4 "$OUT/groups-7b-$mode.txt"
 done
@@ -52,12 +52,8 @@ if has 7b && [[ $win == fused ]] && (( L >= 300 )); then
   timeout $(( L - 20 )) python3 benchmarks/quantize_speed.py build --shape 7b --workdir "$W" > "$OUT/build-7b.log" 2>&1
   echo "[$(el)s] build-7b rc $?"
   L=$(( LIMIT - $(el) - 10 ))
-  (( L > 30 )) && timeout "$L" python3 -c "
-import runpy, sys
-from cmpq.algorithm import kmeans
-kmeans.FUSED_LLOYD = True
-sys.argv = ['quantize_speed.py', 'row', '--shape', '7b', '--workdir', '$W', '--nproc', '1', '--append', '$OUT/device_scale.jsonl']
-runpy.run_path('benchmarks/quantize_speed.py', run_name='__main__')" > "$OUT/default-7b-fused.log" 2>&1
+  (( L > 30 )) && timeout "$L" python3 benchmarks/quantize_speed.py row --shape 7b --workdir "$W" --nproc 1 \
+    --append "$OUT/device_scale.jsonl" > "$OUT/default-7b-fused.log" 2>&1
   echo "[$(el)s] default-7b (fused Lloyd) rc $?"; grep -v "it/s\]" "$OUT/default-7b-fused.log" | tail -8
 fi
 echo "done at $(el)s"

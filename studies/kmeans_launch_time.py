@@ -82,10 +82,11 @@ def main() -> None:
                     help="one block of SHAPE's compensated pass layer by layer vs in same-shape groups "
                          "(quantize_compensated_group): on CPU the ATen calls as a GPU makes them (64 output "
                          "rows), on --device cuda the seconds at full size")
-    ap.add_argument("--fused-lloyd", action="store_true",
-                    help="Lloyd's loop in one Triton launch (kmeans.FUSED_LLOYD; run once with and once without)")
+    ap.add_argument("--lloyd", choices=("fused", "torch"), default="fused",
+                    help="Lloyd's loop in one Triton launch on CUDA (kmeans.FUSED_LLOYD, the default) or the "
+                         "PyTorch loop; run once each way")
     a = ap.parse_args()
-    kmeans.FUSED_LLOYD = a.fused_lloyd
+    kmeans.FUSED_LLOYD = "cuda" if a.lloyd == "fused" else "off"
     if a.count:
         return count_calls(SHAPES if a.count == "smollm2" else SHAPES_7B, a.out)
     if a.groups:
@@ -162,6 +163,26 @@ def column_loop_counted(counter: OpCounter):
         compensated.column_feedback_reference = ref
 
 
+@contextlib.contextmanager
+def lloyd_counted(counter: OpCounter):
+    """Yields [ATen calls made inside Lloyd's loop (``kmeans._run_lloyd``), loops run]: the calls
+    that ``kmeans.FUSED_LLOYD`` turns into one Triton launch per loop."""
+    ref, seen = kmeans._run_lloyd, [0, 0]
+
+    def counted(*args, **kw):
+        before = counter.ops
+        r = ref(*args, **kw)
+        seen[0] += counter.ops - before
+        seen[1] += 1
+        return r
+
+    kmeans._run_lloyd = counted
+    try:
+        yield seen
+    finally:
+        kmeans._run_lloyd = ref
+
+
 def count_calls(shapes: dict, out: str | None) -> None:
     """ATen calls (about one GPU launch each) per layer of one block, default k-means moves and row
     scales, CPU, 64 output rows (the count depends on the columns; the k-means chunk is scaled so a
@@ -184,7 +205,7 @@ def count_calls(shapes: dict, out: str | None) -> None:
             # 64 rows stand for o: scale the k-means chunk so a chunk holds as many rows as at full size
             chunk = kmeans_chunk(max(1, kmeans.CHUNK_ELEMENTS * 64 // o))
             try:
-                with chunk, counter, column_loop_counted(counter) as loop:
+                with chunk, counter, column_loop_counted(counter) as loop, lloyd_counted(counter) as lloyd:
                     distortion.layer_options(w, torch.ones(i), (2, 3, 4), int(0.005 * w.numel()), 25, True, None,
                                              True, swaps)
                     alloc = counter.ops
@@ -195,15 +216,18 @@ def count_calls(shapes: dict, out: str | None) -> None:
             comp = counter.ops - alloc
             row[path] = {"allocation": alloc,
                          "compensated": comp if path == "cpu_path" else comp - loop[0] + loop[1],
-                         "of_which_column_loop": loop[0] if path == "cpu_path" else loop[1]}
+                         "of_which_column_loop": loop[0] if path == "cpu_path" else loop[1],
+                         "of_which_lloyd_loop": lloyd[0], "lloyd_loops": lloyd[1]}
         rows.append(row)
         print(row, flush=True)
-    tot = {p: {k: sum(r[p][k] for r in rows) for k in ("allocation", "compensated")} for p in ("cpu_path", "gpu_path")}
+    tot = {p: {k: sum(r[p][k] for r in rows) for k in ("allocation", "compensated", "of_which_lloyd_loop", "lloyd_loops")}
+           for p in ("cpu_path", "gpu_path")}
     print("block:", tot)
     res = {"device": f"cpu, {torch.get_num_threads()} threads", "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "torch": torch.__version__, "rows": rows, "block": tot,
            "note": "ATen calls counted on CPU, 64 output rows; gpu_path: the calls a GPU run makes (widths share "
-                   "k-means runs, the column loop is one launch per lazy block)"}
+                   "k-means runs, the column loop is one launch per lazy block); of_which_lloyd_loop: calls inside "
+                   "Lloyd's loop, which kmeans.FUSED_LLOYD makes one launch per loop (lloyd_loops)"}
     if out:
         with open(out, "w") as f:
             json.dump(res, f, indent=1)

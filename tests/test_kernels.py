@@ -97,26 +97,6 @@ def test_dequantize_t_exact(mix, outliers, dtype, out):
         torch.testing.assert_close(wt, ref.T, rtol=2**-7, atol=0)
 
 
-@pytest.mark.skipif(DEV != "cuda", reason="the CUDA dequantizers")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("outliers", [False, True])
-@pytest.mark.parametrize("mix", list(MIXES))
-@pytest.mark.parametrize("out", [67, 1028])
-def test_dequantize_one_launch_and_per_group_agree(mix, outliers, dtype, out, monkeypatch):
-    """The one-launch dequantizer (every width group and the FP16 columns) and the per-group
-    launches give exactly the reference weight, transposed."""
-    from cmpq.kernels import dequant
-
-    layer = _layer(mix, outliers, seed=13, out=out)
-    rt = layer.runtime()
-    ref = layer.dequantize(dtype).T
-    for one in (True, False):
-        monkeypatch.setattr(dequant, "ONE_LAUNCH", one)
-        wt = dequant._dequantize_cuda(rt, dtype)
-        assert wt is not None, (dequant._LAYER_LIBRARY.error, dequant._LIBRARY.error)
-        assert torch.equal(wt, ref), one
-
-
 def test_decode_splits_and_batch_dims():
     layer = _layer("mixed", True, seed=3)
     x = torch.randn(2, 2, 300, device=DEV).half()

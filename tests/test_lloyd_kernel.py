@@ -64,16 +64,30 @@ def test_kmeans_1d_is_the_same_with_the_fused_loop(monkeypatch):
         return (kmeans.kmeans_1d(x, 16, keep, 30, weight=w, swaps=6, ks=ks),
                 kmeans.kmeans_1d(x, 8, keep, 10, init=init, weight=w))
 
-    monkeypatch.setattr(kmeans, "FUSED_LLOYD", False)
+    monkeypatch.setattr(kmeans, "FUSED_LLOYD", "off")
     ref = both()
     calls = []
     real = kmeans._fused_lloyd
-    monkeypatch.setattr(kmeans, "FUSED_LLOYD", True)
+    monkeypatch.setattr(kmeans, "FUSED_LLOYD", "always")
     monkeypatch.setattr(kmeans, "_fused_lloyd", lambda *a: calls.append(1) or real(*a))
     got = both()
     assert len(calls) >= 3, "the fused loop was not used"  # the cold start, the moves, the warm start
     for r, o in zip(ref, got):
         assert torch.equal(r, o)
+
+
+def test_default_runs_the_fused_loop_on_cuda_only(monkeypatch):
+    """By default CPU tensors take the PyTorch loop even under the interpreter (CI's k-means stays
+    fast); an unknown setting is refused, not read as off."""
+    calls = []
+    monkeypatch.setattr(kmeans, "_fused_lloyd", lambda *a: calls.append(1))
+    assert kmeans.FUSED_LLOYD == "cuda"
+    x = torch.randn(3, 40)
+    kmeans.kmeans_1d(x, 4, torch.ones_like(x, dtype=torch.bool), 5)
+    assert not calls
+    monkeypatch.setattr(kmeans, "FUSED_LLOYD", True)
+    with pytest.raises(ValueError, match="FUSED_LLOYD"):
+        kmeans.kmeans_1d(x, 4, torch.ones_like(x, dtype=torch.bool), 5)
 
 
 def test_kernel_compiles_for_hopper():

@@ -216,17 +216,22 @@ def _swap_start(cent: torch.Tensor, xs: torch.Tensor, csum: torch.Tensor, cw: to
 
 
 CHECK_EVERY = 4  # Lloyd iterations between convergence checks (each check is a host sync)
-# The Lloyd loop in one Triton launch (``cmpq.kernels.lloyd``: the same centroids, per-row early stop)
-# for CUDA tensors. Built 2026-12-07 against the launch-bound k-means of the 7B walk and allocation;
-# off until a GPU run has timed it (tests compare it with ``_lloyd`` under Triton's interpreter).
-FUSED_LLOYD = False
+# The Lloyd loop in one Triton launch (``cmpq.kernels.lloyd``: the same centroids, per-row early stop).
+# "cuda": for CUDA tensors (default); "always": also CPU tensors under TRITON_INTERPRET=1 (how the
+# tests check it without a GPU); "off": the PyTorch loop everywhere. Measured on 2026-12-07 (H100,
+# studies/results/groups-7b-{torch,fused}-h100.json): one 7B-shaped block's compensated pass and
+# allocation 3.55 -> 1.71 s; the 7B default 242.6 -> 215.6 s (docs/results.md).
+FUSED_LLOYD = "cuda"
 
 
 def _run_lloyd(xs: torch.Tensor, csum: torch.Tensor, cw: torch.Tensor, nvalid: torch.Tensor, cent: torch.Tensor,
                max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_lloyd``, or the fused loop where ``FUSED_LLOYD`` is on and Triton can run it: on CUDA, or
-    on CPU tensors under Triton's interpreter (how the tests check it without a GPU)."""
-    if FUSED_LLOYD and (xs.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and triton_available():
+    """``_lloyd``, or the fused loop where ``FUSED_LLOYD`` allows it and Triton can run it."""
+    if FUSED_LLOYD not in ("cuda", "always", "off"):
+        raise ValueError(f"kmeans.FUSED_LLOYD must be 'cuda', 'always' or 'off', got {FUSED_LLOYD!r}")
+    use = xs.is_cuda if FUSED_LLOYD == "cuda" else (
+        FUSED_LLOYD == "always" and (xs.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
+    if use and triton_available():
         return _fused_lloyd(xs, csum, cw, nvalid, cent, max_iter)
     return _lloyd(xs, csum, cw, nvalid, cent, max_iter)
 

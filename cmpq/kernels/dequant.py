@@ -1,8 +1,8 @@
 """Prefill path (more than 16 tokens): dequantization into a scratch weight, then cuBLAS.
 
 Both dequantizers read the runtime layout's quads (``cmpq/kernels/layout.py``, no second copy of
-the indices): on CUDA with nvcc ``dequant_cuda.cu``; elsewhere (the Triton interpreter in tests,
-no nvcc) the Triton kernel below.
+the indices): on CUDA with nvcc ``dequant_cuda.cu`` (the whole layer in one launch); elsewhere (the
+Triton interpreter in tests, no nvcc) the Triton kernel below, one launch per width group.
 
 The weight is dequantized *transposed*, ``[in, out]``: the lanes of a warp hold consecutive output
 rows, so every store is one contiguous run (a plain ``[out, in]`` store would put each lane on
@@ -39,51 +39,34 @@ class _DQL(ctypes.Structure):
                 (n, ctypes.c_int) for n in ("ng", "n_act", "out", "is_bf16")]
 
 
-_LIBRARY = cd.KernelLibrary(SRC, "cmpq_dq", _DQ, n_int_args=1)
-_LAYER_LIBRARY = cd.KernelLibrary(SRC, "cmpq_dql", _DQL, n_int_args=1)
-# One launch per layer (every width group and the FP16 columns) instead of one per width group and
-# a PyTorch copy for the FP16 columns. On until the A/B (device/device_lloyd.sh's prefill part)
-# has timed both; the loser is then deleted.
-ONE_LAUNCH = True
+# one launch per layer: every width group and the FP16 columns (dequant_cuda.cu says what it replaced)
+_LIBRARY = cd.KernelLibrary(SRC, "cmpq_dql", _DQL, n_int_args=1)
 
 
 def _dequantize_cuda(rt: Runtime, dtype: torch.dtype) -> torch.Tensor | None:
-    """``W_hat^T`` ``[in, out]`` from the CUDA kernel, or None where it does not apply."""
+    """``W_hat^T`` ``[in, out]`` from the CUDA kernel, or None where it does not apply: every width
+    group and the FP16 columns in one launch; then the sparse outliers, which replace values."""
     dev = rt.device
-    if dev.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+    owt = rt.outlier_weight_t
+    if dev.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or len(rt.groups) > len(_DQL().g):
+        return None
+    if not rt.outlier_channels.is_contiguous() or (owt.numel() and (owt.dtype != torch.float16
+                                                                     or not owt.is_contiguous())):
         return None
     lib = _LIBRARY.get()
     if lib is None:
         return None
     wt = torch.empty(rt.n_in, rt.out, dtype=dtype, device=dev)
-    stream = torch.cuda.current_stream(dev).cuda_stream
-    if ONE_LAUNCH:
-        return _dequantize_layer(rt, wt, stream)
-    for g in rt.groups:
-        p = _DQ(g.q.data_ptr(), g.codebook.data_ptr(), g.channels.data_ptr(), wt.data_ptr(), g.nq, rt.out, g.n,
-                g.bits, int(dtype == torch.bfloat16))
-        err = lib.cmpq_dq_launch(ctypes.byref(p), g.nq, stream)
-        if err:
-            raise RuntimeError(f"cmpq dequant kernel failed: {lib.cmpq_dq_error_string(err).decode()}")
-    return _fill_outliers(wt, rt)
-
-
-def _dequantize_layer(rt: Runtime, wt: torch.Tensor, stream: int) -> torch.Tensor | None:
-    """Every width group and the FP16 columns in one launch (``dequant_layer_kernel``); then the
-    sparse outliers, which replace values."""
-    lib = _LAYER_LIBRARY.get()
-    owt = rt.outlier_weight_t
-    if lib is None or len(rt.groups) > 3 or not rt.outlier_channels.is_contiguous() or (owt.numel() and (owt.dtype != torch.float16 or not owt.is_contiguous())):
-        return None
     p = _DQL()
-    is_bf16 = int(wt.dtype == torch.bfloat16)
+    is_bf16 = int(dtype == torch.bfloat16)
     for i, g in enumerate(rt.groups):
         p.g[i] = _DQ(g.q.data_ptr(), g.codebook.data_ptr(), g.channels.data_ptr(), wt.data_ptr(), g.nq, rt.out,
                      g.n, g.bits, is_bf16)
     n_act = rt.outlier_channels.numel()
     p.owt, p.och, p.wt = owt.data_ptr(), rt.outlier_channels.data_ptr(), wt.data_ptr()
     p.ng, p.n_act, p.out, p.is_bf16 = len(rt.groups), n_act, rt.out, is_bf16
-    err = lib.cmpq_dql_launch(ctypes.byref(p), sum(g.nq for g in rt.groups) + n_act, stream)
+    err = lib.cmpq_dql_launch(ctypes.byref(p), sum(g.nq for g in rt.groups) + n_act,
+                              torch.cuda.current_stream(dev).cuda_stream)
     if err:
         raise RuntimeError(f"cmpq dequant kernel failed: {lib.cmpq_dql_error_string(err).decode()}")
     if rt.sparse_flat.numel():
@@ -93,7 +76,7 @@ def _dequantize_layer(rt: Runtime, wt: torch.Tensor, stream: int) -> torch.Tenso
 
 def _fill_outliers(wt: torch.Tensor, rt: Runtime) -> torch.Tensor:
     """The FP16 outlier columns (rows ``outlier_channels`` of ``wt``) and the sparse outliers (they
-    replace values)."""
+    replace values): the Triton dequantizer's second step."""
     if rt.outlier_channels.numel():
         wt[rt.outlier_channels.long()] = rt.outlier_weight_t.to(wt.dtype)
     if rt.sparse_flat.numel():
