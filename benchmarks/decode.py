@@ -8,7 +8,8 @@ one CUDA graph per token step), plus peak GPU memory, for
       ``--nsamples`` calibration sequences (c4 from ``CMPQ_DATA_DIR``; ``--calib`` to change);
   (b) a Llama-2-7B-shaped model with random fp16 weights built on the GPU, then its linears
       quantized by ``cmpq.algorithm.layer.quantize_weights`` + ``pack_linear`` with random
-      activation norms (speed only; no calibration).
+      activation norms and random row scales, as the default format stores them (speed only; no
+      calibration).
 
 Usage (GPU):  python benchmarks/decode.py --model smollm2-135m --out benchmarks/results/decode-h200.json
 CPU smoke test (tiny shapes, minutes -> seconds):  python benchmarks/decode.py --tiny
@@ -69,7 +70,9 @@ def run(model, vocab: int, prompt_len: int, new: int, dev, label: str, graph: bo
 
 @torch.no_grad()
 def quantize_random(model, bits: float, dev, log=print) -> None:
-    """Replace every linear of every decoder block by CMPQ (real algorithm, random activation norms)."""
+    """Replace every linear of every decoder block by CMPQ (real algorithm, random activation norms),
+    with per-row scales as the default algorithm stores them (format v4: one multiply per layer that
+    the kernels' callers pay; before 2026-12-07 these layers had none)."""
     from torch import nn
 
     from cmpq.algorithm.layer import quantize_weights
@@ -85,6 +88,8 @@ def quantize_random(model, bits: float, dev, log=print) -> None:
         ws = [m.weight.data.float() for m in mods]
         acts = [torch.rand(w.shape[1], generator=gen, device=dev) ** 4 * 100 + 1 for w in ws]  # heavy-tailed
         parts = quantize_weights(ws, acts, cfg, names)
+        for p, w in zip(parts, ws):
+            p.row_scale = (torch.rand(w.shape[0], generator=gen, device=dev) * 0.5 + 0.75).half()
         for n, m, p in zip(names, mods, parts):
             parent, _, leaf = n.rpartition(".")
             q = pack_linear(p, m.bias)

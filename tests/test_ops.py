@@ -164,3 +164,41 @@ def test_model_trains_an_adapter_through_cmpq_layers(quantized):
     torch.testing.assert_close(adapter_grad(quantized, False), ref, rtol=1e-4, atol=1e-6)
     torch._dynamo.reset()
     torch.testing.assert_close(adapter_grad(quantized, True), ref, rtol=1e-4, atol=1e-6)
+
+
+def _row_scaled(bias: bool = True) -> CMPQLinear:
+    """A format-v4 layer: ``W = diag(s) @ (the parts)``, ``s`` random and positive."""
+    layer = CMPQLinear(300, 67, {2: 90, 3: 101, 4: 102}, n_outlier_channels=7, n_sparse=23, bias=bias, row_scale=True)
+    src = _layer(bias=bias)
+    layer.load_state_dict({**src.state_dict(), "row_scale": (torch.rand(67) + 0.5).half()})
+    return layer
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_row_scaled_layer_scales_outside_the_operator(bias):
+    """The operator computes ``x @ (W / s)^T + bias / s`` and the layer multiplies by ``s`` after it,
+    so torch.compile can fuse the multiply into what reads the output (one launch fewer per layer
+    and call on a GPU). Eager, compiled and the input gradient all equal the dense layer."""
+    layer = _row_scaled(bias)
+    w = layer.dequantize(torch.float32)
+    b = layer.bias.float() if bias else None
+    x = torch.randn(2, 5, 300)
+    torch.testing.assert_close(layer(x), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    got = torch.compile(layer, fullgraph=True, backend=backend)(x)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    (node,) = [n for n in graphs[0].graph.nodes if n.op == "call_function" and n.target in (OP, torch.ops.cmpq.linear)]
+    assert node.args[10] is None, "the row scales went into the operator"
+    assert any(n.op == "call_function" and "mul" in str(n.target) and node in n.args for n in graphs[0].graph.nodes)
+    xg = x.clone().requires_grad_(True)
+    xd = x.clone().requires_grad_(True)
+    g = torch.randn(2, 5, 67)
+    (layer(xg) * g).sum().backward()
+    (F.linear(xd, w, b) * g).sum().backward()
+    torch.testing.assert_close(xg.grad, xd.grad, rtol=1e-5, atol=1e-5)

@@ -150,6 +150,13 @@ class CMPQLinear(nn.Module):
         """Everything ``torch.ops.cmpq.linear`` takes after ``x``: the layer's own tensors and ints."""
         return (*self._stored(), self.bias, self.runtime_tensors(), list(self.bit_widths), self.out_features)
 
+    def _op_args_unscaled(self) -> tuple:
+        """``_op_args`` for ``x @ (W_hat / s)^T + bias / s`` (``s`` the row scales): what the kernels
+        compute (their layout's bias is ``bias / s``), with no multiply inside the operator."""
+        stored = self._stored()[:-1]
+        bias = None if self.bias is None else self.bias.float() / self.row_scale.float()
+        return (*stored, None, bias, self.runtime_tensors(), list(self.bit_widths), self.out_features)
+
     @torch.no_grad()
     def dequantize(self, dtype: torch.dtype = torch.float16) -> torch.Tensor:
         """The dense ``W_hat`` ``[out, in]`` this layer stands for."""
@@ -162,7 +169,13 @@ class CMPQLinear(nn.Module):
                 return y
         elif self._dense_cache is not None and self._dense_cache.dtype == x.dtype:
             return F.linear(x, self._dense_cache, None if self.bias is None else self.bias.to(x.dtype))
-        return torch.ops.cmpq.linear(x, *self._op_args())
+        if self.row_scale is None:
+            return torch.ops.cmpq.linear(x, *self._op_args())
+        # The row scales are applied here, outside the operator: under torch.compile the multiply
+        # then fuses into the kernel that reads the output (rotary, residual add, SiLU), where
+        # inside the operator it was one more launch per layer and call.
+        y = torch.ops.cmpq.linear(x, *self._op_args_unscaled())
+        return y * self.row_scale.to(y.dtype)
 
     def _eager(self, x: torch.Tensor) -> torch.Tensor | None:
         """What only eager calls do: the shared-input fusion (cmpq/nn/fuse.py, Python state between
