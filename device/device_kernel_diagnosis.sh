@@ -6,8 +6,9 @@
 #      70B shapes at 4, 5 and 8 tokens, 3 and 2 bits -> rlut_bench.json (groups_us per point: keep the
 #      faster grouping in kernel_rlut.GROUPS, delete the other)
 #   2. ncu of mma at 8 and 16 tokens since its x pre-kernel -> ncu-decode.txt
-#   3. the end-to-end step at batch 8 under nsys (kernel time by name) -> nsys-b8.txt: the layer bench
-#      puts mma 8-token layers 20-45% faster since the pre-kernel, the batch-8 decode did not move
+#   3. the 7B-shaped decode, compiled, at batch 1 and 8, its layers now with row scales like the
+#      default's, whose multiply moved out of the operator (2026-12-07) -> decode-7b-b{1,8}.json
+#      (nsys is not on the GPU machine; studies/decode_step_split.py splits a step by difference)
 # Usage: bash device/device_kernel_diagnosis.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -28,11 +29,11 @@ grep -E "passed|failed|groups" "$OUT/rlut.log" "$OUT/bench.log" | tail -30
 OUT="$D" timeout 150 bash device/device_ncu.sh mma8,mma16 > "$OUT/ncu.log" 2>&1
 echo "[$(el)s] ncu rc=$?"; cp "$D"/ncu-decode.txt "$OUT/" 2>/dev/null; tail -30 "$OUT/ncu.log"
 
-# 3. the batch-8 decode step under nsys: which kernels take the step's time
-if command -v nsys >/dev/null && (( 570 - $(el) > 200 )); then
-  timeout 240 nsys profile -o "$D/b8" --force-overwrite true python3 benchmarks/decode.py --skip-model --batch 8 \
-    --new-tokens 64 --out "$D/decode-b8.json" > "$OUT/nsys.log" 2>&1
-  echo "[$(el)s] nsys rc=$?"
-  nsys stats --report cuda_gpu_kern_sum "$D/b8.nsys-rep" > "$OUT/nsys-b8.txt" 2>&1; head -40 "$OUT/nsys-b8.txt"
-fi
+# 3. end-to-end decode with row-scaled layers, compiled, batch 1 and 8 (FP16 in the same run)
+for b in 1 8; do
+  (( 570 - $(el) > 150 )) || break
+  timeout 200 python3 benchmarks/decode.py --skip-model --batch $b --compile on --new-tokens 128 \
+    --out "$OUT/decode-7b-b$b.json" > "$OUT/decode-b$b.log" 2>&1
+  echo "[$(el)s] decode batch $b rc=$?"; grep "tok/s" "$OUT/decode-b$b.log" | tail -2
+done
 echo "done at $(el)s"
