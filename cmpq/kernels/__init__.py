@@ -10,7 +10,7 @@
   without Triton. Tests call the kernels directly on CPU tensors under ``TRITON_INTERPRET=1``.
 - Kernels of the quantizer, not of the operator: ``feedback`` (the compensated pass's column loop),
   ``gather_weight`` (fine-tuning's weight gather and gradient scatter), ``lloyd`` (k-means' Lloyd
-  loop; off until timed, ``cmpq.algorithm.kmeans.FUSED_LLOYD``).
+  loop, the default on CUDA: ``cmpq.algorithm.kmeans.FUSED_LLOYD``).
 """
 
 from cmpq.kernels.dispatch import KERNELS, TABLE, choose, force, forced, triton_available

@@ -15,7 +15,8 @@ centroids are the same. Only the SSE's float64 sum over the ``k`` clusters may d
 bits (another summation order).
 
 ``lloyd`` needs Triton; the tests run it on CPU tensors under ``TRITON_INTERPRET=1`` against
-``kmeans._lloyd``. Off by default (``kmeans.FUSED_LLOYD``) until a GPU run has timed it.
+``kmeans._lloyd``. The default for CUDA tensors (``kmeans.FUSED_LLOYD``): on an H100 it halved one
+7B-shaped block's compensated pass and allocation (3.55 -> 1.71 s; docs/results.md).
 """
 
 from __future__ import annotations
