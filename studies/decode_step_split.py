@@ -9,16 +9,27 @@ buffer made once (no kernel). The last is the step's floor whatever the linears 
 ``step - floor`` is the linears' share of each step. It answers why the batch-8 step did not
 move when the 8-token layers got 20-45% faster (2026-12-07).
 
+On a GPU each row also has, from the same process and the same layers, ``layers_ms``: every block
+linear timed on its own as ``benchmarks/kernel_bench.py`` times a layer (a CUDA graph over the 32
+instances of that layer), summed per step; and the median SM clock while the step and the layers
+ran (``nvidia-smi``, where it exists). The first run (2026-12-07, H100) found CMPQ's linears 13-16%
+slower in the step than the bench's sums from another run, FP16's 2-5%; these columns compare the two
+in one run, and test whether a lower clock during the long decode explains it.
+
     python studies/decode_step_split.py --batch 1 8 --out X.json          (GPU; --tiny: CPU smoke test)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.util
 import json
 import os
+import shutil
+import statistics
+import subprocess
 import time
 
 import torch
@@ -26,10 +37,15 @@ from torch import nn
 
 from cmpq.generate import generate_ids
 
-_spec = importlib.util.spec_from_file_location(
-    "decode_bench", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "decode.py"))
-decode_bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(decode_bench)
+def _load(name: str, file: str):
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", file))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+decode_bench = _load("decode_bench", "decode.py")
 
 
 class FreeLinear(nn.Module):
@@ -60,6 +76,42 @@ def free_linears(model, max_rows: int) -> nn.Module:
             parent, _, leaf = name.rpartition(".")
             setattr(block.get_submodule(parent) if parent else block, leaf, FreeLinear(bufs[out]))
     return model
+
+
+@contextlib.contextmanager
+def sm_clock(dev):
+    """Yields a list that holds, after the block, the median SM clock (MHz) sampled every 100 ms
+    by ``nvidia-smi`` while the block ran (empty where there is no GPU or no nvidia-smi)."""
+    out: list[float] = []
+    if dev.type != "cuda" or shutil.which("nvidia-smi") is None:
+        yield out
+        return
+    p = subprocess.Popen(["nvidia-smi", f"--id={torch.cuda.current_device()}", "--query-gpu=clocks.sm",
+                          "--format=csv,noheader,nounits", "-lms", "100"], stdout=subprocess.PIPE, text=True)
+    try:
+        yield out
+    finally:
+        p.terminate()
+        vals = [float(v) for v in p.communicate()[0].split() if v.replace(".", "", 1).isdigit()]
+        if vals:
+            out.append(statistics.median(vals))
+
+
+def layers_ms(model, batch: int, dev) -> float | None:
+    """Milliseconds per step of the blocks' linears, each timed on its own as kernel_bench times a
+    layer: a CUDA graph over the instances of one layer name (one per block), summed over names."""
+    if dev.type != "cuda":
+        return None
+    time_graph = _load("kernel_bench", "kernel_bench.py").time_graph
+    blocks = model.model.layers
+    names = [n for n, m in blocks[0].named_modules() if n and getattr(m, "out_features", None)]
+    total_us = 0.0
+    with torch.no_grad():
+        for n in names:
+            mods = [b.get_submodule(n) for b in blocks]
+            xs = [torch.randn(batch, 1, m.in_features, device=dev, dtype=torch.float16) for m in mods]
+            total_us += time_graph([lambda m=m, x=x: m(x) for m, x in zip(mods, xs)], len(mods)) * len(mods)
+    return total_us / 1e3
 
 
 def step_ms(model, vocab: int, batch: int, prompt: int, new: int, dev) -> float:
@@ -104,9 +156,15 @@ def main() -> None:
         elif variant == "floor":
             free_linears(model, max(a.batch) * a.prompt_len)
         for b in a.batch:
-            ms = step_ms(model, cfg["vocab_size"], b, a.prompt_len, a.new_tokens, dev)
-            res["rows"].append({"variant": variant, "batch": b, "step_ms": round(ms, 4)})
-            print(f"[{time.time() - t0:.0f}s] {variant} batch {b}: {ms:.3f} ms/step", flush=True)
+            with sm_clock(dev) as clk:
+                ms = step_ms(model, cfg["vocab_size"], b, a.prompt_len, a.new_tokens, dev)
+            row = {"variant": variant, "batch": b, "step_ms": round(ms, 4), "step_sm_mhz": clk[0] if clk else None}
+            if variant != "floor":
+                with sm_clock(dev) as clk:
+                    lm = layers_ms(model, b, dev)
+                row.update(layers_ms=None if lm is None else round(lm, 4), layers_sm_mhz=clk[0] if clk else None)
+            res["rows"].append(row)
+            print(f"[{time.time() - t0:.0f}s] {row}", flush=True)
             save()
         del model
         if dev.type == "cuda":
@@ -116,6 +174,10 @@ def main() -> None:
         f, c, z = by[("fp16", b)], by[("cmpq", b)], by[("floor", b)]
         s = {"batch": b, "fp16_linears_ms": round(f - z, 4), "cmpq_linears_ms": round(c - z, 4),
              "floor_ms": z, "cmpq_vs_fp16": round(f / c, 3), "bound_vs_fp16": round(f / z, 3)}
+        for v in ("fp16", "cmpq"):  # the linears in the step against the same layers timed alone
+            lm = next(r.get("layers_ms") for r in res["rows"] if r["variant"] == v and r["batch"] == b)
+            if lm:
+                s[f"{v}_step_over_layers"] = round((by[(v, b)] - z) / lm, 3)
         res.setdefault("split", []).append(s)
         print(s, flush=True)
     save()
