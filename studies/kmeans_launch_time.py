@@ -11,6 +11,7 @@ finish one default cell in 9 minutes.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import datetime
 import importlib.util
@@ -49,9 +50,11 @@ class OpCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.ops = 0
+        self.by_op: collections.Counter = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
+        self.by_op[str(func.overloadpacket)] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -143,17 +146,18 @@ def main() -> None:
 @contextlib.contextmanager
 def column_loop_counted(counter: OpCounter):
     """Route the compensated pass's PyTorch column loop through ``counter``; yields [ATen calls made
-    inside the loop, loop calls], so a count can stand one Triton launch per lazy block (what a GPU
-    run makes) for the loop's calls."""
+    inside the loop, loop calls, those calls by operator], so a count can stand one Triton launch per
+    lazy block (what a GPU run makes) for the loop's calls."""
     from cmpq.algorithm import compensated
 
-    ref, loop = compensated.column_feedback_reference, [0, 0]
+    ref, loop = compensated.column_feedback_reference, [0, 0, collections.Counter()]
 
     def counted(*args):
-        before = counter.ops
+        before, by_op = counter.ops, collections.Counter(counter.by_op)
         r = ref(*args)
         loop[0] += counter.ops - before
         loop[1] += 1
+        loop[2].update(counter.by_op - by_op)
         return r
 
     compensated.column_feedback_reference = counted
@@ -165,15 +169,16 @@ def column_loop_counted(counter: OpCounter):
 
 @contextlib.contextmanager
 def lloyd_counted(counter: OpCounter):
-    """Yields [ATen calls made inside Lloyd's loop (``kmeans._run_lloyd``), loops run]: the calls
-    that ``kmeans.FUSED_LLOYD`` turns into one Triton launch per loop."""
-    ref, seen = kmeans._run_lloyd, [0, 0]
+    """Yields [ATen calls made inside Lloyd's loop (``kmeans._run_lloyd``), loops run, those calls by
+    operator]: the calls that ``kmeans.FUSED_LLOYD`` turns into one Triton launch per loop."""
+    ref, seen = kmeans._run_lloyd, [0, 0, collections.Counter()]
 
     def counted(*args, **kw):
-        before = counter.ops
+        before, by_op = counter.ops, collections.Counter(counter.by_op)
         r = ref(*args, **kw)
         seen[0] += counter.ops - before
         seen[1] += 1
+        seen[2].update(counter.by_op - by_op)
         return r
 
     kmeans._run_lloyd = counted
@@ -218,10 +223,14 @@ def count_calls(shapes: dict, out: str | None) -> None:
                          "compensated": comp if path == "cpu_path" else comp - loop[0] + loop[1],
                          "of_which_column_loop": loop[0] if path == "cpu_path" else loop[1],
                          "of_which_lloyd_loop": lloyd[0], "lloyd_loops": lloyd[1]}
+            if path == "gpu_path":  # the calls left once Lloyd's loop and the column loop are one launch each
+                row[path]["by_op_outside_lloyd"] = dict((counter.by_op - lloyd[2] - loop[2]).most_common())
         rows.append(row)
         print(row, flush=True)
     tot = {p: {k: sum(r[p][k] for r in rows) for k in ("allocation", "compensated", "of_which_lloyd_loop", "lloyd_loops")}
            for p in ("cpu_path", "gpu_path")}
+    left = sum((collections.Counter(r["gpu_path"]["by_op_outside_lloyd"]) for r in rows), collections.Counter())
+    tot["gpu_path"]["top_ops_outside_lloyd"] = dict(left.most_common(15))
     print("block:", tot)
     res = {"device": f"cpu, {torch.get_num_threads()} threads", "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "torch": torch.__version__, "rows": rows, "block": tot,
