@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import importlib.util
 import json
 import os
@@ -37,6 +38,7 @@ from torch import nn
 
 from cmpq.generate import generate_ids
 
+@functools.cache
 def _load(name: str, file: str):
     spec = importlib.util.spec_from_file_location(
         name, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", file))

@@ -144,34 +144,10 @@ def main() -> None:
 
 
 @contextlib.contextmanager
-def column_loop_counted(counter: OpCounter):
-    """Route the compensated pass's PyTorch column loop through ``counter``; yields [ATen calls made
-    inside the loop, loop calls, those calls by operator], so a count can stand one Triton launch per
-    lazy block (what a GPU run makes) for the loop's calls."""
-    from cmpq.algorithm import compensated
-
-    ref, loop = compensated.column_feedback_reference, [0, 0, collections.Counter()]
-
-    def counted(*args):
-        before, by_op = counter.ops, collections.Counter(counter.by_op)
-        r = ref(*args)
-        loop[0] += counter.ops - before
-        loop[1] += 1
-        loop[2].update(counter.by_op - by_op)
-        return r
-
-    compensated.column_feedback_reference = counted
-    try:
-        yield loop
-    finally:
-        compensated.column_feedback_reference = ref
-
-
-@contextlib.contextmanager
-def lloyd_counted(counter: OpCounter):
-    """Yields [ATen calls made inside Lloyd's loop (``kmeans._run_lloyd``), loops run, those calls by
-    operator]: the calls that ``kmeans.FUSED_LLOYD`` turns into one Triton launch per loop."""
-    ref, seen = kmeans._run_lloyd, [0, 0, collections.Counter()]
+def calls_inside(counter: OpCounter, module, name: str):
+    """Route ``module.name`` (a function looked up at each call) through ``counter``; yields [ATen
+    calls made inside it, its calls, those ATen calls by operator]."""
+    ref, seen = getattr(module, name), [0, 0, collections.Counter()]
 
     def counted(*args, **kw):
         before, by_op = counter.ops, collections.Counter(counter.by_op)
@@ -181,11 +157,25 @@ def lloyd_counted(counter: OpCounter):
         seen[2].update(counter.by_op - by_op)
         return r
 
-    kmeans._run_lloyd = counted
+    setattr(module, name, counted)
     try:
         yield seen
     finally:
-        kmeans._run_lloyd = ref
+        setattr(module, name, ref)
+
+
+def column_loop_counted(counter: OpCounter):
+    """The compensated pass's PyTorch column loop through ``counter``, so a count can stand one
+    Triton launch per lazy block (what a GPU run makes) for the loop's calls."""
+    from cmpq.algorithm import compensated
+
+    return calls_inside(counter, compensated, "column_feedback_reference")
+
+
+def lloyd_counted(counter: OpCounter):
+    """Lloyd's loop (``kmeans._run_lloyd``) through ``counter``: the calls that
+    ``kmeans.FUSED_LLOYD`` turns into one Triton launch per loop."""
+    return calls_inside(counter, kmeans, "_run_lloyd")
 
 
 def count_calls(shapes: dict, out: str | None) -> None:
@@ -224,6 +214,7 @@ def count_calls(shapes: dict, out: str | None) -> None:
                          "of_which_column_loop": loop[0] if path == "cpu_path" else loop[1],
                          "of_which_lloyd_loop": lloyd[0], "lloyd_loops": lloyd[1]}
             if path == "gpu_path":  # the calls left once Lloyd's loop and the column loop are one launch each
+                # (the key predates the column loop's share being taken out too)
                 row[path]["by_op_outside_lloyd"] = dict((counter.by_op - lloyd[2] - loop[2]).most_common())
         rows.append(row)
         print(row, flush=True)

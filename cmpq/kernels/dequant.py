@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from cmpq.kernels import cuda_decode as cd
-from cmpq.kernels.layout import QUAD_WORDS, Runtime
+from cmpq.kernels.layout import MAX_GROUPS, QUAD_WORDS, Runtime
 
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dequant_cuda.cu")
 NTHREADS = 256
@@ -35,7 +35,7 @@ class _DQ(ctypes.Structure):
 
 
 class _DQL(ctypes.Structure):
-    _fields_ = [("g", _DQ * 3), ("owt", ctypes.c_void_p), ("och", ctypes.c_void_p), ("wt", ctypes.c_void_p)] + [
+    _fields_ = [("g", _DQ * MAX_GROUPS), ("owt", ctypes.c_void_p), ("och", ctypes.c_void_p), ("wt", ctypes.c_void_p)] + [
                 (n, ctypes.c_int) for n in ("ng", "n_act", "out", "is_bf16")]
 
 
@@ -46,12 +46,8 @@ _LIBRARY = cd.KernelLibrary(SRC, "cmpq_dql", _DQL, n_int_args=1)
 def _dequantize_cuda(rt: Runtime, dtype: torch.dtype) -> torch.Tensor | None:
     """``W_hat^T`` ``[in, out]`` from the CUDA kernel, or None where it does not apply: every width
     group and the FP16 columns in one launch; then the sparse outliers, which replace values."""
-    dev = rt.device
-    owt = rt.outlier_weight_t
-    if dev.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or len(rt.groups) > len(_DQL().g):
-        return None
-    if not rt.outlier_channels.is_contiguous() or (owt.numel() and (owt.dtype != torch.float16
-                                                                     or not owt.is_contiguous())):
+    dev = rt.device  # (Runtime.from_tensors has checked the layout's dtypes and its group count)
+    if dev.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return None
     lib = _LIBRARY.get()
     if lib is None:
@@ -63,7 +59,7 @@ def _dequantize_cuda(rt: Runtime, dtype: torch.dtype) -> torch.Tensor | None:
         p.g[i] = _DQ(g.q.data_ptr(), g.codebook.data_ptr(), g.channels.data_ptr(), wt.data_ptr(), g.nq, rt.out,
                      g.n, g.bits, is_bf16)
     n_act = rt.outlier_channels.numel()
-    p.owt, p.och, p.wt = owt.data_ptr(), rt.outlier_channels.data_ptr(), wt.data_ptr()
+    p.owt, p.och, p.wt = rt.outlier_weight_t.data_ptr(), rt.outlier_channels.data_ptr(), wt.data_ptr()
     p.ng, p.n_act, p.out, p.is_bf16 = len(rt.groups), n_act, rt.out, is_bf16
     err = lib.cmpq_dql_launch(ctypes.byref(p), sum(g.nq for g in rt.groups) + n_act,
                               torch.cuda.current_stream(dev).cuda_stream)
