@@ -427,6 +427,17 @@ def open_result(a: argparse.Namespace, bench: Bench, jpath: Path, out: Path, nam
     return result
 
 
+def default_eval_batch(dev: torch.device, workers: int) -> int:
+    """Windows per evaluation forward: 8 on a GPU to itself, 2 on one shared by several workers. A
+    batch's float32 logits are ``batch x seqlen x vocab x 4`` bytes (SmolLM2: 3.0 GiB at 8), allocated
+    at the end of every cell, and with seven workers on one 80 GB GPU that allocation failed out of
+    memory for two cells (H100, 2026-12-07, ``results/quality-ablations-v4-h100-log.txt``). The
+    perplexity is a sum over windows, the same at any batch."""
+    if dev.type != "cuda":
+        return 1
+    return 8 if workers <= 1 else 2
+
+
 OOM = "out of memory: "  # the start of a failure that may pass with fewer processes on the GPU
 
 
@@ -535,7 +546,7 @@ def run_parallel(a: argparse.Namespace, argv: list[str], wall_start: float, unit
 
     try:
         bench = Bench(a, with_model=False)
-        a.eval_batch_size = a.eval_batch_size or (8 if bench.dev.type == "cuda" else 1)
+        a.eval_batch_size = a.eval_batch_size or default_eval_batch(bench.dev, a.workers)
         with locked(qpath):
             result = open_result(a, bench, jpath, out, name)
             if result is None:
@@ -641,7 +652,7 @@ def run_worker(a: argparse.Namespace) -> int:
     """One worker: load the model, wait for the parent's queue, claim units until none is left."""
     i, qpath, ppid = a.worker_index, Path(a.queue), os.getppid()
     bench = Bench(a)
-    a.eval_batch_size = a.eval_batch_size or (8 if bench.dev.type == "cuda" else 1)
+    a.eval_batch_size = a.eval_batch_size or default_eval_batch(bench.dev, a.workers)
     sig = signature(a, bench)
     while not qpath.is_file():
         if os.getppid() != ppid:
@@ -812,7 +823,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_parallel(a, argv, wall_start, units0, hqq_why)
 
     bench = Bench(a)
-    a.eval_batch_size = a.eval_batch_size or (8 if bench.dev.type == "cuda" else 1)
+    a.eval_batch_size = a.eval_batch_size or default_eval_batch(bench.dev, a.workers)
     result = open_result(a, bench, jpath, out, name)
     if result is None:
         return 2
