@@ -19,7 +19,8 @@ from cmpq.model.calibration import SquaredNorm, walk_blocks
 from cmpq.model.experts import expand_fused_experts, fill_unrouted, sibling_key
 from cmpq.model.blocks import mark_skipped, set_module
 from cmpq.model.run_state import remember
-from cmpq.model.memory import AUTO_CHUNK_SHARE, auto_chunk_elements, enforce_cap, kmeans_chunk, plan_memory
+from cmpq.model.memory import (AUTO_CHUNK_SHARE, auto_chunk_elements, enforce_cap, kmeans_chunk, parameter_bytes,
+                               plan_memory, stays_resident)
 from cmpq.nn.linear import CMPQLinear, pack_linear
 from cmpq.options import RunOptions, merge_options
 from cmpq.storage.io import FORMAT_VERSION
@@ -42,6 +43,24 @@ def resolve_calibration(tokenizer, options: RunOptions) -> Windows:
     if isinstance(calib, Path):
         return calibration_windows(tokenizer, "file", options.nsamples, options.seqlen, options.seed, path=str(calib))
     return calibration_windows(tokenizer, calib, options.nsamples, options.seqlen, options.seed)
+
+
+@contextlib.contextmanager
+def staying_on(model: nn.Module, device: torch.device | None, log=None):
+    """The whole run with ``model`` on ``device`` (None: where it is), and back where it was after,
+    also after an error (``cmpq.model.memory.stays_resident`` says when and why)."""
+    home = next(model.parameters()).device
+    if device is None or torch.device(device) == home:
+        yield
+        return
+    if log:
+        log(f"the model stays on {device} for the run ({parameter_bytes(model) / 2**30:.1f} GiB; "
+            f"moved back to {home} at the end)")
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to(home)
 
 
 def _install(block: nn.Module, name: str, lin: nn.Linear, parts) -> None:
@@ -196,76 +215,81 @@ def quantize(
         enforce_cap(device, cap)
         if log:
             log(f"GPU memory estimate {plan.estimate.describe()}" + "".join(f"; {n}" for n in plan.notes))
-    elif device.type == "cuda":
+    resident = False
+    if opts.max_gpu_memory is None and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
+        # one process only: the multi-GPU walk places and shares blocks itself (cmpq.model.distributed)
+        resident = dist is None and stays_resident(model, total, nsamples, seqlen, batch_size, offload_activations,
+                                                   shared_widths=shared)
         chunk_elements = auto_chunk_elements(model, total, nsamples, seqlen, batch_size, offload_activations,
-                                             shared_widths=shared)
+                                             shared_widths=shared, reserved=parameter_bytes(model) if resident else 0)
         if log and chunk_elements != kmeans.CHUNK_ELEMENTS:
             log(f"k-means chunk raised to {chunk_elements:,} values (fewer launches; "
                 f"the walk is estimated under {AUTO_CHUNK_SHARE:.0%} of the GPU's {total / 2**30:.0f} GiB)")
 
     start = time.perf_counter()
-    phases.reset()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    teacher = None
-    finetune_s = 0.0
-    wants_teacher = bool(cfg.finetune_epochs) and (dist is None or dist.main)  # rank 0 fine-tunes, then shares
-    make_stats = lambda name, lin: SquaredNorm(lin.in_features, lin.weight.device)  # noqa: E731
-    if cfg.algorithm == "compensated":  # the teacher states come from its sensitivity pass
-        with kmeans_chunk(chunk_elements):  # the allocation clusters under the walk's chunk
-            make_stats, quantize_block, teacher = _compensated_steps(model, windows, cfg, device, log, progress,
-                                                                     dist, teacher=wants_teacher)
-    else:
-        if wants_teacher:
-            from cmpq.model.distill import teacher_states
+    with staying_on(model, device if resident else None, log):
+        phases.reset()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        teacher = None
+        finetune_s = 0.0
+        wants_teacher = bool(cfg.finetune_epochs) and (dist is None or dist.main)  # rank 0 fine-tunes, then shares
+        make_stats = lambda name, lin: SquaredNorm(lin.in_features, lin.weight.device)  # noqa: E731
+        if cfg.algorithm == "compensated":  # the teacher states come from its sensitivity pass
+            with kmeans_chunk(chunk_elements):  # the allocation clusters under the walk's chunk
+                make_stats, quantize_block, teacher = _compensated_steps(model, windows, cfg, device, log, progress,
+                                                                         dist, teacher=wants_teacher)
+        else:
+            if wants_teacher:
+                from cmpq.model.distill import teacher_states
+
+                t0 = time.perf_counter()
+                teacher = teacher_states(model, windows.ids, device, progress=progress)
+                finetune_s = time.perf_counter() - t0
+            quantize_block = _paper_block(cfg, log)
+
+        ckpt = None
+        if opts.checkpoint_dir is not None:
+            from cmpq.storage.checkpoint import BlockCheckpoint, run_identity
+
+            identity = run_identity(model, cfg, calibration, windows, device)
+            if dist is None:
+                ckpt = BlockCheckpoint(opts.checkpoint_dir, identity, opts.resume)
+            else:
+                from cmpq.model.distributed import open_checkpoint
+
+                ckpt = open_checkpoint(lambda: BlockCheckpoint(opts.checkpoint_dir, identity, opts.resume), dist)
+
+        with kmeans_chunk(chunk_elements):
+            times = walk_blocks(
+                model,
+                windows.ids,
+                make_stats,
+                quantize_block,
+                device=device,
+                batch_size=batch_size,
+                log=log,
+                offload_activations=offload_activations,
+                checkpoint=ckpt,
+                dist=dist,
+                progress=progress,
+            )
+        tuned = None
+        if teacher is not None:
+            from cmpq.model.distill import finetune
 
             t0 = time.perf_counter()
-            teacher = teacher_states(model, windows.ids, device, progress=progress)
-            finetune_s = time.perf_counter() - t0
-        quantize_block = _paper_block(cfg, log)
+            tuned = finetune(model, windows.ids, teacher, device, cfg.finetune_epochs, cfg.finetune_lr, log,
+                             progress=progress)
+            finetune_s += time.perf_counter() - t0
+        if cfg.finetune_epochs and dist is not None:
+            from cmpq.model.blocks import find_blocks
+            from cmpq.model.distributed import sync_modules
 
-    ckpt = None
-    if opts.checkpoint_dir is not None:
-        from cmpq.storage.checkpoint import BlockCheckpoint, run_identity
-
-        identity = run_identity(model, cfg, calibration, windows, device)
-        if dist is None:
-            ckpt = BlockCheckpoint(opts.checkpoint_dir, identity, opts.resume)
-        else:
-            from cmpq.model.distributed import open_checkpoint
-
-            ckpt = open_checkpoint(lambda: BlockCheckpoint(opts.checkpoint_dir, identity, opts.resume), dist)
-
-    with kmeans_chunk(chunk_elements):
-        times = walk_blocks(
-            model,
-            windows.ids,
-            make_stats,
-            quantize_block,
-            device=device,
-            batch_size=batch_size,
-            log=log,
-            offload_activations=offload_activations,
-            checkpoint=ckpt,
-            dist=dist,
-            progress=progress,
-        )
-    tuned = None
-    if teacher is not None:
-        from cmpq.model.distill import finetune
-
-        t0 = time.perf_counter()
-        tuned = finetune(model, windows.ids, teacher, device, cfg.finetune_epochs, cfg.finetune_lr, log,
-                         progress=progress)
-        finetune_s += time.perf_counter() - t0
-    if cfg.finetune_epochs and dist is not None:
-        from cmpq.model.blocks import find_blocks
-        from cmpq.model.distributed import sync_modules
-
-        home = next(model.parameters()).device
-        for block in find_blocks(model)[1]:  # every rank takes rank 0's fine-tuned layers
-            sync_modules(block, {n: 0 for n, m in block.named_modules() if isinstance(m, CMPQLinear)}, dist, home)
+            home = next(model.parameters()).device
+            for block in find_blocks(model)[1]:  # every rank takes rank 0's fine-tuned layers
+                sync_modules(block, {n: 0 for n, m in block.named_modules() if isinstance(m, CMPQLinear)}, dist, home)
     total = time.perf_counter() - start
     qc = {
         "quant_method": "cmpq",

@@ -12,7 +12,8 @@ import cmpq
 from cmpq.algorithm import kmeans
 from cmpq.cli import main
 from cmpq.model.memory import (AUTO_CHUNK_SHARE, MAX_AUTO_CHUNK_ELEMENTS, MemoryCapError, auto_chunk_elements,
-                               estimate_walk_memory, parse_bytes, plan_memory)
+                               estimate_walk_memory, parameter_bytes, parse_bytes, plan_memory, stays_resident)
+from cmpq.quantize import staying_on
 from cmpq.storage.checkpoint import CheckpointMismatch
 
 TIMING_KEYS = ("quantize_seconds", "time_split_seconds", "peak_gpu_memory_gib")
@@ -208,3 +209,55 @@ def test_cli_memory_cap_too_small_is_refused_before_work(folder4, tmp_path, caps
     err = capsys.readouterr().err
     assert "over the 0.00 GiB cap" in err and "hidden states" in err
     assert not (tmp_path / "q.partial").exists() and not (tmp_path / "q").exists()
+
+
+def test_a_model_stays_on_the_card_only_when_it_fits_beside_the_walk_and_then_shrinks_the_chunk():
+    m = llama_on_meta(**LLAMA2_7B).half()  # as a GPU run loads it
+    kw = dict(nsamples=128, seqlen=2048, batch_size=8, dtype=torch.float16)
+    size = parameter_bytes(m)
+    assert 13 * 2**30 > size > 12 * 2**30  # 6.7 G fp16 parameters
+    walk = estimate_walk_memory(m, offload=False, shared_widths=3, **kw).total
+    assert stays_resident(m, 80 * 2**30, shared_widths=3, **kw)
+    assert not stays_resident(m, 32 * 2**30, shared_widths=3, **kw)  # 12.6 GiB + the walk > 16 GiB
+    # the rule, at its edge: exactly the share holds, a byte less does not
+    edge = int((size + walk) / AUTO_CHUNK_SHARE) + 1
+    assert stays_resident(m, edge, shared_widths=3, **kw) and not stays_resident(m, edge - 4, shared_widths=3, **kw)
+    # the resident model counts against the chunk: never larger, and under the share with it
+    for mem in (40 * 2**30, 48 * 2**30, 80 * 2**30):
+        alone = auto_chunk_elements(m, mem, shared_widths=3, **kw)
+        beside = auto_chunk_elements(m, mem, shared_widths=3, reserved=size, **kw)
+        assert beside <= alone
+        if beside > kmeans.CHUNK_ELEMENTS:
+            assert estimate_walk_memory(m, offload=False, chunk_elements=beside, shared_widths=3, **kw).total + size \
+                <= AUTO_CHUNK_SHARE * mem
+    assert auto_chunk_elements(m, 40 * 2**30, shared_widths=3, reserved=size, **kw) < \
+        auto_chunk_elements(m, 40 * 2**30, shared_widths=3, **kw)
+
+
+class _Moves(torch.nn.Linear):
+    """A module that records where it is asked to go instead of going (no GPU here)."""
+
+    def __init__(self):
+        super().__init__(2, 2)
+        self.moves = []
+
+    def to(self, *args, **kwargs):
+        self.moves.append(torch.device(args[0]))
+        return self
+
+
+def test_staying_on_moves_the_model_once_each_way_also_after_an_error():
+    m = _Moves()
+    with staying_on(m, torch.device("cuda")):
+        assert m.moves == [torch.device("cuda")]
+    assert m.moves == [torch.device("cuda"), torch.device("cpu")]
+    m = _Moves()
+    with pytest.raises(FloatingPointError):
+        with staying_on(m, torch.device("cuda")):
+            raise FloatingPointError("mid-run")
+    assert m.moves == [torch.device("cuda"), torch.device("cpu")]
+    m = _Moves()
+    for where in (None, torch.device("cpu")):  # not asked, or already there: no move at all
+        with staying_on(m, where):
+            pass
+    assert m.moves == []

@@ -171,18 +171,42 @@ def plan_memory(model: nn.Module, cap: int, nsamples: int, seqlen: int, batch_si
 
 
 def auto_chunk_elements(model: nn.Module, device_memory: int, nsamples: int, seqlen: int, batch_size: int,
-                        offload: bool = False, dtype: torch.dtype | None = None, shared_widths: int = 1) -> int:
+                        offload: bool = False, dtype: torch.dtype | None = None, shared_widths: int = 1,
+                        reserved: int = 0) -> int:
     """The k-means chunk for a GPU run without a memory cap: the largest power of two from
-    ``kmeans.CHUNK_ELEMENTS`` up to ``MAX_AUTO_CHUNK_ELEMENTS`` whose walk estimate stays under
+    ``kmeans.CHUNK_ELEMENTS`` up to ``MAX_AUTO_CHUNK_ELEMENTS`` whose walk estimate, plus ``reserved``
+    bytes held beside it (the whole model, when it stays on the device: ``stays_resident``), stays under
     ``AUTO_CHUNK_SHARE`` of ``device_memory`` bytes; never below the default (results do not depend on
     it). It stops growing once a chunk holds the largest layer's shared copies: more buys nothing."""
     est = lambda c: estimate_walk_memory(model, nsamples, seqlen, batch_size, offload, c, dtype,  # noqa: E731
                                          shared_widths)
     chunk = kmeans.CHUNK_ELEMENTS
     need = largest_linear(model) * max(shared_widths, 1)  # the most values one run holds
-    while chunk < min(MAX_AUTO_CHUNK_ELEMENTS, need) and est(chunk * 2).total <= AUTO_CHUNK_SHARE * device_memory:
+    while chunk < min(MAX_AUTO_CHUNK_ELEMENTS, need) and \
+            est(chunk * 2).total + reserved <= AUTO_CHUNK_SHARE * device_memory:
         chunk *= 2
     return chunk
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers as they are stored now."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def stays_resident(model: nn.Module, device_memory: int, nsamples: int, seqlen: int, batch_size: int,
+                   offload: bool = False, dtype: torch.dtype | None = None, shared_widths: int = 1) -> bool:
+    """Whether the whole model should stay on the GPU from the start of a run to its end, instead of
+    moving there for the sensitivity pass, back, and then one block at a time.
+
+    The sensitivity pass and fine-tuning already need the whole model on the device; between them the
+    walk moved it out and back in pieces. On a 7B-shaped model that was ~13.5 GB each way through
+    pageable host memory: ~11 s for the move back after the sensitivity pass alone (H100, 2026-12-07,
+    ``benchmarks/results/default-7b-lloyd-h100-log.txt``: the pass's phase 43.8 s against 32.9 s at its
+    last window). Staying costs the model's bytes beside the walk's own peak, so it is chosen only
+    when both fit under ``AUTO_CHUNK_SHARE`` of the card (the rule the k-means chunk already follows);
+    the quantized model, about a fifth of the size, moves home once at the end."""
+    e = estimate_walk_memory(model, nsamples, seqlen, batch_size, offload, None, dtype, shared_widths)
+    return parameter_bytes(model) + e.total <= AUTO_CHUNK_SHARE * device_memory
 
 
 @contextlib.contextmanager
