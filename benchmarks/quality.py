@@ -63,7 +63,11 @@ ALL_METHODS = ("fp16", "cmpq", "rtn", "gptq", "awq", "llmmq", "hqq", "rtn-pc")
 # H200 seconds per cell (quantize + batched eval of both sets), from core-smollm2-135m.json and
 # the baselines' cost relative to CMPQ; used only to skip cells that would overrun --max-minutes.
 COST_S = {"fp16": 8, "rtn": 9, "rtn-pc": 9, "hqq": 12, "gptq": 25, "awq": 30, "llmmq": 15, "llmmq-first": 80,
-          "cmpq": 35, "cmpq-compensated": 410}  # the latter: the v4 default's 4.3-bit cell, 408 s (H100, 2026-12-06)
+          "cmpq": 35, "cmpq-compensated": 240}
+# cmpq-compensated: a default cell with seven sharing one H100, 220-233 s from taking it to its result
+# (2026-12-07 evening, results/quality-ablations-2.5-h100-log.txt; 153 s alone). It was 410 (the 4.3-bit
+# cell alone on 2026-12-06, before the fine-tuning fixes), which made that call decline six cells that
+# would have fitted.
 OUTLIER_ABLATIONS = {  # paper Table 6: the remaining kind of outlier makes up 0.5% of the weights
     "w/o O_q": {"act_outlier_frac": 0.005, "weight_outlier_frac": 0.0},
     "w/o O_act": {"act_outlier_frac": 0.0, "weight_outlier_frac": 0.005},
