@@ -218,9 +218,10 @@ def quantize(
     resident = False
     if opts.max_gpu_memory is None and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        # one process only: the multi-GPU walk places and shares blocks itself (cmpq.model.distributed)
-        resident = dist is None and stays_resident(model, total, nsamples, seqlen, batch_size, offload_activations,
-                                                   shared_widths=shared)
+        # one process only (the multi-GPU walk places and shares blocks itself: cmpq.model.distributed),
+        # and not when activations are offloaded: that asks for a lean GPU
+        resident = dist is None and not offload_activations and stays_resident(
+            model, total, nsamples, seqlen, batch_size, shared_widths=shared)
         chunk_elements = auto_chunk_elements(model, total, nsamples, seqlen, batch_size, offload_activations,
                                              shared_widths=shared, reserved=parameter_bytes(model) if resident else 0)
         if log and chunk_elements != kmeans.CHUNK_ELEMENTS:
