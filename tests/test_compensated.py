@@ -332,3 +332,21 @@ def test_grouped_walk_and_allocation_change_no_stored_value(tiny_llama, calib_id
         assert torch.equal(a[k], b[k]), k
     shapes = [tuple(m.weight.shape) for m in tiny_llama.model.layers[0].modules() if isinstance(m, torch.nn.Linear)]
     assert len(set(shapes)) < len(shapes)  # the tiny model has same-shape layers, so groups were formed
+
+
+def test_codebooks_rounded_together_equal_each_rounded_alone():
+    """A group's codebooks go through ``storable`` in one call (``_round_together``): padded to the
+    widest by repeating each row's last entry, every row must round exactly as it does alone, for
+    rows of any width, empty requests, and rows whose range is tiny next to their values (the ones
+    ``storable`` needs more than one round for)."""
+    from cmpq.algorithm.compensated import _round_together
+    from cmpq.storage.codebook import storable
+
+    g = torch.Generator().manual_seed(5)
+    books = [[torch.randn(7, 16, generator=g).sort(1).values, torch.randn(0, 8)],
+             [torch.randn(5, 4, generator=g).sort(1).values * 1e-3 + 3.0],
+             [torch.randn(9, 8, generator=g).sort(1).values, torch.randn(3, 2, generator=g).sort(1).values + 1e4]]
+    got = _round_together(books)
+    for layer, rounded in zip(books, got):
+        for cb, r in zip(layer, rounded):
+            assert r.shape == cb.shape and torch.equal(r, storable(cb))

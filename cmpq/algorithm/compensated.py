@@ -39,7 +39,10 @@ Choices, and why:
   (initial fit and refits) is one call over all their columns. Each column's run is independent of
   the others in its call, so every layer gets exactly the parts it gets alone (tested), and the
   block costs fewer launches: 232k -> 144k ATen calls on a Llama-7B-shaped block, 80k -> 53k on a
-  SmolLM2 block (GPU path, counted on CPU: ``studies/kmeans_launch_time.py --groups``).
+  SmolLM2 block (GPU path, counted on CPU: ``studies/kmeans_launch_time.py --groups``). Their
+  codebooks are also rounded to the stored grid in one call per lazy block (``_round_together``):
+  a 7B-shaped q/k/v/o group's pass went 27,956 -> 19,220 ATen calls outside Lloyd's and the column
+  loop (CPU count, 64-row stand-ins, 2026-12-07; not timed on a GPU).
 
 Widths may be any of 1..8 bits per channel, or ``FP16`` for a whole FP16 column.
 """
@@ -301,18 +304,32 @@ class _LayerPass:
             fits.append(_Fit(W1[r], k, kr, self.rw, keep=~EX[r], init=init))
         return fits
 
-    def end_block(self, i1: int, fitted: list[torch.Tensor]) -> None:
-        """Store the block's codebooks, walk its columns (error feedback), update the later columns."""
+    def padded(self, i1: int, fitted: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The block's fitted codebooks with the slots past each channel's size repeating its last
+        entry: what ``storable`` rounds (a repeated entry moves neither the row's minimum nor maximum,
+        so the real entries round as they would alone)."""
+        wb = self.wp[i1:min(i1 + self.block_size, self.in_f)]
+        out = []
+        for r, cb in zip(self._runs, fitted):
+            k = (2 ** wb[r])[:, None]
+            slot = torch.arange(cb.shape[1], device=self.dev)[None, :]
+            out.append(torch.where(slot < k, cb, cb.gather(1, k - 1)))
+        return out
+
+    def end_block(self, i1: int, fitted: list[torch.Tensor], rounded: bool = False) -> None:
+        """Store the block's codebooks, walk its columns (error feedback), update the later columns.
+        ``rounded``: ``fitted`` is already ``storable(padded(...))`` (a group rounds its layers' books
+        in one call: ``quantize_compensated_group``)."""
         i2 = min(i1 + self.block_size, self.in_f)
         count, kmax, dev = i2 - i1, self.kmax, self.dev
         W1, EX, wb = self._W1, self._EX, self.wp[i1:i2]
         mids = torch.full((count, max(kmax - 1, 1)), torch.inf, device=dev)
         cent = torch.zeros(count, kmax, device=dev)
-        for r, cb in zip(self._runs, fitted):
+        books = fitted if rounded else [storable(cb) for cb in self.padded(i1, fitted)]
+        for r, cb in zip(self._runs, books):
             k = (2 ** wb[r])[:, None]
             kr = cb.shape[1]
             slot = torch.arange(kr, device=dev)[None, :]
-            cb = storable(torch.where(slot < k, cb, cb.gather(1, k - 1)))  # pads repeat the last entry
             cent[r, :kr] = cb  # pads are never selected (mids are inf there); they keep gathers in range
             cent[r, kr:] = cb[:, -1:]
             mids[r, : kr - 1] = torch.where(slot[:, 1:] < k, (cb[:, 1:] + cb[:, :-1]) * 0.5, torch.inf)
@@ -387,9 +404,29 @@ def quantize_compensated_group(
     for p, fitted in zip(passes, run([p.initial_fits() for p in passes], kmeans_iters, kmeans_swaps)):
         p.begin(fitted)
     for i1 in range(0, shape[1], block_size):
-        for p, fitted in zip(passes, run([p.block_fits(i1) for p in passes], REFIT_ITERS, 0)):
-            p.end_block(i1, fitted)
+        padded = [p.padded(i1, fitted) for p, fitted in zip(passes, run([p.block_fits(i1) for p in passes],
+                                                                          REFIT_ITERS, 0))]
+        for p, books in zip(passes, _round_together(padded)):
+            p.end_block(i1, books, rounded=True)
     return [p.parts() for p in passes]
+
+
+def _round_together(books: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    """``[[storable(cb) for cb in layer] for layer in books]`` in one ``storable`` call.
+
+    Rows round independently: each one's grid comes from its own minimum and maximum, and
+    ``storable``'s extra rounds leave a row that has settled as it is. So stacking the rows (padded
+    to the widest codebook by repeating each row's last entry, which moves neither bound) gives every
+    row what it gets alone, while a group of layers pays one rounding per lazy block instead of one
+    per layer: ~30 ATen calls each, launch-bound on a GPU (``studies/kmeans_launch_time.py``)."""
+    flat = [cb for layer in books for cb in layer]
+    if len(flat) < 2:
+        return [[storable(cb) for cb in layer] for layer in books]
+    width = max(cb.shape[1] for cb in flat)
+    rounded = storable(torch.cat([torch.cat([cb, cb[:, -1:].expand(-1, width - cb.shape[1])], dim=1)
+                                  for cb in flat]))
+    parts = iter(rounded.split([cb.shape[0] for cb in flat]))
+    return [[next(parts)[:, : cb.shape[1]] for cb in layer] for layer in books]
 
 
 def layer_groups(linears: dict, copies: int = 1) -> list[list[str]]:
