@@ -229,6 +229,20 @@ def quantize(
                 f"the walk is estimated under {AUTO_CHUNK_SHARE:.0%} of the GPU's {total / 2**30:.0f} GiB)")
 
     start = time.perf_counter()
+    # the checkpoint is opened before the model moves: its identity hashes every weight, which on the
+    # host needs no copy back
+    ckpt = None
+    if opts.checkpoint_dir is not None:
+        from cmpq.storage.checkpoint import BlockCheckpoint, run_identity
+
+        identity = run_identity(model, cfg, calibration, windows, device)
+        if dist is None:
+            ckpt = BlockCheckpoint(opts.checkpoint_dir, identity, opts.resume)
+        else:
+            from cmpq.model.distributed import open_checkpoint
+
+            ckpt = open_checkpoint(lambda: BlockCheckpoint(opts.checkpoint_dir, identity, opts.resume), dist)
+
     with staying_on(model, device if resident else None, log):
         phases.reset()
         if device.type == "cuda":
@@ -249,18 +263,6 @@ def quantize(
                 teacher = teacher_states(model, windows.ids, device, progress=progress)
                 finetune_s = time.perf_counter() - t0
             quantize_block = _paper_block(cfg, log)
-
-        ckpt = None
-        if opts.checkpoint_dir is not None:
-            from cmpq.storage.checkpoint import BlockCheckpoint, run_identity
-
-            identity = run_identity(model, cfg, calibration, windows, device)
-            if dist is None:
-                ckpt = BlockCheckpoint(opts.checkpoint_dir, identity, opts.resume)
-            else:
-                from cmpq.model.distributed import open_checkpoint
-
-                ckpt = open_checkpoint(lambda: BlockCheckpoint(opts.checkpoint_dir, identity, opts.resume), dist)
 
         with kmeans_chunk(chunk_elements):
             times = walk_blocks(
