@@ -434,8 +434,9 @@ def open_result(a: argparse.Namespace, bench: Bench, jpath: Path, out: Path, nam
 def default_eval_batch(dev: torch.device, workers: int) -> int:
     """Windows per evaluation forward: 8 on a GPU to itself, 2 on one shared by several workers. A
     batch's float32 logits are ``batch x seqlen x vocab x 4`` bytes (SmolLM2: 3.0 GiB at 8), allocated
-    at the end of every cell, and with seven workers on one 80 GB GPU that allocation failed out of
-    memory for two cells (H100, 2026-12-07, ``results/quality-ablations-v4-h100-log.txt``). The
+    at the end of every cell, and with seven workers on one 80 GB GPU that 3 GiB allocation failed out
+    of memory for five cells, two of the default's and three of the paper's (H100, 2026-12-07,
+    ``results/quality-ablations-v4-h100-log.txt``). The
     perplexity is a sum over windows, the same at any batch."""
     if dev.type != "cuda":
         return 1

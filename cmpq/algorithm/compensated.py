@@ -41,8 +41,9 @@ Choices, and why:
   block costs fewer launches: 232k -> 144k ATen calls on a Llama-7B-shaped block, 80k -> 53k on a
   SmolLM2 block (GPU path, counted on CPU: ``studies/kmeans_launch_time.py --groups``). Their
   codebooks are also rounded to the stored grid in one call per lazy block (``_round_together``):
-  a 7B-shaped q/k/v/o group's pass went 27,956 -> 19,220 ATen calls outside Lloyd's and the column
-  loop (CPU count, 64-row stand-ins, 2026-12-07; not timed on a GPU).
+  a 7B-shaped q/k/v/o group's pass went 20,835 -> 12,835 ATen calls that launch a kernel, gate/up's
+  11,667 -> 9,043 (views left out, Lloyd's and the column loop one launch each; CPU count with
+  64-row stand-ins, 2026-12-07; not timed on a GPU).
 
 Widths may be any of 1..8 bits per channel, or ``FP16`` for a whole FP16 column.
 """
@@ -316,16 +317,15 @@ class _LayerPass:
             out.append(torch.where(slot < k, cb, cb.gather(1, k - 1)))
         return out
 
-    def end_block(self, i1: int, fitted: list[torch.Tensor], rounded: bool = False) -> None:
-        """Store the block's codebooks, walk its columns (error feedback), update the later columns.
-        ``rounded``: ``fitted`` is already ``storable(padded(...))`` (a group rounds its layers' books
-        in one call: ``quantize_compensated_group``)."""
+    def end_block(self, i1: int, books: list[torch.Tensor]) -> None:
+        """Store the block's codebooks (``storable(padded(...))``, which a group rounds for all its
+        layers in one call: ``_round_together``), walk its columns (error feedback), update the later
+        columns."""
         i2 = min(i1 + self.block_size, self.in_f)
         count, kmax, dev = i2 - i1, self.kmax, self.dev
         W1, EX, wb = self._W1, self._EX, self.wp[i1:i2]
         mids = torch.full((count, max(kmax - 1, 1)), torch.inf, device=dev)
         cent = torch.zeros(count, kmax, device=dev)
-        books = fitted if rounded else [storable(cb) for cb in self.padded(i1, fitted)]
         for r, cb in zip(self._runs, books):
             k = (2 ** wb[r])[:, None]
             kr = cb.shape[1]
@@ -407,7 +407,7 @@ def quantize_compensated_group(
         padded = [p.padded(i1, fitted) for p, fitted in zip(passes, run([p.block_fits(i1) for p in passes],
                                                                           REFIT_ITERS, 0))]
         for p, books in zip(passes, _round_together(padded)):
-            p.end_block(i1, books, rounded=True)
+            p.end_block(i1, books)
     return [p.parts() for p in passes]
 
 
@@ -420,8 +420,8 @@ def _round_together(books: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]
     row what it gets alone, while a group of layers pays one rounding per lazy block instead of one
     per layer: ~30 ATen calls each, launch-bound on a GPU (``studies/kmeans_launch_time.py``)."""
     flat = [cb for layer in books for cb in layer]
-    if len(flat) < 2:
-        return [[storable(cb) for cb in layer] for layer in books]
+    if not flat:  # every column of the block is FP16
+        return [[] for _ in books]
     width = max(cb.shape[1] for cb in flat)
     rounded = storable(torch.cat([torch.cat([cb, cb[:, -1:].expand(-1, width - cb.shape[1])], dim=1)
                                   for cb in flat]))

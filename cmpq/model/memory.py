@@ -194,18 +194,20 @@ def parameter_bytes(model: nn.Module) -> int:
 
 
 def stays_resident(model: nn.Module, device_memory: int, nsamples: int, seqlen: int, batch_size: int,
-                   offload: bool = False, dtype: torch.dtype | None = None, shared_widths: int = 1) -> bool:
+                   dtype: torch.dtype | None = None, shared_widths: int = 1) -> bool:
     """Whether the whole model should stay on the GPU from the start of a run to its end, instead of
     moving there for the sensitivity pass, back, and then one block at a time.
 
     The sensitivity pass and fine-tuning already need the whole model on the device; between them the
-    walk moved it out and back in pieces. On a 7B-shaped model that was ~13.5 GB each way through
-    pageable host memory: ~11 s for the move back after the sensitivity pass alone (H100, 2026-12-07,
-    ``benchmarks/results/default-7b-lloyd-h100-log.txt``: the pass's phase 43.8 s against 32.9 s at its
-    last window). Staying costs the model's bytes beside the walk's own peak, so it is chosen only
+    walk moved it out and back in pieces: on a 7B-shaped model ~13.5 GB each way through pageable
+    host memory. 11 s passed there between the sensitivity pass's last window and the end of its
+    phase (H100, 2026-12-07, ``benchmarks/results/default-7b-lloyd-h100-log.txt``: 43.8 s against
+    32.9 s): the move back, the statistics' copies and the teacher states' concatenation, not timed
+    apart. Activations offloaded ask for a lean GPU, so the caller does not keep a model resident
+    then. Staying costs the model's bytes beside the walk's own peak, so it is chosen only
     when both fit under ``AUTO_CHUNK_SHARE`` of the card (the rule the k-means chunk already follows);
     the quantized model, about a fifth of the size, moves home once at the end."""
-    e = estimate_walk_memory(model, nsamples, seqlen, batch_size, offload, None, dtype, shared_widths)
+    e = estimate_walk_memory(model, nsamples, seqlen, batch_size, False, None, dtype, shared_widths)
     return parameter_bytes(model) + e.total <= AUTO_CHUNK_SHARE * device_memory
 
 
