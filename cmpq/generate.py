@@ -10,8 +10,9 @@ default, sampling with ``temperature`` / ``top_p``.
 every kernel it holds, and an eager Hugging Face decoder layer is some fifty small kernels (norms,
 rotary, residuals), each ~2 us even inside a graph: for a 135M model that is most of a token's
 time. Compiled, they fuse into a few kernels; each ``CMPQLinear`` stays one operator,
-``torch.ops.cmpq.linear`` (``cmpq/nn/ops.py``), fed the layer's own tensors; the shared-input fusion
-(``fuse``) is an eager-mode mechanism and does not apply inside the compiled step. Compiling costs
+``torch.ops.cmpq.linear`` (``cmpq/nn/ops.py``), fed the layer's own tensors. With ``fuse`` the
+linears that share an input become one ``cmpq::linear_group`` node (a graph pass, ``cmpq.nn.fuse``),
+so the compiled step launches q/k/v and gate/up once each, as the eager fusion does. Compiling costs
 tens of seconds once per process.
 
 We keep our own loop rather than ``model.generate`` because the loop is what gets captured as a
@@ -123,11 +124,12 @@ def generate_ids(model, input_ids: torch.Tensor, max_new_tokens: int, temperatur
         raise ValueError(f"a streamer takes one sequence; got a batch of {input_ids.shape[0]}")
     with fused(model) if fuse else contextlib.nullcontext():
         return _generate_ids(model, input_ids, max_new_tokens, temperature, top_p, cuda_graph, seed,
-                             _eos_set(eos_token_id), compile, streamer, progress)
+                             _eos_set(eos_token_id), compile, fuse, streamer, progress)
 
 
-def _generate_ids(model, input_ids, max_new_tokens, temperature, top_p, cuda_graph, seed, eos, compile, streamer,
-                  progress):
+def _generate_ids(model, input_ids, max_new_tokens, temperature, top_p, cuda_graph, seed, eos, compile, fuse,
+                  streamer, progress):
+    from cmpq.nn.fuse import compile_backend
     from cmpq.progress import bar
 
     dev = input_ids.device
@@ -163,7 +165,8 @@ def _generate_ids(model, input_ids, max_new_tokens, temperature, top_p, cuda_gra
     step = eager_step
     warmed = False  # a warm-up step wrote position n0 and moved the cache's counter on: reset, prefill again
     if compile:
-        compiled = torch.compile(eager_step, dynamic=False)
+        # fused: the compiled step's shared-input linears become one operator each (cmpq.nn.fuse)
+        compiled = torch.compile(eager_step, dynamic=False, **({"backend": compile_backend()} if fuse else {}))
         try:
             warmed = True
             compiled()  # compiles now

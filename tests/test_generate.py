@@ -61,6 +61,11 @@ def test_compiled_step_same_tokens(quantized, calib_ids, capsys):
     compiled, *_ = generate_ids(quantized, ids, 6, compile=True)
     assert "failed" not in capsys.readouterr().out  # it compiled, not fell back
     assert torch.equal(compiled, eager)
+    torch._dynamo.reset()
+    # fused: the step's q/k/v and gate/up are cmpq::linear_group nodes (cmpq.nn.fuse's graph pass)
+    fused, *_ = generate_ids(quantized, ids, 6, compile=True, fuse=True)
+    assert "failed" not in capsys.readouterr().out
+    assert torch.equal(fused, eager)
 
 
 def test_cmpq_linear_compiles_as_one_op(quantized):

@@ -412,6 +412,43 @@ def test_v4_group_launch_equals_separate(dtype):
         _check(y, layer, x)
 
 
+@cuda_only
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_group_operator_equals_each_layer(tokens):
+    """``cmpq::linear_group`` on CUDA: one launch at one token (v4s group), each member's own kernel
+    at more; row-scaled and plain members; also inside a CUDA graph."""
+    from cmpq.kernels.testing import mix_counts, random_layer
+    from cmpq.nn import ops
+
+    gen = torch.Generator().manual_seed(6)
+    layers = []
+    for out, bits, scaled in ((700, 3.0, True), (300, 2.5, False), (900, 4.0, True)):
+        counts, n_act = mix_counts(1100, bits)
+        layer = random_layer(out, 1100, counts, n_act, 200, bias=True, device=DEV, generator=gen)
+        if scaled:
+            layer.row_scale = (torch.rand(out, generator=gen) + 0.5).half().to(DEV)
+        layers.append(layer)
+    for layer in layers:
+        layer.prepare_runtime()
+    x = torch.randn(1, tokens, 1100, device=DEV).half()
+    args = ops.flatten_members([l._op_args_unscaled() if l.row_scale is not None else l._op_args() for l in layers])
+    outs = torch.ops.cmpq.linear_group(x, *args)
+    for y, layer in zip(outs, layers):
+        if layer.row_scale is not None:
+            y = y * layer.row_scale.to(y.dtype)
+        _check(y.reshape(tokens, -1), layer, x.reshape(tokens, -1))
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        yg = torch.ops.cmpq.linear_group(x, *args)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    for y, layer in zip(yg, layers):
+        if layer.row_scale is not None:
+            y = y * layer.row_scale.to(y.dtype)
+        _check(y.reshape(tokens, -1), layer, x.reshape(tokens, -1))
+
+
 # -- mma: tensor-core kernel for 2..16 tokens (cmpq/kernels/kernel_mma.cu) ------------------------
 def _mma_emulate(layer, x: torch.Tensor) -> torch.Tensor:
     """The kernel's sum, from the mma layout only, the way the kernel reads it: fields of the lane

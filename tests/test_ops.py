@@ -202,3 +202,91 @@ def test_row_scaled_layer_scales_outside_the_operator(bias):
     (layer(xg) * g).sum().backward()
     (F.linear(xd, w, b) * g).sum().backward()
     torch.testing.assert_close(xg.grad, xd.grad, rtol=1e-5, atol=1e-5)
+
+
+# -- cmpq::linear_group and the graph pass that makes it (cmpq/nn/fuse.py) -------------------------
+GROUP = torch.ops.cmpq.linear_group.default
+
+
+def _grouping(graphs: list):
+    """A backend that runs the shared-input pass, notes the graph and the group count, then aot_eager."""
+    from cmpq.nn.fuse import group_shared_inputs
+
+    def backend(gm, example_inputs):
+        graphs.append((gm, group_shared_inputs(gm)))
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    return backend
+
+
+def test_group_pass_merges_q_k_v_and_gate_up_and_matches_eager(quantized):
+    """Every block's q/k/v and gate/up become one group node each; o_proj and down_proj stay single
+    (their inputs are their own); the compiled model equals the eager one."""
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    graphs = []
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = quantized(ids, use_cache=False).logits
+        got = torch.compile(quantized, fullgraph=True, backend=_grouping(graphs))(ids, use_cache=False).logits
+    gm, n = graphs[0]
+    blocks = len(quantized.model.layers)
+    assert n == 2 * blocks
+    targets = [node.target for node in gm.graph.nodes if node.op == "call_function"]
+    assert targets.count(GROUP) == 2 * blocks
+    assert sum(t in (OP, torch.ops.cmpq.linear) for t in targets) == 2 * blocks  # o_proj, down_proj
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+
+
+class _Shared(torch.nn.Module):
+    """Two row-scaled layers on one input (their ``bias / s`` is computed in the graph, between the
+    calls: the pass must move it up), and a third reading the first one's output (cannot join)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = _row_scaled(True), _row_scaled(True)
+        with torch.no_grad():
+            self.b.row_scale.mul_(2)
+        self.c = _layer(seed=3)
+        self.c_in = torch.nn.Linear(67, 300, bias=False)
+
+    def forward(self, x):
+        ya = self.a(x)
+        yb = self.b(x)
+        return ya + yb, self.c(self.c_in(ya)), self.c(x)
+
+
+def test_group_pass_hoists_computed_arguments_and_leaves_dependent_calls():
+    m = _Shared()
+    x = torch.randn(3, 300)
+    graphs = []
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = m(x)
+        got = torch.compile(m, fullgraph=True, backend=_grouping(graphs))(x)
+    gm, n = graphs[0]
+    assert n == 1  # a, b and c(x) read x; c(c_in(ya)) does not
+    (grp,) = [node for node in gm.graph.nodes if node.target == GROUP]
+    assert len(grp.args[2]) == 3 * 3 + 3 * 3  # three members: g, r, out + three widths each
+    for e, g in zip(eager, got):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_group_operator_opcheck_and_layout_round_trip():
+    from cmpq.nn import ops
+
+    layers = [_layer(bias=True), _row_scaled(False)]
+    for layer in layers:
+        layer.prepare_runtime()
+    members = [layer._op_args() for layer in layers]
+    tensors, meta = ops.flatten_members(members)
+    back = ops.split_members(tensors, meta)
+    for a, b in zip(back, members):
+        assert len(a) == len(b) and a[12] == list(b[12]) and a[13] == b[13]
+        assert all((u is None and v is None) or u is v for u, v in zip(a[4:11], b[4:11]))
+    x = torch.randn(2, 3, 300)
+    torch.library.opcheck(GROUP, (x, tensors, meta), test_utils=("test_schema", "test_faketensor"))
+    outs = GROUP(x, tensors, meta)
+    for y, layer in zip(outs, layers):
+        torch.testing.assert_close(y, layer(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="linear_group"):
+        ops.split_members(tensors + [None], meta)

@@ -6,6 +6,11 @@ which dominates 4096x4096 layers. ``fuse_shared_inputs(model)`` marks, in every 
 first call of a group computes every member's output in one launch (``kernel_v4.decode_group``) and
 hands the others theirs when they are called. Modules, weights and ``state_dict`` are unchanged.
 
+Compiled, Python state between calls does not exist: ``group_shared_inputs`` rewrites the graph
+instead. Every set of ``cmpq::linear`` nodes that read one input becomes one ``cmpq::linear_group``
+node (cmpq/nn/ops.py), whose CUDA kernel is the same one-launch decode; ``compile_backend()`` is
+Inductor with that pass first (``cmpq.generate`` uses it for ``compile=True, fuse=True``).
+
 A member takes a precomputed output only if the calls were consecutive (no other ``CMPQLinear``
 call in between, in group order) and its input is the very tensor the first member saw (same
 storage, shape, strides and version counter); anything else computes normally. So a model that
@@ -40,24 +45,13 @@ def _key(x: torch.Tensor) -> tuple:
 
 
 def _kernel_outputs(layers: list, x: torch.Tensor) -> list[torch.Tensor] | None:
-    """One launch for all members (CUDA, fp16/bf16, one token, the dispatch table picks v4s for
-    every member), else None."""
-    if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) or x.numel() != x.shape[-1]:
+    """One launch for all members (``ops.group_kernel``: CUDA, fp16/bf16, one token, v4s for every
+    member), else None."""
+    if not x.is_cuda:
         return None
-    if torch.is_grad_enabled() and x.requires_grad:
-        return None
-    from cmpq.kernels import choose, kernel_v4
+    from cmpq.nn import ops
 
-    if any(choose(1, layer.out_features * layer.in_features) != "v4s" for layer in layers):
-        return None
-    rts = [layer.runtime() for layer in layers]
-    if any(rt is None for rt in rts):
-        return None
-    outs = kernel_v4.decode_group(rts, x)
-    if outs is None:
-        return None
-    # each layout's bias is bias / row_scale (layout.build): scale as torch.ops.cmpq.linear does
-    return [y if y is None or m.row_scale is None else y * m.row_scale.to(y.dtype) for y, m in zip(outs, layers)]
+    return ops.group_kernel(x, [layer.runtime() for layer in layers], [layer.row_scale for layer in layers])
 
 
 class SharedInputGroup:
@@ -124,3 +118,95 @@ def fused(model: nn.Module) -> Iterator[int]:
         yield n
     finally:
         unfuse(model)
+
+
+# -- compiled: a graph pass ---------------------------------------------------------------------
+def _is_linear(node: torch.fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in (torch.ops.cmpq.linear, torch.ops.cmpq.linear.default)
+            and len(node.args) == 15 and not node.kwargs)
+
+
+def _depends_on(node: torch.fx.Node, targets: set, seen: set) -> bool:
+    """Whether ``node`` is computed from any node in ``targets``."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in targets:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def _hoist(node: torch.fx.Node, before: torch.fx.Node, order: dict) -> bool:
+    """Move ``node`` and what it is computed from above ``before`` where needed; False (nothing
+    moved) if one of them has side effects or reads a placeholder defined later."""
+    late: list[torch.fx.Node] = []
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if order[n] < order[before] or n in late:
+            continue
+        if n.op not in ("call_function", "call_method", "get_attr") or n.is_impure():
+            return False
+        late.append(n)
+        stack.extend(n.all_input_nodes)
+    for n in sorted(late, key=order.__getitem__):  # graph order is a topological order
+        before.prepend(n)
+    return True
+
+
+def group_shared_inputs(gm: torch.fx.GraphModule) -> int:
+    """Rewrite every set of two or more ``cmpq::linear`` nodes that read the same input (and do not
+    depend on one another) into one ``cmpq::linear_group`` node; returns the number of groups.
+    Correct for any token count: the group operator launches once only where its kernel applies
+    and otherwise runs each member as ``cmpq::linear`` would."""
+    import operator
+
+    from cmpq.nn import ops  # noqa: F401 - registers torch.ops.cmpq.*
+
+    graph = gm.graph
+    by_input: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+    for n in graph.nodes:
+        if _is_linear(n) and isinstance(n.args[0], torch.fx.Node):
+            by_input.setdefault(n.args[0], []).append(n)
+    groups = 0
+    for x, nodes in by_input.items():
+        members: list[torch.fx.Node] = []
+        for n in nodes:  # graph order; a member computed from an earlier one's output cannot join
+            if not _depends_on(n, set(members), set()):
+                members.append(n)
+        if len(members) < 2:
+            continue
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        first = members[0]
+        try:
+            tensors, meta = ops.flatten_members([m.args[1:] for m in members])
+        except TypeError:  # a width or row count that is not a plain int (a symbolic size)
+            continue
+        if not all(_hoist(t, first, order) for t in tensors if isinstance(t, torch.fx.Node)):
+            continue
+        with graph.inserting_before(first):
+            grp = graph.call_function(torch.ops.cmpq.linear_group.default, (x, tensors, meta))
+            outs = [graph.call_function(operator.getitem, (grp, i)) for i in range(len(members))]
+        for m, y in zip(members, outs):
+            m.replace_all_uses_with(y)
+            graph.erase_node(m)
+        groups += 1
+    if groups:
+        graph.lint()
+        gm.recompile()
+    return groups
+
+
+def compile_backend(inner: str = "inductor") -> Callable:
+    """A ``torch.compile`` backend: ``group_shared_inputs`` on the graph Dynamo captured, then
+    ``inner``. ``torch.compile(step, backend=compile_backend())``."""
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        group_shared_inputs(gm)
+        return torch._dynamo.lookup_backend(inner)(gm, example_inputs)
+
+    return backend

@@ -18,7 +18,7 @@ everything it needs: no registry of layers, no handle, nothing looked up at run 
   ``cmpq.model.distill``'s job, through its own module.
 """
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -123,3 +123,90 @@ def _backward(ctx, grad: torch.Tensor):
 
 
 linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- several layers that read one input: cmpq::linear_group ------------------------------------
+# Why a second operator: one token through a small layer is latency, not bytes (a launch, a split-K
+# reduction), so q/k/v or gate/up in one launch beats three (cmpq/nn/fuse.py measured 6 us saved per
+# launch removed). Eager calls fuse through Python state between calls; a compiled graph cannot, so
+# cmpq.nn.fuse's graph pass rewrites the ``cmpq::linear`` nodes that share an input into this one.
+# Its arguments are the members' ``cmpq::linear`` arguments, flattened: ``tensors`` holds, per member,
+# channels, packed, codes, bounds (``g`` each), the outlier columns and weights, the sparse crow, col
+# and val, the row scales, the bias, then the runtime layout (``r``); ``meta`` holds, per member,
+# ``g, r, out_features`` then the ``g`` bit widths.
+
+def flatten_members(members: Sequence[tuple]) -> tuple[list, list[int]]:
+    """(tensors, meta) of ``linear_group`` from each member's ``cmpq::linear`` arguments after ``x``."""
+    tensors, meta = [], []
+    for (channels, packed, codes, bounds, och, owt, crow, scol, sval, row_scale, bias, runtime, bits,
+         out_features) in members:
+        g = len(channels)
+        tensors += [*channels, *packed, *codes, *bounds, och, owt, crow, scol, sval, row_scale, bias, *runtime]
+        meta += [g, len(runtime), int(out_features), *[int(b) for b in bits]]
+    return tensors, meta
+
+
+def split_members(tensors: Sequence, meta: Sequence[int]) -> list[tuple]:
+    """The inverse of ``flatten_members``: each member's ``cmpq::linear`` arguments after ``x``."""
+    members, t, m = [], 0, 0
+    while m < len(meta):
+        g, r, out_features = meta[m : m + 3]
+        bits = list(meta[m + 3 : m + 3 + g])
+        m += 3 + g
+        lists = [list(tensors[t + i * g : t + (i + 1) * g]) for i in range(4)]
+        t += 4 * g
+        och, owt, crow, scol, sval, row_scale, bias = tensors[t : t + 7]
+        t += 7
+        runtime = list(tensors[t : t + r])
+        t += r
+        members.append((*lists, och, owt, crow, scol, sval, row_scale, bias, runtime, bits, out_features))
+    if t != len(tensors):
+        raise ValueError(f"linear_group: {len(tensors)} tensors for a layout of {t}")
+    return members
+
+
+def group_kernel(x: torch.Tensor, runtimes: list, row_scales: list) -> list[torch.Tensor] | None:
+    """Every member's output from one launch per ``kernel_v4.MAX_GROUP`` members (CUDA, fp16/bf16,
+    one token, each member's runtime layout given and the dispatch table picking v4s for it), scaled
+    by its row scales where given; None where that does not apply (the caller runs them one by one)."""
+    if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) or x.numel() != x.shape[-1]:
+        return None
+    if torch.is_grad_enabled() and x.requires_grad:
+        return None
+    from cmpq.kernels import choose, kernel_v4
+
+    if any(rt is None or choose(1, rt.out * rt.n_in) != "v4s" for rt in runtimes):
+        return None
+    outs: list[torch.Tensor] = []
+    for i in range(0, len(runtimes), kernel_v4.MAX_GROUP):
+        part = kernel_v4.decode_group(runtimes[i : i + kernel_v4.MAX_GROUP], x)
+        if part is None:
+            return None
+        outs += part
+    # each layout's bias is bias / row_scale (layout.build): scale as cmpq::linear does
+    return [y if s is None else y * s.to(y.dtype) for y, s in zip(outs, row_scales)]
+
+
+@torch.library.custom_op("cmpq::linear_group", mutates_args=())
+def linear_group(x: torch.Tensor, tensors: list[Optional[torch.Tensor]], meta: list[int]) -> list[torch.Tensor]:
+    """``[cmpq::linear(x, *member) for member in split_members(tensors, meta)]``: layers that read
+    the same ``x``. The reference implementation (any device)."""
+    return [_reference(x, *m[:11], m[12], m[13]) for m in split_members(tensors, meta)]
+
+
+@linear_group.register_kernel("cuda")
+def _linear_group_cuda(x, tensors, meta):
+    from cmpq.kernels.layout import Runtime
+
+    members = split_members(tensors, meta)
+    rts = [Runtime.from_tensors(m[11], m[12], [c.numel() for c in m[0]], m[13], x.shape[-1], m[8]) if m[11] else None
+           for m in members]
+    outs = group_kernel(x, rts, [m[9] for m in members])
+    if outs is None:
+        outs = [_linear_cuda(x, *m) for m in members]
+    return outs
+
+
+@linear_group.register_fake
+def _linear_group_fake(x, tensors, meta):
+    return [x.new_empty((*x.shape[:-1], m[13])) for m in split_members(tensors, meta)]
