@@ -1,6 +1,6 @@
 """One launch for the linears that share an input vs one launch each (issue 4, one token, v4s).
 
-Llama-2-7B's q/k/v (3 x 4096x4096) and gate/up (2 x 11008x4096), 13B's and 70B's q/k/v-shaped
+SmolLM2-135M's q/k/v and gate/up, Llama-2-7B's q/k/v (3 x 4096x4096) and gate/up (2 x 11008x4096), 13B's and 70B's q/k/v-shaped
 groups, 3 bits, random layers in the layout ``quantize`` produces: ``kernel_v4.decode_group`` vs
 ``kernel_v4.decode`` per layer, both timed as in benchmarks/kernel_bench.py (CUDA graph over rotating
 sets > 192 MiB, median of do_bench). Writes ``--out`` (JSON) and prints a table.
@@ -22,6 +22,8 @@ from cmpq.kernels import kernel_v4  # noqa: E402
 from cmpq.kernels.testing import mix_counts, random_layer  # noqa: E402
 
 GROUPS = {  # name: (member shapes out x in)
+    "135M q/k/v (SmolLM2: 576 + 2 x 192)": [(576, 576), (192, 576), (192, 576)],
+    "135M gate/up": [(1536, 576)] * 2,
     "7B q/k/v": [(4096, 4096)] * 3,
     "7B gate/up": [(11008, 4096)] * 2,
     "13B q/k/v": [(5120, 5120)] * 3,
