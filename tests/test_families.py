@@ -66,6 +66,13 @@ def test_family_quantize_save_load_forward(family, calib_ids, tmp_path):
     assert torch.isfinite(out).all()
     back = cmpq.load(cmpq.save(q, tmp_path / "m"), device="cpu")
     torch.testing.assert_close(back(calib_ids).logits, out, rtol=1e-3, atol=1e-3)
+    # compiled with the shared-input pass (cmpq.nn.fuse): the same logits, whatever the family groups
+    from cmpq.nn.fuse import compile_backend
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(q, backend=compile_backend("aot_eager"))(calib_ids).logits
+    torch.testing.assert_close(compiled, out, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
