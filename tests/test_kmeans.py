@@ -276,3 +276,29 @@ def test_rows_with_their_own_codebook_size_match_separate_calls():
             assert torch.isinf(together[r, k:]).all()
     with pytest.raises(ValueError, match="ks"):
         kmeans_1d(x, 4, ks=torch.full((30,), 5))
+
+
+def test_moves_side_by_side_equal_one_at_a_time():
+    """``_swap_starts`` builds several moves from one fixed point in the same calls; each is exactly
+    the start it builds alone (mixed codebook sizes, ties, a row too small to move)."""
+    from cmpq.algorithm import kmeans
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.distributions.StudentT(4.0).sample((40, 50))
+    x[:5, :20] = x[:5, :1]
+    xs, _ = torch.sort(x, dim=1)
+    xz = xs.double()
+    zero = torch.zeros(40, 1, dtype=torch.float64)
+    csum, cw = torch.cat([zero, xz.cumsum(1)], 1), torch.cat([zero, torch.ones_like(xz).cumsum(1)], 1)
+    c2 = torch.cat([zero, (xz * xz).cumsum(1)], 1)
+    kr = torch.randint(2, 9, (40,), generator=g)
+    cent = kmeans_1d(x, 8, ks=kr)
+    nvalid = torch.full((40,), 50)
+    together = kmeans._swap_starts(cent, xs, csum, cw, c2, nvalid, range(4, 10), kr)
+    assert together.shape == (40, 6, 8)
+    for s, r in enumerate(range(4, 10)):
+        alone = kmeans._swap_starts(cent, xs, csum, cw, c2, nvalid, [r], kr)[:, 0]
+        assert torch.equal(together[:, s], alone)
+    assert torch.equal(together[kr < 3], cent[kr < 3, None].expand(-1, 6, -1))  # too small to move
+    moved = together[kr >= 3]
+    assert (moved.diff(dim=2).nan_to_num(0.0) >= 0).all()  # ascending, pads (+inf) last

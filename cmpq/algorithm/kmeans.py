@@ -17,6 +17,7 @@ needs only gathers; with it, data holding K distinct values is recovered exactly
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 import torch
 
@@ -64,7 +65,7 @@ def kmeans_1d(
     ``ks`` (``[rows]``, each in ``1..k``) does the same for cold starts: row ``i`` gets ``ks[i]``
     centroids and ``+inf`` in the other slots, exactly what a call with ``k = ks[i]`` gives it, so
     the widths of a layer share one run (starts and moves included).
-    ``swaps`` rounds of merge-and-split moves (``_swap_start``) follow the cold start: Lloyd stops at
+    ``swaps`` rounds of merge-and-split moves (``_swap_starts``) follow the cold start: Lloyd stops at
     the first fixed point, which at 16 entries is often a poor one (on SmolLM2-135M columns its
     squared error was 1.089x the global optimum's at k=16, 1.016x at k=8; after 9 rounds, 1.016x
     at k=16, and 1.013x after 15 moves batched three at a time: ``studies/kmeans_gap.py``). Each
@@ -152,8 +153,7 @@ def _kmeans_chunk(x: torch.Tensor, k: int, keep: torch.Tensor | None, max_iter: 
     if k >= 3 and swaps > 0:
         c2 = torch.cat([zero, (wz * xz * xz).cumsum(dim=1)], dim=1)
         for r0 in range(0, swaps, SWAP_BATCH):
-            starts = torch.stack([_swap_start(best, xs, csum, cw, c2, nvalid, r, kr)
-                                  for r in range(r0, min(r0 + SWAP_BATCH, swaps))], dim=1)
+            starts = _swap_starts(best, xs, csum, cw, c2, nvalid, range(r0, min(r0 + SWAP_BATCH, swaps)), kr)
             cent, sse = _best_start(*_run_lloyd(xs, csum, cw, nvalid, starts, max_iter))
             better = sse < best_sse
             best = torch.where(better[:, None], cent, best)
@@ -170,49 +170,56 @@ def _best_start(cent: torch.Tensor, sse: torch.Tensor) -> tuple[torch.Tensor, to
     return cent.gather(1, j[:, None, None].expand(-1, 1, cent.shape[2])).squeeze(1), best_sse
 
 
-def _swap_start(cent: torch.Tensor, xs: torch.Tensor, csum: torch.Tensor, cw: torch.Tensor, c2: torch.Tensor,
-                nvalid: torch.Tensor, r: int, kr: torch.Tensor) -> torch.Tensor:
-    """A new start one move away from ``cent`` (a Lloyd fixed point): two neighbouring clusters merge
-    into one centroid and the freed centroid splits a high-error cluster in two (at its quartiles).
-    Move ``r`` tries the ``r // 3``-th cheapest merge with the ``r % 3``-th largest cluster, so
-    successive moves differ; all rows move at once. ``kr`` ``[rows]``: each row's codebook size (its
-    other slots are +inf and take no part); rows of fewer than 3 entries keep ``cent``. Stable sorts,
-    so a row's move does not depend on how many pad slots it has."""
+def _swap_starts(cent: torch.Tensor, xs: torch.Tensor, csum: torch.Tensor, cw: torch.Tensor, c2: torch.Tensor,
+                 nvalid: torch.Tensor, moves: Sequence[int], kr: torch.Tensor) -> torch.Tensor:
+    """New starts ``[rows, len(moves), k]``, each one move away from ``cent`` (a Lloyd fixed point):
+    two neighbouring clusters merge into one centroid and the freed centroid splits a high-error
+    cluster in two (at its quartiles). Move ``r`` tries the ``r // 3``-th cheapest merge with the
+    ``r % 3``-th largest cluster, so successive moves differ; all rows move at once. ``kr``
+    ``[rows]``: each row's codebook size (its other slots are +inf and take no part); rows of fewer
+    than 3 entries keep ``cent``. Stable sorts, so a row's move does not depend on how many pad slots
+    it has. The moves share every step that does not depend on ``r`` (the runs, their costs, the
+    merge order) and take the rest side by side: on a GPU these calls are launches, and one move at
+    a time cost three times as many (the k-means around Lloyd's loop is what the compensated pass
+    and the allocation launch most, docs/results.md)."""
     rows, k = cent.shape
-    n = xs.shape[1]
-    slot = torch.arange(k, device=xs.device)[None, :]
+    n, S = xs.shape[1], len(moves)
+    dev = xs.device
+    slot = torch.arange(k, device=dev)[None, :]
     mids = (cent[:, 1:] + cent[:, :-1]) * 0.5
     bnd = torch.searchsorted(xs, mids.contiguous(), right=True).clamp(max=nvalid[:, None])
-    lo = torch.cat([torch.zeros(rows, 1, dtype=torch.long, device=xs.device), bnd], dim=1)
+    lo = torch.cat([torch.zeros(rows, 1, dtype=torch.long, device=dev), bnd], dim=1)
     hi = torch.cat([bnd, nvalid[:, None]], dim=1)
 
     def cost(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # weighted SSE of the sorted run a..b-1
         s = csum.gather(1, b) - csum.gather(1, a)
         return (c2.gather(1, b) - c2.gather(1, a)) - s * s / (cw.gather(1, b) - cw.gather(1, a)).clamp(min=1e-300)
 
+    r = torch.tensor(list(moves), dtype=torch.long, device=dev)[None, :]  # [1, S]
     own = cost(lo, hi)
     merge = cost(lo[:, :-1], hi[:, 1:]) - own[:, :-1] - own[:, 1:]
     merge = merge.masked_fill(slot[:, 1:] >= kr[:, None], torch.inf)  # no merges with a pad slot
-    pick = ((r // 3) % (kr - 1).clamp(min=1))[:, None]
-    m = merge.argsort(dim=1, stable=True).gather(1, pick)  # merge clusters m and m + 1
-    pair = torch.zeros_like(own, dtype=torch.bool).scatter_(1, m, True).scatter_(1, m + 1, True)
+    pick = (r // 3) % (kr - 1).clamp(min=1)[:, None]  # [rows, S]
+    m = merge.argsort(dim=1, stable=True).gather(1, pick)  # move s merges clusters m[:, s] and m[:, s] + 1
+    pair = torch.zeros(rows, S, k, dtype=torch.bool, device=dev)
+    pair.scatter_(2, m[..., None], True).scatter_(2, m[..., None] + 1, True)
     # split a real cluster outside the pair (pads rank below real clusters, the pair below pads, so a
     # row too small to move still finds three distinct slots and keeps its shape)
-    rank = own.masked_fill(slot >= kr[:, None], -1.0).masked_fill(pair, -2.0)
-    which = torch.minimum(torch.full_like(kr, r % 3), (kr - 3).clamp(min=0))[:, None]
-    split = rank.argsort(dim=1, descending=True, stable=True).gather(1, which)
+    rank = own.masked_fill(slot >= kr[:, None], -1.0)[:, None, :].expand(rows, S, k).masked_fill(pair, -2.0)
+    which = torch.minimum(r % 3, (kr - 3).clamp(min=0)[:, None])  # [rows, S]
+    split = rank.argsort(dim=2, descending=True, stable=True).gather(2, which[..., None]).squeeze(2)  # [rows, S]
     a, b = lo.gather(1, m), hi.gather(1, m + 1)
     merged = ((csum.gather(1, b) - csum.gather(1, a)) / (cw.gather(1, b) - cw.gather(1, a)).clamp(min=1e-300)).float()
     merged = torch.where(b > a, merged, cent.gather(1, m))
     sa, sb = lo.gather(1, split), hi.gather(1, split)
     q1 = xs.gather(1, (sa + (sb - sa) // 4).clamp(max=n - 1))
     q3 = xs.gather(1, (sa + 3 * (sb - sa) // 4).clamp(max=n - 1))
-    gone = pair.scatter(1, split, True)
-    rest = cent[~gone].view(rows, k - 3)  # the row's other centroids, its pads (+inf) among them
-    moved = torch.cat([merged, q1, q3], dim=1)
-    moved = torch.where(torch.isfinite(moved), moved, cent.gather(1, split).expand_as(moved))
-    new = torch.sort(torch.cat([rest, moved], dim=1), dim=1).values
-    return torch.where((kr >= 3)[:, None], new, cent)
+    gone = pair.scatter(2, split[..., None], True)
+    rest = cent[:, None, :].expand(rows, S, k)[~gone].view(rows, S, k - 3)  # the other centroids, pads among them
+    moved = torch.stack([merged, q1, q3], dim=2)
+    moved = torch.where(torch.isfinite(moved), moved, cent.gather(1, split)[..., None].expand_as(moved))
+    new = torch.sort(torch.cat([rest, moved], dim=2), dim=2).values
+    return torch.where((kr >= 3)[:, None, None], new, cent[:, None, :])
 
 
 CHECK_EVERY = 4  # Lloyd iterations between convergence checks (each check is a host sync)
