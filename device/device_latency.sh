@@ -26,8 +26,8 @@ OUT=${OUT:-benchmarks/results/small}
 mkdir -p "$OUT"
 export CMPQ_CACHE=${CMPQ_CACHE:-/tmp/cmpq-cache}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py tests/test_generate.py tests/test_ops.py \
-  -k "group or compiled or fuse or overlap" > "$OUT/pytest-group.txt" 2>&1
+timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
+  -k "group or overlap" > "$OUT/pytest-group.txt" 2>&1
 echo "[$(el)s] tests rc=$?"; tail -3 "$OUT/pytest-group.txt"
 timeout 120 python3 studies/small_layer_splits.py --out "$OUT/small-layer-splits.json" 2>&1 | tee "$OUT/splits.log" | grep -v Warn
 echo "[$(el)s] splits rc=${PIPESTATUS[0]}"
