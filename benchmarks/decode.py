@@ -43,12 +43,10 @@ def _peak(dev) -> float:
 
 
 def run(model, vocab: int, prompt_len: int, new: int, dev, label: str, graph: bool | None,
-        compile_modes: tuple[bool, ...] = (False,), fuse: bool = False, batch: int = 1,
-        overlap: bool = False) -> list[dict]:
+        compile_modes: tuple[bool, ...] = (False,), fuse: bool = False, batch: int = 1) -> list[dict]:
     """One row per compile mode; the same prompts and loop. ``fuse``: CMPQ linears that share an
     input run as one launch (cmpq.nn.fuse). ``tokens_per_s`` counts every row of the batch;
-    ``steps_per_s`` is the loop's rate. ``overlap``: the prompt's pass overlaps each CMPQ layer's
-    dequantization with the previous layer's GEMM (cmpq.nn.overlap)."""
+    ``steps_per_s`` is the loop's rate."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, prompt_len), generator=gen).to(dev)
     generate_ids(model, ids, min(8, new), cuda_graph=graph)  # warm-up: kernel builds, layouts, graph path
@@ -58,14 +56,13 @@ def run(model, vocab: int, prompt_len: int, new: int, dev, label: str, graph: bo
             torch._dynamo.reset()  # a fresh compile per model (dynamo's recompile limit is per code object)
         _peak_reset(dev)
         t0 = time.time()
-        out, pre, dec, used = generate_ids(model, ids, new, cuda_graph=graph, compile=comp, fuse=fuse,
-                                           overlap_prefill=overlap)
+        out, pre, dec, used = generate_ids(model, ids, new, cuda_graph=graph, compile=comp, fuse=fuse)
         n = out.shape[1] - prompt_len
-        r = dict(model=label, compiled=comp, fused=fuse, overlap_prefill=overlap, batch=batch, prompt_tokens=prompt_len, new_tokens=n,
+        r = dict(model=label, compiled=comp, fused=fuse, batch=batch, prompt_tokens=prompt_len, new_tokens=n,
                  prefill_ms=1e3 * pre, tokens_per_s=batch * (n - 1) / dec if dec > 0 else float("nan"),
                  steps_per_s=(n - 1) / dec if dec > 0 else float("nan"), peak_gib=_peak(dev), cuda_graph=used,
                  call_s=time.time() - t0, first_tokens=out[0, prompt_len:prompt_len + 8].tolist())
-        print(f"{label}{' fused' if fuse else ''}{' compiled' if comp else ''} batch {batch}: {r['tokens_per_s']:.1f} tok/s, prefill {r['prefill_ms']:.1f} ms, "
+        print(f"{label}{' compiled' if comp else ''} batch {batch}: {r['tokens_per_s']:.1f} tok/s, prefill {r['prefill_ms']:.1f} ms, "
               f"peak {r['peak_gib']:.2f} GiB, graph={used}, call {r['call_s']:.1f} s", flush=True)
         rows.append(r)
     return rows
@@ -143,8 +140,6 @@ def main() -> None:
                     help="torch.compile the decode step (cmpq.generate): rows without, with, or both")
     ap.add_argument("--skip-fp16", action="store_true", help="CMPQ rows only (FP16 measured in another run)")
     ap.add_argument("--fuse", action="store_true", help="also CMPQ rows with q/k/v and gate/up fused (one launch each)")
-    ap.add_argument("--overlap-prefill", action="store_true",
-                    help="also CMPQ rows whose prompt pass overlaps dequantization with the previous GEMM (uncompiled)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny random Llamas, few tokens")
     ap.add_argument("--batch", type=int, default=1, help="prompts decoded together (each step decodes this many tokens)")
     ap.add_argument("--out", default="benchmarks/results/decode-h200.json")
@@ -182,9 +177,6 @@ def main() -> None:
         rows += run(model, vocab, a.prompt_len, a.new_tokens, dev, f"{label} cmpq-{a.bits:g}bit", graph, modes, batch=a.batch)
         if a.fuse:
             rows += run(model, vocab, a.prompt_len, a.new_tokens, dev, f"{label} cmpq-{a.bits:g}bit fused", graph, modes, fuse=True, batch=a.batch)
-        if a.overlap_prefill:
-            rows += run(model, vocab, a.prompt_len, a.new_tokens, dev, f"{label} cmpq-{a.bits:g}bit overlap", graph, (False,),
-                        batch=a.batch, overlap=True)
         del model
         gc.collect()
 
@@ -200,9 +192,6 @@ def main() -> None:
         rows += run(model, vocab, a.prompt_len, a.new_tokens, dev, f"{label} cmpq-{a.bits:g}bit", graph, modes, batch=a.batch)
         if a.fuse:
             rows += run(model, vocab, a.prompt_len, a.new_tokens, dev, f"{label} cmpq-{a.bits:g}bit fused", graph, modes, fuse=True, batch=a.batch)
-        if a.overlap_prefill:
-            rows += run(model, vocab, a.prompt_len, a.new_tokens, dev, f"{label} cmpq-{a.bits:g}bit overlap", graph, (False,),
-                        batch=a.batch, overlap=True)
         del model
         gc.collect()
 

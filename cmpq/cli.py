@@ -459,7 +459,6 @@ def cmd_generate(a: argparse.Namespace) -> int:
     g = generate(model, tok, a.prompt, a.max_new_tokens, chat=not a.no_chat, streamer=streamer,
                  temperature=a.temperature, top_p=a.top_p, seed=a.seed,
                  cuda_graph=None if not a.no_cuda_graph else False, compile=a.compile, fuse=a.fuse,
-                 overlap_prefill=a.overlap_prefill,
                  progress=not sys.stdout.isatty())
     print(f"\n[{g.new_tokens} new tokens, prompt {g.prompt_tokens}{' (chat template)' if g.chat else ''}: "
           f"prefill {g.prefill_s * 1e3:.1f} ms, decode {g.speed()} on {dev}{', CUDA graph' if g.cuda_graph else ''}]",
@@ -608,9 +607,6 @@ def build_parser() -> argparse.ArgumentParser:
     gp.add_argument("--fuse", action="store_true",
                     help="one kernel launch for the CMPQ linears that share an input (q/k/v, gate/up); "
                          "with --compile, inside the compiled step too")
-    gp.add_argument("--overlap-prefill", action="store_true",
-                    help="long prompts: dequantize each layer during the previous layer's GEMM (CUDA; one "
-                         "more dequantized weight of memory)")
     gp.add_argument("--no-chat", action="store_true",
                     help="feed the prompt as it is, not through the tokenizer's chat template")
     gp.add_argument("--dtype", choices=tuple(DTYPES), default=None,

@@ -101,8 +101,7 @@ def _eos_set(eos_token_id: int | Iterable[int] | None) -> set[int]:
 @torch.no_grad()
 def generate_ids(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  cuda_graph: bool | None = None, seed: int = 0, eos_token_id: int | Iterable[int] | None = None,
-                 compile: bool = False, fuse: bool = False, streamer=None, progress: bool = False,
-                 overlap_prefill: bool = False) -> tuple:
+                 compile: bool = False, fuse: bool = False, streamer=None, progress: bool = False) -> tuple:
     """Token ids ``[B, n0]`` -> (all ids ``[B, n]``, prefill seconds, decode seconds, graph used).
 
     ``B`` prompts of one length run as one batch (every step decodes ``B`` tokens; the CMPQ layers
@@ -114,11 +113,8 @@ def generate_ids(model, input_ids: torch.Tensor, max_new_tokens: int, temperatur
     not counted (a server pays them once, not per request). ``fuse``: for this call, the CMPQ
     linears that share an input run as one launch per token (``cmpq.nn.fuse``). ``streamer``
     (``put(ids)``/``end()``, e.g. transformers' ``TextStreamer``) gets each new token as it is
-    made. ``progress``: a tqdm bar over the new tokens on stderr (``cmpq.progress``).
-    ``overlap_prefill``: the prompt's pass dequantizes each CMPQ layer during the previous layer's
-    GEMM (``cmpq.nn.overlap``; CUDA; one more dequantized weight of memory)."""
+    made. ``progress``: a tqdm bar over the new tokens on stderr (``cmpq.progress``)."""
     from cmpq.nn.fuse import fused
-    from cmpq.nn.overlap import overlapped
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -126,8 +122,7 @@ def generate_ids(model, input_ids: torch.Tensor, max_new_tokens: int, temperatur
         raise ValueError(f"input_ids must be [batch, tokens] with both at least 1, got {tuple(input_ids.shape)}")
     if streamer is not None and input_ids.shape[0] != 1:
         raise ValueError(f"a streamer takes one sequence; got a batch of {input_ids.shape[0]}")
-    with fused(model) if fuse else contextlib.nullcontext(), \
-            overlapped(model) if overlap_prefill else contextlib.nullcontext():
+    with fused(model) if fuse else contextlib.nullcontext():
         return _generate_ids(model, input_ids, max_new_tokens, temperature, top_p, cuda_graph, seed,
                              _eos_set(eos_token_id), compile, fuse, streamer, progress)
 

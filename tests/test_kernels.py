@@ -71,35 +71,6 @@ def test_prefill(mix, dtype):
     _check(y.reshape(-1, 67), layer, x.reshape(-1, 300))
 
 
-def test_prefill_overlap_takes_the_prepared_weight_and_survives_a_broken_order():
-    """Linked layers (cmpq.kernels.prefetch): each prefill call uses the weight the previous call
-    prepared (on a side stream on a GPU) and prepares the next; a call out of order drops the
-    prepared weight and computes its own. Every output equals the reference either way."""
-    from cmpq.kernels import prefetch
-
-    layers = [_layer(mix, True, seed=20 + i) for i, mix in enumerate(("mixed", "one-channel", "2bit"))]
-    rts = [l.runtime() for l in layers]
-    x = torch.randn(2, 17, 300, device=DEV).half()
-    prefetch.clear()
-    prefetch.link(rts)
-    try:
-        for k in prefetch.stats:
-            prefetch.stats[k] = 0
-        for _ in range(2):  # twice: the last layer prepares nothing, the first finds nothing
-            for layer, rt in zip(layers, rts):
-                _check(prefill(rt, x).reshape(-1, 67), layer, x.reshape(-1, 300))
-        assert prefetch.stats == {"taken": 4, "issued": 4, "dropped": 0}
-        _check(prefill(rts[0], x).reshape(-1, 67), layers[0], x.reshape(-1, 300))  # prepares layer 1
-        _check(prefill(rts[2], x).reshape(-1, 67), layers[2], x.reshape(-1, 300))  # not layer 1: dropped
-        assert prefetch.stats["dropped"] == 1 and prefetch.stats["taken"] == 4
-        xb = x.bfloat16()  # layer 2 prepared nothing; layer 1 in bf16 computes its own
-        _check(prefill(rts[1], xb).reshape(-1, 67), layers[1], xb.reshape(-1, 300))
-        assert prefetch.stats == {"taken": 4, "issued": 6, "dropped": 1}
-    finally:
-        prefetch.clear()
-    assert not prefetch.active()
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("outliers", [False, True])
 @pytest.mark.parametrize("mix", list(MIXES))
@@ -476,35 +447,6 @@ def test_group_operator_equals_each_layer(tokens):
         if layer.row_scale is not None:
             y = y * layer.row_scale.to(y.dtype)
         _check(y.reshape(tokens, -1), layer, x.reshape(tokens, -1))
-
-
-@cuda_only
-def test_overlapped_model_prefill_equals_serial():
-    """``cmpq.nn.overlap.overlapped``: a chain of CMPQ layers at 64 tokens (the prefill path) gives
-    exactly the serial outputs, with every layer after the first taking a weight prepared on the
-    side stream; decode calls inside the block are untouched."""
-    from cmpq.kernels import prefetch
-    from cmpq.kernels.testing import mix_counts
-    from cmpq.nn.overlap import overlapped
-
-    gen = torch.Generator().manual_seed(9)
-    counts, n_act = mix_counts(512, 3.0)
-    model = torch.nn.Sequential(*[random_layer(512, 512, counts, n_act, 100, bias=True, device=DEV, generator=gen)
-                                  for _ in range(4)])
-    x = torch.randn(2, 32, 512, device=DEV).half() * 0.1
-    with torch.no_grad():
-        serial = model(x)
-        for k in prefetch.stats:
-            prefetch.stats[k] = 0
-        with overlapped(model) as n:
-            assert n == 4
-            got = model(x)
-            one = model(x[:, :1])
-        torch.cuda.synchronize()
-    assert torch.equal(got, serial)
-    assert prefetch.stats["taken"] == 3 and prefetch.stats["dropped"] == 0
-    torch.testing.assert_close(one, serial[:, :1], rtol=2e-2, atol=2e-2)  # one token: v4s, not prefill
-    assert not prefetch.active()
 
 
 # -- mma: tensor-core kernel for 2..16 tokens (cmpq/kernels/kernel_mma.cu) ------------------------

@@ -23,7 +23,6 @@ import triton
 import triton.language as tl
 
 from cmpq.kernels import cuda_decode as cd
-from cmpq.kernels import prefetch
 from cmpq.kernels.layout import MAX_GROUPS, QUAD_WORDS, Runtime
 
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dequant_cuda.cu")
@@ -116,13 +115,7 @@ def dequantize_t(rt: Runtime, dtype: torch.dtype, cuda: bool = True) -> torch.Te
 
 
 def prefill(rt: Runtime, x: torch.Tensor, cuda: bool = True) -> torch.Tensor:
-    """``x @ W^T + bias`` for many tokens: dequantize + ``F.linear`` (cuBLAS). Where layers are
-    linked (``cmpq.kernels.prefetch``), the weight may already have been built during the previous
-    layer's GEMM, and the next layer's is started before this GEMM."""
+    """``x @ W^T + bias`` for many tokens: dequantize + ``F.linear`` (cuBLAS). (Dequantizing the
+    next layer on a side stream during this GEMM was tried and lost: notes-kernels.md, 2026-12-07 night.)"""
     bias = None if rt.bias is None else rt.bias.to(x.dtype)
-    wt = prefetch.take(rt, x.dtype) if prefetch.active() else None
-    if wt is None:
-        wt = dequantize_t(rt, x.dtype, cuda)
-    if prefetch.active():
-        prefetch.issue_next(rt, x.dtype, lambda r, dtype: dequantize_t(r, dtype, cuda))
-    return F.linear(x, wt.t(), bias)
+    return F.linear(x, dequantize_t(rt, x.dtype, cuda).t(), bias)
