@@ -255,3 +255,28 @@ def test_student_and_teacher_logits_are_taken_at_the_same_point(calib_ids):
     capped = model(calib_ids[:1], use_cache=False).logits[0]
     before = _kl(capped, head(states[0].float())).item()  # what the pass compared before
     assert fixed < 1e-6 and before > 1e-4, (fixed, before)
+
+
+def test_tunable_layer_books_describe_its_index(tiny_llama, calib_ids):
+    """``TunableLinear``'s ``book_base``/``book_size`` say where each column's codebook sits in
+    ``values``: every weight of a codebook column indexes inside it except the sparse outliers, FP16
+    columns have none; and the per-slot scatter given them (Triton's interpreter here) sums exactly
+    what the PyTorch form does."""
+    pytest.importorskip("triton")
+    from cmpq.kernels import gather_weight as gw
+
+    model = _quantized(tiny_llama, calib_ids)
+    layer = next(m for m in model.modules() if isinstance(m, CMPQLinear) and m.sparse_val.numel())
+    t = TunableLinear(layer)
+    base, size, where = t.book_base.long(), t.book_size.long(), t.where.long()
+    fp = layer.outlier_channels.long()
+    assert (base[fp] == -1).all() and (size[fp] == 0).all()
+    books = (base >= 0).nonzero().squeeze(1)
+    inside = (where[:, books] >= base[books]) & (where[:, books] < base[books] + size[books])
+    assert int((~inside).sum()) == layer.sparse_val.numel()  # the sparse outliers, and only they
+    assert t.largest_book == int(size.max())
+    grad = torch.randn(layer.out_features, layer.in_features, generator=torch.Generator().manual_seed(5)).half()
+    n = t.values.numel()
+    ref = gw.scatter_grad_reference(grad, t.where, t.row_scale, n)
+    got = gw.scatter_grad(grad, t.where, t.row_scale, n, (t.book_base, t.book_size, t.largest_book))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

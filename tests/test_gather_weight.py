@@ -42,12 +42,52 @@ def test_fused_path_is_for_cuda_int32_only():
         assert gw.fused_available(where.cuda()) and not gw.fused_available(where.cuda().long())
 
 
-@pytest.mark.parametrize("name", ["gather", "scatter"])
-def test_kernels_compile_for_hopper(name):
-    """Atomics included: the interpreter does not lower them."""
-    first, o = ("V_ptr", "*fp16") if name == "gather" else ("G_ptr", "*fp32")
-    sig = {first: "*fp32" if name == "gather" else "*fp16", "W_ptr": "*i32", "S_ptr": "*fp32", "O_ptr": o,
-           "total": "i64", "in_f": "i32", "HAS_SCALE": "constexpr", "BLOCK": "constexpr"}
-    spills, cubin = compile_for_hopper(f"from cmpq.kernels.gather_weight import _build; fn = _build({name!r})",
-                                       sig, {"HAS_SCALE": True, "BLOCK": 1024}, num_warps=4)
-    assert spills == 0 and cubin > 0
+def test_kernels_compile_for_hopper():
+    """Atomics included: the interpreter does not lower them. The scatter with 16 slots, its largest."""
+    gather = {"V_ptr": "*fp32", "W_ptr": "*i32", "S_ptr": "*fp32", "O_ptr": "*fp16", "total": "i64", "in_f": "i32",
+              "HAS_SCALE": "constexpr", "BLOCK": "constexpr"}
+    scatter = {"G_ptr": "*fp16", "W_ptr": "*i32", "S_ptr": "*fp32", "B_ptr": "*i32", "K_ptr": "*i32", "O_ptr": "*fp32",
+               "out_f": "i32", "in_f": "i32", "HAS_SCALE": "constexpr", "KMAX": "constexpr", "BR": "constexpr",
+               "BC": "constexpr"}
+    for name, sig, const, warps in (
+            ("gather", gather, {"HAS_SCALE": True, "BLOCK": 1024}, 4),
+            ("scatter", scatter, {"HAS_SCALE": True, "KMAX": gw.SLOTS, "BR": gw.ROWS, "BC": gw.COLS}, 8)):
+        spills, cubin = compile_for_hopper(f"from cmpq.kernels.gather_weight import _build; fn = _build({name!r})",
+                                           sig, const, num_warps=warps)
+        assert spills == 0 and cubin > 0, name
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_scatter_sums_codebook_slots_per_tile(scaled):
+    """With ``books`` the scatter adds a tile's gradients per column and codebook slot, then the rest
+    (FP16 columns, sparse outliers, which index outside their column's codebook) one by one: the
+    same sums as the PyTorch form. A layout like ``TunableLinear``'s: widths 1..4 bits, one FP16
+    column, sparse outliers; more rows than one tile."""
+    g = torch.Generator().manual_seed(4)
+    out_f, in_f = 300, 70
+    bits = torch.randint(1, 5, (in_f,), generator=g)
+    bits[5] = 0  # an FP16 column
+    base = torch.full((in_f,), -1, dtype=torch.int32)
+    size = torch.zeros(in_f, dtype=torch.int32)
+    where = torch.empty(out_f, in_f, dtype=torch.int32)
+    off = 0
+    for c in range(in_f):
+        if bits[c] == 0:
+            where[:, c] = off + torch.arange(out_f, dtype=torch.int32)
+            off += out_f
+            continue
+        k = 2 ** int(bits[c])
+        base[c], size[c] = off, k
+        where[:, c] = off + torch.randint(0, k, (out_f,), generator=g, dtype=torch.int32)
+        off += k
+    sparse = torch.randperm(out_f * in_f, generator=g)[:40]
+    where.view(-1)[sparse] = off + torch.arange(40, dtype=torch.int32)
+    n = off + 40
+    grad = torch.randn(out_f, in_f, generator=g).half().to(DEV)
+    scale = (torch.rand(out_f, generator=g) + 0.5).to(DEV) if scaled else None
+    where, base, size = where.to(DEV), base.to(DEV), size.to(DEV)
+    ref = gw.scatter_grad_reference(grad, where, scale, n)
+    got = gw.scatter_grad(grad, where, scale, n, (base, size, int(size.max())))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="up to 16"):
+        gw.scatter_grad(grad, where, scale, n, (base, size, 32))

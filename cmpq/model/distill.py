@@ -111,19 +111,19 @@ class _Weight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, values: torch.Tensor, where: torch.Tensor, row_scale: torch.Tensor | None,
-                dtype: torch.dtype) -> torch.Tensor:
+                dtype: torch.dtype, books: tuple | None = None) -> torch.Tensor:
         ctx.save_for_backward(where, row_scale)
-        ctx.n = values.numel()
+        ctx.n, ctx.books = values.numel(), books
         if gather_weight.fused_available(where):
             return gather_weight.gather_weight(values, where, row_scale, dtype)
         return gather_weight.gather_weight_reference(values, where, row_scale, dtype)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
         where, row_scale = ctx.saved_tensors
         if gather_weight.fused_available(where):
-            return gather_weight.scatter_grad(grad, where, row_scale, ctx.n), None, None, None
-        return gather_weight.scatter_grad_reference(grad, where, row_scale, ctx.n), None, None, None
+            return gather_weight.scatter_grad(grad, where, row_scale, ctx.n, ctx.books), None, None, None, None
+        return gather_weight.scatter_grad_reference(grad, where, row_scale, ctx.n), None, None, None, None
 
 
 class TunableLinear(nn.Module):
@@ -136,6 +136,8 @@ class TunableLinear(nn.Module):
         dev = layer.outlier_weight.device
         out_f, in_f = layer.out_features, layer.in_features
         where = torch.empty(out_f, in_f, dtype=torch.long, device=dev)
+        base = torch.full((in_f,), -1, dtype=torch.int32, device=dev)  # each column's codebook in ``values``
+        size = torch.zeros(in_f, dtype=torch.int32, device=dev)
         chunks, offset = [], 0
         self.slices: dict[str, tuple[int, int]] = {}
         for b in layer.bit_widths:
@@ -144,6 +146,8 @@ class TunableLinear(nn.Module):
             if n:
                 idx = layer.group_indices(b)  # [out, n]
                 where[:, ch.long()] = offset + idx + (torch.arange(n, device=dev) * k)[None]
+                base[ch.long()] = (offset + torch.arange(n, device=dev) * k).to(torch.int32)
+                size[ch.long()] = k
             chunks.append(cb.float().reshape(-1))
             self.slices[f"q{b}_codebook"] = (offset, offset + n * k)
             offset += n * k
@@ -162,6 +166,11 @@ class TunableLinear(nn.Module):
         self.slices["sparse_val"] = (offset, offset + nnz)
         # int32 halves the index's memory (a 7B model: 28 GB instead of 56 GB while tuning)
         self.register_buffer("where", where.to(torch.int32) if offset + nnz < 2**31 else where)
+        # where each column's codebook sits: the fused scatter sums a tile's gradients per codebook slot
+        # before adding them (cmpq.kernels.gather_weight.scatter_grad)
+        self.register_buffer("book_base", base)
+        self.register_buffer("book_size", size)
+        self.largest_book = max([2**b for b, n in layer.counts().items() if n] or [0])
         self.values = nn.Parameter(torch.cat(chunks))
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.float().clone())
         # format v4's per-row scales (W = diag(s) @ values[where]) stay fixed: one scale moves a whole
@@ -184,7 +193,8 @@ class TunableLinear(nn.Module):
         return v + (target - v).detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = _Weight.apply(self.stored(), self.where, self.row_scale, x.dtype)
+        w = _Weight.apply(self.stored(), self.where, self.row_scale, x.dtype,
+                          (self.book_base, self.book_size, self.largest_book))
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     @torch.no_grad()
