@@ -60,13 +60,14 @@ def test_kernels_compile_for_hopper():
 @pytest.mark.parametrize("scaled", [False, True])
 def test_scatter_sums_codebook_slots_per_tile(scaled):
     """With ``books`` the scatter adds a tile's gradients per column and codebook slot, then the rest
-    (FP16 columns, sparse outliers, which index outside their column's codebook) one by one: the
-    same sums as the PyTorch form. A layout like ``TunableLinear``'s: widths 1..4 bits, one FP16
-    column, sparse outliers; more rows than one tile."""
+    (FP16 columns, sparse outliers, which index outside their column's codebook, codebooks wider than
+    ``SLOTS``) one by one: the same sums as the PyTorch form. A layout like ``TunableLinear``'s: widths
+    1..4 bits and two wider ones, one FP16 column, sparse outliers; more rows than one tile."""
     g = torch.Generator().manual_seed(4)
     out_f, in_f = 300, 70
     bits = torch.randint(1, 5, (in_f,), generator=g)
     bits[5] = 0  # an FP16 column
+    bits[7], bits[8] = 5, 8  # 32 and 256 entries: past SLOTS
     base = torch.full((in_f,), -1, dtype=torch.int32)
     size = torch.zeros(in_f, dtype=torch.int32)
     where = torch.empty(out_f, in_f, dtype=torch.int32)
@@ -89,5 +90,6 @@ def test_scatter_sums_codebook_slots_per_tile(scaled):
     ref = gw.scatter_grad_reference(grad, where, scale, n)
     got = gw.scatter_grad(grad, where, scale, n, (base, size, int(size.max())))
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="up to 16"):
-        gw.scatter_grad(grad, where, scale, n, (base, size, 32))
+    ordinary = size <= gw.SLOTS  # the same sums when the layer's widest codebook fits the slots
+    narrow = (torch.where(ordinary, base, -1), torch.where(ordinary, size, 0), int(size[ordinary].max()))
+    torch.testing.assert_close(gw.scatter_grad(grad, where, scale, n, narrow), ref, rtol=1e-5, atol=1e-5)

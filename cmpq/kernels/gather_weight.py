@@ -68,12 +68,12 @@ def scatter_grad(grad: torch.Tensor, where: torch.Tensor, row_scale: torch.Tenso
     ``books`` (``base``, ``size``, ``largest``; int32 ``[in]`` twice and an int): column ``c``'s weights
     index a codebook at ``values[base[c] : base[c] + size[c]]`` (``base`` -1: a column without one, e.g.
     FP16 outliers); ``largest`` is ``size.max()``, given so that no call waits for the device.
-    Why: a 7B step adds 6.5e9 gradients into ~10^6 codebook entries, and one atomic add per weight made
-    the scatter a quarter of the step (66 of 278 ms, H100 profile 2026-12-07, docs/results.md). With
-    ``books``, each program first sums its tile's gradients per column and codebook slot (``size`` <=
-    ``SLOTS``) and adds those: a tile of ``ROWS`` rows makes one add per slot and column instead of one
-    per weight. Weights whose index lies outside their column's codebook (sparse outliers) and columns
-    without one are added one by one, as before."""
+    Why: a 7B step adds 6.5e9 gradients, most of them into ~7 million codebook entries, and one atomic
+    add per weight made the scatter a quarter of the step (66 of 278 ms, H100 profile 2026-12-07,
+    docs/results.md). With ``books``, each program first sums its tile's gradients per column and
+    codebook slot and adds those: a tile of ``ROWS`` rows makes one add per slot and column instead of
+    one per weight. Weights whose index lies outside their column's codebook (sparse outliers), columns
+    without one, and codebooks of more than ``SLOTS`` entries (5..8-bit widths) are added one by one."""
     import triton
 
     out = torch.zeros(n, dtype=torch.float32, device=grad.device)
@@ -88,9 +88,7 @@ def scatter_grad(grad: torch.Tensor, where: torch.Tensor, row_scale: torch.Tenso
         slots = 1
     else:
         base, size, largest = books
-        if largest > SLOTS:
-            raise ValueError(f"scatter_grad: codebooks of up to {SLOTS} entries, got {largest}")
-        slots = triton.next_power_of_2(max(1, largest))
+        slots = triton.next_power_of_2(max(1, min(largest, SLOTS)))
     grid = (triton.cdiv(out_f, ROWS), triton.cdiv(in_f, COLS))
     _kernels["scatter"][grid](grad, where, scale, base, size, out, out_f, in_f, HAS_SCALE=row_scale is not None,
                               KMAX=slots, BR=ROWS, BC=COLS, num_warps=8)
@@ -126,10 +124,10 @@ def _build(name: str):
         base = tl.load(B_ptr + c, mask=cm, other=-1)
         size = tl.load(K_ptr + c, mask=cm, other=0)
         rel = idx - base[None, :]
-        book = m & (base[None, :] >= 0) & (rel >= 0) & (rel < size[None, :])
+        book = m & (base[None, :] >= 0) & (size[None, :] <= KMAX) & (rel >= 0) & (rel < size[None, :])
         for k in tl.static_range(KMAX):  # the tile's sum per column and slot, one add each
             s = tl.sum(tl.where(book & (rel == k), g, 0.0), axis=0)
-            tl.atomic_add(O_ptr + base + k, s, mask=cm & (base >= 0) & (k < size), sem="relaxed")
+            tl.atomic_add(O_ptr + base + k, s, mask=cm & (base >= 0) & (size <= KMAX) & (k < size), sem="relaxed")
         tl.atomic_add(O_ptr + idx, g, mask=m & ~book, sem="relaxed")  # the rest one by one
 
     return {"gather": gather, "scatter": scatter}[name]
