@@ -290,3 +290,25 @@ def test_group_operator_opcheck_and_layout_round_trip():
         torch.testing.assert_close(y, layer(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="linear_group"):
         ops.split_members(tensors + [None], meta)
+
+
+def test_group_pass_leaves_a_call_that_reads_another_ones_output():
+    """Two calls on one input, the second's bias computed from the first's output: they cannot be
+    one launch (the pass's dependency check), and the compiled result equals the eager one."""
+    a, b = _layer(seed=5), _layer(seed=6)
+    args_a, args_b = a._op_args(), list(b._op_args())
+
+    def f(x):
+        ya = torch.ops.cmpq.linear(x, *args_a)
+        args_b[10] = ya[0] * 0.5  # the bias
+        return ya, torch.ops.cmpq.linear(x, *args_b)
+
+    x = torch.randn(3, 300)
+    graphs = []
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = f(x)
+        got = torch.compile(f, fullgraph=True, backend=_grouping(graphs))(x)
+    assert graphs[0][1] == 0
+    for e, g in zip(eager, got):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)

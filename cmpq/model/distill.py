@@ -136,7 +136,7 @@ class TunableLinear(nn.Module):
         dev = layer.outlier_weight.device
         out_f, in_f = layer.out_features, layer.in_features
         where = torch.empty(out_f, in_f, dtype=torch.long, device=dev)
-        base = torch.full((in_f,), -1, dtype=torch.int32, device=dev)  # each column's codebook in ``values``
+        base = torch.full((in_f,), -1, dtype=torch.int32, device=dev)  # -1: no codebook (an FP16 column)
         size = torch.zeros(in_f, dtype=torch.int32, device=dev)
         chunks, offset = [], 0
         self.slices: dict[str, tuple[int, int]] = {}
@@ -145,9 +145,9 @@ class TunableLinear(nn.Module):
             n, k = cb.shape
             if n:
                 idx = layer.group_indices(b)  # [out, n]
-                where[:, ch.long()] = offset + idx + (torch.arange(n, device=dev) * k)[None]
-                base[ch.long()] = (offset + torch.arange(n, device=dev) * k).to(torch.int32)
-                size[ch.long()] = k
+                start = offset + torch.arange(n, device=dev) * k  # each channel's codebook in ``values``
+                where[:, ch.long()] = start[None] + idx
+                base[ch.long()], size[ch.long()] = start.to(torch.int32), k
             chunks.append(cb.float().reshape(-1))
             self.slices[f"q{b}_codebook"] = (offset, offset + n * k)
             offset += n * k

@@ -126,14 +126,18 @@ def _is_linear(node: torch.fx.Node) -> bool:
             and len(node.args) == 15 and not node.kwargs)
 
 
-def _depends_on(node: torch.fx.Node, targets: set, seen: set) -> bool:
-    """Whether ``node`` is computed from any node in ``targets``."""
-    stack = [node]
+def _depends_on(node: torch.fx.Node, targets: list, order: dict) -> bool:
+    """Whether ``node`` is computed from any node in ``targets``. Only nodes placed after the first
+    target can be, so the walk stops there instead of visiting the whole graph above each linear."""
+    if not targets:
+        return False
+    first, wanted, seen = order[targets[0]], set(targets), set()
+    stack = list(node.all_input_nodes)
     while stack:
         n = stack.pop()
-        if n in targets:
+        if n in wanted:
             return True
-        if n in seen:
+        if n in seen or order[n] < first:
             continue
         seen.add(n)
         stack.extend(n.all_input_nodes)
@@ -174,13 +178,13 @@ def group_shared_inputs(gm: torch.fx.GraphModule) -> int:
             by_input.setdefault(n.args[0], []).append(n)
     groups = 0
     for x, nodes in by_input.items():
+        order = {n: i for i, n in enumerate(graph.nodes)}  # again per input: each rewrite moves nodes
         members: list[torch.fx.Node] = []
         for n in nodes:  # graph order; a member computed from an earlier one's output cannot join
-            if not _depends_on(n, set(members), set()):
+            if not _depends_on(n, members, order):
                 members.append(n)
         if len(members) < 2:
             continue
-        order = {n: i for i, n in enumerate(graph.nodes)}
         first = members[0]
         try:
             tensors, meta = ops.flatten_members([m.args[1:] for m in members])

@@ -78,16 +78,24 @@ def linear(x: torch.Tensor, channels: list[torch.Tensor], packed: list[torch.Ten
                       sparse_val, row_scale, bias, bits, out_features)
 
 
+def _runtime(x, channels, sparse_val, runtime, bits, out_features):
+    """The layer's ``Runtime`` view of its flat runtime tensors, or None (none built, or it does not fit)."""
+    from cmpq.kernels.layout import Runtime
+
+    if not runtime:
+        return None
+    return Runtime.from_tensors(runtime, bits, [c.numel() for c in channels], out_features, x.shape[-1], sparse_val)
+
+
 @linear.register_kernel("cuda")
 def _linear_cuda(x, channels, packed, codes, bounds, outlier_channels, outlier_weight, sparse_crow, sparse_col,
                  sparse_val, row_scale, bias, runtime, bits, out_features):
     from cmpq.kernels import dispatch
-    from cmpq.kernels.layout import Runtime
 
     y = None
-    if runtime:
-        rt = Runtime.from_tensors(runtime, bits, [c.numel() for c in channels], out_features, x.shape[-1], sparse_val)
-        y = None if rt is None else dispatch.run(x, rt)
+    rt = _runtime(x, channels, sparse_val, runtime, bits, out_features)
+    if rt is not None:
+        y = dispatch.run(x, rt)
         if y is not None and row_scale is not None:  # the layout's bias is bias / row_scale (layout.build)
             y = y * row_scale.to(y.dtype)
     if y is None:
@@ -196,11 +204,8 @@ def linear_group(x: torch.Tensor, tensors: list[Optional[torch.Tensor]], meta: l
 
 @linear_group.register_kernel("cuda")
 def _linear_group_cuda(x, tensors, meta):
-    from cmpq.kernels.layout import Runtime
-
     members = split_members(tensors, meta)
-    rts = [Runtime.from_tensors(m[11], m[12], [c.numel() for c in m[0]], m[13], x.shape[-1], m[8]) if m[11] else None
-           for m in members]
+    rts = [_runtime(x, m[0], m[8], m[11], m[12], m[13]) for m in members]
     outs = group_kernel(x, rts, [m[9] for m in members])
     if outs is None:
         outs = [_linear_cuda(x, *m) for m in members]
