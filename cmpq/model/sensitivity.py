@@ -86,7 +86,7 @@ def measure(
                 if s.row_weight is not None:
                     s.row_weight += g2.reshape(-1, g2.shape[-1]).sum(0).double()
                 # one float32 matrix-vector product per window, summed across windows in float64:
-                # the float64 square and einsum it replaces moved ~2.7x the bytes (224 of them per
+                # the float64 square and einsum it replaces moved ~2.7x the bytes by count (224 of them per
                 # window on a 7B model); 2,048 float32 terms carry ~1e-6 relative error
                 x2 = x.reshape(-1, x.shape[-1]).to(torch.float32, copy=True).square_()
                 s.hdiag += torch.mv(x2.T, w.float()).double()
