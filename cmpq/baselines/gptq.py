@@ -30,6 +30,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from cmpq.model.calibration import add_half_gram
 from .rtn import _check_bits, _group_size, group_params, minmax_params
 
 
@@ -66,14 +67,12 @@ class HessianAccumulator:
             x0 = x.detach().reshape(-1, x.shape[-2], x.shape[-1])[:, 0].to(device=self.sum.device, dtype=self.sum.dtype)
             self.sum.addmm_(x0.T, x0, alpha=self.first_token_weight - 1)
         x = x.detach().reshape(-1, self.sum.shape[0])
-        if (self.half_matmul and x.is_cuda and x.device == self.sum.device and self.sum.dtype == torch.float32
-                and x.dtype in (torch.float16, torch.bfloat16)):
-            try:
-                self.sum += torch.mm(x.T, x, out_dtype=torch.float32)
+        if self.half_matmul and x.device == self.sum.device:
+            if add_half_gram(self.sum, x):
                 self.count += x.shape[0]
                 return
-            except (RuntimeError, TypeError):  # a torch without mm(out_dtype=): the float32 path below
-                self.half_matmul = False
+            if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and self.sum.dtype == torch.float32:
+                self.half_matmul = False  # a torch without mm(out_dtype=): the float32 path from now on
         x = x.to(device=self.sum.device, dtype=self.sum.dtype)
         self.sum.addmm_(x.T, x)
         self.count += x.shape[0]

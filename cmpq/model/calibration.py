@@ -8,6 +8,7 @@ quantized block's outputs. Every quantizer in cmpq (CMPQ and the baselines) uses
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Protocol
 
@@ -60,24 +61,30 @@ class WeightedHessian:
             self.token_weight = (token_weight / token_weight.mean().clamp(min=1e-30)).float()
         self.tokens = 0
         self.start = 0  # token_weight index of the first token seen (a process's share starts later)
+        self.half = True  # half-precision products (``add_half_gram``) until one is turned down
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
+        x = x.reshape(-1, x.shape[-1])
         n = x.shape[0]
+        w = None
         if self.token_weight is not None:
             at = self.start + self.tokens
             if at + n > self.token_weight.numel():
                 raise ValueError("more calibration tokens reached a linear than the sensitivity pass saw")
             w = self.token_weight[at : at + n].to(x.device, non_blocking=True)
-            xw = x * w[:, None]
-        else:
-            xw = x
-        prev = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True  # ~1e-3 per product; GPTQ dampens H by 1% anyway
-        try:
-            self.sum.addmm_(xw.T, x)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = prev
+        if not (self.half and add_half_gram(self.sum, x, w)):
+            if self.half and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+                self.half = False
+                warnings.warn("this torch has no half-precision product with a float32 output (torch.mm's "
+                              "out_dtype); the Hessians are summed in TF32, about twice as slow")
+            x = x.float()
+            xw = x if w is None else x * w[:, None]
+            prev = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True  # ~1e-3 per product; GPTQ dampens H by 1% anyway
+            try:
+                self.sum.addmm_(xw.T, x)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = prev
         self.tokens += n
 
     @property
@@ -85,6 +92,40 @@ class WeightedHessian:
         if self.tokens == 0:
             raise RuntimeError("no calibration inputs reached this linear")
         return self.sum / self.tokens
+
+
+def add_half_gram(total: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None = None) -> bool:
+    """``total += (w * x)^T x`` (``w``: one weight per row of ``x``, None: all 1) as one
+    half-precision GEMM with a float32 output: tensor cores at twice TF32's rate. For the walk's
+    Hessians, ~9 s of a 7B-shaped run in TF32 by FLOP count.
+
+    Same precision as the TF32 form it replaces. ``x`` is already half precision, so only ``w * x``
+    is rounded, to the 10-bit mantissa TF32 would round it to as well. For bf16 models ``w * x``
+    gets 7 bits, and their ``x`` is exact.
+
+    ``w * x`` is first scaled by a power of two, computed on the device with no sync, so that its
+    largest entry sits at most at 2^14. A token weight thousands of times the mean cannot overflow
+    float16 that way, and the scale comes off the product exactly.
+
+    Returns False, and changes nothing, where it does not apply: not CUDA, not a half-precision
+    ``x``, or a torch without ``torch.mm``'s ``out_dtype``. The caller then takes its float32 form."""
+    if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and total.dtype == torch.float32):
+        return False
+    try:
+        if w is None:
+            part = torch.mm(x.T, x, out_dtype=torch.float32)
+        else:
+            peak = (torch.linalg.vector_norm(x, float("inf"), dim=1).float() * w).amax().clamp(min=1e-30)
+            scale = torch.exp2(torch.floor(torch.log2(16384.0 / peak)))
+            xw = torch.empty_like(x)
+            torch.mul(x, (w * scale)[:, None], out=xw)  # computed in float32, rounded once on the write
+            part = torch.mm(xw.T, x, out_dtype=torch.float32).div_(scale)
+    except torch.OutOfMemoryError:
+        raise
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    total.add_(part)
+    return True
 
 
 @dataclass
