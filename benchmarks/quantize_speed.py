@@ -226,6 +226,44 @@ def profiled_finetune(steps: int, start: int = 40):
 
 
 @contextlib.contextmanager
+def profiled_sensitivity(windows: int, start: int = 40):
+    """With ``windows`` > 0: torch.profiler over ``windows`` windows of the sensitivity pass, from
+    the ``start``-th on (each window is one forward and backward; the profiler starts at that
+    window's loss and stops at a later one's, so it covers whole windows). Why: the pass takes ~31 s
+    of a 7B run (H100, 2026-12-07) against ~10 s of GEMMs by FLOP count."""
+    if windows <= 0:
+        yield
+        return
+    import torch.nn.functional as F
+
+    original, state = F.cross_entropy, {"n": 0}
+
+    def ce(*args, **kw):
+        state["n"] += 1
+        if state["n"] in (start, start + windows):
+            torch.cuda.synchronize()
+        if state["n"] == start:
+            state["prof"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                               torch.profiler.ProfilerActivity.CUDA])
+            state["prof"].__enter__()
+            state["t0"] = time.perf_counter()
+        elif state["n"] == start + windows and "prof" in state:
+            state["wall"] = (time.perf_counter() - state["t0"]) / windows
+            state["done"] = state.pop("prof")
+            state["done"].__exit__(None, None, None)
+        return original(*args, **kw)
+
+    F.cross_entropy = ce
+    try:
+        yield
+    finally:
+        F.cross_entropy = original
+        if "done" in state:
+            print(f"profiled {windows} sensitivity windows: {state['wall']:.3f} s a window (profiler on)", flush=True)
+            print(state["done"].key_averages().table(sort_by="self_device_time_total", row_limit=25), flush=True)
+
+
+@contextlib.contextmanager
 def profiled_block(block: int):
     """With ``block`` > 0: torch.profiler over the walk's block ``block`` (1-based), from the log line
     that ends the block before it to the one that ends it: its hooked forward with the Hessian
@@ -310,7 +348,8 @@ def mode_row(a, argv: list[str]) -> None:
             if dist is not None:
                 dist.broadcast_object(None)  # nobody starts before rank 0 has cleared the output
             one_cuda = dist is None and device.type == "cuda"
-            with profiled_finetune(a.profile_finetune if one_cuda else 0), profiled_block(a.profile_block if one_cuda else 0):
+            with profiled_finetune(a.profile_finetune if one_cuda else 0), profiled_block(a.profile_block if one_cuda else 0), \
+                    profiled_sensitivity(a.profile_sensitivity if one_cuda else 0):
                 r = run(path, out, device, a.nsamples, a.seqlen, a.bits, a.batch, a.cap, False, a.checkpoint, dist,
                         a.algorithm, a.finetune_epochs)
         else:
@@ -428,6 +467,8 @@ def main() -> None:
         ap.add_argument("--nproc", type=int, default=1, help="processes (GPUs); >1 starts torchrun")
         ap.add_argument("--cap", default=None, help="--max-gpu-memory for the run (per GPU), e.g. 8GiB")
         ap.add_argument("--checkpoint", action="store_true", help="write <output>.partial after each block (cmpq)")
+        ap.add_argument("--profile-sensitivity", type=int, default=0, metavar="WINDOWS",
+                        help="print where WINDOWS windows of the sensitivity pass spend their GPU time (torch.profiler)")
         ap.add_argument("--profile-block", type=int, default=0, metavar="BLOCK",
                         help="print where the walk's block BLOCK (1-based) spends its GPU time (torch.profiler; one CUDA process)")
         ap.add_argument("--profile-finetune", type=int, default=0, metavar="STEPS",
