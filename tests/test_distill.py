@@ -193,6 +193,34 @@ def test_tunable_linear_applies_row_scales_and_keeps_them(tiny_llama, calib_ids)
     assert torch.equal(out.row_scale, s0)
 
 
+def test_a_diverged_step_raises_and_the_model_is_left_as_it_came(tiny_llama, calib_ids, monkeypatch):
+    """The loss is read from the device only where it is shown (no sync a step), so a step whose loss
+    is not finite is caught at the next read, and its NaN values never reach the saved model."""
+    import cmpq.model.distill as distill
+
+    states = teacher_states(tiny_llama, calib_ids, torch.device("cpu"))
+    model = _quantized(tiny_llama, calib_ids)
+    before = {n: m.dequantize(torch.float32) for n, m in model.named_modules() if isinstance(m, CMPQLinear)}
+    real, calls = distill._kl, [0]
+
+    def nan_on_the_second_training_step(s, t, reduction="mean"):
+        out = real(s, t, reduction)
+        if reduction == "sum":  # training steps (the held-out KL is taken with "sum" too, but under no_grad)
+            calls[0] += out.requires_grad
+            if out.requires_grad and calls[0] == 2:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(distill, "_kl", nan_on_the_second_training_step)
+    with pytest.raises(FloatingPointError, match="diverged"):
+        finetune(model, calib_ids, states, torch.device("cpu"), epochs=2, lr=1e-3)
+    for n, m in model.named_modules():
+        if isinstance(m, CMPQLinear):
+            assert torch.equal(m.dequantize(torch.float32), before[n]), n
+            assert not any(isinstance(c, distill.TunableLinear) for c in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_backoff_restarts_from_the_best_values(tiny_llama, calib_ids, monkeypatch):
     """After an epoch that raises the held-out KL, the next epoch starts from the best values (not
     the overshot ones) with a smaller step: with three epochs at a step that overshoots once and

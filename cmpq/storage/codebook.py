@@ -29,11 +29,12 @@ def _to_fp16(x: torch.Tensor, up: bool) -> torch.Tensor:
     return torch.where(h.float() > x, torch.nextafter(h, h.new_tensor(float("-inf"))), h)
 
 
-def encode(cb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(codes uint8 [n, k], bounds fp16 [n, 2] = (min, max))`` of codebooks ``cb`` ``[n, k]``."""
+def encode(cb: torch.Tensor, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes uint8 [n, k], bounds fp16 [n, 2] = (min, max))`` of codebooks ``cb`` ``[n, k]``
+    (``check``: refuse NaN or Inf, a host sync on a GPU; off only where the caller checks)."""
     c = cb.float()
     n, k = c.shape
-    if c.numel() and not torch.isfinite(c).all():
+    if check and c.numel() and not torch.isfinite(c).all():
         raise ValueError("codebook holds NaN or Inf")
     if k == 0 or n == 0:
         return torch.zeros(n, k, dtype=torch.uint8, device=c.device), torch.zeros(n, 2, dtype=torch.float16, device=c.device)
@@ -50,16 +51,22 @@ def decode(codes: torch.Tensor, bounds: torch.Tensor, dtype: torch.dtype = torch
     return (lo + (hi - lo) * (codes.float() / LEVELS)).to(dtype)
 
 
-def storable(cb: torch.Tensor) -> torch.Tensor:
+def storable(cb: torch.Tensor, check: bool = True) -> torch.Tensor:
     """``cb`` rounded to what the format stores (FP32 out): quantizers assign indices against this.
 
     A fixed point of ``decode(encode(.))``: the grid is found again from the decoded bounds, but the
     FP16 rounding of an entry can move it past half a level when a channel's range is tiny next to
-    its values, so a second round settles those few."""
-    s = decode(*encode(cb)).float()
+    its values, so a second round settles those few.
+
+    On a GPU all three extra rounds run: a settled codebook is a fixed point, so they change nothing,
+    and they cost a few kernels, while the check that stops early is a host sync (one per call of
+    the fine-tuning's step and of every lazy block of the compensated pass). ``check``: refuse NaN
+    or Inf (``encode``'s check, once; a sync on a GPU). Codebook fine-tuning turns it off and
+    checks its loss instead."""
+    s = decode(*encode(cb, check)).float()
     for _ in range(3):
-        again = decode(*encode(s)).float()
-        if torch.equal(again, s):
+        again = decode(*encode(s, check=False)).float()
+        if not s.is_cuda and torch.equal(again, s):
             break
         s = again
     return s
