@@ -281,6 +281,9 @@ class _LayerPass:
         self.idx = torch.zeros(out_f, in_f, dtype=torch.uint8, device=dev)
         wp = self.wp
         self.kmax = 2 ** int(wp[~(wp == FP16)].max()) if (wp != FP16).any() else 1
+        # FP16 columns sort last, so each lazy block's quantized columns are a prefix of it: known
+        # here, where a ``nonzero`` per block and layer would wait for the device
+        self.n_quant = int((wp != FP16).sum())
         self.books = torch.zeros(in_f, self.kmax, device=dev)  # per permuted column, ascending, padded
 
     # -- one lazy block -----------------------------------------------------------------------------
@@ -293,9 +296,12 @@ class _LayerPass:
         self._W1 = W1 = self.W[:, i1:i2].T.contiguous()  # [count, out]: column i is row i
         self._EX = EX = self.exact[:, i1:i2].T
         wb = self.wp[i1:i2]
-        self._runs = [r for r in ([(wb != FP16).nonzero().squeeze(1)] if self.shared else
-                                  [(wb == b).nonzero().squeeze(1) for b in sorted(set(wb.tolist()) - {FP16})])
-                      if r.numel()]
+        if self.shared:
+            n = max(0, min(i2, self.n_quant) - i1)
+            self._runs = [torch.arange(n, device=self.dev)] if n else []
+        else:
+            self._runs = [r for r in [(wb == b).nonzero().squeeze(1) for b in sorted(set(wb.tolist()) - {FP16})]
+                          if r.numel()]
         fits = []
         for r in self._runs:
             k = 2 ** wb[r]
