@@ -45,6 +45,10 @@ def test_half_precision_products_on_cuda(dtype):
             h.add(x)
         assert h.half, "the half-precision path fell back to TF32"
         ref = _reference(xs, None if w is None else w / w.mean())
+        zeros = WeightedHessian(48, "cuda", w)  # all-zero inputs with a huge weight: zeros, not NaN
+        for x in xs:
+            zeros.add(torch.zeros_like(x))
+        assert torch.equal(zeros.sum, torch.zeros_like(zeros.sum))
         tol = 2e-3 if dtype == torch.float16 else 1e-2
         assert torch.isfinite(h.sum).all()
         assert torch.allclose(h.H.double().cpu(), ref, rtol=tol, atol=tol * ref.abs().max().item())

@@ -115,7 +115,8 @@ def add_half_gram(total: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None =
         if w is None:
             part = torch.mm(x.T, x, out_dtype=torch.float32)
         else:
-            peak = (torch.linalg.vector_norm(x, float("inf"), dim=1).float() * w).amax().clamp(min=1e-30)
+            # the floor keeps ``w * scale`` finite when ``x`` is (nearly) all zeros
+            peak = (torch.linalg.vector_norm(x, float("inf"), dim=1).float() * w).amax().clamp(min=2.0**-40)
             scale = torch.exp2(torch.floor(torch.log2(16384.0 / peak)))
             xw = torch.empty_like(x)
             torch.mul(x, (w * scale)[:, None], out=xw)  # computed in float32, rounded once on the write
