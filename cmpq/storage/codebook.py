@@ -58,15 +58,16 @@ def storable(cb: torch.Tensor, check: bool = True) -> torch.Tensor:
     FP16 rounding of an entry can move it past half a level when a channel's range is tiny next to
     its values, so a second round settles those few.
 
-    On a GPU all three extra rounds run: a settled codebook is a fixed point, so they change nothing,
-    and they cost a few kernels, while the check that stops early is a host sync (one per call of
-    the fine-tuning's step and of every lazy block of the compensated pass). ``check``: refuse NaN
-    or Inf (``encode``'s check, once; a sync on a GPU). Codebook fine-tuning turns it off and
-    checks its loss instead."""
+    ``check``: refuse NaN or Inf (``encode``'s check, once) and stop as soon as the codebooks have
+    settled. Both read the device, so on a GPU each is a host sync. ``check=False`` runs all three
+    extra rounds without reading anything. A settled codebook is a fixed point, so the result is the
+    same. It is for callers whose GPU is busy and that check for NaN themselves: codebook
+    fine-tuning, which checks its loss. Launch-bound callers (the compensated pass) keep the check:
+    there a sync costs little, and the two skipped rounds would be ~60 more launches."""
     s = decode(*encode(cb, check)).float()
     for _ in range(3):
         again = decode(*encode(s, check=False)).float()
-        if not s.is_cuda and torch.equal(again, s):
+        if check and torch.equal(again, s):
             break
         s = again
     return s
