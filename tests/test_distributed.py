@@ -249,9 +249,11 @@ def test_two_processes_run_the_default_algorithm(folder4, tmp_path, one_thread):
     """The compensated default in two processes: each runs the sensitivity pass, rank 0's width plan
     is everyone's, the Hessians are all-reduced (one process's sum up to float rounding), and rank 0
     fine-tunes and shares the result. Rounding differences flip a few indices in the first block and
-    compound through later blocks' inputs (on this random model's 2-bit channels the two runs'
-    last-block weights differ by about their quantization error), so the check is: the same plan,
-    the first block nearly the same, and the same output error against the full-precision model."""
+    compound through later blocks' inputs. This random model's 2-bit k-means is chaotic: one flip moved
+    a first-block ``down_proj`` by 17% while its error stayed 0.398 vs 0.399 of the weights' norm, and
+    a 1e-6 change of the token weights moves later layers by 18-45% (2026-12-08, CPU). So the check
+    is: the same plan, each first-block layer as close to the full-precision weights as one process
+    gets it (within 5% of that error), and the same output error against the full-precision model."""
     from transformers import AutoModelForCausalLM
 
     def default_args(out):
@@ -266,6 +268,8 @@ def test_two_processes_run_the_default_algorithm(folder4, tmp_path, one_thread):
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["processes"] == 2 and qc["algorithm"] == "compensated" and "finetune" in qc
     a, b = cmpq.load(ref, device="cpu"), cmpq.load(out, device="cpu")
+    fp = AutoModelForCausalLM.from_pretrained(folder4, dtype=torch.float32).eval()
+    full = dict(fp.named_modules())
     la = {n: m for n, m in a.named_modules() if isinstance(m, CMPQLinear)}
     lb = {n: m for n, m in b.named_modules() if isinstance(m, CMPQLinear)}
     assert la.keys() == lb.keys() and len(la) == 4 * 7
@@ -274,9 +278,9 @@ def test_two_processes_run_the_default_algorithm(folder4, tmp_path, one_thread):
             assert torch.equal(la[n].group(w)[0], lb[n].group(w)[0]), n  # the same plan
         assert (la[n].row_scale is None) == (lb[n].row_scale is None)
         if ".layers.0." in n:
-            wa, wb = la[n].dequantize(torch.float32), lb[n].dequantize(torch.float32)
-            assert float((wa - wb).norm() / wa.norm()) < 0.05, n
-    fp = AutoModelForCausalLM.from_pretrained(folder4, dtype=torch.float32).eval()
+            wf = full[n].weight.detach().float()
+            ea, eb = (float((m.dequantize(torch.float32) - wf).norm() / wf.norm()) for m in (la[n], lb[n]))
+            assert abs(eb - ea) <= 0.05 * ea, (n, ea, eb)
     ids = torch.randint(32, 127, (4, 64), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         target = torch.log_softmax(fp(ids).logits, -1)
