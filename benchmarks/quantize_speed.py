@@ -186,113 +186,103 @@ def _append(path: str | None, row: dict) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+class _ProfileWindow:
+    """One torch.profiler window opened and closed from inside a run (the GPU synced at both ends);
+    its table is printed after the run, so its processing stays out of the timed part."""
+
+    def __init__(self) -> None:
+        self.prof = self.done = None
+        self.t0 = self.wall = 0.0
+
+    def open(self) -> None:
+        torch.cuda.synchronize()
+        self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                       torch.profiler.ProfilerActivity.CUDA])
+        self.prof.__enter__()
+        self.t0 = time.perf_counter()
+
+    def close(self, units: int = 1) -> None:
+        torch.cuda.synchronize()
+        self.wall = (time.perf_counter() - self.t0) / units
+        self.done, self.prof = self.prof, None
+        self.done.__exit__(None, None, None)
+
+    def report(self, title: str, rows: int = 25) -> None:
+        if self.done is not None:
+            print(title.format(wall=self.wall), flush=True)
+            print(self.done.key_averages().table(sort_by="self_device_time_total", row_limit=rows), flush=True)
+
+
 @contextlib.contextmanager
-def profiled_finetune(steps: int, start: int = 40):
-    """With ``steps`` > 0: torch.profiler over ``steps`` codebook fine-tuning steps, from the
-    ``start``-th KL evaluation on (the first 16 or so are the held-out windows before training); the
-    kernels by GPU time and the mean step are printed after the run (the profiled steps themselves run
-    slower, ~1 s on a 7B run). Why: a 7B step takes 0.31 s against ~0.15 s
-    of dense GEMMs (H100, 2026-12-07), and the device machine has no nsys to say where the rest goes."""
-    if steps <= 0:
+def _profiled_calls(owner, name: str, count: int, start: int, title: str):
+    """torch.profiler from the ``start``-th call of ``owner.name`` (looked up at each call) to the
+    ``start + count``-th, so the window covers ``count`` whole units of the run between them."""
+    if count <= 0:
         yield
         return
+    original, n, win = getattr(owner, name), [0], _ProfileWindow()
+
+    def counted(*args, **kw):
+        n[0] += 1
+        if n[0] == start:
+            win.open()
+        elif n[0] == start + count and win.prof is not None:
+            win.close(count)
+        return original(*args, **kw)
+
+    setattr(owner, name, counted)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+        win.report(title)
+
+
+def profiled_finetune(steps: int, start: int = 40):
+    """torch.profiler over ``steps`` codebook fine-tuning steps (0: off), from the ``start``-th KL
+    evaluation on (the first 16 or so are the held-out windows before training); the profiled steps
+    run slower, ~1 s on a 7B run. Why: a 7B step takes 0.31 s against ~0.15 s of dense GEMMs (H100,
+    2026-12-07), and the device machine has no nsys to say where the rest goes."""
     from cmpq.model import distill
 
-    original, state = distill._kl, {"n": 0}
-
-    def kl(*args, **kw):
-        state["n"] += 1
-        if state["n"] in (start, start + steps):
-            torch.cuda.synchronize()
-        if state["n"] == start:
-            state["prof"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                               torch.profiler.ProfilerActivity.CUDA])
-            state["prof"].__enter__()
-            state["t0"] = time.perf_counter()
-        elif state["n"] == start + steps and "prof" in state:
-            state["wall"] = (time.perf_counter() - state["t0"]) / steps
-            state["done"] = state.pop("prof")
-            state["done"].__exit__(None, None, None)
-        return original(*args, **kw)
-
-    distill._kl = kl
-    try:
-        yield
-    finally:
-        distill._kl = original
-        if "done" in state:  # the table after the run: its processing stays out of the timed part
-            print(f"profiled {steps} fine-tuning steps: {state['wall']:.3f} s a step (profiler on)", flush=True)
-            print(state["done"].key_averages().table(sort_by="self_device_time_total", row_limit=30), flush=True)
+    return _profiled_calls(distill, "_kl", steps, start,
+                           f"profiled {steps} fine-tuning steps: {{wall:.3f}} s a step (profiler on)")
 
 
-@contextlib.contextmanager
 def profiled_sensitivity(windows: int, start: int = 40):
-    """With ``windows`` > 0: torch.profiler over ``windows`` windows of the sensitivity pass, from
-    the ``start``-th on (each window is one forward and backward; the profiler starts at that
-    window's loss and stops at a later one's, so it covers whole windows). Why: the pass takes ~31 s
-    of a 7B run (H100, 2026-12-07) against ~10 s of GEMMs by FLOP count."""
-    if windows <= 0:
-        yield
-        return
+    """torch.profiler over ``windows`` windows of the sensitivity pass (0: off), from the ``start``-th
+    on: it opens at that window's loss and closes at a later one's, so it covers whole windows (one
+    forward and backward each). Why: the pass takes ~31 s of a 7B run (H100, 2026-12-07) against
+    ~10 s of GEMMs by FLOP count."""
     import torch.nn.functional as F
 
-    original, state = F.cross_entropy, {"n": 0}
-
-    def ce(*args, **kw):
-        state["n"] += 1
-        if state["n"] in (start, start + windows):
-            torch.cuda.synchronize()
-        if state["n"] == start:
-            state["prof"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                               torch.profiler.ProfilerActivity.CUDA])
-            state["prof"].__enter__()
-            state["t0"] = time.perf_counter()
-        elif state["n"] == start + windows and "prof" in state:
-            state["wall"] = (time.perf_counter() - state["t0"]) / windows
-            state["done"] = state.pop("prof")
-            state["done"].__exit__(None, None, None)
-        return original(*args, **kw)
-
-    F.cross_entropy = ce
-    try:
-        yield
-    finally:
-        F.cross_entropy = original
-        if "done" in state:
-            print(f"profiled {windows} sensitivity windows: {state['wall']:.3f} s a window (profiler on)", flush=True)
-            print(state["done"].key_averages().table(sort_by="self_device_time_total", row_limit=25), flush=True)
+    return _profiled_calls(F, "cross_entropy", windows, start,
+                           f"profiled {windows} sensitivity windows: {{wall:.3f}} s a window (profiler on)")
 
 
 @contextlib.contextmanager
 def profiled_block(block: int):
     """With ``block`` > 0: torch.profiler over the walk's block ``block`` (1-based), from the log line
     that ends the block before it to the one that ends it: its hooked forward with the Hessian
-    products, its quantization and its rerun. The kernels by GPU time are printed after the run. Why:
-    the walk's forwards take ~34 s of a 7B run (H100, 2026-12-07) against ~20 s by FLOP count."""
+    products, its quantization and its rerun. Why: the walk's forwards take ~34 s of a 7B run (H100,
+    2026-12-07) against ~20 s by FLOP count."""
     if block <= 0:
         yield
         return
-    state: dict = {}
+    win = _ProfileWindow()
 
     def listen(msg: str) -> None:
         if msg.startswith(f"block {block - 1}/") or (block == 1 and msg.startswith("allocation:")):
-            torch.cuda.synchronize()
-            state["prof"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                               torch.profiler.ProfilerActivity.CUDA])
-            state["prof"].__enter__()
-        elif msg.startswith(f"block {block}/") and "prof" in state:
-            torch.cuda.synchronize()
-            state["done"] = state.pop("prof")
-            state["done"].__exit__(None, None, None)
+            win.open()
+        elif msg.startswith(f"block {block}/") and win.prof is not None:
+            win.close()
 
     _LOG_LISTENERS.append(listen)
     try:
         yield
     finally:
         _LOG_LISTENERS.remove(listen)
-        if "done" in state:
-            print(f"profiled block {block} of the walk", flush=True)
-            print(state["done"].key_averages().table(sort_by="self_device_time_total", row_limit=25), flush=True)
+        win.report(f"profiled block {block} of the walk")
 
 
 def _strip(argv: list[str], flag: str) -> list[str]:
