@@ -255,15 +255,18 @@ class _Shared(torch.nn.Module):
         return ya + yb, self.c(self.c_in(ya)), self.c(x)
 
 
-def test_group_pass_hoists_computed_arguments_and_leaves_dependent_calls():
-    m = _Shared()
-    x = torch.randn(3, 300)
+def _eager_and_grouped(f, x) -> tuple:
+    """``f(x)`` eager and compiled through ``_grouping``, and the (graph, group count) it noted."""
     graphs = []
     torch._dynamo.reset()
     with torch.no_grad():
-        eager = m(x)
-        got = torch.compile(m, fullgraph=True, backend=_grouping(graphs))(x)
-    gm, n = graphs[0]
+        eager = f(x)
+        got = torch.compile(f, fullgraph=True, backend=_grouping(graphs))(x)
+    return eager, got, graphs[0]
+
+
+def test_group_pass_hoists_computed_arguments_and_leaves_dependent_calls():
+    eager, got, (gm, n) = _eager_and_grouped(_Shared(), torch.randn(3, 300))
     assert n == 1  # a, b and c(x) read x; c(c_in(ya)) does not
     (grp,) = [node for node in gm.graph.nodes if node.target == GROUP]
     assert len(grp.args[2]) == 3 * 3 + 3 * 3  # three members: g, r, out + three widths each
@@ -303,12 +306,7 @@ def test_group_pass_leaves_a_call_that_reads_another_ones_output():
         args_b[10] = ya[0] * 0.5  # the bias
         return ya, torch.ops.cmpq.linear(x, *args_b)
 
-    x = torch.randn(3, 300)
-    graphs = []
-    torch._dynamo.reset()
-    with torch.no_grad():
-        eager = f(x)
-        got = torch.compile(f, fullgraph=True, backend=_grouping(graphs))(x)
-    assert graphs[0][1] == 0
+    eager, got, (_, n) = _eager_and_grouped(f, torch.randn(3, 300))
+    assert n == 0
     for e, g in zip(eager, got):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
