@@ -30,7 +30,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from cmpq.model.calibration import add_half_gram
+from cmpq.model.calibration import add_half_gram, half_gram_applies
 from .rtn import _check_bits, _group_size, group_params, minmax_params
 
 
@@ -71,7 +71,7 @@ class HessianAccumulator:
             if add_half_gram(self.sum, x):
                 self.count += x.shape[0]
                 return
-            if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and self.sum.dtype == torch.float32:
+            if half_gram_applies(self.sum, x):
                 self.half_matmul = False  # a torch without mm(out_dtype=): the float32 path from now on
         x = x.to(device=self.sum.device, dtype=self.sum.dtype)
         self.sum.addmm_(x.T, x)

@@ -73,7 +73,7 @@ class WeightedHessian:
                 raise ValueError("more calibration tokens reached a linear than the sensitivity pass saw")
             w = self.token_weight[at : at + n].to(x.device, non_blocking=True)
         if not (self.half and add_half_gram(self.sum, x, w)):
-            if self.half and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+            if self.half and half_gram_applies(self.sum, x):
                 self.half = False
                 warnings.warn("this torch has no half-precision product with a float32 output (torch.mm's "
                               "out_dtype); the Hessians are summed in TF32, about twice as slow")
@@ -94,6 +94,12 @@ class WeightedHessian:
         return self.sum / self.tokens
 
 
+def half_gram_applies(total: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether ``add_half_gram`` has a product for these operands (a False from it then means this
+    torch turned the product down)."""
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and total.dtype == torch.float32
+
+
 def add_half_gram(total: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None = None) -> bool:
     """``total += (w * x)^T x`` (``w``: one weight per row of ``x``, None: all 1) as one
     half-precision GEMM with a float32 output: tensor cores at twice TF32's rate. For the walk's
@@ -109,7 +115,7 @@ def add_half_gram(total: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None =
 
     Returns False, and changes nothing, where it does not apply: not CUDA, not a half-precision
     ``x``, or a torch without ``torch.mm``'s ``out_dtype``. The caller then takes its float32 form."""
-    if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and total.dtype == torch.float32):
+    if not half_gram_applies(total, x):
         return False
     try:
         if w is None:
